@@ -1,0 +1,61 @@
+// Entry points of the CPU kernels, framework-free. The torch glue (csrc/ops.cpp) builds a launch,
+// splits the work into chunks and runs chunk ranges on torch's thread pool.
+#pragma once
+#include <cstdint>
+
+#include "onepass/dtypes.h"
+#include "onepass/math.h"
+#include "onepass/table.h"
+
+namespace onepass::cpu {
+
+struct AdamLaunch {
+  DType dtype;
+  const Segment* segments;
+  const Chunk* chunks;
+  void* exp_avg;         // flat state buffers, param dtype, indexed by Segment::state_offset
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;  // only read with amsgrad
+  AdamHyper hyper;
+  bool amsgrad;
+  bool l2_decay;
+};
+
+struct SgdLaunch {
+  DType dtype;
+  const Segment* segments;
+  const Chunk* chunks;
+  void* momentum_buffer;  // only with momentum != 0
+  SgdHyper hyper;
+  bool momentum;
+  bool nesterov;
+  bool l2_decay;
+};
+
+// One instruction-set build of the kernels. Each processes chunks [begin, end) of its launch.
+struct KernelSet {
+  const char* name;
+  void (*adam)(const AdamLaunch&, int64_t begin, int64_t end);
+  void (*sgd)(const SgdLaunch&, int64_t begin, int64_t end);
+};
+
+// Chosen once at first use: the widest set this CPU runs, or ONEPASS_CPU_CAPABILITY
+// (scalar | avx2 | avx512) when it names one the CPU supports.
+const KernelSet& kernels();
+// Names of the sets this CPU can run, narrowest first.
+int64_t capability_count();
+const char* capability_name(int64_t i);
+// Switches the active set; returns false (and changes nothing) if this CPU cannot run it.
+bool set_capability(const char* name);
+
+namespace scalar {
+extern const KernelSet kKernels;
+}
+namespace avx2 {
+extern const KernelSet kKernels;
+}
+namespace avx512 {
+extern const KernelSet kKernels;
+}
+
+}  // namespace onepass::cpu

@@ -1,0 +1,154 @@
+// Memory movement of the CPU kernels: walk a chunk with SIMD vectors (VecFor<S>, supplied by the
+// vec_*.h header of the translation unit), convert to opmath, call the algorithm's math from
+// onepass/math.h, convert back, store; finish the tail with the same math on scalars.
+// Included once per instruction set by kernels_<isa>.cpp, after ONEPASS_CAPABILITY is defined.
+#pragma once
+#include <type_traits>
+
+#include "cpu_kernels.h"
+
+namespace onepass {
+inline namespace ONEPASS_CAPABILITY {
+
+// Applies fn(p, g, s) to every element: p the param, g the gradient, s[k] the k-th state slot,
+// all in opmath registers (a vector in the main loop, a scalar in the tail).
+template <class S, int kSlots, class Fn>
+ONEPASS_INLINE void for_each_element(S* __restrict param, const S* __restrict grad,
+                                     S* const* state, int64_t n, const Fn& fn) {
+  using V = VecFor<S>;
+  int64_t i = 0;
+  if constexpr (V::kWidth > 1) {
+    for (; i + V::kWidth <= n; i += V::kWidth) {
+      typename V::type p = V::load(param + i);
+      const typename V::type g = V::load(grad + i);
+      typename V::type s[kSlots > 0 ? kSlots : 1];
+      for (int k = 0; k < kSlots; ++k) s[k] = V::load(state[k] + i);
+      fn(p, g, s);
+      V::store(param + i, p);
+      for (int k = 0; k < kSlots; ++k) V::store(state[k] + i, s[k]);
+    }
+  }
+  for (; i < n; ++i) {
+    opmath_t<S> p = to_opmath(param[i]);
+    const opmath_t<S> g = to_opmath(grad[i]);
+    opmath_t<S> s[kSlots > 0 ? kSlots : 1];
+    for (int k = 0; k < kSlots; ++k) s[k] = to_opmath(state[k][i]);
+    fn(p, g, s);
+    param[i] = from_opmath<S>(p);
+    for (int k = 0; k < kSlots; ++k) state[k][i] = from_opmath<S>(s[k]);
+  }
+}
+
+// A step's constants in both register kinds: the vector loop and the scalar tail.
+template <template <class> class Consts, class S>
+struct BothConsts {
+  Consts<typename VecFor<S>::type> vec;
+  Consts<opmath_t<S>> scalar;
+  template <class T>
+  ONEPASS_INLINE const Consts<T>& get() const {
+    if constexpr (std::is_same_v<T, opmath_t<S>>) {
+      return scalar;
+    } else {
+      return vec;
+    }
+  }
+};
+
+template <class S, bool kAmsgrad, bool kL2Decay>
+void adam_chunks(const cpu::AdamLaunch& L, int64_t begin, int64_t end) {
+  using O = opmath_t<S>;
+  using VT = typename VecFor<S>::type;
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk& chunk = L.chunks[c];
+    const Segment& seg = L.segments[chunk.segment];
+    BothConsts<AdamConsts, S> consts{AdamConsts<VT>::make(L.hyper, seg.step),
+                                     AdamConsts<O>::make(L.hyper, seg.step)};
+    const int64_t at = seg.state_offset + chunk.begin;
+    S* const state[3] = {static_cast<S*>(L.exp_avg) + at, static_cast<S*>(L.exp_avg_sq) + at,
+                         kAmsgrad ? static_cast<S*>(L.max_exp_avg_sq) + at : nullptr};
+    for_each_element<S, kAmsgrad ? 3 : 2>(
+        static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
+        state, chunk.end - chunk.begin, [&](auto& p, auto g, auto* s) {
+          using T = std::remove_reference_t<decltype(p)>;
+          if constexpr (kAmsgrad) {
+            adam_update<true, kL2Decay>(p, g, s[0], s[1], s[2], consts.template get<T>());
+          } else {
+            T no_max = s[1];
+            adam_update<false, kL2Decay>(p, g, s[0], s[1], no_max, consts.template get<T>());
+          }
+        });
+  }
+}
+
+template <class S, bool kMomentum, bool kNesterov, bool kFirst, bool kL2Decay>
+void sgd_chunk(const cpu::SgdLaunch& L, const Chunk& chunk, const BothConsts<SgdConsts, S>& consts) {
+  const Segment& seg = L.segments[chunk.segment];
+  S* const state[1] = {kMomentum ? static_cast<S*>(L.momentum_buffer) + seg.state_offset +
+                                       chunk.begin
+                                 : nullptr};
+  for_each_element<S, kMomentum ? 1 : 0>(
+      static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
+      state, chunk.end - chunk.begin, [&](auto& p, auto g, auto* s) {
+        using T = std::remove_reference_t<decltype(p)>;
+        sgd_update<kMomentum, kNesterov, kFirst, kL2Decay>(p, g, s[0], consts.template get<T>());
+      });
+}
+
+template <class S, bool kL2Decay>
+void sgd_chunks(const cpu::SgdLaunch& L, int64_t begin, int64_t end) {
+  using O = opmath_t<S>;
+  using VT = typename VecFor<S>::type;
+  const BothConsts<SgdConsts, S> consts{SgdConsts<VT>::make(L.hyper), SgdConsts<O>::make(L.hyper)};
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk& chunk = L.chunks[c];
+    if (!L.momentum) {
+      sgd_chunk<S, false, false, false, kL2Decay>(L, chunk, consts);
+      continue;
+    }
+    // A tensor's first step with momentum starts its buffer from the gradient (torch.optim.SGD).
+    const bool first = L.segments[chunk.segment].step == 1.0;
+    if (L.nesterov) {
+      first ? sgd_chunk<S, true, true, true, kL2Decay>(L, chunk, consts)
+            : sgd_chunk<S, true, true, false, kL2Decay>(L, chunk, consts);
+    } else {
+      first ? sgd_chunk<S, true, false, true, kL2Decay>(L, chunk, consts)
+            : sgd_chunk<S, true, false, false, kL2Decay>(L, chunk, consts);
+    }
+  }
+}
+
+template <class S>
+void adam_typed(const cpu::AdamLaunch& L, int64_t begin, int64_t end) {
+  if (L.amsgrad) {
+    L.l2_decay ? adam_chunks<S, true, true>(L, begin, end) : adam_chunks<S, true, false>(L, begin, end);
+  } else {
+    L.l2_decay ? adam_chunks<S, false, true>(L, begin, end)
+               : adam_chunks<S, false, false>(L, begin, end);
+  }
+}
+
+template <class S>
+void sgd_typed(const cpu::SgdLaunch& L, int64_t begin, int64_t end) {
+  L.l2_decay ? sgd_chunks<S, true>(L, begin, end) : sgd_chunks<S, false>(L, begin, end);
+}
+
+// Calls fn.template operator()<S>() for the storage type S of `dtype`.
+template <class Fn>
+ONEPASS_INLINE void dispatch_dtype(DType dtype, const Fn& fn) {
+  switch (dtype) {
+    case DType::kFloat32: fn.template operator()<float>(); break;
+    case DType::kFloat64: fn.template operator()<double>(); break;
+    case DType::kBFloat16: fn.template operator()<bf16_t>(); break;
+    case DType::kFloat16: fn.template operator()<half_t>(); break;
+  }
+}
+
+inline void adam_entry(const cpu::AdamLaunch& L, int64_t begin, int64_t end) {
+  dispatch_dtype(L.dtype, [&]<class S>() { adam_typed<S>(L, begin, end); });
+}
+inline void sgd_entry(const cpu::SgdLaunch& L, int64_t begin, int64_t end) {
+  dispatch_dtype(L.dtype, [&]<class S>() { sgd_typed<S>(L, begin, end); });
+}
+
+}  // namespace ONEPASS_CAPABILITY
+}  // namespace onepass

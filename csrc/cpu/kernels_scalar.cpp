@@ -1,0 +1,9 @@
+// Portable build of the CPU kernels: one scalar per step, whatever the compiler vectorises on its
+// own for the baseline instruction set. Runs on every CPU.
+#define ONEPASS_CAPABILITY cap_scalar
+#include "vec_scalar.h"
+#include "kernel_body.h"
+
+namespace onepass::cpu::scalar {
+const KernelSet kKernels{"scalar", &onepass::cap_scalar::adam_entry, &onepass::cap_scalar::sgd_entry};
+}

@@ -1,0 +1,110 @@
+// Storage types and their conversions to the math ("opmath") type. Framework-free.
+//
+// fp16 and bf16 are stored as raw 16-bit patterns; math always runs in float for them and in
+// double for double (DESIGN.md, numerics). Conversions round to nearest even, like torch.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "onepass/macros.h"
+
+namespace onepass {
+
+// Plain data (no code) lives outside the capability namespace so every translation unit agrees on it.
+struct bf16_t {
+  uint16_t bits;
+};
+struct half_t {
+  uint16_t bits;
+};
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+template <class S>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+template <class S>
+using opmath_t = typename OpMath<S>::type;
+
+inline namespace ONEPASS_CAPABILITY {
+
+ONEPASS_HD ONEPASS_INLINE uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+ONEPASS_HD ONEPASS_INLINE float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+ONEPASS_HD ONEPASS_INLINE float to_opmath(bf16_t x) { return bits_float(uint32_t(x.bits) << 16); }
+
+ONEPASS_HD ONEPASS_INLINE bf16_t from_opmath_bf16(float f) {
+  uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{0x7fc0};  // NaN stays a quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);                             // round to nearest even
+  return bf16_t{uint16_t(u >> 16)};
+}
+
+ONEPASS_HD ONEPASS_INLINE float to_opmath(half_t x) {
+  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
+  const uint32_t exp = (x.bits >> 10) & 0x1fu;
+  uint32_t mant = x.bits & 0x3ffu;
+  if (exp == 0x1f) return bits_float(sign | 0x7f800000u | (mant << 13));  // inf / NaN
+  if (exp != 0) return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  if (mant == 0) return bits_float(sign);
+  // subnormal half: renormalise
+  int e = -1;
+  do {
+    ++e;
+    mant <<= 1;
+  } while ((mant & 0x400u) == 0);
+  return bits_float(sign | uint32_t(112 - e) << 23 | ((mant & 0x3ffu) << 13));
+}
+
+ONEPASS_HD ONEPASS_INLINE half_t from_opmath_half(float f) {
+  const uint32_t u = float_bits(f);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return half_t{uint16_t(sign | 0x7e00u)};  // NaN
+  if (a >= 0x477ff000u) return half_t{uint16_t(sign | 0x7c00u)};  // rounds to inf
+  if (a < 0x38800000u) {                                           // half subnormal or zero
+    // Adding 0.5 (2^-1) aligns the mantissa so the float adder rounds to nearest even for us.
+    const float r = bits_float(a) + 0.5f;
+    return half_t{uint16_t(sign | uint16_t(float_bits(r) - 0x3f000000u))};
+  }
+  uint32_t v = a + 0xc8000fffu + ((a >> 13) & 1u);  // rebias exponent, round to nearest even
+  return half_t{uint16_t(sign | uint16_t(v >> 13))};
+}
+
+ONEPASS_HD ONEPASS_INLINE float to_opmath(float x) { return x; }
+ONEPASS_HD ONEPASS_INLINE double to_opmath(double x) { return x; }
+
+template <class S>
+ONEPASS_HD ONEPASS_INLINE S from_opmath(opmath_t<S> x);
+template <>
+ONEPASS_HD ONEPASS_INLINE float from_opmath<float>(float x) {
+  return x;
+}
+template <>
+ONEPASS_HD ONEPASS_INLINE double from_opmath<double>(double x) {
+  return x;
+}
+template <>
+ONEPASS_HD ONEPASS_INLINE bf16_t from_opmath<bf16_t>(float x) {
+  return from_opmath_bf16(x);
+}
+template <>
+ONEPASS_HD ONEPASS_INLINE half_t from_opmath<half_t>(float x) {
+  return from_opmath_half(x);
+}
+
+}  // namespace ONEPASS_CAPABILITY
+}  // namespace onepass

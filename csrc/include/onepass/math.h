@@ -1,0 +1,136 @@
+// The per-element math of every algorithm, written once and shared by the CPU kernels (scalar and
+// SIMD: T is float, double or a SIMD vector of them) and the CUDA kernels (T is float or double).
+// Framework-free. Memory movement (loads, stores, dtype conversion, chunking) lives elsewhere;
+// these functions only see opmath values in registers.
+//
+// A T must provide + - * / and unary -, construction from its scalar, and the free functions
+// op_sqrt(T) and op_max(T, T) found by argument-dependent lookup (or the overloads below).
+#pragma once
+#include <cmath>
+
+#include "onepass/macros.h"
+
+namespace onepass {
+
+// Hyperparameters of one step of one param group, in double, as the host holds them. Plain data,
+// outside the capability namespace (see macros.h).
+struct AdamHyper {
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;  // used by L2 decay (added to the gradient)
+  double decay_factor;  // p *= decay_factor before the update: 1 - lr*wd (decoupled), 1 - lr/lr0*wd
+                        // (independent), 1 (L2 or no decay)
+  double grad_scale;    // g *= grad_scale: -1 for maximize, times 1/amp_scale under a GradScaler
+};
+
+struct SgdHyper {
+  double lr;
+  double momentum;
+  double dampening;
+  double weight_decay;  // L2 decay
+  double decay_factor;  // decoupled / independent decay, 1 otherwise
+  double grad_scale;    // -1 for maximize, times 1/amp_scale under a GradScaler
+};
+
+inline namespace ONEPASS_CAPABILITY {
+
+ONEPASS_HD ONEPASS_INLINE float op_sqrt(float x) { return sqrtf(x); }
+ONEPASS_HD ONEPASS_INLINE double op_sqrt(double x) { return sqrt(x); }
+// NaN-propagating like torch.maximum (fmax would drop a NaN).
+ONEPASS_HD ONEPASS_INLINE float op_max(float a, float b) { return (a != a || a > b) ? a : b; }
+ONEPASS_HD ONEPASS_INLINE double op_max(double a, double b) { return (a != a || a > b) ? a : b; }
+
+// ---------------------------------------------------------------------------------------------
+// Adam / AdamW (torch.optim.Adam semantics, decoupled or L2 or independent decay)
+// ---------------------------------------------------------------------------------------------
+
+// The scalars of one step of one tensor: bias corrections depend on that tensor's step count
+// (torch keeps one per parameter, and a parameter whose grad was None did not advance).
+template <class T>
+struct AdamConsts {
+  T beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, grad_scale;
+  T step_size;                 // lr / (1 - beta1^t)
+  T inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^t)
+
+  // `step` is the count after this step (t >= 1). Computed in double, then rounded once to T.
+  ONEPASS_HD static AdamConsts make(const AdamHyper& h, double step) {
+    const double bias_correction1 = 1.0 - pow(h.beta1, step);
+    const double bias_correction2 = 1.0 - pow(h.beta2, step);
+    AdamConsts c;
+    c.beta1 = T(h.beta1);
+    c.one_minus_beta1 = T(1.0 - h.beta1);
+    c.beta2 = T(h.beta2);
+    c.one_minus_beta2 = T(1.0 - h.beta2);
+    c.eps = T(h.eps);
+    c.weight_decay = T(h.weight_decay);
+    c.decay_factor = T(h.decay_factor);
+    c.grad_scale = T(h.grad_scale);
+    c.step_size = T(h.lr / bias_correction1);
+    c.inv_bias_correction2_sqrt = T(1.0 / sqrt(bias_correction2));
+    return c;
+  }
+};
+
+template <bool kAmsgrad, bool kL2Decay, class T>
+ONEPASS_HD ONEPASS_INLINE void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq,
+                                           T& max_exp_avg_sq, const AdamConsts<T>& c) {
+  grad = grad * c.grad_scale;                              // maximize and AMP unscale
+  if constexpr (kL2Decay) grad = grad + c.weight_decay * param;  // Adam: decay through the moments
+  param = param * c.decay_factor;                           // AdamW: decay beside them
+  exp_avg = exp_avg + c.one_minus_beta1 * (grad - exp_avg);  // torch's lerp(m, g, 1 - beta1)
+  exp_avg_sq = c.beta2 * exp_avg_sq + c.one_minus_beta2 * (grad * grad);
+  T second_moment = exp_avg_sq;
+  if constexpr (kAmsgrad) {
+    max_exp_avg_sq = op_max(max_exp_avg_sq, exp_avg_sq);
+    second_moment = max_exp_avg_sq;
+  }
+  const T denom = op_sqrt(second_moment) * c.inv_bias_correction2_sqrt + c.eps;
+  param = param - c.step_size * exp_avg / denom;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SGD / SGDW (torch.optim.SGD semantics; SGDW = decoupled decay, Loshchilov & Hutter)
+// ---------------------------------------------------------------------------------------------
+
+template <class T>
+struct SgdConsts {
+  T lr, momentum, one_minus_dampening, weight_decay, decay_factor, grad_scale;
+
+  ONEPASS_HD static SgdConsts make(const SgdHyper& h) {
+    SgdConsts c;
+    c.lr = T(h.lr);
+    c.momentum = T(h.momentum);
+    c.one_minus_dampening = T(1.0 - h.dampening);
+    c.weight_decay = T(h.weight_decay);
+    c.decay_factor = T(h.decay_factor);
+    c.grad_scale = T(h.grad_scale);
+    return c;
+  }
+};
+
+// kFirst: this tensor's momentum buffer is new, and torch starts it as a copy of the gradient.
+template <bool kMomentum, bool kNesterov, bool kFirst, bool kL2Decay, class T>
+ONEPASS_HD ONEPASS_INLINE void sgd_update(T& param, T grad, T& momentum_buffer,
+                                          const SgdConsts<T>& c) {
+  grad = grad * c.grad_scale;
+  if constexpr (kL2Decay) grad = grad + c.weight_decay * param;
+  param = param * c.decay_factor;
+  if constexpr (kMomentum) {
+    if constexpr (kFirst) {
+      momentum_buffer = grad;
+    } else {
+      momentum_buffer = c.momentum * momentum_buffer + c.one_minus_dampening * grad;
+    }
+    if constexpr (kNesterov) {
+      grad = grad + c.momentum * momentum_buffer;
+    } else {
+      grad = momentum_buffer;
+    }
+  }
+  param = param - c.lr * grad;
+}
+
+}  // namespace ONEPASS_CAPABILITY
+}  // namespace onepass

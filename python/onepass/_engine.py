@@ -1,0 +1,234 @@
+"""The engine: buckets, flat state buffers, per-tensor tables and backend dispatch.
+
+A bucket is (param group, device, param dtype): one native call per bucket per step, whatever the
+number of tensors. Each bucket owns one flat buffer per state slot and one float32 step counter per
+tensor; ``optimizer.state[p][slot]`` is a view into the flat buffer (under torch.optim's slot
+names, so state_dicts interchange). Buckets are built lazily at the first step and rebuilt only when
+the set of params or slots changes (a frozen param gets a grad, amsgrad is switched on, a state_dict
+is loaded); rebuilding copies the existing state into the new buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from onepass import _ops
+
+if TYPE_CHECKING:
+    from onepass.algorithms.base import AlgorithmSpec
+    from onepass.optim.base import FusedOptimizer
+
+#: Elements each tensor's slice of a flat buffer is aligned to: 64 bytes for float32, so every
+#: tensor starts on a cache line (and a 16-byte vector boundary for every dtype).
+ALIGN_ELEMENTS = 16
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """The backend that steps tensors on ``device``; raises if ``requested`` cannot."""
+    if requested == "auto":
+        if device.type == "cpu" and _ops.native_available():
+            return "cpu"
+        return "reference"
+    if requested == "cpu":
+        if not _ops.native_available():
+            raise RuntimeError(f"onepass: backend='cpu' is not available: {_ops.NATIVE_ERROR}")
+        if device.type != "cpu":
+            raise RuntimeError(
+                f"onepass: backend='cpu' cannot step tensors on {device}; use backend='auto'"
+            )
+    if requested in ("triton", "cuda"):
+        raise RuntimeError(
+            f"onepass: backend={requested!r} is not available in this build "
+            "(the GPU backends are not implemented yet); use backend='auto' or 'reference'"
+        )
+    return requested
+
+
+class Bucket:
+    """The tensors of one (group, device, dtype) and their flat state."""
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        names: list[str],
+        slots: tuple[str, ...],
+        backend: str,
+    ) -> None:
+        self.params = params
+        self.names = names  # "param_groups[g]['params'][i]", for error messages
+        self.slots = slots
+        self.backend = backend
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+        self.shapes = [p.shape for p in params]
+        offsets, total = [], 0
+        for p in params:
+            offsets.append(total)
+            total += -(-p.numel() // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+        self.offsets = torch.tensor(offsets, dtype=torch.int64)
+        self._offsets = offsets
+        self.buffers = {
+            name: torch.zeros(total, dtype=self.dtype, device=self.device) for name in slots
+        }
+        # Per-tensor step counts live on the host: the CPU kernels read them, and bias
+        # corrections are computed per tensor (a param whose grad was None did not advance).
+        self.step = torch.zeros(len(params), dtype=torch.float32)
+        self.exposed = [False] * len(params)  # does optimizer.state[p] point into this bucket?
+
+    def slot_views(self, i: int) -> dict[str, torch.Tensor]:
+        p, start = self.params[i], self._offsets[i]
+        return {
+            name: buf[start : start + p.numel()].view(p.shape) for name, buf in self.buffers.items()
+        }
+
+
+class Engine:
+    """Steps the param groups of one optimizer with its spec's launchers."""
+
+    def __init__(self, optimizer: FusedOptimizer, spec: AlgorithmSpec) -> None:
+        self.optimizer = optimizer
+        self.spec = spec
+        self.plans: list[_GroupPlan | None] = []
+
+    def invalidate(self) -> None:
+        """Forget every bucket; the next step rebuilds them from ``optimizer.state``."""
+        self.plans = []
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _plan(self, index: int, group: dict[str, Any]) -> _GroupPlan:
+        while len(self.plans) <= index:
+            self.plans.append(None)
+        plan = self.plans[index]
+        slots = self.spec.active_slots(group)
+        if plan is None or plan.stale(group, slots):
+            plan = _GroupPlan(self, index, group, slots)
+            self.plans[index] = plan
+        return plan
+
+    # -- stepping -----------------------------------------------------------------------------
+
+    def step(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+        work: list[tuple[dict[str, Any], Bucket, list[torch.Tensor | None]]] = []
+        for index, group in enumerate(self.optimizer.param_groups):
+            plan = self._plan(index, group)
+            for bucket in plan.buckets:
+                grads = [p.grad for p in bucket.params]
+                _check_grads(bucket, grads)
+                work.append((group, bucket, grads))
+        # Everything was checked before anything is written: a refused step changes nothing.
+        for group, bucket, grads in work:
+            if not all(bucket.exposed):
+                self._expose(bucket, grads)
+            launch: Callable[..., None] = self.spec.launchers[bucket.backend]
+            launch(bucket, grads, group, grad_scale, found_inf)
+
+    def _expose(self, bucket: Bucket, grads: list[torch.Tensor | None]) -> None:
+        """Creates ``optimizer.state[p]`` (views into the bucket) when p first has a grad."""
+        state = self.optimizer.state
+        for i, g in enumerate(grads):
+            if g is None or bucket.exposed[i]:
+                continue
+            entry: dict[str, torch.Tensor] = {}
+            if self.spec.step_in_state:
+                entry["step"] = bucket.step[i]
+            entry.update(bucket.slot_views(i))
+            state[bucket.params[i]] = entry
+            bucket.exposed[i] = True
+
+
+class _GroupPlan:
+    """The buckets of one param group, and the params left out of them (frozen, no state)."""
+
+    def __init__(
+        self, engine: Engine, index: int, group: dict[str, Any], slots: tuple[str, ...]
+    ) -> None:
+        self.params = list(group["params"])
+        self.slots = slots
+        self.backend_request = group["backend"]
+        state = engine.optimizer.state
+        keyed: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
+        self.outside: list[torch.Tensor] = []
+        for j, p in enumerate(self.params):
+            name = f"param_groups[{index}]['params'][{j}]"
+            if not (p.requires_grad or p.grad is not None or p in state):
+                self.outside.append(p)
+                continue
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"onepass: {name} has dtype {p.dtype}; supported: float32/64, bfloat16, float16"
+                )
+            members = keyed.setdefault((p.device, p.dtype), ([], []))
+            members[0].append(p)
+            members[1].append(name)
+        self.buckets: list[Bucket] = []
+        for (device, _), (params, names) in keyed.items():
+            backend = resolve_backend(group["backend"], device)
+            bucket = Bucket(params, names, slots, backend)
+            _adopt_state(engine, bucket)
+            self.buckets.append(bucket)
+
+    def stale(self, group: dict[str, Any], slots: tuple[str, ...]) -> bool:
+        return (
+            slots != self.slots
+            or group["backend"] != self.backend_request
+            or len(group["params"]) != len(self.params)
+            or any(p.grad is not None for p in self.outside)
+        )
+
+
+def _adopt_state(engine: Engine, bucket: Bucket) -> None:
+    """Copies existing ``optimizer.state`` (loaded, or from an older bucket) into the bucket."""
+    state = engine.optimizer.state
+    for i, p in enumerate(bucket.params):
+        entry = state.get(p)
+        if not entry:
+            continue
+        views = bucket.slot_views(i)
+        for name, view in views.items():
+            value = entry.get(name)
+            if isinstance(value, torch.Tensor):
+                view.copy_(value.reshape(view.shape))
+        if "step" in entry:
+            bucket.step[i] = float(entry["step"])
+        else:
+            # No step in this algorithm's state (SGD): a momentum buffer means it has stepped.
+            bucket.step[i] = 1.0 if isinstance(entry.get("momentum_buffer"), torch.Tensor) else 0.0
+        new_entry: dict[str, Any] = {}
+        if engine.spec.step_in_state:
+            new_entry["step"] = bucket.step[i]
+        new_entry.update(views)
+        state[p] = new_entry
+        bucket.exposed[i] = True
+
+
+def _check_grads(bucket: Bucket, grads: list[torch.Tensor | None]) -> None:
+    dtype, device, shapes = bucket.dtype, bucket.device, bucket.shapes
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        if (
+            g.dtype != dtype
+            or g.layout != torch.strided
+            or g.shape != shapes[i]
+            or (g.device != device)
+        ):
+            _explain_bad_grad(bucket, i, g)
+
+
+def _explain_bad_grad(bucket: Bucket, i: int, g: torch.Tensor) -> None:
+    name = bucket.names[i]
+    if g.layout != torch.strided:
+        raise RuntimeError(f"onepass: {name} has a sparse gradient, which onepass does not support")
+    if g.device != bucket.device:
+        raise RuntimeError(f"onepass: {name} is on {bucket.device} but its grad is on {g.device}")
+    if g.dtype != bucket.dtype:
+        raise RuntimeError(f"onepass: {name} has dtype {bucket.dtype} but its grad has {g.dtype}")
+    raise RuntimeError(
+        f"onepass: {name} has shape {tuple(bucket.shapes[i])} but its grad has {tuple(g.shape)}"
+    )

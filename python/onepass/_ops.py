@@ -1,0 +1,46 @@
+"""The native operators (``torch.ops.onepass``): loading, fake (meta) kernels, availability."""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from onepass import _C  # noqa: F401  (registers torch.ops.onepass.*)
+
+    NATIVE_ERROR: str | None = None
+except ImportError as error:  # a source checkout that was never built
+    NATIVE_ERROR = (
+        f"onepass._C could not be imported ({error}); run `pip install --no-build-isolation -e .`"
+    )
+
+
+def native_available() -> bool:
+    """True when the compiled operators (CPU kernels, and CUDA kernels where built) are loaded."""
+    return NATIVE_ERROR is None
+
+
+def cpu_capability() -> str:
+    """The instruction set the CPU kernels run with: 'scalar', 'avx2' or 'avx512'."""
+    return str(torch.ops.onepass.cpu_capability())
+
+
+def cpu_capabilities() -> list[str]:
+    """Every instruction set this CPU can run the kernels with, narrowest first."""
+    return list(torch.ops.onepass.cpu_capabilities())
+
+
+def set_cpu_capability(name: str) -> None:
+    """Forces one build of the CPU kernels (tests use it to check every build on one machine)."""
+    torch.ops.onepass.set_cpu_capability(name)
+
+
+if NATIVE_ERROR is None:
+    # The steps mutate their arguments in place and return nothing: the fakes only exist so that
+    # torch.compile and opcheck can trace them.
+    @torch.library.register_fake("onepass::adam_")
+    def _adam_fake(*args: object, **kwargs: object) -> None:
+        return None
+
+    @torch.library.register_fake("onepass::sgd_")
+    def _sgd_fake(*args: object, **kwargs: object) -> None:
+        return None

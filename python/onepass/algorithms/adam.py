@@ -1,0 +1,175 @@
+"""Adam and AdamW (Kingma & Ba; Loshchilov & Hutter): spec and pure-torch reference.
+
+Same semantics as torch.optim.Adam / AdamW: the moments are torch's (``exp_avg`` by lerp,
+``exp_avg_sq``, ``max_exp_avg_sq`` with amsgrad), bias corrections use each tensor's own ``step``,
+and weight decay is L2 (Adam), decoupled (AdamW) or independent of the peak lr.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from onepass.algorithms.base import AlgorithmSpec, Group, decay_factor, opmath_dtype, scalar
+
+
+@dataclass(frozen=True)
+class AdamScalars:
+    """The runtime scalars of one step of one param group (never compile-time constants)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decay_factor: float  # p *= decay_factor before the update (1.0 under L2 decay)
+    l2_decay: bool
+    amsgrad: bool
+    maximize: bool
+
+    @classmethod
+    def from_group(cls, group: Group) -> AdamScalars:
+        beta1, beta2 = group["betas"]
+        l2 = group["decay"] == "l2"
+        return cls(
+            lr=scalar(group["lr"]),
+            beta1=scalar(beta1),
+            beta2=scalar(beta2),
+            eps=float(group["eps"]),
+            weight_decay=scalar(group["weight_decay"]) if l2 else 0.0,
+            decay_factor=decay_factor(group),
+            l2_decay=l2 and scalar(group["weight_decay"]) != 0.0,
+            amsgrad=bool(group["amsgrad"]),
+            maximize=bool(group["maximize"]),
+        )
+
+
+@torch.no_grad()
+def adam_reference(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    step: int,
+    s: AdamScalars,
+    grad_scale: float = 1.0,
+) -> None:
+    """One Adam step of one tensor, in place; ``step`` is t after this step (t >= 1).
+
+    Math in float64 for float64 tensors, float32 otherwise; results are written back in the
+    tensors' own dtypes. ``grad_scale`` is the AMP loss scale the gradient still carries.
+    """
+    opmath = opmath_dtype(param.dtype)
+    p = param.to(opmath)
+    g = grad.to(opmath) / grad_scale
+    m = exp_avg.to(opmath)
+    v = exp_avg_sq.to(opmath)
+    if s.maximize:
+        g = -g
+    if s.l2_decay:
+        g = g + s.weight_decay * p
+    p = p * s.decay_factor
+    m = m + (1 - s.beta1) * (g - m)
+    v = s.beta2 * v + (1 - s.beta2) * g * g
+    second_moment = v
+    if s.amsgrad:
+        assert max_exp_avg_sq is not None
+        vmax = torch.maximum(max_exp_avg_sq.to(opmath), v)
+        max_exp_avg_sq.copy_(vmax)
+        second_moment = vmax
+    bias_correction1 = 1 - s.beta1**step
+    bias_correction2 = 1 - s.beta2**step
+    denom = second_moment.sqrt() / math.sqrt(bias_correction2) + s.eps
+    p = p - (s.lr / bias_correction1) * m / denom
+    param.copy_(p)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+def _check_group(group: Group) -> None:
+    """torch.optim.Adam's checks and messages."""
+    lr, (beta1, beta2) = group["lr"], group["betas"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not scalar(lr) >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not group["eps"] >= 0.0:
+        raise ValueError(f"Invalid epsilon value: {group['eps']}")
+    if not 0.0 <= scalar(beta1) < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+    if not 0.0 <= scalar(beta2) < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+    if not scalar(group["weight_decay"]) >= 0.0:
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+
+
+def _active_slots(group: Group) -> tuple[str, ...]:
+    base = ("exp_avg", "exp_avg_sq")
+    return (*base, "max_exp_avg_sq") if group["amsgrad"] else base
+
+
+def _bytes_per_element(group: Group, itemsize: int) -> int:
+    # read p, g, each slot; write p and each slot
+    slots = len(_active_slots(group))
+    return itemsize * (2 + slots + 1 + slots)
+
+
+def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+    s = AdamScalars.from_group(group)
+    if found_inf is not None and float(found_inf) != 0.0:
+        return  # GradScaler found an inf/nan: params, state and steps stay as they are
+    scale = 1.0 if grad_scale is None else float(grad_scale)
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        slots = bucket.slot_views(i)
+        bucket.step[i] += 1
+        adam_reference(
+            bucket.params[i],
+            g,
+            slots["exp_avg"],
+            slots["exp_avg_sq"],
+            slots.get("max_exp_avg_sq"),
+            int(bucket.step[i]),
+            s,
+            scale,
+        )
+
+
+def _cpu_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+    s = AdamScalars.from_group(group)
+    torch.ops.onepass.adam_(
+        bucket.params,
+        grads,
+        bucket.buffers["exp_avg"],
+        bucket.buffers["exp_avg_sq"],
+        bucket.buffers.get("max_exp_avg_sq"),
+        bucket.step,
+        bucket.offsets,
+        grad_scale,
+        found_inf,
+        s.lr,
+        s.beta1,
+        s.beta2,
+        s.eps,
+        s.weight_decay,
+        s.decay_factor,
+        s.amsgrad,
+        s.maximize,
+        s.l2_decay,
+    )
+
+
+ADAM = AlgorithmSpec(
+    name="adam",
+    slots=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    active_slots=_active_slots,
+    step_in_state=True,
+    check_group=_check_group,
+    bytes_per_element=_bytes_per_element,
+    reference=adam_reference,
+    launchers={"reference": _reference_launch, "cpu": _cpu_launch},
+)

@@ -1,0 +1,73 @@
+"""The algorithm spec: everything a backend, the engine, the tests and the bench need to know."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Group = Mapping[str, Any]
+
+#: Weight-decay modes shared by the whole family. "l2" adds wd*p to the gradient (torch Adam/SGD);
+#: "decoupled" multiplies p by 1 - lr*wd before the update (Loshchilov & Hutter: AdamW, SGDW);
+#: "independent" multiplies p by 1 - (lr/initial_lr)*wd, so decay follows the schedule's shape but
+#: not the peak lr (Wortsman et al., "Small-scale proxies for large-scale Transformer training").
+DECAY_MODES = ("l2", "decoupled", "independent")
+
+
+def scalar(value: float | torch.Tensor) -> float:
+    """A hyperparameter as a Python float (lr and betas may be 0-d tensors, as in torch.optim)."""
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def decay_factor(group: Group) -> float:
+    """The multiplier applied to the param before the update (1.0 under L2 decay)."""
+    weight_decay = scalar(group["weight_decay"])
+    mode = group["decay"]
+    if mode == "decoupled":
+        return 1.0 - scalar(group["lr"]) * weight_decay
+    if mode == "independent":
+        return 1.0 - scalar(group["lr"]) / scalar(group["initial_lr"]) * weight_decay
+    return 1.0
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Math runs in float64 for float64 storage and in float32 for everything narrower."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+#: A backend launcher steps one bucket: (bucket, grads, group, grad_scale, found_inf) -> None.
+Launcher = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """One algorithm, defined once; every backend and the engine read it.
+
+    Attributes:
+        name: the algorithm's name.
+        slots: every state slot in kernel order, named as torch.optim names them, so checkpoints
+            interchange.
+        active_slots: the slots a param group actually uses (``max_exp_avg_sq`` only with amsgrad,
+            ``momentum_buffer`` only with momentum).
+        step_in_state: whether ``optimizer.state[p]["step"]`` exists (Adam yes, SGD no; the engine
+            counts steps per tensor either way, SGD needs it for the first momentum step).
+        check_group: raises ValueError, with torch.optim's messages, for out-of-range values.
+        bytes_per_element: bytes one step reads and writes per param element (the bench's model),
+            given the group and the storage element size.
+        reduction: the reductions the update needs: "none", "per_tensor", "per_row" or "global".
+        reference: the pure-torch oracle; runs in float64 on float64 tensors.
+        launchers: the backends that implement it, by name.
+    """
+
+    name: str
+    slots: tuple[str, ...]
+    active_slots: Callable[[Group], tuple[str, ...]]
+    step_in_state: bool
+    check_group: Callable[[Group], None]
+    bytes_per_element: Callable[[Group, int], int]
+    reference: Callable[..., None]
+    reduction: str = "none"
+    launchers: dict[str, Launcher] = field(default_factory=dict)

@@ -1,0 +1,143 @@
+"""SGD with momentum and SGDW (Loshchilov & Hutter): spec and pure-torch reference.
+
+Same semantics as torch.optim.SGD: a tensor's first momentum step starts its buffer from the
+(decayed, maximize-signed) gradient; dampening applies from the second step; nesterov looks ahead.
+SGDW decouples the decay: p = p - lr*d - lr*wd*p_old.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from onepass.algorithms.base import AlgorithmSpec, Group, decay_factor, opmath_dtype, scalar
+
+
+@dataclass(frozen=True)
+class SgdScalars:
+    """The runtime scalars of one step of one param group."""
+
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    decay_factor: float
+    l2_decay: bool
+    nesterov: bool
+    maximize: bool
+
+    @classmethod
+    def from_group(cls, group: Group) -> SgdScalars:
+        l2 = group["decay"] == "l2"
+        return cls(
+            lr=scalar(group["lr"]),
+            momentum=float(group["momentum"]),
+            dampening=float(group["dampening"]),
+            weight_decay=scalar(group["weight_decay"]) if l2 else 0.0,
+            decay_factor=decay_factor(group),
+            l2_decay=l2 and scalar(group["weight_decay"]) != 0.0,
+            nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]),
+        )
+
+
+@torch.no_grad()
+def sgd_reference(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    first_step: bool,
+    s: SgdScalars,
+    grad_scale: float = 1.0,
+) -> None:
+    """One SGD step of one tensor, in place. ``first_step``: the momentum buffer is new."""
+    opmath = opmath_dtype(param.dtype)
+    p = param.to(opmath)
+    d = grad.to(opmath) / grad_scale
+    if s.maximize:
+        d = -d
+    if s.l2_decay:
+        d = d + s.weight_decay * p
+    p = p * s.decay_factor
+    if s.momentum != 0:
+        assert momentum_buffer is not None
+        if first_step:
+            buf = d.clone()
+        else:
+            buf = s.momentum * momentum_buffer.to(opmath) + (1 - s.dampening) * d
+        momentum_buffer.copy_(buf)
+        d = d + s.momentum * buf if s.nesterov else buf
+    param.copy_(p - s.lr * d)
+
+
+def _check_group(group: Group) -> None:
+    """torch.optim.SGD's checks and messages."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if scalar(lr) < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if group["momentum"] < 0.0:
+        raise ValueError(f"Invalid momentum value: {group['momentum']}")
+    if scalar(group["weight_decay"]) < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def _active_slots(group: Group) -> tuple[str, ...]:
+    return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+
+def _bytes_per_element(group: Group, itemsize: int) -> int:
+    slots = len(_active_slots(group))
+    return itemsize * (2 + slots + 1 + slots)
+
+
+def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+    s = SgdScalars.from_group(group)
+    if found_inf is not None and float(found_inf) != 0.0:
+        return  # GradScaler found an inf/nan: params, state and steps stay as they are
+    scale = 1.0 if grad_scale is None else float(grad_scale)
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        bucket.step[i] += 1
+        first = int(bucket.step[i]) == 1
+        sgd_reference(
+            bucket.params[i], g, bucket.slot_views(i).get("momentum_buffer"), first, s, scale
+        )
+
+
+def _cpu_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+    s = SgdScalars.from_group(group)
+    torch.ops.onepass.sgd_(
+        bucket.params,
+        grads,
+        bucket.buffers.get("momentum_buffer"),
+        bucket.step,
+        bucket.offsets,
+        grad_scale,
+        found_inf,
+        s.lr,
+        s.momentum,
+        s.dampening,
+        s.weight_decay,
+        s.decay_factor,
+        s.nesterov,
+        s.maximize,
+        s.l2_decay,
+    )
+
+
+SGD_SPEC = AlgorithmSpec(
+    name="sgd",
+    slots=("momentum_buffer",),
+    active_slots=_active_slots,
+    step_in_state=False,
+    check_group=_check_group,
+    bytes_per_element=_bytes_per_element,
+    reference=sgd_reference,
+    launchers={"reference": _reference_launch, "cpu": _cpu_launch},
+)

@@ -1,0 +1,7 @@
+"""Drop-in torch.optim optimizers with fused steps."""
+
+from onepass.optim.adam import Adam, AdamW
+from onepass.optim.base import FusedOptimizer
+from onepass.optim.sgd import SGD, SGDW
+
+__all__ = ["SGD", "SGDW", "Adam", "AdamW", "FusedOptimizer"]

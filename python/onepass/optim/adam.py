@@ -1,0 +1,136 @@
+"""onepass.Adam and onepass.AdamW: drop-in torch.optim.Adam / AdamW with a fused step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from onepass.algorithms.adam import ADAM
+from onepass.optim.base import FusedOptimizer
+
+_TORCH_ADAM_KEYS = {
+    "amsgrad": False,
+    "maximize": False,
+    "foreach": None,
+    "capturable": False,
+    "differentiable": False,
+    "fused": None,
+}
+
+
+class Adam(FusedOptimizer):
+    r"""Adam (Kingma & Ba, 2015): the arguments, defaults, state and results of torch.optim.Adam.
+
+    For each param with a gradient, with t its own step count::
+
+        g = -g if maximize else g
+        g = g + wd * p                        if decay == "l2"          (Adam)
+        p = p * (1 - lr * wd)                 if decay == "decoupled"   (AdamW)
+        p = p * (1 - lr / initial_lr * wd)    if decay == "independent" (Wortsman et al.)
+        m = lerp(m, g, 1 - beta1)             # exp_avg
+        v = beta2 * v + (1 - beta2) * g^2     # exp_avg_sq
+        v_hat = max(v_max, v) if amsgrad else v   # max_exp_avg_sq
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v_hat) / sqrt(1 - beta2^t) + eps)
+
+    All of it is one pass over memory per (group, device, dtype) bucket. Math in float32 for
+    bf16/fp16 params (torch's for-loop Adam rounds every intermediate to the param dtype instead)
+    and in float64 for float64. ``foreach`` and ``fused`` are accepted for compatibility and
+    ignored (the step is always fused); ``capturable`` and ``differentiable`` are refused.
+
+    Args:
+        decay: "l2" (default for Adam), "decoupled" (AdamW) or "independent" (decay follows the
+            lr schedule's shape but not its peak: p *= 1 - lr/initial_lr * wd).
+        backend: "auto" (the native CPU kernels for CPU tensors, the pure-torch reference
+            elsewhere), "cpu" or "reference".
+    """
+
+    spec = ADAM
+    torch_keys: Mapping[str, Any] = {**_TORCH_ADAM_KEYS, "decoupled_weight_decay": False}
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        decay: str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if decay is None:
+            decay = "decoupled" if decoupled_weight_decay else "l2"
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decay == "decoupled",
+            "decay": decay,
+            "backend": backend,
+        }
+        super().__init__(params, defaults)
+
+    def _decay_from_torch(self, group: Mapping[str, Any]) -> str:
+        return "decoupled" if group.get("decoupled_weight_decay") else "l2"
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay, = torch.optim.AdamW.
+
+    ``p = p * (1 - lr * wd)`` before the Adam update (see :class:`Adam` for the whole rule).
+    ``decay="independent"`` gives ``p = p * (1 - lr / initial_lr * wd)`` instead.
+    """
+
+    torch_keys: Mapping[str, Any] = {**_TORCH_ADAM_KEYS, "decoupled_weight_decay": True}
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decay: str = "decoupled",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decay=decay,
+            backend=backend,
+        )
+
+    def _decay_from_torch(self, group: Mapping[str, Any]) -> str:
+        return "decoupled"

@@ -1,0 +1,138 @@
+"""The drop-in ``torch.optim.Optimizer`` base: param groups, state_dict, GradScaler, engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+from onepass._engine import BACKENDS, Engine, resolve_backend
+from onepass.algorithms.base import DECAY_MODES, AlgorithmSpec, scalar
+
+
+class FusedOptimizer(Optimizer):
+    """A torch.optim.Optimizer whose step is one fused pass per bucket (see onepass._engine).
+
+    Subclasses set ``spec`` and ``torch_keys`` (the group keys torch.optim's class has, with the
+    defaults its ``__setstate__`` fills in, so state_dicts load both ways).
+    """
+
+    spec: ClassVar[AlgorithmSpec]
+    torch_keys: ClassVar[Mapping[str, Any]] = {}
+    # GradScaler hands us grad_scale / found_inf; the kernels unscale and skip on inf themselves.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        if defaults.get("differentiable"):
+            raise ValueError("onepass: differentiable=True is not supported (use torch.optim)")
+        if defaults.get("capturable"):
+            raise ValueError(
+                "onepass: capturable=True needs the GPU backends, which are not implemented yet"
+            )
+        if defaults["decay"] not in DECAY_MODES:
+            raise ValueError(f"Invalid decay mode: {defaults['decay']!r}; one of {DECAY_MODES}")
+        if defaults["backend"] not in BACKENDS:
+            raise ValueError(f"Invalid backend: {defaults['backend']!r}; one of {BACKENDS}")
+        if defaults["backend"] in ("triton", "cuda", "cpu"):
+            # Fail now, not at the first step, when the backend does not exist in this build.
+            device = torch.device("cpu" if defaults["backend"] == "cpu" else "cuda")
+            resolve_backend(defaults["backend"], device)
+        self.spec.check_group(defaults)
+        super().__init__(params, defaults)
+        self._engine = Engine(self, self.spec)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self.spec.check_group(group)
+            for j, p in enumerate(group["params"]):
+                if p.is_complex():
+                    raise ValueError(
+                        f"onepass: param_groups[{len(self.param_groups) - 1}]['params'][{j}] is "
+                        "complex, which onepass does not support; optimise "
+                        "torch.view_as_real(p) instead"
+                    )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        if group["decay"] == "independent":
+            group.setdefault("initial_lr", scalar(group["lr"]))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.torch_keys.items():
+                group.setdefault(key, value)
+            group.setdefault("decay", self._decay_from_torch(group))
+            group.setdefault("backend", self.defaults.get("backend", "auto"))
+            if group["decay"] == "independent":
+                group.setdefault("initial_lr", scalar(group["lr"]))
+        # Buckets are rebuilt from self.state at the next step (after unpickling, deepcopy or a
+        # state_dict load, the state tensors are no longer views of our buffers).
+        self._engine = Engine(self, self.spec)
+
+    def _decay_from_torch(self, group: Mapping[str, Any]) -> str:
+        """Decay mode of a group saved by torch.optim (no ``decay`` key)."""
+        return str(self.defaults.get("decay", "l2"))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Performs one optimization step; ``closure`` re-evaluates the model, returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._engine.step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state_dict of this class or of the torch.optim class it replaces.
+
+        Everything is checked first; a refused state_dict leaves the optimizer untouched.
+        """
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        self._engine.invalidate()
+
+    def _check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        groups, saved_groups = self.param_groups, state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or "state" not in state_dict:
+            raise ValueError("onepass: a state_dict needs 'state' and 'param_groups'")
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"onepass: loaded state dict has {len(saved_groups)} parameter groups, "
+                f"the optimizer has {len(groups)}"
+            )
+        params: dict[Any, tuple[str, torch.Tensor]] = {}
+        for g, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"onepass: loaded parameter group {g} has {len(saved['params'])} params, "
+                    f"the optimizer's has {len(group['params'])}"
+                )
+            for j, (p, saved_id) in enumerate(zip(group["params"], saved["params"], strict=True)):
+                params[saved_id] = (f"param_groups[{g}]['params'][{j}]", p)
+        known = {*self.spec.slots, "step"}
+        for saved_id, entry in state_dict["state"].items():
+            if saved_id not in params:
+                raise ValueError(f"onepass: state_dict has state for unknown param id {saved_id}")
+            name, p = params[saved_id]
+            for key, value in entry.items():
+                if key not in known:
+                    raise ValueError(
+                        f"onepass: state_dict slot {key!r} of {name} is not a {self.spec.name} "
+                        f"slot (expected {sorted(known)})"
+                    )
+                if key == "step" or value is None:
+                    continue
+                if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+                    raise ValueError(
+                        f"onepass: state_dict slot {key!r} of {name} has shape {shape}, "
+                        f"the param has {tuple(p.shape)}"
+                    )
+            if self.spec.step_in_state and any(k != "step" for k in entry) and "step" not in entry:
+                raise ValueError(f"onepass: state_dict state of {name} has no 'step'")

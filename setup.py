@@ -1,0 +1,58 @@
+"""Builds onepass._C: the native CPU kernels always, the CUDA kernels where CUDA torch + nvcc exist.
+
+ONEPASS_BUILD_CUDA=0 forces a CPU-only build, =1 requires CUDA (and fails without it); unset, CUDA
+is built when torch has CUDA and nvcc is found. TORCH_CUDA_ARCH_LIST is respected (sm_90 if unset).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("ONEPASS_BUILD_CUDA", "auto").lower()
+    available = bool(cpp_extension.CUDA_HOME) and shutil.which("nvcc") is not None
+    available = available and __import__("torch").version.cuda is not None
+    if flag in ("0", "false", "no"):
+        return False
+    if flag in ("1", "true", "yes"):
+        if not available:
+            raise RuntimeError("ONEPASS_BUILD_CUDA=1 but no CUDA torch + nvcc was found")
+        return True
+    return available
+
+
+def _extension() -> cpp_extension.CppExtension:
+    cpu_sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    include_dirs = [os.path.join(ROOT, "csrc/include"), os.path.join(ROOT, "csrc")]
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    if _want_cuda() and cuda_sources:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        return cpp_extension.CUDAExtension(
+            "onepass._C",
+            cpu_sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=[("ONEPASS_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
+        )
+    return cpp_extension.CppExtension(
+        "onepass._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={
+        "build_ext": cpp_extension.BuildExtension.with_options(
+            use_ninja=shutil.which("ninja") is not None
+        )
+    },
+)
