@@ -32,7 +32,11 @@ def _want_cuda() -> bool:
 def _extension() -> cpp_extension.CppExtension:
     cpu_sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     include_dirs = [os.path.join(ROOT, "csrc/include"), os.path.join(ROOT, "csrc")]
-    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into
+    # this extension; without the flag it silently runs on one thread. The OpenMP symbols bind to
+    # the runtime torch already loaded.
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    link = ["-fopenmp"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     if _want_cuda() and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -41,10 +45,15 @@ def _extension() -> cpp_extension.CppExtension:
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=[("ONEPASS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
+            extra_link_args=link,
         )
     return cpp_extension.CppExtension(
-        "onepass._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+        "onepass._C",
+        cpu_sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
 
 

@@ -1,0 +1,19 @@
+# The two commands of the README. Each installs what it needs and never replaces an installed torch.
+PYTHON ?= python3
+
+.PHONY: install bench test lint
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -q setuptools wheel pytest ruff matplotlib
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+
+# The main job: onepass vs torch.optim on every shape list (CPU here, GPU where there is one).
+bench: install
+	$(PYTHON) -m bench.run
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	$(PYTHON) -m ruff check .
