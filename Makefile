@@ -12,7 +12,11 @@ install:
 bench: install
 	$(PYTHON) -m bench.run
 
+# C++ unit tests of the shared math (ctest; the kernels need no torch), then the Python suite.
 test: install
+	cmake -S . -B build/ctest -DCMAKE_BUILD_TYPE=Release -DCMAKE_DISABLE_FIND_PACKAGE_Torch=ON > /dev/null
+	cmake --build build/ctest -j2 --target test_math
+	ctest --test-dir build/ctest --output-on-failure
 	$(PYTHON) -m pytest -q tests
 
 lint:

@@ -9,6 +9,8 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #pragma GCC target("avx512f,avx2,fma,f16c")
+// GCC 12 reports its own _mm512 "undefined" placeholders as maybe-uninitialized; they are not.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "vec_avx512.h"
 #include "kernel_body.h"
 

@@ -1,0 +1,176 @@
+// C++ unit tests of the shared, framework-free code: dtype conversions (exhaustive over every
+// 16-bit pattern), the per-element math against a long-double transcription of torch.optim, and
+// every instruction-set build of the CPU kernels against the scalar build. Run by ctest.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "cpu/cpu_kernels.h"
+#include "onepass/dtypes.h"
+#include "onepass/math.h"
+
+namespace {
+
+int g_failures = 0;
+
+#define CHECK(cond, ...)                                   \
+  do {                                                     \
+    if (!(cond)) {                                         \
+      ++g_failures;                                        \
+      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::printf(__VA_ARGS__);                            \
+      std::printf("\n");                                   \
+    }                                                      \
+  } while (0)
+
+using namespace onepass;
+
+bool close(double got, double want, double rtol, double atol) {
+  return std::fabs(got - want) <= atol + rtol * std::fabs(want);
+}
+
+// bf16 <-> float: every pattern round-trips; float -> bf16 rounds to nearest even.
+void test_bf16() {
+  for (uint32_t b = 0; b < 0x10000; ++b) {
+    const float f = to_opmath(bf16_t{uint16_t(b)});
+    const bf16_t back = from_opmath_bf16(f);
+    if (std::isnan(f)) {
+      CHECK(std::isnan(to_opmath(back)), "bf16 NaN pattern %04x", b);
+    } else {
+      CHECK(back.bits == b, "bf16 pattern %04x round-trips to %04x", b, back.bits);
+    }
+  }
+  // Halfway cases: 1 + 2^-8 lies between 1 and 1 + 2^-7 and goes to the even one (1.0).
+  CHECK(from_opmath_bf16(1.0f + 0x1p-8f).bits == 0x3f80, "tie to even (down)");
+  CHECK(from_opmath_bf16(1.0f + 3 * 0x1p-8f).bits == 0x3f82, "tie to even (up)");
+}
+
+// Reference float -> half by exhaustive nearest search over the finite halves.
+uint16_t half_nearest(float f, const std::vector<float>& halves) {
+  if (std::isnan(f)) return 0x7e00;
+  const uint16_t sign = std::signbit(f) ? 0x8000 : 0;
+  const double a = std::fabs(double(f));
+  if (a >= 65520.0) return sign | 0x7c00;
+  uint16_t best = 0;
+  for (uint16_t h = 0; h < 0x7c00; ++h) {
+    const double d = std::fabs(double(halves[h]) - a), bd = std::fabs(double(halves[best]) - a);
+    if (d < bd || (d == bd && (h & 1) == 0 && (best & 1) == 1)) best = h;
+  }
+  return sign | best;
+}
+
+void test_half() {
+  std::vector<float> halves(0x7c00);
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const float f = to_opmath(half_t{uint16_t(h)});
+    const uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+    double want = exp == 0 ? std::ldexp(double(mant), -24)
+                           : std::ldexp(1.0 + double(mant) / 1024.0, int(exp) - 15);
+    if (h & 0x8000) want = -want;
+    if (exp == 0x1f) {
+      CHECK(mant ? std::isnan(f) : std::isinf(f), "half special %04x", h);
+      continue;
+    }
+    CHECK(double(f) == want, "half %04x -> %g, want %g", h, double(f), want);
+    CHECK(from_opmath_half(f).bits == h, "half %04x round-trips", h);
+    if (h < 0x7c00) halves[h] = f;
+  }
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> exponent(-27.0f, 17.0f);
+  for (int i = 0; i < 4000; ++i) {
+    const float f = std::exp2(exponent(rng)) * (i % 2 ? -1.0f : 1.0f);
+    CHECK(from_opmath_half(f).bits == half_nearest(f, halves), "float %a -> half", double(f));
+  }
+}
+
+// adam_update and sgd_update against torch.optim's formulas in long double, over several steps.
+void test_math_vs_torch() {
+  const AdamHyper h{1e-2, 0.9, 0.999, 1e-8, 0.1, 1.0 - 1e-2 * 0.05, -1.0};  // maximize
+  double p = 0.7, m = 0, v = 0, vmax = 0;
+  long double rp = 0.7L, rm = 0, rv = 0, rvmax = 0;
+  const double grads[] = {0.3, -1.2, 0.01, 2.5, -0.4, 0.9, -0.05};
+  for (int t = 1; t <= 7; ++t) {
+    const auto c = AdamConsts<double>::make(h, t);
+    adam_update<true, true>(p, grads[t - 1], m, v, vmax, c);
+    long double g = -(long double)grads[t - 1];
+    g += 0.1L * rp;
+    rp *= 1.0L - 1e-2L * 0.05L;
+    rm = rm + (1 - 0.9L) * (g - rm);
+    rv = 0.999L * rv + (1 - 0.999L) * g * g;
+    rvmax = std::max(rvmax, rv);
+    const long double denom = std::sqrt(rvmax) / std::sqrt(1 - std::pow(0.999L, t)) + 1e-8L;
+    rp -= 1e-2L / (1 - std::pow(0.9L, t)) * rm / denom;
+    CHECK(close(p, double(rp), 1e-13, 1e-15), "adam step %d: %.17g vs %.17Lg", t, p, rp);
+    CHECK(close(vmax, double(rvmax), 1e-13, 1e-18), "adam vmax step %d", t);
+  }
+  const SgdHyper s{0.1, 0.9, 0.0, 0.01, 1.0, 1.0};
+  double q = -0.3, buf = 0;
+  long double rq = -0.3L, rbuf = 0;
+  for (int t = 1; t <= 7; ++t) {
+    const auto c = SgdConsts<double>::make(s);
+    if (t == 1) {
+      sgd_update<true, true, true, true>(q, grads[t - 1], buf, c);
+    } else {
+      sgd_update<true, true, false, true>(q, grads[t - 1], buf, c);
+    }
+    const long double d = grads[t - 1] + 0.01L * rq;
+    rbuf = t == 1 ? d : 0.9L * rbuf + d;
+    rq -= 0.1L * (d + 0.9L * rbuf);
+    CHECK(close(q, double(rq), 1e-13, 1e-15), "sgd step %d: %.17g vs %.17Lg", t, q, rq);
+  }
+}
+
+// Every instruction-set build gives the scalar build's results (up to float rounding order).
+template <class S>
+void test_kernel_sets(DType dtype, double rtol) {
+  const int64_t sizes[] = {1, 7, 16, 33, 4097};
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal;
+  auto fill = [&](std::vector<S>& x, bool positive) {
+    for (auto& e : x) e = from_opmath<S>(opmath_t<S>(positive ? std::fabs(normal(rng)) : normal(rng)));
+  };
+  for (int64_t n : sizes) {
+    std::vector<S> p0(n), g(n), m0(n), v0(n), vm0(n);
+    fill(p0, false), fill(g, false), fill(m0, false), fill(v0, true), fill(vm0, true);
+    std::vector<std::vector<S>> results;
+    for (int64_t k = 0; k < cpu::capability_count(); ++k) {
+      std::vector<S> p = p0, m = m0, v = v0, vm = vm0;
+      Segment seg{p.data(), g.data(), 0, n, 0, 3.0};
+      Chunk chunk{0, 0, n};
+      cpu::AdamLaunch L{dtype, &seg, &chunk, m.data(), v.data(), vm.data(),
+                        AdamHyper{1e-2, 0.9, 0.999, 1e-8, 0.1, 1.0, 1.0}, true, true};
+      CHECK(cpu::set_capability(cpu::capability_name(k)), "set %s", cpu::capability_name(k));
+      cpu::kernels().adam(L, 0, 1);
+      std::vector<S> all = p;
+      all.insert(all.end(), m.begin(), m.end());
+      all.insert(all.end(), v.begin(), v.end());
+      all.insert(all.end(), vm.begin(), vm.end());
+      results.push_back(all);
+    }
+    for (size_t k = 1; k < results.size(); ++k) {
+      for (size_t i = 0; i < results[0].size(); ++i) {
+        const double a = to_opmath(results[0][i]), b = to_opmath(results[k][i]);
+        CHECK(close(b, a, rtol, 1e-7), "%s n=%ld element %zu: %g vs scalar %g",
+              cpu::capability_name(int64_t(k)), long(n), i, b, a);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  test_bf16();
+  test_half();
+  test_math_vs_torch();
+  test_kernel_sets<float>(DType::kFloat32, 2e-6);
+  test_kernel_sets<double>(DType::kFloat64, 1e-14);
+  test_kernel_sets<bf16_t>(DType::kBFloat16, 8e-3);
+  test_kernel_sets<half_t>(DType::kFloat16, 1e-3);
+  std::printf("%d passed, %d failed\n", g_failures == 0 ? 1 : 0, g_failures == 0 ? 0 : 1);
+  if (g_failures) std::printf("%d checks failed\n", g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
