@@ -72,6 +72,7 @@ class Bucket:
             total += -(-p.numel() // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
         self.offsets = torch.tensor(offsets, dtype=torch.int64)
         self._offsets = offsets
+        self.total = total
         self.buffers = {
             name: torch.zeros(total, dtype=self.dtype, device=self.device) for name in slots
         }
@@ -79,12 +80,84 @@ class Bucket:
         # corrections are computed per tensor (a param whose grad was None did not advance).
         self.step = torch.zeros(len(params), dtype=torch.float32)
         self.exposed = [False] * len(params)  # does optimizer.state[p] point into this bucket?
+        self.flat_param: torch.Tensor | None = None
+        self.flat_grad: torch.Tensor | None = None
+        self.grad_views: list[torch.Tensor] = []
+
+    def flatten(self) -> None:
+        """Moves the params into one flat buffer and gives them flat gradients (``flatten=True``).
+
+        ``p.data`` becomes a view of the bucket's param buffer and ``p.grad`` a view of its grad
+        buffer, laid out like the state; autograd accumulates into those views, so while every
+        grad is still its view the whole bucket is one segment: one contiguous pass, no
+        per-tensor work at all.
+        """
+        total = self.total
+        self.flat_param = torch.zeros(total, dtype=self.dtype, device=self.device)
+        self.flat_grad = torch.zeros(total, dtype=self.dtype, device=self.device)
+        for i, p in enumerate(self.params):
+            start, n = self._offsets[i], p.numel()
+            view = self.flat_param[start : start + n].view(p.shape)
+            view.copy_(p.detach())
+            p.data = view
+            grad_view = self.flat_grad[start : start + n].view(p.shape)
+            if p.grad is not None:
+                grad_view.copy_(p.grad)
+            p.grad = grad_view
+            self.grad_views.append(grad_view)
+
+    def flat_step(self) -> FlatBucket | None:
+        """The whole bucket as one segment, if it is flattened, every grad is still its view and
+        every tensor has taken the same number of steps; else None (the per-tensor path)."""
+        if self.flat_param is None:
+            return None
+        if not all(p.grad is v for p, v in zip(self.params, self.grad_views, strict=True)):
+            return None
+        if not bool((self.step == self.step[0]).all()):
+            return None
+        return FlatBucket(self)
+
+    def expose(self, state: Any, step_in_state: bool, grads: list[torch.Tensor | None]) -> None:
+        """Creates ``optimizer.state[p]`` (views into the bucket) when p first has a grad."""
+        for i, g in enumerate(grads):
+            if g is None or self.exposed[i]:
+                continue
+            entry: dict[str, torch.Tensor] = {}
+            if step_in_state:
+                entry["step"] = self.step[i]
+            entry.update(self.slot_views(i))
+            state[self.params[i]] = entry
+            self.exposed[i] = True
 
     def slot_views(self, i: int) -> dict[str, torch.Tensor]:
         p, start = self.params[i], self._offsets[i]
         return {
             name: buf[start : start + p.numel()].view(p.shape) for name, buf in self.buffers.items()
         }
+
+
+class FlatBucket:
+    """A flattened bucket seen as one tensor: what a launcher needs, with a single segment."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        assert bucket.flat_param is not None and bucket.flat_grad is not None
+        self.bucket = bucket
+        self.backend = bucket.backend
+        self.params = [bucket.flat_param]
+        self.grads: list[torch.Tensor | None] = [bucket.flat_grad]
+        self.names = ["the flattened params of " + bucket.names[0]]
+        self.shapes = [bucket.flat_param.shape]
+        self.dtype, self.device = bucket.dtype, bucket.device
+        self.buffers = bucket.buffers
+        self.step = bucket.step[:1]  # every tensor of the bucket has this step count
+        self.offsets = torch.zeros(1, dtype=torch.int64)
+
+    def slot_views(self, i: int) -> dict[str, torch.Tensor]:
+        return dict(self.buffers)
+
+    def finish(self) -> None:
+        """Every tensor advanced with the first (or none did: a skipped AMP step)."""
+        self.bucket.step[1:] = self.bucket.step[0]
 
 
 class Engine:
@@ -94,6 +167,18 @@ class Engine:
         self.optimizer = optimizer
         self.spec = spec
         self.plans: list[_GroupPlan | None] = []
+
+    def flat_grads(self) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
+        """The grad views of flattened params (by id) and their flat buffers."""
+        views: dict[int, torch.Tensor] = {}
+        buffers: list[torch.Tensor] = []
+        for plan in self.plans:
+            for bucket in plan.buckets if plan is not None else ():
+                if bucket.flat_grad is not None:
+                    buffers.append(bucket.flat_grad)
+                    pairs = zip(bucket.params, bucket.grad_views, strict=True)
+                    views.update((id(p), v) for p, v in pairs)
+        return views, buffers
 
     def invalidate(self) -> None:
         """Forget every bucket; the next step rebuilds them from ``optimizer.state``."""
@@ -114,32 +199,38 @@ class Engine:
     # -- stepping -----------------------------------------------------------------------------
 
     def step(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
-        work: list[tuple[dict[str, Any], Bucket, list[torch.Tensor | None]]] = []
+        work: list[tuple[dict[str, Any], Bucket | FlatBucket, list[torch.Tensor | None]]] = []
         for index, group in enumerate(self.optimizer.param_groups):
             plan = self._plan(index, group)
             for bucket in plan.buckets:
-                grads = [p.grad for p in bucket.params]
+                flat = bucket.flat_step()
+                if flat is not None:
+                    work.append((group, flat, flat.grads))
+                else:
+                    work.append((group, bucket, [p.grad for p in bucket.params]))
+        # Everything is checked before anything is written: a refused step changes nothing. One
+        # native launch checks its own arguments before writing (and we name the culprit if it
+        # refuses); with several launches, or the reference backend, check them all here first.
+        checked_natively = len(work) == 1 and work[0][1].backend == "cpu"
+        if not checked_natively:
+            for _, bucket, grads in work:
                 _check_grads(bucket, grads)
-                work.append((group, bucket, grads))
-        # Everything was checked before anything is written: a refused step changes nothing.
         for group, bucket, grads in work:
+            launch: Callable[..., None] = self.spec.launchers[bucket.backend]
+            try:
+                launch(bucket, grads, group, grad_scale, found_inf)
+            except RuntimeError:
+                if checked_natively:
+                    _check_grads(bucket, grads)  # raises with the param's name
+                raise
+            if isinstance(bucket, FlatBucket):
+                bucket.finish()
+                bucket, grads = bucket.bucket, list(bucket.bucket.grad_views)
             if not all(bucket.exposed):
                 self._expose(bucket, grads)
-            launch: Callable[..., None] = self.spec.launchers[bucket.backend]
-            launch(bucket, grads, group, grad_scale, found_inf)
 
     def _expose(self, bucket: Bucket, grads: list[torch.Tensor | None]) -> None:
-        """Creates ``optimizer.state[p]`` (views into the bucket) when p first has a grad."""
-        state = self.optimizer.state
-        for i, g in enumerate(grads):
-            if g is None or bucket.exposed[i]:
-                continue
-            entry: dict[str, torch.Tensor] = {}
-            if self.spec.step_in_state:
-                entry["step"] = bucket.step[i]
-            entry.update(bucket.slot_views(i))
-            state[bucket.params[i]] = entry
-            bucket.exposed[i] = True
+        bucket.expose(self.optimizer.state, self.spec.step_in_state, grads)
 
 
 class _GroupPlan:
@@ -171,6 +262,8 @@ class _GroupPlan:
             backend = resolve_backend(group["backend"], device)
             bucket = Bucket(params, names, slots, backend)
             _adopt_state(engine, bucket)
+            if group.get("flatten", False):
+                bucket.flatten()
             self.buckets.append(bucket)
 
     def stale(self, group: dict[str, Any], slots: tuple[str, ...]) -> bool:

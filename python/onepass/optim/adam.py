@@ -44,6 +44,11 @@ class Adam(FusedOptimizer):
             lr schedule's shape but not its peak: p *= 1 - lr/initial_lr * wd).
         backend: "auto" (the native CPU kernels for CPU tensors, the pure-torch reference
             elsewhere), "cpu" or "reference".
+        flatten: move each bucket's params and grads into one flat buffer at the first step
+            (``p.data`` and ``p.grad`` become views), so a step is one contiguous pass with no
+            per-tensor work: the fast path for thousands of small tensors. ``zero_grad`` then
+            zeroes the flat grads in place, and params without a grad step with a zero grad (as
+            torch.optim does after ``zero_grad(set_to_none=False)``).
     """
 
     spec = ADAM
@@ -66,6 +71,7 @@ class Adam(FusedOptimizer):
         decoupled_weight_decay: bool = False,
         decay: str | None = None,
         backend: str = "auto",
+        flatten: bool = False,
     ) -> None:
         if decay is None:
             decay = "decoupled" if decoupled_weight_decay else "l2"
@@ -83,6 +89,7 @@ class Adam(FusedOptimizer):
             "decoupled_weight_decay": decay == "decoupled",
             "decay": decay,
             "backend": backend,
+            "flatten": flatten,
         }
         super().__init__(params, defaults)
 
@@ -115,6 +122,7 @@ class AdamW(Adam):
         fused: bool | None = None,
         decay: str = "decoupled",
         backend: str = "auto",
+        flatten: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -130,6 +138,7 @@ class AdamW(Adam):
             fused=fused,
             decay=decay,
             backend=backend,
+            flatten=flatten,
         )
 
     def _decay_from_torch(self, group: Mapping[str, Any]) -> str:

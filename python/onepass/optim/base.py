@@ -68,6 +68,7 @@ class FusedOptimizer(Optimizer):
                 group.setdefault(key, value)
             group.setdefault("decay", self._decay_from_torch(group))
             group.setdefault("backend", self.defaults.get("backend", "auto"))
+            group.setdefault("flatten", self.defaults.get("flatten", False))
             if group["decay"] == "independent":
                 group.setdefault("initial_lr", scalar(group["lr"]))
         # Buckets are rebuilt from self.state at the next step (after unpickling, deepcopy or a
@@ -77,6 +78,29 @@ class FusedOptimizer(Optimizer):
     def _decay_from_torch(self, group: Mapping[str, Any]) -> str:
         """Decay mode of a group saved by torch.optim (no ``decay`` key)."""
         return str(self.defaults.get("decay", "l2"))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's; the grads of ``flatten=True`` params are zeroed in place instead
+        (one fill per bucket), so they stay views of the flat grad buffer."""
+        views, buffers = self._engine.flat_grads()
+        if not buffers:
+            super().zero_grad(set_to_none)
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None or views.get(id(p)) is grad:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if grad.grad_fn is not None:
+                        grad.detach_()
+                    else:
+                        grad.requires_grad_(False)
+                    grad.zero_()
+        for buffer in buffers:
+            buffer.zero_()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

@@ -26,7 +26,8 @@ class SGD(FusedOptimizer):
         p = p - lr * d
 
     One pass over memory per (group, device, dtype) bucket; math in float32 for bf16/fp16 and
-    float64 for float64. ``foreach`` and ``fused`` are accepted and ignored.
+    float64 for float64. ``foreach`` and ``fused`` are accepted and ignored. ``backend`` and
+    ``flatten`` are as in :class:`onepass.Adam`.
     """
 
     spec = SGD_SPEC
@@ -53,6 +54,7 @@ class SGD(FusedOptimizer):
         fused: bool | None = None,
         decay: str = "l2",
         backend: str = "auto",
+        flatten: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -66,6 +68,7 @@ class SGD(FusedOptimizer):
             "fused": fused,
             "decay": decay,
             "backend": backend,
+            "flatten": flatten,
         }
         super().__init__(params, defaults)
 
@@ -91,6 +94,7 @@ class SGDW(SGD):
         fused: bool | None = None,
         decay: str = "decoupled",
         backend: str = "auto",
+        flatten: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -105,4 +109,5 @@ class SGDW(SGD):
             fused=fused,
             decay=decay,
             backend=backend,
+            flatten=flatten,
         )
