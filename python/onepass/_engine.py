@@ -245,9 +245,13 @@ class _GroupPlan:
         state = engine.optimizer.state
         keyed: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
         self.outside: list[torch.Tensor] = []
+        flatten = bool(group.get("flatten", False))
         for j, p in enumerate(self.params):
             name = f"param_groups[{index}]['params'][{j}]"
-            if not (p.requires_grad or p.grad is not None or p in state):
+            # Flattened buckets hold only params that have a grad (they keep one from then on);
+            # a param that gets its first grad later rebuilds the plan.
+            wanted = p.grad is not None if flatten else p.requires_grad or p.grad is not None
+            if not (wanted or (p in state and not flatten)):
                 self.outside.append(p)
                 continue
             if p.dtype not in SUPPORTED_DTYPES:
@@ -262,7 +266,7 @@ class _GroupPlan:
             backend = resolve_backend(group["backend"], device)
             bucket = Bucket(params, names, slots, backend)
             _adopt_state(engine, bucket)
-            if group.get("flatten", False):
+            if flatten:
                 bucket.flatten()
             self.buckets.append(bucket)
 

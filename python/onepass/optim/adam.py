@@ -44,11 +44,12 @@ class Adam(FusedOptimizer):
             lr schedule's shape but not its peak: p *= 1 - lr/initial_lr * wd).
         backend: "auto" (the native CPU kernels for CPU tensors, the pure-torch reference
             elsewhere), "cpu" or "reference".
-        flatten: move each bucket's params and grads into one flat buffer at the first step
-            (``p.data`` and ``p.grad`` become views), so a step is one contiguous pass with no
-            per-tensor work: the fast path for thousands of small tensors. ``zero_grad`` then
-            zeroes the flat grads in place, and params without a grad step with a zero grad (as
-            torch.optim does after ``zero_grad(set_to_none=False)``).
+        flatten: move the params that have a grad into one flat buffer per bucket at the first
+            step (``p.data`` and ``p.grad`` become views), so a step is one contiguous pass with
+            no per-tensor work: the fast path for thousands of small tensors. ``zero_grad`` then
+            zeroes the flat grads in place, so a flattened param always has a (possibly zero)
+            grad and steps every time: torch.optim's semantics under
+            ``zero_grad(set_to_none=False)``. Params that never get a grad are not flattened.
     """
 
     spec = ADAM

@@ -1,0 +1,101 @@
+"""flatten=True: params and grads moved into flat per-bucket buffers, one segment per step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import assert_verbose_allclose
+
+import onepass
+
+
+def _model() -> torch.nn.Module:
+    # odd sizes, a frozen layer and a param that never gets a grad
+    layers = [torch.nn.Linear(13, 31), torch.nn.Linear(31, 7), torch.nn.Linear(7, 5)]
+    model = torch.nn.Sequential(*layers)
+    model[1].requires_grad_(False)
+    model.unused = torch.nn.Parameter(torch.randn(3))
+    return model
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(9, 13, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=False)
+        model(x).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("make", "make_torch"),
+    [
+        (
+            lambda ps: onepass.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True, flatten=True),
+            lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True),
+        ),
+        (
+            lambda ps: onepass.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, flatten=True),
+            lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
+        ),
+    ],
+    ids=["adamw", "sgd"],
+)
+def test_flatten_matches_torch_with_zeroed_grads(make, make_torch) -> None:  # noqa: ANN001
+    """flatten steps like torch.optim after zero_grad(set_to_none=False) (grads are zeros, not
+    None), the frozen layer never moves, and the fast one-segment path is the one taken."""
+    model = _model().double()
+    twin = copy.deepcopy(model)
+    frozen = model[1].weight.detach().clone()
+    opt, ref = make(model.parameters()), make_torch(twin.parameters())
+    _train(model, opt, 7)
+    _train(twin, ref, 7)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert_verbose_allclose(p, q, 1e-12, 1e-14, name)
+        for slot, value in ref.state[q].items():
+            assert_verbose_allclose(opt.state[p][slot], value, 1e-12, 1e-14, f"{name}.{slot}")
+    assert torch.equal(model[1].weight, frozen)
+    bucket = opt._engine.plans[0].buckets[0]
+    assert bucket.flat_param is not None
+    assert bucket.flat_step() is not None, "the one-segment path was not taken"
+    assert all(p is not model.unused for p in bucket.params), "a param without grads was flattened"
+    i = next(i for i, p in enumerate(bucket.params) if p is model[0].weight)
+    start = int(bucket.offsets[i])
+    assert model[0].weight.data_ptr() == bucket.flat_param[start:].data_ptr()
+
+
+def test_flatten_falls_back_when_grads_are_replaced() -> None:
+    """zero_grad(set_to_none=True) and a fresh backward give grads that are not the flat views:
+    the per-tensor path takes over and the result is still torch's."""
+    model = _model()
+    twin = copy.deepcopy(model)
+    opt = onepass.AdamW(model.parameters(), lr=1e-2, flatten=True)
+    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    x = torch.randn(9, 13)
+    for step in range(7):
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad(set_to_none=False)
+            if step == 3:  # replace every grad with a new tensor
+                for p in m.parameters():
+                    if p.grad is not None:
+                        p.grad = p.grad.clone()
+            m(x).square().mean().backward()
+            o.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert_verbose_allclose(p, q, 1.3e-6, 1e-5)
+
+
+def test_flatten_state_dict_loads_into_torch() -> None:
+    model = _model()
+    twin = copy.deepcopy(model)
+    opt = onepass.AdamW(model.parameters(), lr=1e-2, flatten=True)
+    _train(model, opt, 3)
+    twin.load_state_dict(model.state_dict())
+    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _train(model, opt, 4)
+    _train(twin, ref, 4)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert_verbose_allclose(p, q, 1.3e-6, 1e-5)
