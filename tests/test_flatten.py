@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import assert_verbose_allclose
 
 import onepass
+
+from helpers import assert_verbose_allclose
 
 
 def _model() -> torch.nn.Module:
@@ -43,7 +45,9 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> No
     ],
     ids=["adamw", "sgd"],
 )
-def test_flatten_matches_torch_with_zeroed_grads(make, make_torch) -> None:  # noqa: ANN001
+def test_flatten_matches_torch_with_zeroed_grads(
+    make: Callable[..., torch.optim.Optimizer], make_torch: Callable[..., torch.optim.Optimizer]
+) -> None:
     """flatten steps like torch.optim after zero_grad(set_to_none=False) (grads are zeros, not
     None), the frozen layer never moves, and the fast one-segment path is the one taken."""
     model = _model().double()
