@@ -1,0 +1,41 @@
+"""Fixtures shared by the whole suite (helpers live in tests/helpers.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import onepass
+
+from helpers import Backend, all_backends
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_restore_capability() -> Iterator[None]:
+    """Every test starts from the same random state and leaves the CPU capability as it found it."""
+    torch.manual_seed(0)
+    original = onepass.cpu_capability()
+    yield
+    onepass.set_cpu_capability(original)
+    assert onepass.cpu_capability() == original
+
+
+@pytest.fixture(params=all_backends(), ids=lambda b: b.id)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """Every backend: "cpu" once per CPU capability this machine runs, and "reference".
+
+    Selects the capability for the test's duration (restored by the autouse fixture above).
+    """
+    b: Backend = request.param
+    if b.capability is not None:
+        onepass.set_cpu_capability(b.capability)
+        assert onepass.cpu_capability() == b.capability
+    yield b
+
+
+@pytest.fixture(params=["cpu", "reference"])
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """The two backends at the widest capability (drop-in behaviour does not depend on the ISA)."""
+    return str(request.param)

@@ -1,0 +1,254 @@
+"""Every backend against the reference oracle (issue items 1 and 7).
+
+Each test builds an optimizer on random params of sizes 0, 1, 7, 4097, a matrix, a transposed and
+a strided (non-contiguous) param and a frozen param; steps it 7 times with random grads (None for
+some params on some steps) under an LR schedule that changes lr every step; and checks every
+param, every state tensor and every 'step' against :class:`helpers.ReferenceRun`, which calls
+``adam_reference`` / ``sgd_reference`` directly, one tensor at a time:
+
+* float64 and float32 storage: the oracle runs in float64 on float64 copies, for all 7 steps
+  (DESIGN.md's tolerances, helpers.TOLERANCES);
+* bfloat16 and float16 storage: in lockstep. Each step, the oracle runs in the storage dtype (fp32
+  math, every result rounded to the storage dtype: the kernels' own rounding path) from the
+  optimizer's own values of the step before, and every element must be within one storage ulp.
+  Why not 7 free-running steps at 5e-3: both sides differ by fp32 operation order, which now and
+  then moves a value across a bf16 rounding boundary (one ulp = 2^-8..2^-7 relative, more than
+  5e-3); from then on the two runs follow different bf16 paths, and SGD momentum (lr 0.1) grew
+  one such flip to 8 ulp of a param in 7 steps (measured). In lockstep nothing accumulates, so
+  the check is both sound and sharper (one ulp, tiny atol: a wrong second moment would not hide
+  under a 5e-3 atol).
+
+Params whose grad is None on a step are checked bitwise unchanged on that step (state too).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+import onepass
+
+from helpers import (
+    ADAMW_INFO,
+    DTYPES,
+    LOW_PRECISION,
+    SGD_INFO,
+    TOLERANCES,
+    Backend,
+    Config,
+    OptimizerInfo,
+    ReferenceRun,
+    all_backends,
+    assert_all_close,
+    bitwise_equal,
+    dtype_id,
+    make_grads,
+    make_params,
+    optimizer_cases,
+    reference_dtype,
+    set_grads,
+)
+
+STEPS = 7
+#: Lockstep atol: only absorbs results that cancel to ~0 (fp32 error relative to the operands).
+LOCKSTEP_ATOL = 1e-6
+
+
+def _schedule(step: int) -> float:
+    """LambdaLR factor: lr changes at every step (so runtime scalars are re-read every step)."""
+    return 1.0 / (1.0 + 0.25 * step)
+
+
+def check_against_reference(
+    info: OptimizerInfo,
+    config: Config,
+    backend: str,
+    dtype: torch.dtype,
+    params: Sequence[torch.Tensor],
+    steps: int = STEPS,
+    none_pattern: bool = True,
+) -> torch.optim.Optimizer:
+    rtol, atol = TOLERANCES[dtype]
+    lockstep = dtype in LOW_PRECISION
+    optimizer = info.onepass_cls(params, **config, backend=backend)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule)
+    reference = ReferenceRun(info, config, params, reference_dtype(dtype))
+    for s in range(1, steps + 1):
+        grads = make_grads(params, s, none_pattern)
+        set_grads(params, grads)
+        idle = [i for i, g in enumerate(grads) if g is None]
+        before = {i: params[i].detach().clone() for i in idle}
+        state_before = {
+            i: {k: v.clone() for k, v in optimizer.state[params[i]].items()}
+            for i in idle
+            if params[i] in optimizer.state
+        }
+        lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step(grads, lr)
+        schedule.step()
+        if lockstep:
+            reference.check(optimizer, params, rtol, atol=LOCKSTEP_ATOL, ulps=1.0)
+            reference.sync(optimizer, params)
+        for i in idle:  # no grad this step: param, state and step untouched
+            assert bitwise_equal(params[i], before[i]), f"step {s}: param {i} had no grad"
+            for k, v in state_before.get(i, {}).items():
+                now = optimizer.state[params[i]][k]
+                assert bitwise_equal(now, v), f"step {s}: state[{i}][{k!r}] had no grad"
+    assert optimizer.param_groups[0]["lr"] != config["lr"], "the schedule did not change lr"
+    if not lockstep:
+        reference.check(optimizer, params, rtol, atol)
+    return optimizer
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(("info", "config"), optimizer_cases())
+def test_backend_matches_reference(
+    info: OptimizerInfo, config: Config, backend: Backend, dtype: torch.dtype
+) -> None:
+    params = make_params(dtype)
+    optimizer = check_against_reference(info, config, backend.name, dtype, params)
+    frozen = params[-1]
+    assert not frozen.requires_grad and frozen not in optimizer.state
+
+
+@pytest.mark.parametrize(
+    ("info", "config"),
+    [
+        pytest.param(ADAMW_INFO, {"lr": 1e-2, "amsgrad": True}, id="AdamW-amsgrad"),
+        pytest.param(SGD_INFO, {"lr": 0.1, "momentum": 0.9, "nesterov": True}, id="SGD-nesterov"),
+    ],
+)
+def test_many_small_tensors(info: OptimizerInfo, config: Config, backend: Backend) -> None:
+    """1,000 tensors of small odd sizes in one bucket (one launch per step), float32 on every
+    backend; bfloat16 on the widest capability only (lockstep is slow on 1,000 tensors)."""
+    dtypes = [torch.float32]
+    if backend.capability == onepass.cpu_capabilities()[-1]:
+        dtypes.append(torch.bfloat16)
+    for dtype in dtypes:
+        _many_small_tensors(info, config, backend, dtype)
+
+
+def _many_small_tensors(
+    info: OptimizerInfo, config: Config, backend: Backend, dtype: torch.dtype
+) -> None:
+    sizes = [(7 * i) % 61 + 1 for i in range(1000)]
+    params = [torch.randn(n).to(dtype).requires_grad_() for n in sizes]
+    check_against_reference(info, config, backend.name, dtype, params)
+
+
+BIG = (1 << 20) + 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("info", "config", "dtype", "capability"),
+    [
+        pytest.param(
+            ADAMW_INFO, {"lr": 1e-2, "amsgrad": True}, torch.float32, cap, id=f"AdamW-fp32-{cap}"
+        )
+        for cap in onepass.cpu_capabilities()
+    ]
+    + [
+        pytest.param(ADAMW_INFO, {"lr": 1e-2}, torch.bfloat16, None, id="AdamW-bf16"),
+        pytest.param(
+            SGD_INFO,
+            {"lr": 0.1, "momentum": 0.9, "dampening": 0.1},
+            torch.float32,
+            None,
+            id="SGD-momentum-fp32",
+        ),
+    ],
+)
+def test_large_tensor(
+    info: OptimizerInfo, config: Config, dtype: torch.dtype, capability: str | None
+) -> None:
+    """2^20+3 elements: many chunks, several threads, a ragged SIMD tail."""
+    if capability is not None:
+        onepass.set_cpu_capability(capability)
+    params = [
+        torch.randn(BIG).to(dtype).requires_grad_(),
+        torch.randn(5).to(dtype).requires_grad_(),
+    ]
+    check_against_reference(info, config, "cpu", dtype, params, steps=STEPS, none_pattern=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 7: every CPU capability gives the same results
+# ------------------------------------------------------------------------------------------------
+
+
+def _tensors(
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Every param and state tensor, in a fixed order."""
+    out = [p.detach() for p in params]
+    for p in params:
+        out.extend(v for v in optimizer.state.get(p, {}).values())
+    return out
+
+
+@pytest.mark.skipif(len(onepass.cpu_capabilities()) < 2, reason="this CPU runs one capability")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(("info", "config"), optimizer_cases())
+def test_capabilities_agree(info: OptimizerInfo, config: Config, dtype: torch.dtype) -> None:
+    """scalar vs avx2 vs avx512 (where this CPU has them), on sizes around every vector width.
+
+    The builds differ only in operation order and FMA contraction. float64/float32: 7 free-running
+    steps each, compared within fp32 tolerance. bfloat16/float16: in lockstep (every capability
+    steps a copy of the same state each step, then all continue from the first capability's
+    result), within one storage ulp: free-running low-precision runs drift apart by whole ulps for
+    the reason given in this module's docstring.
+    """
+    capabilities = onepass.cpu_capabilities()
+    params = make_params(dtype, sizes=(0, 1, 7, 15, 16, 17, 33, 4097))
+    optimizer = info.onepass_cls(params, **config, backend="cpu")
+    lockstep = dtype in LOW_PRECISION
+    runs = {cap: (params, optimizer) for cap in capabilities}
+    if not lockstep:
+        runs = {cap: copy.deepcopy((params, optimizer)) for cap in capabilities}
+    for s in range(1, STEPS + 1):
+        grads = make_grads(params, s)
+        results: dict[str, list[torch.Tensor]] = {}
+        for cap in capabilities:
+            onepass.set_cpu_capability(cap)
+            run_params, run_optimizer = copy.deepcopy(runs[cap]) if lockstep else runs[cap]
+            set_grads(run_params, grads)
+            run_optimizer.step()
+            results[cap] = _tensors(run_optimizer, run_params)
+            if lockstep and cap == capabilities[0]:
+                continue_from = (run_params, run_optimizer)
+        if lockstep or s == STEPS:
+            first = results[capabilities[0]]
+            for cap in capabilities[1:]:
+                triples = [
+                    (f"step {s} {cap} vs {capabilities[0]}: tensor {k}", a, b)
+                    for k, (a, b) in enumerate(zip(results[cap], first, strict=True))
+                ]
+                if lockstep:
+                    assert_all_close(triples, 0.0, LOCKSTEP_ATOL, ulps=1.0)
+                else:
+                    assert_all_close(triples, *TOLERANCES[torch.float32])
+        if lockstep:
+            runs = {cap: continue_from for cap in capabilities}
+
+
+def test_capability_switch_and_bad_name() -> None:
+    original = onepass.cpu_capability()
+    assert original in onepass.cpu_capabilities()
+    assert onepass.cpu_capabilities()[0] == "scalar"
+    for capability in onepass.cpu_capabilities():
+        onepass.set_cpu_capability(capability)
+        assert onepass.cpu_capability() == capability
+    with pytest.raises(RuntimeError, match="cannot run the 'sse9' kernels"):
+        onepass.set_cpu_capability("sse9")
+    assert onepass.cpu_capability() == onepass.cpu_capabilities()[-1]
+
+
+def test_backends_cover_every_capability() -> None:
+    """The backend fixture really runs every capability this CPU has, plus the reference."""
+    ids = [b.id for b in all_backends()]
+    assert ids == [f"cpu-{c}" for c in onepass.cpu_capabilities()] + ["reference"]
