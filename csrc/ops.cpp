@@ -13,117 +13,35 @@
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
+#include "glue.h"
 
 namespace onepass {
 namespace {
 
 using at::Tensor;
-using OptionalTensorList = c10::List<std::optional<Tensor>>;
-
-DType storage_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, "onepass: unsupported dtype ", t, " (use float32/64, bfloat16, float16)");
-  }
-}
+using glue::OptionalTensorList;
+using glue::Table;
 
 // Elements per unit of parallel work: a few hundred KiB per array, so a chunk's lines stay in L2.
 constexpr int64_t kChunkElements = int64_t(1) << 15;
 // Below this many elements a step runs on the calling thread: waking the pool costs more.
 constexpr int64_t kSerialElements = int64_t(1) << 16;
 
-// The tensor table of one launch, built from the bucket's lists. Params with no grad this step
-// are skipped. Everything is checked before anything is written, so a refused call changes nothing.
-struct Table {
-  std::vector<Segment> segments;
-  std::vector<Chunk> chunks;
-  std::vector<Tensor> keep_alive;  // contiguous copies of non-contiguous grads / params
-  std::vector<std::pair<Tensor, Tensor>> write_back;  // (param, contiguous temporary)
-  at::ScalarType dtype;
-  int64_t elements = 0;
-  bool skip = false;  // found_inf was set: no param, state or step changes
+// The AMP flags, read on the host (CPU tensors): whether to skip, and the gradient multiplier.
+struct Amp {
+  bool skip = false;
   double grad_scale = 1.0;
 };
 
-void check_state(const Tensor& buf, const char* name, at::ScalarType dtype, int64_t needed) {
-  TORCH_CHECK(buf.device().is_cpu(), "onepass: state '", name, "' must be on the CPU");
-  TORCH_CHECK(buf.scalar_type() == dtype, "onepass: state '", name, "' has dtype ",
-              buf.scalar_type(), ", expected ", dtype);
-  TORCH_CHECK(buf.is_contiguous() && buf.numel() >= needed, "onepass: state '", name,
-              "' must be a contiguous buffer of at least ", needed, " elements");
-}
-
-Table build_table(at::TensorList params, const OptionalTensorList& grads, const Tensor& step,
-                  const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
-                  const std::optional<Tensor>& found_inf, bool maximize) {
-  const int64_t n = static_cast<int64_t>(params.size());
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "onepass: ", n, " params but ",
-              grads.size(), " grads");
-  TORCH_CHECK(n > 0, "onepass: empty bucket");
-  TORCH_CHECK(state_offsets.device().is_cpu() && state_offsets.scalar_type() == at::kLong &&
-                  state_offsets.numel() == n && state_offsets.is_contiguous(),
-              "onepass: state_offsets must be a contiguous int64 CPU tensor with one entry per param");
-  TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kFloat && step.numel() == n &&
-                  step.is_contiguous(),
-              "onepass: step must be a contiguous float32 CPU tensor with one entry per param");
-  Table t;
-  t.dtype = params[0].scalar_type();
-  storage_dtype(t.dtype);
-  if (found_inf.has_value()) {
-    TORCH_CHECK(found_inf->numel() == 1, "onepass: found_inf must have one element");
-    t.skip = found_inf->item<double>() != 0.0;
-  }
-  if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->numel() == 1, "onepass: grad_scale must have one element");
-    t.grad_scale = 1.0 / grad_scale->item<double>();
-  }
-  if (maximize) t.grad_scale = -t.grad_scale;
-
-  const int64_t* offsets = state_offsets.data_ptr<int64_t>();
-  const float* steps = step.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    const std::optional<Tensor> g = grads[i];
-    if (!g.has_value() || !g->defined()) continue;
-    const Tensor& p = params[i];
-    TORCH_CHECK(p.device().is_cpu(), "onepass: params[", i, "] is on ", p.device(),
-                "; the cpu backend steps CPU tensors");
-    TORCH_CHECK(p.scalar_type() == t.dtype, "onepass: params[", i, "] has dtype ", p.scalar_type(),
-                " but its bucket holds ", t.dtype);
-    TORCH_CHECK(g->layout() == at::kStrided, "onepass: grads[", i, "] is sparse, which is not supported");
-    TORCH_CHECK(g->device() == p.device(), "onepass: grads[", i, "] is on ", g->device(),
-                " but its param is on ", p.device());
-    TORCH_CHECK(g->scalar_type() == t.dtype, "onepass: grads[", i, "] has dtype ",
-                g->scalar_type(), " but its param has ", t.dtype);
-    TORCH_CHECK(g->sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g->sizes(),
-                " but its param has ", p.sizes());
-    Segment s{};
-    s.numel = p.numel();
-    s.state_offset = offsets[i];
-    s.index = i;
-    s.step = static_cast<double>(steps[i]) + 1.0;
-    if (s.numel == 0) continue;  // zero-size tensors are legal; they only advance their step
-    Tensor pc = p;
-    if (!p.is_contiguous()) {
-      pc = p.contiguous();
-      t.write_back.emplace_back(p, pc);
-    }
-    Tensor gc = g->contiguous();
-    s.param = pc.data_ptr();
-    s.grad = gc.data_ptr();
-    t.keep_alive.push_back(std::move(gc));
-    t.segments.push_back(s);
-    t.elements += s.numel;
-  }
-  for (int64_t k = 0; k < static_cast<int64_t>(t.segments.size()); ++k) {
-    const int64_t numel = t.segments[k].numel;
-    for (int64_t b = 0; b < numel; b += kChunkElements) {
-      t.chunks.push_back(Chunk{k, b, std::min(numel, b + kChunkElements)});
-    }
-  }
-  return t;
+Amp read_amp(const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+             bool maximize) {
+  glue::check_amp_scalar(grad_scale, "grad_scale", at::kCPU);
+  glue::check_amp_scalar(found_inf, "found_inf", at::kCPU);
+  Amp amp;
+  if (found_inf.has_value()) amp.skip = found_inf->item<float>() != 0.0f;
+  if (grad_scale.has_value()) amp.grad_scale = 1.0 / grad_scale->item<float>();
+  if (maximize) amp.grad_scale = -amp.grad_scale;
+  return amp;
 }
 
 // Runs fn(begin, end) over the table's chunks, split across torch's threads by element count.
@@ -148,13 +66,10 @@ void run_chunks(const Table& t, const Fn& fn) {
 }
 
 // Writes back non-contiguous params and advances the step of every tensor that had a grad.
-void finish(Table& t, at::TensorList params, const OptionalTensorList& grads, Tensor& step) {
-  for (auto& [param, tmp] : t.write_back) param.copy_(tmp);
+void finish(Table& t, Tensor& step) {
+  glue::write_back(t);
   float* steps = step.data_ptr<float>();
-  for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
-    const std::optional<Tensor> g = grads[i];
-    if (g.has_value() && g->defined()) steps[i] += 1.0f;
-  }
+  for (const int64_t i : t.stepped) steps[i] += 1.0f;
 }
 
 void adam_cpu(at::TensorList params, const OptionalTensorList& grads, Tensor exp_avg,
@@ -163,28 +78,28 @@ void adam_cpu(at::TensorList params, const OptionalTensorList& grads, Tensor exp
               const std::optional<Tensor>& found_inf, double lr, double beta1, double beta2,
               double eps, double weight_decay, double decay_factor, bool amsgrad, bool maximize,
               bool l2_decay) {
-  Table t = build_table(params, grads, step, state_offsets, grad_scale, found_inf, maximize);
-  if (t.skip) return;
-  int64_t needed = 0;
-  for (const Segment& s : t.segments) needed = std::max(needed, s.state_offset + s.numel);
-  check_state(exp_avg, "exp_avg", t.dtype, needed);
-  check_state(exp_avg_sq, "exp_avg_sq", t.dtype, needed);
+  Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
+                              /*host_steps=*/true);
+  glue::check_state(exp_avg, "exp_avg", t, at::kCPU);
+  glue::check_state(exp_avg_sq, "exp_avg_sq", t, at::kCPU);
   TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "onepass: amsgrad needs max_exp_avg_sq");
-  if (amsgrad) check_state(*max_exp_avg_sq, "max_exp_avg_sq", t.dtype, needed);
+  if (amsgrad) glue::check_state(*max_exp_avg_sq, "max_exp_avg_sq", t, at::kCPU);
+  const Amp amp = read_amp(grad_scale, found_inf, maximize);
+  if (amp.skip) return;  // GradScaler found an inf/nan: params, state and steps stay as they are
 
   cpu::AdamLaunch launch{};
-  launch.dtype = storage_dtype(t.dtype);
+  launch.dtype = glue::storage_dtype(t.dtype);
   launch.segments = t.segments.data();
   launch.chunks = t.chunks.data();
   launch.exp_avg = exp_avg.data_ptr();
   launch.exp_avg_sq = exp_avg_sq.data_ptr();
   launch.max_exp_avg_sq = amsgrad ? max_exp_avg_sq->data_ptr() : nullptr;
-  launch.hyper = AdamHyper{lr, beta1, beta2, eps, weight_decay, decay_factor, t.grad_scale};
+  launch.hyper = AdamHyper{lr, beta1, beta2, eps, weight_decay, decay_factor, amp.grad_scale};
   launch.amsgrad = amsgrad;
   launch.l2_decay = l2_decay;
   const auto kernel = cpu::kernels().adam;
   run_chunks(t, [&](int64_t b, int64_t e) { kernel(launch, b, e); });
-  finish(t, params, grads, step);
+  finish(t, step);
 }
 
 void sgd_cpu(at::TensorList params, const OptionalTensorList& grads,
@@ -193,27 +108,27 @@ void sgd_cpu(at::TensorList params, const OptionalTensorList& grads,
              const std::optional<Tensor>& found_inf, double lr, double momentum, double dampening,
              double weight_decay, double decay_factor, bool nesterov, bool maximize,
              bool l2_decay) {
-  Table t = build_table(params, grads, step, state_offsets, grad_scale, found_inf, maximize);
-  if (t.skip) return;
+  Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
+                              /*host_steps=*/true);
   const bool has_momentum = momentum != 0.0;
   if (has_momentum) {
     TORCH_CHECK(momentum_buffer.has_value(), "onepass: momentum != 0 needs momentum_buffer");
-    int64_t needed = 0;
-    for (const Segment& s : t.segments) needed = std::max(needed, s.state_offset + s.numel);
-    check_state(*momentum_buffer, "momentum_buffer", t.dtype, needed);
+    glue::check_state(*momentum_buffer, "momentum_buffer", t, at::kCPU);
   }
+  const Amp amp = read_amp(grad_scale, found_inf, maximize);
+  if (amp.skip) return;
   cpu::SgdLaunch launch{};
-  launch.dtype = storage_dtype(t.dtype);
+  launch.dtype = glue::storage_dtype(t.dtype);
   launch.segments = t.segments.data();
   launch.chunks = t.chunks.data();
   launch.momentum_buffer = has_momentum ? momentum_buffer->data_ptr() : nullptr;
-  launch.hyper = SgdHyper{lr, momentum, dampening, weight_decay, decay_factor, t.grad_scale};
+  launch.hyper = SgdHyper{lr, momentum, dampening, weight_decay, decay_factor, amp.grad_scale};
   launch.momentum = has_momentum;
   launch.nesterov = nesterov;
   launch.l2_decay = l2_decay;
   const auto kernel = cpu::kernels().sgd;
   run_chunks(t, [&](int64_t b, int64_t e) { kernel(launch, b, e); });
-  finish(t, params, grads, step);
+  finish(t, step);
 }
 
 std::string cpu_capability() { return cpu::kernels().name; }

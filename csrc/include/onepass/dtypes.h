@@ -34,14 +34,22 @@ using opmath_t = typename OpMath<S>::type;
 inline namespace ONEPASS_CAPABILITY {
 
 ONEPASS_HD ONEPASS_INLINE uint32_t float_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return u;
+#endif
 }
 ONEPASS_HD ONEPASS_INLINE float bits_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
+#endif
 }
 
 ONEPASS_HD ONEPASS_INLINE float to_opmath(bf16_t x) { return bits_float(uint32_t(x.bits) << 16); }

@@ -1,0 +1,130 @@
+// Torch-side helpers shared by the CPU ops (ops.cpp) and the CUDA ops (cuda/ops_cuda.cpp): argument
+// checks and the host tensor table of one launch. Everything is checked before anything is
+// written, so a refused call changes nothing.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "onepass/dtypes.h"
+#include "onepass/table.h"
+
+namespace onepass::glue {
+
+using at::Tensor;
+using OptionalTensorList = c10::List<std::optional<Tensor>>;
+
+inline DType storage_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default:
+      TORCH_CHECK(false, "onepass: unsupported dtype ", t, " (use float32/64, bfloat16, float16)");
+  }
+}
+
+// The host tensor table of one launch: the tensors of a bucket that have a grad this step.
+struct Table {
+  std::vector<Segment> segments;  // non-empty tensors with a grad
+  std::vector<Chunk> chunks;      // their elements cut into units of parallel work
+  std::vector<int64_t> stepped;   // bucket index of every tensor with a grad (empty ones too)
+  std::vector<Tensor> keep_alive;  // contiguous copies of non-contiguous grads
+  std::vector<std::pair<Tensor, Tensor>> write_back;  // (param, contiguous temporary)
+  at::ScalarType dtype = at::kFloat;
+  int64_t elements = 0;
+  int64_t needed_state = 0;  // elements every flat state buffer must hold
+};
+
+// Checks a launch's tensors and builds its table. `device` is where every tensor must live;
+// `host_steps` (CPU launches) fills Segment::step, GPU kernels read the device step instead.
+inline Table build_table(at::TensorList params, const OptionalTensorList& grads,
+                         const Tensor& step, const Tensor& state_offsets, at::Device device,
+                         int64_t chunk_elements, bool host_steps) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "onepass: ", n, " params but ",
+              grads.size(), " grads");
+  TORCH_CHECK(n > 0, "onepass: empty bucket");
+  TORCH_CHECK(state_offsets.device().is_cpu() && state_offsets.scalar_type() == at::kLong &&
+                  state_offsets.numel() == n && state_offsets.is_contiguous(),
+              "onepass: state_offsets must be a contiguous int64 CPU tensor, one entry per param");
+  TORCH_CHECK(step.device() == device && step.scalar_type() == at::kFloat && step.numel() == n &&
+                  step.is_contiguous(),
+              "onepass: step must be a contiguous float32 tensor on ", device,
+              " with one entry per param");
+  Table t;
+  t.dtype = params[0].scalar_type();
+  storage_dtype(t.dtype);
+  const int64_t* offsets = state_offsets.data_ptr<int64_t>();
+  const float* steps = host_steps ? step.data_ptr<float>() : nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    const std::optional<Tensor> g = grads[i];
+    if (!g.has_value() || !g->defined()) continue;
+    const Tensor& p = params[i];
+    TORCH_CHECK(p.device() == device, "onepass: params[", i, "] is on ", p.device(),
+                ", expected ", device);
+    TORCH_CHECK(p.scalar_type() == t.dtype, "onepass: params[", i, "] has dtype ",
+                p.scalar_type(), " but its bucket holds ", t.dtype);
+    TORCH_CHECK(g->layout() == at::kStrided, "onepass: grads[", i,
+                "] is sparse, which is not supported");
+    TORCH_CHECK(g->device() == p.device(), "onepass: grads[", i, "] is on ", g->device(),
+                " but its param is on ", p.device());
+    TORCH_CHECK(g->scalar_type() == t.dtype, "onepass: grads[", i, "] has dtype ",
+                g->scalar_type(), " but its param has ", t.dtype);
+    TORCH_CHECK(g->sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g->sizes(),
+                " but its param has ", p.sizes());
+    t.stepped.push_back(i);
+    const int64_t numel = p.numel();
+    if (numel == 0) continue;  // zero-size tensors are legal; they only advance their step
+    Segment s{};
+    s.numel = numel;
+    s.state_offset = offsets[i];
+    s.index = i;
+    s.step = steps != nullptr ? static_cast<double>(steps[i]) + 1.0 : 0.0;
+    Tensor pc = p;
+    if (!p.is_contiguous()) {
+      pc = p.contiguous();
+      t.write_back.emplace_back(p, pc);
+    }
+    Tensor gc = g->contiguous();
+    s.param = pc.data_ptr();
+    s.grad = gc.data_ptr();
+    t.keep_alive.push_back(std::move(gc));
+    t.segments.push_back(s);
+    t.elements += numel;
+    t.needed_state = std::max(t.needed_state, s.state_offset + numel);
+  }
+  for (int64_t k = 0; k < static_cast<int64_t>(t.segments.size()); ++k) {
+    const int64_t numel = t.segments[k].numel;
+    for (int64_t b = 0; b < numel; b += chunk_elements) {
+      t.chunks.push_back(Chunk{k, b, std::min(numel, b + chunk_elements)});
+    }
+  }
+  return t;
+}
+
+// A flat state buffer: on the launch's device, in the params' dtype, large enough.
+inline void check_state(const Tensor& buf, const char* name, const Table& t, at::Device device) {
+  TORCH_CHECK(buf.device() == device, "onepass: state '", name, "' must be on ", device);
+  TORCH_CHECK(buf.scalar_type() == t.dtype, "onepass: state '", name, "' has dtype ",
+              buf.scalar_type(), ", expected ", t.dtype);
+  TORCH_CHECK(buf.is_contiguous() && buf.numel() >= t.needed_state, "onepass: state '", name,
+              "' must be a contiguous buffer of at least ", t.needed_state, " elements");
+}
+
+// The AMP scalars: a one-element float32 tensor on the launch's device, or absent.
+inline void check_amp_scalar(const std::optional<Tensor>& x, const char* name, at::Device device) {
+  if (!x.has_value()) return;
+  TORCH_CHECK(x->numel() == 1 && x->scalar_type() == at::kFloat && x->device() == device,
+              "onepass: ", name, " must be a one-element float32 tensor on ", device);
+}
+
+// Copies results back into non-contiguous params.
+inline void write_back(Table& t) {
+  for (auto& [param, tmp] : t.write_back) param.copy_(tmp);
+}
+
+}  // namespace onepass::glue
