@@ -1,0 +1,463 @@
+"""Drop-in behaviour: onepass optimizers do what torch.optim's do, everywhere torch.optim's API
+reaches (issue item 3). Every comparison runs the same steps through the matching torch.optim class
+in float64 and compares params and state to ~1e-12 (or bitwise where both sides are onepass)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import torch
+from test_reference_vs_torch import assert_same_as_torch
+
+import onepass
+
+from helpers import (
+    ADAM_INFO,
+    ADAMW_INFO,
+    SGD_INFO,
+    OptimizerInfo,
+    assert_unchanged,
+    bitwise_equal,
+    make_grads,
+    make_params,
+    set_grads,
+    snapshot,
+)
+
+F64 = torch.float64
+
+
+def clone_params(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Independent leaf copies (same values, strides and requires_grad)."""
+    out = []
+    for p in params:
+        q = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype)
+        q.copy_(p.detach())
+        out.append(q.requires_grad_(p.requires_grad))
+    return out
+
+
+def step_both(
+    ours: torch.optim.Optimizer,
+    theirs: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    their_params: Sequence[torch.Tensor],
+    steps: range,
+) -> None:
+    for s in steps:
+        grads = make_grads(params, s)
+        set_grads(params, grads)
+        set_grads(their_params, grads)
+        ours.step()
+        theirs.step()
+
+
+# ------------------------------------------------------------------------------------------------
+# Param groups
+# ------------------------------------------------------------------------------------------------
+
+GROUP_CASES = [
+    pytest.param(
+        ADAMW_INFO,
+        {"lr": 5e-3},
+        [
+            {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.99)},
+            {"lr": 3e-2, "weight_decay": 0.0, "amsgrad": True, "eps": 1e-6},
+            {"maximize": True},
+        ],
+        id="AdamW",
+    ),
+    pytest.param(
+        ADAM_INFO,
+        {"lr": 1e-2, "weight_decay": 0.05},
+        [{}, {"lr": 2e-2, "amsgrad": True, "weight_decay": 0.0}, {"betas": (0.5, 0.9)}],
+        id="Adam",
+    ),
+    pytest.param(
+        SGD_INFO,
+        {"lr": 0.1, "momentum": 0.9},
+        [
+            {"nesterov": True, "weight_decay": 0.1},
+            {"momentum": 0.0, "lr": 0.05},
+            {"dampening": 0.5, "maximize": True},
+        ],
+        id="SGD",
+    ),
+]
+
+
+@pytest.mark.parametrize(("info", "defaults", "groups"), GROUP_CASES)
+def test_param_groups_with_different_hyperparameters(
+    info: OptimizerInfo, defaults: dict[str, Any], groups: list[dict[str, Any]], backend_name: str
+) -> None:
+    params = make_params(F64)
+    theirs = clone_params(params)
+    split = [params[0:4], params[4:7], params[7:]]
+    their_split = [theirs[0:4], theirs[4:7], theirs[7:]]
+    ours = info.onepass_cls(
+        [{"params": ps, **g} for ps, g in zip(split, groups, strict=True)],
+        **defaults,
+        backend=backend_name,
+    )
+    assert info.torch_cls is not None
+    expected = info.torch_cls(
+        [{"params": ps, **g} for ps, g in zip(their_split, groups, strict=True)], **defaults
+    )
+    step_both(ours, expected, params, theirs, range(1, 8))
+    assert_same_as_torch(ours, expected, params, theirs)
+
+
+def test_mixed_dtypes_in_one_group(backend_name: str) -> None:
+    """float64 and float32 params of one group (two buckets) vs torch.optim, each at its own
+    dtype's tolerance."""
+    params = make_params(F64)[:4] + make_params(torch.float32)[2:5]
+    theirs = clone_params(params)
+    ours = onepass.AdamW(params, lr=1e-2, amsgrad=True, backend=backend_name)
+    expected = torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True)
+    step_both(ours, expected, params, theirs, range(1, 8))
+    assert_same_as_torch(ours, expected, params[:4], theirs[:4])
+    assert_same_as_torch(ours, expected, params[4:], theirs[4:], rtol=1.3e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("info", "config", "new_group"),
+    [
+        pytest.param(ADAMW_INFO, {"lr": 1e-2}, {"lr": 3e-2, "amsgrad": True}, id="AdamW"),
+        pytest.param(SGD_INFO, {"lr": 0.1, "momentum": 0.9}, {"nesterov": True}, id="SGD"),
+    ],
+)
+def test_add_param_group_after_steps(
+    info: OptimizerInfo, config: dict[str, Any], new_group: dict[str, Any], backend_name: str
+) -> None:
+    params = make_params(F64)
+    theirs = clone_params(params)
+    ours = info.onepass_cls(params[:5], **config, backend=backend_name)
+    assert info.torch_cls is not None
+    expected = info.torch_cls(theirs[:5], **config)
+    step_both(ours, expected, params[:5], theirs[:5], range(1, 4))
+    ours.add_param_group({"params": params[5:], **new_group})
+    expected.add_param_group({"params": theirs[5:], **new_group})
+    step_both(ours, expected, params, theirs, range(4, 8))
+    assert_same_as_torch(ours, expected, params, theirs)
+
+
+def test_frozen_param_unfrozen_later(backend_name: str) -> None:
+    """A param with no grad for 3 steps gets one: the others keep their state, it starts at 1."""
+    params = make_params(F64)
+    theirs = clone_params(params)
+    ours = onepass.Adam(params, lr=1e-2, backend=backend_name)
+    expected = torch.optim.Adam(theirs, lr=1e-2)
+    step_both(ours, expected, params, theirs, range(1, 4))
+    assert params[-1] not in ours.state
+    params[-1].requires_grad_()
+    theirs[-1].requires_grad_()
+    step_both(ours, expected, params, theirs, range(4, 8))
+    assert float(ours.state[params[-1]]["step"]) == float(expected.state[theirs[-1]]["step"]) > 0
+    assert_same_as_torch(ours, expected, params, theirs)
+
+
+# ------------------------------------------------------------------------------------------------
+# zero_grad, closure, hooks
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad(set_to_none: bool, backend_name: str) -> None:
+    params = make_params(F64)
+    theirs = clone_params(params)
+    ours = onepass.AdamW(params, lr=1e-2, backend=backend_name)
+    expected = torch.optim.AdamW(theirs, lr=1e-2)
+    step_both(ours, expected, params, theirs, range(1, 4))
+    ours.zero_grad(set_to_none=set_to_none)
+    expected.zero_grad(set_to_none=set_to_none)
+    for p in params:
+        if set_to_none or p.grad is None:
+            assert p.grad is None
+        else:
+            assert torch.count_nonzero(p.grad) == 0
+    before = snapshot(ours)
+    ours.step()
+    expected.step()
+    if set_to_none:
+        assert_unchanged(ours, before)  # no grads: nothing moves, no step advances
+    else:
+        assert not bitwise_equal(params[3], before.params[3])  # zero grads still step (moments)
+    assert_same_as_torch(ours, expected, params, theirs)
+
+
+def _model_and_loss(seed: int = 0) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model = model.to(F64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64))
+    x = torch.randn(16, 4, generator=gen, dtype=F64)
+    y = torch.randn(16, 3, generator=gen, dtype=F64)
+
+    def loss() -> torch.Tensor:
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    return model, loss
+
+
+def test_closure(backend_name: str) -> None:
+    model, loss_fn = _model_and_loss()
+    their_model, their_loss_fn = _model_and_loss()
+    ours = onepass.AdamW(model.parameters(), lr=1e-2, backend=backend_name)
+    expected = torch.optim.AdamW(their_model.parameters(), lr=1e-2)
+    grad_enabled: list[bool] = []
+
+    def closure() -> torch.Tensor:
+        grad_enabled.append(torch.is_grad_enabled())
+        ours.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    def their_closure() -> torch.Tensor:
+        expected.zero_grad()
+        loss = their_loss_fn()
+        loss.backward()
+        return loss
+
+    for _ in range(7):
+        loss = ours.step(closure)
+        their_loss = expected.step(their_closure)
+        assert isinstance(loss, torch.Tensor)
+        assert loss.item() == pytest.approx(their_loss.item(), rel=1e-12)
+    assert grad_enabled == [True] * 7
+    assert torch.is_grad_enabled()  # the caller's grad mode is restored after step()
+    assert_same_as_torch(ours, expected, list(model.parameters()), list(their_model.parameters()))
+
+
+def test_step_hooks(backend_name: str) -> None:
+    params = make_params(F64)
+    ours = onepass.SGD(params, lr=0.1, momentum=0.9, backend=backend_name)
+    calls: list[tuple[str, torch.Tensor]] = []
+
+    def pre(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        assert optimizer is ours
+        calls.append(("pre", params[3].detach().clone()))
+
+    def post(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        assert optimizer is ours
+        calls.append(("post", params[3].detach().clone()))
+
+    pre_handle = ours.register_step_pre_hook(pre)
+    post_handle = ours.register_step_post_hook(post)
+    set_grads(params, make_grads(params, 1))
+    ours.step()
+    assert [c[0] for c in calls] == ["pre", "post"]
+    assert not bitwise_equal(calls[0][1], calls[1][1])  # pre saw the params before the update
+    assert bitwise_equal(calls[1][1], params[3].detach())  # post after it
+    pre_handle.remove()
+    post_handle.remove()
+    ours.step()
+    assert len(calls) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# LR schedulers and tensor lr
+# ------------------------------------------------------------------------------------------------
+
+SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5),
+}
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize(
+    ("info", "config"),
+    [
+        pytest.param(ADAMW_INFO, {"lr": 1e-2, "weight_decay": 0.1}, id="AdamW"),
+        pytest.param(ADAM_INFO, {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}, id="Adam"),
+        pytest.param(SGD_INFO, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}, id="SGD"),
+    ],
+)
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_lr_scheduler(
+    info: OptimizerInfo,
+    config: dict[str, Any],
+    scheduler: str,
+    tensor_lr: bool,
+    backend_name: str,
+) -> None:
+    """torch.optim.lr_scheduler drives onepass exactly as it drives torch.optim; lr may be a 0-d
+    tensor (the scheduler then updates it in place)."""
+    params = make_params(F64)
+    theirs = clone_params(params)
+    kwargs = dict(config)
+    their_kwargs = dict(config)
+    if tensor_lr:
+        # float64 like the params: torch.optim.Adam computes lr / bias_correction1 in the lr
+        # tensor's dtype, so a float32 lr would round torch's step size to float32 (a ~1e-8
+        # relative difference from onepass, which reads lr as a Python float).
+        kwargs["lr"] = torch.tensor(config["lr"], dtype=F64)
+        their_kwargs["lr"] = torch.tensor(config["lr"], dtype=F64)
+    ours = info.onepass_cls(params, **kwargs, backend=backend_name)
+    assert info.torch_cls is not None
+    expected = info.torch_cls(theirs, **their_kwargs)
+    sched, their_sched = SCHEDULERS[scheduler](ours), SCHEDULERS[scheduler](expected)
+    lrs = []
+    for s in range(1, 9):
+        step_both(ours, expected, params, theirs, range(s, s + 1))
+        sched.step()
+        their_sched.step()
+        lrs.append(float(ours.param_groups[0]["lr"]))
+        assert lrs[-1] == float(expected.param_groups[0]["lr"])
+    assert len(set(lrs)) > 2, "the schedule did not move lr"
+    assert isinstance(ours.param_groups[0]["lr"], torch.Tensor) == tensor_lr
+    assert_same_as_torch(ours, expected, params, theirs)
+
+
+# ------------------------------------------------------------------------------------------------
+# deepcopy, pickle, state_dict interchange
+# ------------------------------------------------------------------------------------------------
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list[Any]:
+    out: list[Any] = [p.detach() for p in params]
+    for p in params:
+        for key, value in sorted(optimizer.state.get(p, {}).items()):
+            out.append((key, value))
+    return out
+
+
+def _assert_bitwise_same(a: list[Any], b: list[Any]) -> None:
+    assert len(a) == len(b)
+    for k, (x, y) in enumerate(zip(a, b, strict=True)):
+        if isinstance(x, tuple):
+            assert x[0] == y[0]
+            x, y = x[1], y[1]
+        assert bitwise_equal(x, y), f"tensor {k} differs"
+
+
+COPIERS: dict[str, Callable[[Any], Any]] = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda obj: pickle.loads(pickle.dumps(obj)),
+    "torch.save": lambda obj: torch.load(_saved(obj), weights_only=False),
+}
+
+
+def _saved(obj: Any) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+@pytest.mark.parametrize("copier", list(COPIERS))
+@pytest.mark.parametrize(
+    ("info", "config"),
+    [
+        pytest.param(ADAMW_INFO, {"lr": 1e-2, "amsgrad": True}, id="AdamW-amsgrad"),
+        pytest.param(
+            ADAM_INFO, {"lr": 1e-2, "weight_decay": 0.1, "decay": "independent"}, id="Adam-indep"
+        ),
+        pytest.param(SGD_INFO, {"lr": 0.1, "momentum": 0.9, "dampening": 0.3}, id="SGD-momentum"),
+    ],
+)
+def test_copy_round_trip(
+    info: OptimizerInfo, config: dict[str, Any], copier: str, backend_name: str
+) -> None:
+    """Copy (params, optimizer) after 3 steps; the original and the copy continue 4 steps and
+    both equal, bitwise, an uninterrupted run (so the copy shares no memory with the original)."""
+    dtype = torch.float32
+    control_params = make_params(dtype)
+    params = clone_params(control_params)
+    control = info.onepass_cls(control_params, **config, backend=backend_name)
+    ours = info.onepass_cls(params, **config, backend=backend_name)
+    all_grads = [make_grads(params, s) for s in range(1, 8)]
+    for s in range(3):
+        set_grads(control_params, all_grads[s])
+        control.step()
+        set_grads(params, all_grads[s])
+        ours.step()
+    copied_params, copied = COPIERS[copier]((params, ours))
+    assert type(copied) is type(ours)
+    for s in range(3, 7):
+        for ps, opt in ((control_params, control), (params, ours), (copied_params, copied)):
+            set_grads(ps, all_grads[s])
+            opt.step()
+    expected = _state_tensors(control, control_params)
+    _assert_bitwise_same(_state_tensors(ours, params), expected)
+    _assert_bitwise_same(_state_tensors(copied, copied_params), expected)
+
+
+INTERCHANGE = [
+    pytest.param(ADAMW_INFO, {"lr": 1e-2, "weight_decay": 0.1}, id="AdamW"),
+    pytest.param(ADAMW_INFO, {"lr": 1e-2, "amsgrad": True, "maximize": True}, id="AdamW-amsgrad"),
+    pytest.param(ADAM_INFO, {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}, id="Adam"),
+    pytest.param(SGD_INFO, {"lr": 0.1, "momentum": 0.9, "dampening": 0.2}, id="SGD-momentum"),
+    pytest.param(SGD_INFO, {"lr": 0.1, "momentum": 0.9, "nesterov": True}, id="SGD-nesterov"),
+]
+
+
+@pytest.mark.parametrize("transport", ["direct", "torch.save"])
+@pytest.mark.parametrize("direction", ["onepass-to-torch", "torch-to-onepass"])
+@pytest.mark.parametrize(("info", "config"), INTERCHANGE)
+def test_state_dict_interchange(
+    info: OptimizerInfo,
+    config: dict[str, Any],
+    direction: str,
+    transport: str,
+    backend_name: str,
+) -> None:
+    """Save after 3 steps in one, load into the other, continue 4 steps: the params and state equal
+    continuing in the original."""
+    assert info.torch_cls is not None
+    torch_cls = info.torch_cls
+
+    def build(kind: str, ps: list[torch.Tensor]) -> torch.optim.Optimizer:
+        if kind == "onepass":
+            return info.onepass_cls(ps, **config, backend=backend_name)
+        return torch_cls(ps, **config)
+
+    source_kind, target_kind = direction.split("-to-")
+    params = make_params(F64)
+    source = build(source_kind, params)
+    for s in range(1, 4):
+        set_grads(params, make_grads(params, s))
+        source.step()
+    saved = source.state_dict()
+    if transport == "direct":
+        # torch.optim.load_state_dict keeps same-dtype tensors by reference: copy, as torch's
+        # own docs do, so the two optimizers do not share state
+        saved = copy.deepcopy(saved)
+    else:
+        saved = torch.load(_saved(saved), weights_only=True)
+    target_params = clone_params(params)
+    target = build(target_kind, target_params)
+    target.load_state_dict(saved)
+    for key in ("lr", "weight_decay", "maximize"):
+        assert target.param_groups[0][key] == source.param_groups[0][key]
+    step_both(target, source, target_params, params, range(4, 8))
+    assert_same_as_torch(target, source, target_params, params)
+
+
+def test_state_dict_round_trip_keeps_onepass_options(backend_name: str) -> None:
+    """onepass -> onepass keeps onepass-only group options (decay mode, initial_lr)."""
+    params = make_params(F64)
+    ours = onepass.AdamW(
+        params, lr=1e-2, weight_decay=0.1, decay="independent", backend=backend_name
+    )
+    sched = torch.optim.lr_scheduler.StepLR(ours, 1, gamma=0.5)
+    for s in range(1, 4):
+        set_grads(params, make_grads(params, s))
+        ours.step()
+        sched.step()
+    target_params = clone_params(params)
+    target = onepass.AdamW(target_params, lr=1e-2, backend=backend_name)
+    target.load_state_dict(torch.load(_saved(ours.state_dict()), weights_only=True))
+    group = target.param_groups[0]
+    assert group["decay"] == "independent" and group["initial_lr"] == 1e-2
+    assert group["lr"] == pytest.approx(1.25e-3)
+    step_both(target, ours, target_params, params, range(4, 8))
+    assert_same_as_torch(target, ours, target_params, params)
