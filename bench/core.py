@@ -1,0 +1,342 @@
+"""Shape lists, candidates, memory planning and the interleaved timing loop."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import onepass
+
+SHAPES_DIR = Path(__file__).parent / "shapes"
+
+OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+#: The torch.optim implementations every onepass backend is compared with.
+TORCH_MODES: Mapping[str, Mapping[str, bool]] = {
+    "fused": {"fused": True},
+    "foreach": {"foreach": True},
+    "forloop": {"foreach": False},
+}
+#: The candidate that speedups are relative to.
+BASELINE = "torch fused"
+ROOFLINE_COPY = "copy"
+ROOFLINE_SCALE = "scale"
+
+
+@dataclass(frozen=True)
+class ShapeList:
+    name: str
+    description: str
+    numel: int
+    tensors: int
+    shapes: tuple[tuple[int, ...], ...]
+
+
+def shape_list_names() -> list[str]:
+    return sorted(path.stem for path in SHAPES_DIR.glob("*.json"))
+
+
+def load_shape_list(name: str) -> ShapeList:
+    data = json.loads((SHAPES_DIR / f"{name}.json").read_text())
+    shapes = tuple(tuple(int(d) for d in s) for s in data["shapes"])
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    if numel != data["numel"] or len(shapes) != data["tensors"]:
+        raise ValueError(f"{name}.json: numel/tensors do not match its shapes")
+    return ShapeList(data["name"], data["description"], numel, len(shapes), shapes)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One algorithm as both libraries spell it, with the hyperparameters of the bench."""
+
+    label: str
+    onepass_cls: type[onepass.FusedOptimizer]
+    torch_cls: type[torch.optim.Optimizer]
+    hyper: Mapping[str, Any] = field(default_factory=dict)
+
+
+# lr is small so that thousands of steps on fixed random grads stay finite.
+ALGORITHMS: Mapping[str, Algorithm] = {
+    "adamw": Algorithm("AdamW", onepass.AdamW, torch.optim.AdamW, {"lr": 1e-4}),
+    "sgd": Algorithm("SGD", onepass.SGD, torch.optim.SGD, {"lr": 1e-4, "momentum": 0.9}),
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    make: OptimizerFactory
+
+
+def _steps_on(make: OptimizerFactory, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this optimizer can step a small tensor of this device and dtype."""
+    p = torch.zeros(64, device=device, dtype=dtype, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    try:
+        make([p]).step()
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def candidates(
+    algorithm: Algorithm, device: torch.device, dtype: torch.dtype, include_reference: bool
+) -> list[Candidate]:
+    """Every onepass backend that runs here (reference only when asked), then torch.optim's."""
+    backends = [b for b in onepass.BACKENDS if b not in ("auto", "reference")]
+    if include_reference:
+        backends.append("reference")
+    found = []
+    for backend in backends:
+        make = partial(algorithm.onepass_cls, **algorithm.hyper, backend=backend)
+        if _steps_on(make, device, dtype):
+            found.append(Candidate(f"onepass {backend}", make))
+    for mode, flags in TORCH_MODES.items():
+        make = partial(algorithm.torch_cls, **algorithm.hyper, **flags)
+        if _steps_on(make, device, dtype):
+            found.append(Candidate(f"torch {mode}", make))
+    return found
+
+
+@dataclass(frozen=True)
+class BytesModel:
+    bytes_per_element: int  # read + written per param element per step (the spec's model)
+    state_slots: int
+
+
+def bytes_model(algorithm: Algorithm, device: torch.device, dtype: torch.dtype) -> BytesModel:
+    probe = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+    opt = algorithm.onepass_cls([probe], **algorithm.hyper, backend="reference")
+    group = opt.param_groups[0]
+    itemsize = probe.element_size()
+    return BytesModel(
+        opt.spec.bytes_per_element(group, itemsize), len(opt.spec.active_slots(group))
+    )
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on the device (MemAvailable on a Linux host); None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def plan_memory(
+    n_candidates: int, tensor_bytes: int, state_slots: int, available: int | None
+) -> tuple[bool, int] | None:
+    """(share grads?, bytes needed), or None when the group cannot fit even with shared grads.
+
+    Each candidate owns its params and state; grads are per candidate when that fits, else one
+    set is shared (every candidate only reads them). Headroom: the roofline scratch buffer and
+    one param-sized temporary (torch's foreach and for-loop steps allocate them).
+    """
+    own = n_candidates * (1 + state_slots) * tensor_bytes + 2 * tensor_bytes
+    for share, grads in ((False, n_candidates), (True, 1)):
+        need = own + grads * tensor_bytes
+        if available is None or need <= 0.9 * available:
+            return share, need
+    return None
+
+
+class Timer:
+    """Times one call in ms: wall clock on the CPU; CUDA events from an idle GPU on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+        if self.device.type != "cpu":
+            raise ValueError(f"no timer for device {self.device}")
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+@dataclass
+class GroupResult:
+    """Per-round times of every task in one (shape list, algorithm) group."""
+
+    shapes: ShapeList
+    algorithm: str
+    dtype: torch.dtype
+    model: BytesModel
+    times_ms: dict[str, list[float]]  # candidates, then the two roofline probes
+    grads_shared: bool
+    warmup: int
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Warm-up rounds, then up to ``rounds`` timed rounds; past ``min_rounds``, timing stops
+    after the first round that ends more than ``budget_s`` seconds in (0: no budget)."""
+
+    rounds: int
+    warmup: int
+    budget_s: float
+    min_rounds: int = 5
+
+
+def interleave(
+    tasks: Mapping[str, Callable[[], object]],
+    schedule: Schedule,
+    timer: Timer,
+    log: Callable[[str], None],
+) -> dict[str, list[float]]:
+    """Times one call of every task per round, the order rotating by one each round.
+
+    Warm-up rounds are timed but dropped. The garbage collector is off while timing.
+    """
+    names = list(tasks)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    start, elapsed, timed = time.perf_counter(), 0.0, 0
+    try:
+        for r in range(schedule.warmup + schedule.rounds):
+            if r == schedule.warmup:
+                start = time.perf_counter()
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                ms = timer(tasks[name])
+                if r >= schedule.warmup:
+                    times[name].append(ms)
+            timed = r + 1 - schedule.warmup
+            elapsed = time.perf_counter() - start
+            if r == schedule.warmup - 1:
+                log(f"  warm-up: {elapsed / schedule.warmup:.1f} s/round")
+            elif 0 < schedule.budget_s < elapsed and timed >= schedule.min_rounds:
+                break
+    finally:
+        if gc_enabled:
+            gc.enable()
+    log(f"  timed {timed} rounds in {elapsed:.1f} s")
+    return times
+
+
+def _make_params(
+    shapes: ShapeList, device: torch.device, dtype: torch.dtype, like: list[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    params = []
+    for i, shape in enumerate(shapes.shapes):
+        p = torch.empty(shape, device=device, dtype=dtype)
+        if like is None:
+            p.normal_(0.0, 0.02)
+        else:
+            p.copy_(like[i])
+        params.append(p.requires_grad_())
+    return params
+
+
+def _attach_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Grads as views into one flat buffer (as DDP's gradient buckets lay them out)."""
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view(p.shape)
+        offset += p.numel()
+
+
+@torch.no_grad()
+def _build_and_time(
+    shapes: ShapeList,
+    cands: list[Candidate],
+    device: torch.device,
+    dtype: torch.dtype,
+    share_grads: bool,
+    schedule: Schedule,
+    log: Callable[[str], None],
+) -> dict[str, list[float]]:
+    """Gives every candidate its own params, grads (unless shared) and state, then times them
+    and the roofline probes interleaved; all of it is freed when this returns."""
+    t0 = time.perf_counter()
+    first_params: list[torch.Tensor] | None = None
+    grads_flat: torch.Tensor | None = None
+    tasks: dict[str, Callable[[], object]] = {}
+    for cand in cands:
+        params = _make_params(shapes, device, dtype, first_params)
+        if first_params is None:
+            first_params = params
+        if grads_flat is None:
+            grads_flat = torch.empty(shapes.numel, device=device, dtype=dtype).normal_()
+            flat = grads_flat
+        else:
+            flat = grads_flat if share_grads else grads_flat.clone()
+        _attach_grads(params, flat)
+        tasks[cand.name] = cand.make(params).step
+    assert grads_flat is not None
+    # The roofline probes run with optimizer steps between them (the order only rotates), so
+    # the scale does not find the buffer the copy just wrote still in the last-level cache.
+    scratch = torch.empty_like(grads_flat)
+    steps = list(tasks.items())
+    half = (len(steps) + 1) // 2
+    tasks = dict(
+        [
+            (ROOFLINE_COPY, partial(scratch.copy_, grads_flat)),
+            *steps[:half],
+            (ROOFLINE_SCALE, partial(scratch.mul_, 0.5)),
+            *steps[half:],
+        ]
+    )
+    log(f"  setup {time.perf_counter() - t0:.1f} s")
+    return interleave(tasks, schedule, Timer(device), log)
+
+
+def run_group(
+    shapes: ShapeList,
+    algorithm_key: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    schedule: Schedule,
+    include_reference: bool,
+    log: Callable[[str], None],
+) -> GroupResult | None:
+    """Times every candidate of one (shape list, algorithm); None when it cannot run here."""
+    algorithm = ALGORITHMS[algorithm_key]
+    cands = candidates(algorithm, device, dtype, include_reference)
+    model = bytes_model(algorithm, device, dtype)
+    tensor_bytes = shapes.numel * torch.empty(0, dtype=dtype).element_size()
+    header = (
+        f"[{shapes.name} / {algorithm.label} / {str(dtype).removeprefix('torch.')}] "
+        f"{shapes.numel:,} elements in {shapes.tensors} tensors, "
+        f"{model.bytes_per_element} B/element = {shapes.numel * model.bytes_per_element / 1e9:.2f}"
+        f" GB/step; candidates: {', '.join(c.name for c in cands)}"
+    )
+    log(header)
+    if not cands:
+        log("  skipped: no candidate runs here")
+        return None
+    available = available_bytes(device)
+    plan = plan_memory(len(cands), tensor_bytes, model.state_slots, available)
+    if plan is None:
+        log(f"  skipped: needs more than the {(available or 0) / 1e9:.1f} GB free on {device}")
+        return None
+    share_grads, need = plan
+    log(f"  ~{need / 1e9:.1f} GB{', grads shared' if share_grads else ''}")
+    times = _build_and_time(shapes, cands, device, dtype, share_grads, schedule, log)
+    gc.collect()  # onepass optimizers hold reference cycles (optimizer <-> engine)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return GroupResult(shapes, algorithm_key, dtype, model, times, share_grads, schedule.warmup)

@@ -1,0 +1,284 @@
+"""From per-round times to rows: statistics, the roofline, targets, CSV, Markdown and a plot."""
+
+from __future__ import annotations
+
+import csv
+import platform
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+import onepass
+from bench.core import BASELINE, ROOFLINE_COPY, ROOFLINE_SCALE, GroupResult
+
+#: The issue's bar for every native onepass backend, on every shape list.
+TARGET_SPEEDUP = 1.0
+TARGET_PCT_ROOFLINE = 85.0
+
+
+@dataclass(frozen=True)
+class Env:
+    device: str
+    device_name: str
+    torch_version: str
+    onepass_version: str
+    cpu_capability: str
+    threads: int
+
+
+def environment(device: torch.device) -> Env:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    capability = f"torch {torch.backends.cpu.get_cpu_capability()}"
+    if onepass.native_available():
+        capability = f"onepass {onepass.cpu_capability()}, {capability}"
+    return Env(
+        str(device),
+        name,
+        torch.__version__,
+        onepass.__version__,
+        capability,
+        torch.get_num_threads(),
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    device: str
+    device_name: str
+    torch_version: str
+    onepass_version: str
+    cpu_capability: str
+    threads: int
+    shapes: str
+    algorithm: str
+    candidate: str
+    dtype: str
+    numel: int
+    tensors: int
+    rounds: int
+    warmup: int
+    grads_shared: bool
+    bytes_per_step: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    gbps: float
+    copy_gbps: float
+    scale_gbps: float
+    roofline_gbps: float
+    pct_roofline: float
+    speedup_vs_fused: float | None  # ratio of medians
+    speedup_p10: float | None  # deciles of the per-round (paired) ratios
+    speedup_p90: float | None
+
+
+def _deciles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(p10, median, p90)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=10, method="inclusive")
+    return q[0], statistics.median(values), q[8]
+
+
+def rows(group: GroupResult, env: Env) -> list[Row]:
+    times = group.times_ms
+    tensor_bytes = group.shapes.numel * torch.empty(0, dtype=group.dtype).element_size()
+    bytes_per_step = group.shapes.numel * group.model.bytes_per_element
+
+    def gbps(nbytes: int, ms: float) -> float:
+        return nbytes / (ms * 1e-3) / 1e9
+
+    copy_gbps = gbps(2 * tensor_bytes, statistics.median(times[ROOFLINE_COPY]))
+    scale_gbps = gbps(2 * tensor_bytes, statistics.median(times[ROOFLINE_SCALE]))
+    roofline = max(copy_gbps, scale_gbps)
+    baseline = times.get(BASELINE)
+    out = []
+    for name, ts in times.items():
+        if name in (ROOFLINE_COPY, ROOFLINE_SCALE):
+            continue
+        p10, median, p90 = _deciles(ts)
+        speedup = s10 = s90 = None
+        if baseline is not None:
+            speedup = statistics.median(baseline) / median
+            s10, _, s90 = _deciles([b / t for b, t in zip(baseline, ts, strict=True)])
+        out.append(
+            Row(
+                **asdict(env),
+                shapes=group.shapes.name,
+                algorithm=group.algorithm,
+                candidate=name,
+                dtype=str(group.dtype).removeprefix("torch."),
+                numel=group.shapes.numel,
+                tensors=group.shapes.tensors,
+                rounds=len(ts),
+                warmup=group.warmup,
+                grads_shared=group.grads_shared,
+                bytes_per_step=bytes_per_step,
+                median_ms=median,
+                p10_ms=p10,
+                p90_ms=p90,
+                gbps=gbps(bytes_per_step, median),
+                copy_gbps=copy_gbps,
+                scale_gbps=scale_gbps,
+                roofline_gbps=roofline,
+                pct_roofline=100.0 * gbps(bytes_per_step, median) / roofline,
+                speedup_vs_fused=speedup,
+                speedup_p10=s10,
+                speedup_p90=s90,
+            )
+        )
+    return out
+
+
+def is_target(row: Row) -> bool:
+    """Native onepass backends are held to the issue's bar (the reference backend is not)."""
+    return row.candidate.startswith("onepass ") and row.candidate != "onepass reference"
+
+
+def _x(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**NOT met**"
+
+
+def progress_line(row: Row) -> str:
+    return (
+        f"  {row.candidate:18s} {row.median_ms:9.2f} ms [{row.p10_ms:.2f}, {row.p90_ms:.2f}]"
+        f" {row.gbps:7.1f} GB/s {row.pct_roofline:5.0f}% of {row.roofline_gbps:.1f} GB/s"
+        f"  {_x(row.speedup_vs_fused)} vs fused"
+    )
+
+
+def markdown(all_rows: Sequence[Row], env: Env, command: str) -> str:
+    r0 = all_rows[0]
+    lines = [
+        f"# onepass bench: {env.device_name} ({env.device})",
+        "",
+        f"`{command}`: torch {env.torch_version}, onepass {env.onepass_version}, "
+        f"{env.cpu_capability}, {env.threads} threads. Candidates interleaved round-robin "
+        f"(one step each per round) after {r0.warmup} warm-up rounds; statistics over rounds.",
+        "",
+        "GB/s = the spec's bytes model (`bytes_per_element` x numel) / median time. Roofline = "
+        "the faster of a copy and an in-place scale over a param-sized buffer (read + written), "
+        "timed in the same rounds; % roofline = roofline time / measured time. "
+        "vs fused = torch fused median / median (> 1 is faster than torch fused).",
+        "",
+        "| shapes | algorithm | candidate | dtype | rounds | ms/step median [p10, p90] | GB/s "
+        "| roofline GB/s | % roofline | vs torch fused |",
+        "|---|---|---|---|--:|---|--:|--:|--:|--:|",
+    ]
+    for r in all_rows:
+        lines.append(
+            f"| {r.shapes} | {r.algorithm} | {r.candidate} | {r.dtype} | {r.rounds} "
+            f"| {r.median_ms:.2f} "
+            f"[{r.p10_ms:.2f}, {r.p90_ms:.2f}] | {r.gbps:.1f} | {r.roofline_gbps:.1f} "
+            f"| {r.pct_roofline:.0f}% | {_x(r.speedup_vs_fused)} |"
+        )
+    lines += ["", *targets(all_rows)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(all_rows: Sequence[Row]) -> list[str]:
+    """The issue's targets, one line per native onepass row: met or not in this run."""
+    rows_ = [r for r in all_rows if is_target(r)]
+    head = (
+        f"## Targets: onepass >= {TARGET_SPEEDUP:.1f}x torch fused and "
+        f">= {TARGET_PCT_ROOFLINE:.0f}% of roofline"
+    )
+    if not rows_:
+        return [head, "", "No native onepass backend runs on this device: nothing to check."]
+    lines = [
+        head,
+        "",
+        "| shapes | algorithm | candidate | vs torch fused [paired p10, p90] "
+        f"| >= {TARGET_SPEEDUP:.1f}x | % roofline | >= {TARGET_PCT_ROOFLINE:.0f}% |",
+        "|---|---|---|--:|---|--:|---|",
+    ]
+    for r in rows_:
+        fast = r.speedup_vs_fused is not None and r.speedup_vs_fused >= TARGET_SPEEDUP
+        lines.append(
+            f"| {r.shapes} | {r.algorithm} | {r.candidate} | {_x(r.speedup_vs_fused)} "
+            f"[{_x(r.speedup_p10)}, {_x(r.speedup_p90)}] | {_met(fast)} "
+            f"| {r.pct_roofline:.0f}% | {_met(r.pct_roofline >= TARGET_PCT_ROOFLINE)} |"
+        )
+    return lines
+
+
+def write_csv(all_rows: Sequence[Row], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(Row)])
+        writer.writeheader()
+        for r in all_rows:
+            writer.writerow(asdict(r))
+
+
+def plot(all_rows: Sequence[Row], env: Env, path: Path) -> None:
+    """Grouped bars, one column per algorithm: % of roofline (top), speedup vs fused (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    algorithms = list(dict.fromkeys(r.algorithm for r in all_rows))
+    candidates = list(dict.fromkeys(r.candidate for r in all_rows))
+    colors = {c: plt.get_cmap("tab10")(i) for i, c in enumerate(candidates)}
+    fig, axes = plt.subplots(
+        2, len(algorithms), figsize=(6 * len(algorithms), 8), squeeze=False, sharey="row"
+    )
+    for col, algorithm in enumerate(algorithms):
+        mine = [r for r in all_rows if r.algorithm == algorithm]
+        shape_names = list(dict.fromkeys(r.shapes for r in mine))
+        width = 0.8 / len(candidates)
+        for i, cand in enumerate(candidates):
+            placed = [
+                (x - 0.4 + (i + 0.5) * width, r)
+                for x, shape in enumerate(shape_names)
+                for r in mine
+                if r.shapes == shape and r.candidate == cand
+            ]
+            pct = [(x, r.pct_roofline) for x, r in placed]
+            speedup = [(x, r.speedup_vs_fused) for x, r in placed if r.speedup_vs_fused]
+            panels = ((axes[0][col], pct, "{:.0f}"), (axes[1][col], speedup, "{:.2f}"))
+            for ax, points, fmt in panels:
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    bars = ax.bar(xs, ys, width, color=colors[cand])
+                    ax.bar_label(bars, [fmt.format(y) for y in ys], fontsize=6, rotation=90)
+        for row_i, ax in enumerate(axes[:, col]):
+            ax.set_xticks(range(len(shape_names)), shape_names)
+            ax.margins(y=0.12)
+            if row_i == 0:
+                ax.set_title(algorithm)
+                ax.axhline(TARGET_PCT_ROOFLINE, color="k", ls="--", lw=0.8)
+                ax.set_ylabel("% of same-run roofline")
+            else:
+                ax.set_yscale("log")
+                ax.axhline(TARGET_SPEEDUP, color="k", ls="--", lw=0.8)
+                ax.set_ylabel("speedup vs torch fused (log)")
+    handles = [Patch(color=colors[c], label=c) for c in candidates]
+    fig.legend(handles=handles, loc="lower center", ncol=len(candidates), fontsize=8)
+    dtypes = ", ".join(dict.fromkeys(r.dtype for r in all_rows))
+    fig.suptitle(
+        f"onepass vs torch.optim: {env.device_name} ({env.device}), {env.threads} threads, "
+        f"{dtypes}",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,117 @@
+"""``python -m bench.run``: onepass vs torch.optim on the shape lists, one process, interleaved.
+
+Writes <out>/latest.csv, latest.md and latest.png and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bench import report
+from bench.core import ALGORITHMS, Schedule, load_shape_list, run_group, shape_list_names
+
+DEFAULT_SHAPES = ("gpt2-small", "one-big", "many-small")
+LARGE_SHAPES = ("llama-3.2-1b",)  # ~20 GB of fp32 AdamW state per candidate: GPU default only
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=shape_list_names(),
+        help=f"shape lists (default: {', '.join(DEFAULT_SHAPES)}; on CUDA also "
+        f"{', '.join(LARGE_SHAPES)})",
+    )
+    parser.add_argument(
+        "--algorithms", nargs="+", choices=list(ALGORITHMS), default=list(ALGORITHMS)
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument(
+        "--rounds", type=int, default=15, help="timed rounds, at most (default: 15)"
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up rounds, >= 1 (default: 2)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=15.0,
+        help="seconds of timed rounds per shape list and algorithm: past 5 rounds, stop once "
+        "spent (0: always run --rounds; default: 15)",
+    )
+    parser.add_argument(
+        "--include-reference",
+        action="store_true",
+        help="also time onepass's pure-torch reference backend (slow)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "results",
+        help="folder for latest.csv/.md/.png (default: bench/results)",
+    )
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.warmup < 1:
+        parser.error("--rounds and --warmup must be >= 1 (the first step allocates state)")
+    return args
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench: --device cuda but torch.cuda.is_available() is False")
+    shapes = args.shapes or [*DEFAULT_SHAPES, *(LARGE_SHAPES if device.type == "cuda" else ())]
+    dtype = DTYPES[args.dtype]
+    env = report.environment(device)
+    command = shlex.join(["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)])
+    log(
+        f"bench: {env.device_name} ({env.device}), torch {env.torch_version}, onepass "
+        f"{env.onepass_version}, {env.cpu_capability}, {env.threads} threads"
+    )
+    start = time.perf_counter()
+    rows: list[report.Row] = []
+    for name in shapes:
+        shape_list = load_shape_list(name)
+        for algorithm in args.algorithms:
+            group = run_group(
+                shape_list,
+                algorithm,
+                device,
+                dtype,
+                Schedule(args.rounds, args.warmup, args.budget),
+                args.include_reference,
+                log,
+            )
+            if group is None:
+                continue
+            for row in report.rows(group, env):
+                rows.append(row)
+                log(report.progress_line(row))
+    if not rows:
+        log("bench: nothing ran")
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = report.markdown(rows, env, command)
+    report.write_csv(rows, args.out / "latest.csv")
+    (args.out / "latest.md").write_text(table)
+    report.plot(rows, env, args.out / "latest.png")
+    log(f"\nbench: done in {time.perf_counter() - start:.0f} s; wrote {args.out}/latest.*\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
