@@ -1,0 +1,156 @@
+"""torch.amp.GradScaler drives onepass like torch.optim.AdamW (issue item 4).
+
+onepass sets ``_step_supports_amp_scaling``: GradScaler hands it ``grad_scale`` / ``found_inf``
+and the step unscales in-kernel and skips itself when found_inf is set. The peer is
+torch.optim.AdamW (fused, which takes the same path, and the default for-loop, which GradScaler
+unscales and skips from outside) driven by its own scaler through the same losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from test_reference_vs_torch import assert_same_as_torch
+
+import onepass
+
+from helpers import Snapshot, all_params, assert_unchanged, snapshot
+
+FP32_TOL = (1.3e-6, 1e-5)
+STEPS = 7
+
+
+class Run:
+    """A small multi-tensor fp32 model, its optimizer and its GradScaler."""
+
+    def __init__(self, make_optimizer: Callable[[list[torch.Tensor]], Any], init_scale: float):
+        gen = torch.Generator().manual_seed(0)
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+        )
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        self.x = torch.randn(16, 4, generator=gen)
+        self.y = torch.randn(16, 3, generator=gen)
+        self.params = list(self.model.parameters())
+        self.optimizer = make_optimizer(self.params)
+        # growth_interval=2: the scale changes during the run, so every step's grad_scale matters
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=2)
+
+    def backward(self, step: int, poison: dict[int, float]) -> None:
+        self.optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(self.model(self.x), self.y)
+        self.scaler.scale(loss * (1 + step / 10)).backward()
+        if step in poison:  # an inf or nan in one element of one grad of a multi-tensor model
+            grad = self.params[2].grad
+            assert grad is not None
+            grad[1, 2] = poison[step]
+
+    def step(self, unscale_first: bool) -> None:
+        if unscale_first:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, max_norm=1e3)  # the usual reason
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+PEERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+    "torch-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True, fused=True),
+    "torch-default": lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True),
+}
+
+
+@pytest.mark.parametrize("init_scale", [2.0**12, 1000.0])
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale-then-step"])
+@pytest.mark.parametrize(
+    "poison",
+    [{}, {3: float("inf")}, {0: float("nan"), 4: float("-inf")}],
+    ids=["finite", "inf-at-3", "nan-at-0-inf-at-4"],
+)
+@pytest.mark.parametrize("peer", list(PEERS))
+def test_grad_scaler_matches_torch(
+    backend_name: str,
+    peer: str,
+    poison: dict[int, float],
+    unscale_first: bool,
+    init_scale: float,
+) -> None:
+    ours = Run(
+        lambda ps: onepass.AdamW(ps, lr=1e-2, amsgrad=True, backend=backend_name), init_scale
+    )
+    theirs = Run(PEERS[peer], init_scale)
+    scales = set()
+    for s in range(STEPS):
+        ours.backward(s, poison)
+        theirs.backward(s, poison)
+        before: Snapshot = snapshot(ours.optimizer)
+        ours.step(unscale_first)
+        theirs.step(unscale_first)
+        if s in poison:
+            # skipped: nothing moved, no step advanced (and no state appeared on a first step
+            # other than torch's own: zero moments at step 0)
+            params_and_state_untouched(ours.optimizer, before, first_step=s == 0)
+        assert ours.scaler.get_scale() == theirs.scaler.get_scale()
+        scales.add(ours.scaler.get_scale())
+    assert len(scales) > 1  # the scale moved during the run
+    assert_same_as_torch(ours.optimizer, theirs.optimizer, ours.params, theirs.params, *FP32_TOL)
+    expected_steps = STEPS - len(poison)
+    for p in ours.params:
+        assert float(ours.optimizer.state[p]["step"]) == expected_steps
+
+
+def params_and_state_untouched(
+    optimizer: torch.optim.Optimizer, before: Snapshot, first_step: bool
+) -> None:
+    if not first_step:
+        assert_unchanged(optimizer, before)
+        return
+    for p, old in zip(all_params(optimizer), before.params, strict=True):
+        assert torch.equal(p, old)
+        entry = optimizer.state.get(p, {})
+        assert float(entry.get("step", 0.0)) == 0.0
+        for key, value in entry.items():
+            assert key == "step" or torch.count_nonzero(value) == 0
+
+
+def test_found_inf_skips_every_bucket_and_group(backend_name: str) -> None:
+    """An inf in one grad skips the whole step: two groups, three dtypes (several buckets)."""
+    torch.manual_seed(0)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    params = [torch.randn(33).to(dt).requires_grad_() for dt in dtypes for _ in range(2)]
+    optimizer = onepass.AdamW(
+        [{"params": params[:3]}, {"params": params[3:], "lr": 0.1}],
+        lr=1e-2,
+        amsgrad=True,
+        backend=backend_name,
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+
+    def backward(poison: bool) -> None:
+        optimizer.zero_grad()
+        loss = sum((p.float() ** 2).sum() for p in params)
+        assert isinstance(loss, torch.Tensor)
+        scaler.scale(loss).backward()
+        if poison:
+            grad = params[4].grad
+            assert grad is not None
+            grad[7] = float("inf")
+
+    for _ in range(3):
+        backward(poison=False)
+        scaler.step(optimizer)
+        scaler.update()
+    before = snapshot(optimizer)
+    backward(poison=True)
+    scaler.step(optimizer)
+    assert_unchanged(optimizer, before)
+    scaler.update()
+    assert scaler.get_scale() == 128.0
+    backward(poison=False)
+    scaler.step(optimizer)
+    for p in params:
+        assert float(optimizer.state[p]["step"]) == 4.0
