@@ -12,8 +12,10 @@ install:
 bench: install
 	$(PYTHON) -m bench.run
 
-# C++ unit tests of the shared math (ctest; the kernels need no torch), then the Python suite.
+# C++ unit tests of the shared math (ctest; the kernels need no torch), the CUDA compile check
+# (nvcc -c for sm_80/sm_90, skipped without nvcc), then the Python suite.
 test: install
+	tools/check_cuda.sh
 	cmake -S . -B build/ctest -DCMAKE_BUILD_TYPE=Release -DCMAKE_DISABLE_FIND_PACKAGE_Torch=ON > /dev/null
 	cmake --build build/ctest -j2 --target test_math
 	ctest --test-dir build/ctest --output-on-failure

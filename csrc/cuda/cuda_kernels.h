@@ -1,0 +1,61 @@
+// Entry points of the CUDA kernels, framework-free: plain pointers, sizes and a stream. The torch
+// glue (ops_cuda.cpp) checks arguments, builds the tensor table and uploads it to the device.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "onepass/dtypes.h"
+#include "onepass/math.h"
+#include "onepass/table.h"
+
+namespace onepass::cuda {
+
+// Elements per thread block: big enough to amortise the block's set-up, small enough that a
+// bucket of one large tensor still fills every SM several times over.
+constexpr int64_t kChunkElements = int64_t(1) << 16;
+constexpr int kThreads = 512;
+
+// The device-resident tensor table of one launch (see onepass/table.h).
+struct DeviceTable {
+  const Segment* segments;
+  const Chunk* chunks;
+  const int64_t* stepped;  // bucket index of every tensor with a grad this step
+  int64_t num_chunks;
+  int64_t num_stepped;
+};
+
+// Per-tensor step counts and the AMP scalars live on the device: no host sync in a step.
+struct StepState {
+  float* step;             // one per tensor of the bucket; bias corrections read step + 1
+  const float* grad_scale;  // nullable: g /= *grad_scale
+  const float* found_inf;   // nullable: nonzero means write nothing, advance nothing
+};
+
+struct AdamLaunch {
+  DType dtype;
+  DeviceTable table;
+  StepState steps;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;
+  AdamHyper hyper;
+  bool amsgrad;
+  bool l2_decay;
+};
+
+struct SgdLaunch {
+  DType dtype;
+  DeviceTable table;
+  StepState steps;
+  void* momentum_buffer;
+  SgdHyper hyper;
+  bool momentum;
+  bool nesterov;
+  bool l2_decay;
+};
+
+cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream);
+cudaError_t launch_sgd(const SgdLaunch& launch, cudaStream_t stream);
+
+}  // namespace onepass::cuda

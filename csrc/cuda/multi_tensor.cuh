@@ -1,0 +1,100 @@
+// Memory movement of the CUDA kernels: one thread block per chunk of the tensor table; 16-byte
+// vector loads and stores when every pointer of the chunk is aligned, a scalar path when not;
+// kIlp vectors in flight per thread; 64-bit indexing throughout. The math comes from
+// onepass/math.h through a functor, exactly as on the CPU.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda_kernels.h"
+
+namespace onepass::cuda {
+
+constexpr int kIlp = 2;  // vectors per thread per iteration, loaded before any is computed
+
+template <class S>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(S);
+  S v[kSize];
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// Applies fn(p, g, s) to every element of one chunk: p the param, g the gradient, s[k] the k-th
+// state slot, in opmath registers.
+template <class S, int kSlots, class Fn>
+__device__ __forceinline__ void for_each_element(S* __restrict__ param,
+                                                 const S* __restrict__ grad, S* const* state,
+                                                 int64_t n, const Fn& fn) {
+  using O = opmath_t<S>;
+  constexpr int kSlotsArr = kSlots > 0 ? kSlots : 1;
+  constexpr int V = Pack<S>::kSize;
+  bool vector = aligned16(param) && aligned16(grad);
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) vector = vector && aligned16(state[k]);
+  int64_t done = 0;
+  if (vector) {
+    const int64_t packs = n / V;
+    const int64_t stride = int64_t(blockDim.x) * kIlp;
+    for (int64_t base = threadIdx.x; base < packs; base += stride) {
+      Pack<S> p[kIlp], g[kIlp], s[kIlp][kSlotsArr];
+#pragma unroll
+      for (int u = 0; u < kIlp; ++u) {
+        const int64_t i = base + int64_t(u) * blockDim.x;
+        if (i < packs) {
+          p[u] = reinterpret_cast<const Pack<S>*>(param)[i];
+          g[u] = reinterpret_cast<const Pack<S>*>(grad)[i];
+#pragma unroll
+          for (int k = 0; k < kSlots; ++k) s[u][k] = reinterpret_cast<const Pack<S>*>(state[k])[i];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kIlp; ++u) {
+        const int64_t i = base + int64_t(u) * blockDim.x;
+        if (i >= packs) continue;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          O po = to_opmath(p[u].v[e]);
+          O so[kSlotsArr];
+#pragma unroll
+          for (int k = 0; k < kSlots; ++k) so[k] = to_opmath(s[u][k].v[e]);
+          fn(po, to_opmath(g[u].v[e]), so);
+          p[u].v[e] = from_opmath<S>(po);
+#pragma unroll
+          for (int k = 0; k < kSlots; ++k) s[u][k].v[e] = from_opmath<S>(so[k]);
+        }
+        reinterpret_cast<Pack<S>*>(param)[i] = p[u];
+#pragma unroll
+        for (int k = 0; k < kSlots; ++k) reinterpret_cast<Pack<S>*>(state[k])[i] = s[u][k];
+      }
+    }
+    done = packs * V;
+  }
+  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
+    O po = to_opmath(param[i]);
+    O so[kSlotsArr];
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) so[k] = to_opmath(state[k][i]);
+    fn(po, to_opmath(grad[i]), so);
+    param[i] = from_opmath<S>(po);
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) state[k][i] = from_opmath<S>(so[k]);
+  }
+}
+
+__device__ __forceinline__ bool skip_step(const StepState& s) {
+  return s.found_inf != nullptr && *s.found_inf != 0.0f;
+}
+
+// The gradient multiplier of this step: maximize sign and AMP unscale, read on the device.
+__device__ __forceinline__ double grad_multiplier(double base, const StepState& s) {
+  return s.grad_scale != nullptr ? base / double(*s.grad_scale) : base;
+}
+
+// Advances the step of every tensor that had a grad, after the update kernel read them.
+__global__ void advance_steps(StepState s, const int64_t* stepped, int64_t n);
+
+}  // namespace onepass::cuda

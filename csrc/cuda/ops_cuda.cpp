@@ -1,0 +1,165 @@
+// CUDA implementations of the onepass operators: argument checks and the tensor table (glue.h),
+// the table's device copy (uploaded only when an address changes), the current stream, and a call
+// into the framework-free kernels of optimizers.cu. Built only where CUDA torch and nvcc exist.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "cuda/cuda_kernels.h"
+#include "glue.h"
+
+namespace onepass {
+namespace {
+
+using at::Tensor;
+using glue::OptionalTensorList;
+using glue::Table;
+
+// The device copy of a bucket's table, kept per bucket (keyed by its first state buffer) and
+// re-uploaded only when the table's bytes change: a new grad address, a grad that became None.
+// A step captured in a CUDA graph replays with the cached copy and never copies from the host.
+class DeviceTables {
+ public:
+  cuda::DeviceTable get(const void* key, const Table& t, at::Device device,
+                        cudaStream_t stream) {
+    const size_t seg_bytes = t.segments.size() * sizeof(Segment);
+    const size_t chunk_bytes = t.chunks.size() * sizeof(Chunk);
+    const size_t step_bytes = t.stepped.size() * sizeof(int64_t);
+    std::vector<char> bytes(seg_bytes + chunk_bytes + step_bytes);
+    if (seg_bytes) std::memcpy(bytes.data(), t.segments.data(), seg_bytes);
+    if (chunk_bytes) std::memcpy(bytes.data() + seg_bytes, t.chunks.data(), chunk_bytes);
+    if (step_bytes) std::memcpy(bytes.data() + seg_bytes + chunk_bytes, t.stepped.data(), step_bytes);
+
+    std::lock_guard<std::mutex> lock(mutex_);
+    Entry& entry = entries_[key];
+    if (entry.bytes != bytes || !entry.device.defined() || entry.device.device() != device) {
+      if (entries_.size() > kMaxEntries) entries_.clear();  // buckets were rebuilt many times
+      Entry& fresh = entries_[key];
+      Tensor host = at::empty({static_cast<int64_t>(std::max<size_t>(bytes.size(), 1))},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+      if (!bytes.empty()) std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
+      // non_blocking from pinned memory: torch's host allocator keeps `host` alive until the
+      // copy on the current stream has run.
+      fresh.device = host.to(device, /*non_blocking=*/true);
+      fresh.bytes = std::move(bytes);
+      return view(fresh, t);
+    }
+    (void)stream;
+    return view(entry, t);
+  }
+
+ private:
+  struct Entry {
+    std::vector<char> bytes;
+    Tensor device;
+  };
+  static constexpr size_t kMaxEntries = 4096;
+
+  static cuda::DeviceTable view(const Entry& e, const Table& t) {
+    const char* base = static_cast<const char*>(e.device.data_ptr());
+    const size_t seg_bytes = t.segments.size() * sizeof(Segment);
+    const size_t chunk_bytes = t.chunks.size() * sizeof(Chunk);
+    return cuda::DeviceTable{reinterpret_cast<const Segment*>(base),
+                             reinterpret_cast<const Chunk*>(base + seg_bytes),
+                             reinterpret_cast<const int64_t*>(base + seg_bytes + chunk_bytes),
+                             static_cast<int64_t>(t.chunks.size()),
+                             static_cast<int64_t>(t.stepped.size())};
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<const void*, Entry> entries_;
+};
+
+DeviceTables& device_tables() {
+  static DeviceTables tables;
+  return tables;
+}
+
+cuda::StepState step_state(Tensor& step, const std::optional<Tensor>& grad_scale,
+                           const std::optional<Tensor>& found_inf, at::Device device) {
+  glue::check_amp_scalar(grad_scale, "grad_scale", device);
+  glue::check_amp_scalar(found_inf, "found_inf", device);
+  return cuda::StepState{step.data_ptr<float>(),
+                         grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr,
+                         found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr};
+}
+
+void adam_cuda(at::TensorList params, const OptionalTensorList& grads, Tensor exp_avg,
+               Tensor exp_avg_sq, const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
+               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
+               const std::optional<Tensor>& found_inf, double lr, double beta1, double beta2,
+               double eps, double weight_decay, double decay_factor, bool amsgrad, bool maximize,
+               bool l2_decay) {
+  const at::Device device = exp_avg.device();
+  TORCH_CHECK(device.is_cuda(), "onepass: the CUDA adam_ needs CUDA state buffers");
+  const c10::cuda::CUDAGuard guard(device);
+  Table t = glue::build_table(params, grads, step, state_offsets, device,
+                              cuda::kChunkElements, /*host_steps=*/false);
+  glue::check_state(exp_avg, "exp_avg", t, device);
+  glue::check_state(exp_avg_sq, "exp_avg_sq", t, device);
+  TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "onepass: amsgrad needs max_exp_avg_sq");
+  if (amsgrad) glue::check_state(*max_exp_avg_sq, "max_exp_avg_sq", t, device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  cuda::AdamLaunch launch{};
+  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.table = device_tables().get(exp_avg.data_ptr(), t, device, stream);
+  launch.steps = step_state(step, grad_scale, found_inf, device);
+  launch.exp_avg = exp_avg.data_ptr();
+  launch.exp_avg_sq = exp_avg_sq.data_ptr();
+  launch.max_exp_avg_sq = amsgrad ? max_exp_avg_sq->data_ptr() : nullptr;
+  launch.hyper = AdamHyper{lr, beta1, beta2, eps, weight_decay, decay_factor, maximize ? -1.0 : 1.0};
+  launch.amsgrad = amsgrad;
+  launch.l2_decay = l2_decay;
+  const cudaError_t err = cuda::launch_adam(launch, stream);
+  TORCH_CHECK(err == cudaSuccess, "onepass: adam_ kernel launch failed: ", cudaGetErrorString(err));
+  glue::write_back(t);
+}
+
+void sgd_cuda(at::TensorList params, const OptionalTensorList& grads,
+              const std::optional<Tensor>& momentum_buffer, Tensor step,
+              const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
+              const std::optional<Tensor>& found_inf, double lr, double momentum,
+              double dampening, double weight_decay, double decay_factor, bool nesterov,
+              bool maximize, bool l2_decay) {
+  const at::Device device = step.device();
+  TORCH_CHECK(device.is_cuda(), "onepass: the CUDA sgd_ needs a CUDA step tensor");
+  const c10::cuda::CUDAGuard guard(device);
+  Table t = glue::build_table(params, grads, step, state_offsets, device,
+                              cuda::kChunkElements, /*host_steps=*/false);
+  const bool has_momentum = momentum != 0.0;
+  if (has_momentum) {
+    TORCH_CHECK(momentum_buffer.has_value(), "onepass: momentum != 0 needs momentum_buffer");
+    glue::check_state(*momentum_buffer, "momentum_buffer", t, device);
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  cuda::SgdLaunch launch{};
+  launch.dtype = glue::storage_dtype(t.dtype);
+  // Without momentum there is no state buffer: the step tensor keys the bucket's table.
+  const void* key = has_momentum ? momentum_buffer->data_ptr() : step.data_ptr();
+  launch.table = device_tables().get(key, t, device, stream);
+  launch.steps = step_state(step, grad_scale, found_inf, device);
+  launch.momentum_buffer = has_momentum ? momentum_buffer->data_ptr() : nullptr;
+  launch.hyper = SgdHyper{lr, momentum, dampening, weight_decay, decay_factor, maximize ? -1.0 : 1.0};
+  launch.momentum = has_momentum;
+  launch.nesterov = nesterov;
+  launch.l2_decay = l2_decay;
+  const cudaError_t err = cuda::launch_sgd(launch, stream);
+  TORCH_CHECK(err == cudaSuccess, "onepass: sgd_ kernel launch failed: ", cudaGetErrorString(err));
+  glue::write_back(t);
+}
+
+}  // namespace
+}  // namespace onepass
+
+TORCH_LIBRARY_IMPL(onepass, CUDA, m) {
+  m.impl("adam_", &onepass::adam_cuda);
+  m.impl("sgd_", &onepass::sgd_cuda);
+}
