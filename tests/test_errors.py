@@ -1,0 +1,341 @@
+"""Bad input (issue item 5): torch.optim's ValueErrors, word for word, for out-of-range
+hyperparameters; clear errors naming the parameter for what torch.optim does not check; and every
+refused call changes nothing (params, state and steps bitwise, in every group and bucket)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import onepass
+
+from helpers import assert_unchanged, make_grads, set_grads, snapshot
+
+# ------------------------------------------------------------------------------------------------
+# Hyperparameters: the same ValueError as torch.optim
+# ------------------------------------------------------------------------------------------------
+
+BAD_ADAM = [
+    {"lr": -1e-3},
+    {"lr": float("nan")},
+    {"lr": torch.tensor([1e-3, 1e-3])},
+    {"lr": torch.tensor(-1e-3)},
+    {"eps": -1e-8},
+    {"betas": (-0.1, 0.999)},
+    {"betas": (1.0, 0.999)},
+    {"betas": (0.9, 1.0)},
+    {"betas": (0.9, -0.5)},
+    {"betas": (torch.tensor(1.5), torch.tensor(0.999))},
+    {"weight_decay": -0.1},
+]
+BAD_SGD = [
+    {"lr": -0.1},
+    {"lr": torch.tensor([0.1, 0.1])},
+    {"momentum": -0.5},
+    {"weight_decay": -1.0},
+    {"nesterov": True},
+    {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
+]
+HYPER_CASES = [
+    pytest.param(ours, theirs, kwargs, id=f"{ours.__name__}-{'-'.join(kwargs)}-{i}")
+    for ours, theirs, cases in (
+        (onepass.Adam, torch.optim.Adam, BAD_ADAM),
+        (onepass.AdamW, torch.optim.AdamW, BAD_ADAM),
+        (onepass.SGD, torch.optim.SGD, BAD_SGD),
+    )
+    for i, kwargs in enumerate(cases)
+]
+
+
+def _torch_message(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> str:
+    with pytest.raises(ValueError) as error:
+        cls([torch.zeros(3, requires_grad=True)], **kwargs)
+    return str(error.value)
+
+
+@pytest.mark.parametrize(("ours", "theirs", "kwargs"), HYPER_CASES)
+def test_hyperparameter_errors_match_torch(
+    ours: type[onepass.FusedOptimizer],
+    theirs: type[torch.optim.Optimizer],
+    kwargs: dict[str, Any],
+) -> None:
+    message = _torch_message(theirs, kwargs)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ours([torch.zeros(3, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        pytest.param(onepass.AdamW, {"lr": -1e-3}, id="AdamW-lr"),
+        pytest.param(onepass.Adam, {"betas": (0.9, 1.5)}, id="Adam-betas"),
+        pytest.param(onepass.SGD, {"momentum": -1.0}, id="SGD-momentum"),
+        pytest.param(onepass.SGD, {"nesterov": True, "momentum": 0.0}, id="SGD-nesterov"),
+    ],
+)
+def test_add_param_group_refuses_bad_hyperparameters(
+    cls: type[onepass.FusedOptimizer], kwargs: dict[str, Any]
+) -> None:
+    """Stricter than torch.optim, which only checks the constructor's defaults."""
+    extra = {"momentum": 0.9} if cls is onepass.SGD else {}
+    optimizer, _ = _stepped(cls, **extra)
+    before = snapshot(optimizer)
+    with pytest.raises(ValueError, match=r"^(Invalid|Nesterov)"):
+        optimizer.add_param_group({"params": [torch.randn(3, requires_grad=True)], **kwargs})
+    assert len(optimizer.param_groups) == 2
+    assert_unchanged(optimizer, before)
+
+
+def _triton_runs_here() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("cls", [onepass.AdamW, onepass.Adam, onepass.SGD, onepass.SGDW])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_backends_refused_here(cls: type[onepass.FusedOptimizer], backend: str) -> None:
+    """Where a GPU backend cannot step these CPU params (not built, not implemented, no Triton,
+    no interpreter), it says so when the optimizer is built or at the latest at the first step."""
+    if backend == "triton" and _triton_runs_here():
+        pytest.skip("Triton's interpreter runs CPU tensors here")
+    if backend == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    param = torch.zeros(3, requires_grad=True)
+    match = f"backend='{backend}'.*(not implemented|not available|interpreter)"
+    with pytest.raises(RuntimeError, match=match):
+        optimizer = cls([param], backend=backend)
+        param.grad = torch.ones(3)
+        optimizer.step()
+    assert torch.count_nonzero(param) == 0
+
+
+def test_unknown_backend_and_decay() -> None:
+    with pytest.raises(ValueError, match="Invalid backend: 'tpu'"):
+        onepass.AdamW([torch.zeros(3, requires_grad=True)], backend="tpu")
+    with pytest.raises(ValueError, match="Invalid decay mode: 'l1'"):
+        onepass.AdamW([torch.zeros(3, requires_grad=True)], decay="l1")
+
+
+@pytest.mark.parametrize("flag", ["capturable", "differentiable"])
+def test_unsupported_flags(flag: str) -> None:
+    with pytest.raises(ValueError, match=f"{flag}=True"):
+        onepass.AdamW([torch.zeros(3, requires_grad=True)], **{flag: True})
+
+
+# ------------------------------------------------------------------------------------------------
+# Refused steps change nothing
+# ------------------------------------------------------------------------------------------------
+
+
+def _stepped(
+    cls: type[onepass.FusedOptimizer] = onepass.AdamW,
+    backend: str = "auto",
+    **kwargs: Any,
+) -> tuple[onepass.FusedOptimizer, list[torch.Tensor]]:
+    """An optimizer with state: two groups, float32 and bfloat16 params (several buckets), two
+    steps taken."""
+    params = [
+        torch.randn(17).requires_grad_(),
+        torch.randn(4, 5).to(torch.bfloat16).requires_grad_(),
+        torch.randn(9).requires_grad_(),
+        torch.randn(33).to(torch.bfloat16).requires_grad_(),
+    ]
+    optimizer = cls(
+        [{"params": params[:2]}, {"params": params[2:], "lr": 0.05}], backend=backend, **kwargs
+    )
+    for s in range(1, 3):
+        set_grads(params, make_grads(params, s, none_pattern=False))
+        optimizer.step()
+    return optimizer, params
+
+
+def _refused(
+    optimizer: torch.optim.Optimizer,
+    action: Callable[[], Any],
+    error: type[Exception] | tuple[type[Exception], ...],
+    match: str,
+) -> None:
+    before = snapshot(optimizer)
+    with pytest.raises(error, match=match):
+        action()
+    assert_unchanged(optimizer, before)
+
+
+def _name(group: int, index: int) -> str:
+    return re.escape(f"param_groups[{group}]['params'][{index}]")
+
+
+def _add_then_step_refused(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    bad: torch.Tensor,
+    grad: Callable[[torch.Tensor], None],
+    error: type[Exception] | tuple[type[Exception], ...],
+    match: str,
+) -> None:
+    """Adds ``bad`` as group 2 (refusing it there is fine too), gives every param a grad and
+    steps: refused, changing nothing."""
+    before = snapshot(optimizer)
+    try:
+        optimizer.add_param_group({"params": [bad]})
+    except error as refused:
+        assert re.search(match, str(refused)), str(refused)
+        assert_unchanged(optimizer, before)
+        return
+    set_grads(params, make_grads(params, 3, none_pattern=False))
+    grad(bad)
+    _refused(optimizer, optimizer.step, error, match)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_sparse_grad_refused(backend: str) -> None:
+    optimizer, params = _stepped(backend=backend)
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+
+    def sparse_grad(p: torch.Tensor) -> None:
+        embedding(torch.tensor([1, 4])).sum().backward()
+
+    _add_then_step_refused(
+        optimizer, params, embedding.weight, sparse_grad, RuntimeError, f"{_name(2, 0)}.*sparse"
+    )
+    # and the step after the refusal (sparse grad gone) works on everything, as if never refused
+    embedding.weight.grad = None
+    optimizer.step()
+    assert float(optimizer.state[params[0]]["step"]) == 3.0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int32])
+def test_unsupported_dtype_refused(backend: str, dtype: torch.dtype) -> None:
+    """float8 can require grad; an int param cannot, so it is given a grad directly."""
+    optimizer, params = _stepped(backend=backend)
+    bad = torch.zeros(5, dtype=dtype)
+    if dtype.is_floating_point:
+        bad.requires_grad_()
+
+    def give_grad(p: torch.Tensor) -> None:
+        p.grad = torch.zeros(5, dtype=dtype)
+
+    _add_then_step_refused(
+        optimizer, params, bad, give_grad, (TypeError, ValueError), f"{_name(2, 0)}.*{dtype}"
+    )
+
+
+def test_complex_param_refused() -> None:
+    real = torch.randn(3, requires_grad=True)
+    complex_param = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(ValueError, match=f"{_name(0, 1)} is complex"):
+        onepass.AdamW([real, complex_param])
+    optimizer, _ = _stepped()
+    _refused(
+        optimizer,
+        lambda: optimizer.add_param_group({"params": [complex_param]}),
+        ValueError,
+        f"{_name(2, 0)} is complex",
+    )
+    assert len(optimizer.param_groups) == 2
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_grad_dtype_mismatch_refused(backend: str) -> None:
+    optimizer, params = _stepped(backend=backend)
+    params[2].grad_dtype = None  # torch's own switch for a grad of another dtype
+
+    def action() -> None:
+        set_grads(params, make_grads(params, 3, none_pattern=False))
+        params[2].grad = torch.randn(9, dtype=torch.float64)
+        optimizer.step()
+
+    _refused(optimizer, action, RuntimeError, f"{_name(1, 0)}.*float32.*float64")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_grad_shape_mismatch_refused(backend: str) -> None:
+    optimizer, params = _stepped(backend=backend)
+
+    def action() -> None:
+        set_grads(params, make_grads(params, 3, none_pattern=False))
+        grad = params[3].grad
+        assert grad is not None
+        grad.data = torch.randn(32).to(torch.bfloat16)  # .data skips the grad setter's check
+        optimizer.step()
+
+    _refused(optimizer, action, RuntimeError, rf"{_name(1, 1)}.*shape \(33,\).*\(32,\)")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_grad_device_mismatch_refused() -> None:
+    optimizer, params = _stepped(backend="reference")
+
+    def action() -> None:
+        set_grads(params, make_grads(params, 3, none_pattern=False))
+        grad = params[2].grad
+        assert grad is not None
+        grad.data = grad.data.cuda()
+        optimizer.step()
+
+    _refused(optimizer, action, RuntimeError, f"{_name(1, 0)}.*cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# Refused state_dicts change nothing
+# ------------------------------------------------------------------------------------------------
+
+
+def _corrupt(kind: str, sd: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    sd = copy.deepcopy(sd)
+    if kind == "slot-shape":
+        sd["state"][3]["exp_avg"] = torch.zeros(32)
+        return sd, rf"'exp_avg' of {_name(1, 1)} has shape \(32,\)"
+    if kind == "slot-shape-same-numel":
+        sd["state"][1]["exp_avg_sq"] = torch.zeros(5, 4)
+        return sd, rf"'exp_avg_sq' of {_name(0, 1)} has shape \(5, 4\)"
+    if kind == "unknown-slot":
+        sd["state"][0]["momentum_buffer"] = torch.zeros(17)
+        return sd, f"'momentum_buffer' of {_name(0, 0)} is not a adam slot"
+    if kind == "missing-step":
+        del sd["state"][2]["step"]
+        return sd, f"state of {_name(1, 0)} has no 'step'"
+    if kind == "groups":
+        sd["param_groups"] = sd["param_groups"][:1]
+        return sd, "1 parameter groups, the optimizer has 2"
+    if kind == "params":
+        sd["param_groups"][1]["params"] = sd["param_groups"][1]["params"][:1]
+        return sd, "group 1 has 1 params, the optimizer's has 2"
+    if kind == "unknown-param":
+        sd["state"][99] = sd["state"][0]
+        return sd, "unknown param id 99"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "slot-shape",
+        "slot-shape-same-numel",
+        "unknown-slot",
+        "missing-step",
+        "groups",
+        "params",
+        "unknown-param",
+    ],
+)
+def test_bad_state_dict_refused(kind: str) -> None:
+    optimizer, params = _stepped()
+    good = optimizer.state_dict()
+    bad, match = _corrupt(kind, good)
+    # torch.optim.AdamW agrees these are broken where it checks at all; onepass always does
+    _refused(optimizer, lambda: optimizer.load_state_dict(bad), ValueError, match)
+    # still steps from its own state
+    set_grads(params, make_grads(params, 3, none_pattern=False))
+    optimizer.step()
+    assert float(optimizer.state[params[0]]["step"]) == 3.0
