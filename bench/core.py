@@ -91,7 +91,12 @@ def candidates(
     algorithm: Algorithm, device: torch.device, dtype: torch.dtype, include_reference: bool
 ) -> list[Candidate]:
     """Every onepass backend that runs here (reference only when asked), then torch.optim's."""
-    backends = [b for b in onepass.BACKENDS if b not in ("auto", "reference")]
+    gpu = device.type == "cuda"  # the Triton interpreter on CPU is no benchmark
+    backends = [
+        b
+        for b in onepass.BACKENDS
+        if b not in ("auto", "reference") and (b in ("triton", "cuda")) == gpu
+    ]
     if include_reference:
         backends.append("reference")
     found = []
@@ -184,6 +189,7 @@ class GroupResult:
     dtype: torch.dtype
     model: BytesModel
     times_ms: dict[str, list[float]]  # candidates, then the two roofline probes
+    max_abs_diff: dict[str, float]  # each candidate's params vs torch fused's after the run
     grads_shared: bool
     warmup: int
 
@@ -268,13 +274,17 @@ def _build_and_time(
     share_grads: bool,
     schedule: Schedule,
     log: Callable[[str], None],
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Gives every candidate its own params, grads (unless shared) and state, then times them
-    and the roofline probes interleaved; all of it is freed when this returns."""
+    and the roofline probes interleaved; all of it is freed when this returns.
+
+    Returns the per-round times and each candidate's largest param difference to torch fused.
+    """
     t0 = time.perf_counter()
     first_params: list[torch.Tensor] | None = None
     grads_flat: torch.Tensor | None = None
     tasks: dict[str, Callable[[], object]] = {}
+    params_of: dict[str, list[torch.Tensor]] = {}
     for cand in cands:
         params = _make_params(shapes, device, dtype, first_params)
         if first_params is None:
@@ -286,6 +296,7 @@ def _build_and_time(
             flat = grads_flat if share_grads else grads_flat.clone()
         _attach_grads(params, flat)
         tasks[cand.name] = cand.make(params).step
+        params_of[cand.name] = params
     assert grads_flat is not None
     # The roofline probes run with optimizer steps between them (the order only rotates), so
     # the scale does not find the buffer the copy just wrote still in the last-level cache.
@@ -301,7 +312,17 @@ def _build_and_time(
         ]
     )
     log(f"  setup {time.perf_counter() - t0:.1f} s")
-    return interleave(tasks, schedule, Timer(device), log)
+    times = interleave(tasks, schedule, Timer(device), log)
+    del tasks, steps, scratch  # room for the comparison's temporaries
+    # Every candidate took the same steps from the same params and grads: they should agree.
+    diffs = {}
+    if BASELINE in params_of:
+        for name, params in params_of.items():
+            diffs[name] = max(
+                float((p - q).abs_().max())
+                for p, q in zip(params, params_of[BASELINE], strict=True)
+            )
+    return times, diffs
 
 
 def run_group(
@@ -335,8 +356,10 @@ def run_group(
         return None
     share_grads, need = plan
     log(f"  ~{need / 1e9:.1f} GB{', grads shared' if share_grads else ''}")
-    times = _build_and_time(shapes, cands, device, dtype, share_grads, schedule, log)
+    times, diffs = _build_and_time(shapes, cands, device, dtype, share_grads, schedule, log)
     gc.collect()  # onepass optimizers hold reference cycles (optimizer <-> engine)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return GroupResult(shapes, algorithm_key, dtype, model, times, share_grads, schedule.warmup)
+    return GroupResult(
+        shapes, algorithm_key, dtype, model, times, diffs, share_grads, schedule.warmup
+    )

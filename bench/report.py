@@ -80,9 +80,10 @@ class Row:
     scale_gbps: float
     roofline_gbps: float
     pct_roofline: float
-    speedup_vs_fused: float | None  # ratio of medians
-    speedup_p10: float | None  # deciles of the per-round (paired) ratios
+    speedup_vs_fused: float | None  # median over rounds of torch fused's time / this one's
+    speedup_p10: float | None
     speedup_p90: float | None
+    max_abs_diff_vs_fused: float | None  # params after the run, a sanity check on the step
 
 
 def _deciles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -111,9 +112,8 @@ def rows(group: GroupResult, env: Env) -> list[Row]:
             continue
         p10, median, p90 = _deciles(ts)
         speedup = s10 = s90 = None
-        if baseline is not None:
-            speedup = statistics.median(baseline) / median
-            s10, _, s90 = _deciles([b / t for b, t in zip(baseline, ts, strict=True)])
+        if baseline is not None:  # paired: the baseline's time over this one's, round by round
+            s10, speedup, s90 = _deciles([b / t for b, t in zip(baseline, ts, strict=True)])
         out.append(
             Row(
                 **asdict(env),
@@ -138,6 +138,7 @@ def rows(group: GroupResult, env: Env) -> list[Row]:
                 speedup_vs_fused=speedup,
                 speedup_p10=s10,
                 speedup_p90=s90,
+                max_abs_diff_vs_fused=group.max_abs_diff.get(name),
             )
         )
     return out
@@ -152,6 +153,10 @@ def _x(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}x"
 
 
+def _e(value: float | None) -> str:
+    return "" if value is None else f"{value:.0e}"
+
+
 def _met(ok: bool) -> str:
     return "met" if ok else "**NOT met**"
 
@@ -160,7 +165,7 @@ def progress_line(row: Row) -> str:
     return (
         f"  {row.candidate:18s} {row.median_ms:9.2f} ms [{row.p10_ms:.2f}, {row.p90_ms:.2f}]"
         f" {row.gbps:7.1f} GB/s {row.pct_roofline:5.0f}% of {row.roofline_gbps:.1f} GB/s"
-        f"  {_x(row.speedup_vs_fused)} vs fused"
+        f"  {_x(row.speedup_vs_fused)} vs fused  max|dp| {_e(row.max_abs_diff_vs_fused)}"
     )
 
 
@@ -176,18 +181,21 @@ def markdown(all_rows: Sequence[Row], env: Env, command: str) -> str:
         "GB/s = the spec's bytes model (`bytes_per_element` x numel) / median time. Roofline = "
         "the faster of a copy and an in-place scale over a param-sized buffer (read + written), "
         "timed in the same rounds; % roofline = roofline time / measured time. "
-        "vs fused = torch fused median / median (> 1 is faster than torch fused).",
+        "vs fused = median over rounds of torch fused's time / the candidate's time in the "
+        "same round (> 1 is faster than torch fused). "
+        "max abs dp: the largest difference of a param to torch fused's after the run (every "
+        "candidate took the same steps from the same params and grads).",
         "",
         "| shapes | algorithm | candidate | dtype | rounds | ms/step median [p10, p90] | GB/s "
-        "| roofline GB/s | % roofline | vs torch fused |",
-        "|---|---|---|---|--:|---|--:|--:|--:|--:|",
+        "| roofline GB/s | % roofline | vs torch fused | max abs dp vs fused |",
+        "|---|---|---|---|--:|---|--:|--:|--:|--:|--:|",
     ]
     for r in all_rows:
         lines.append(
             f"| {r.shapes} | {r.algorithm} | {r.candidate} | {r.dtype} | {r.rounds} "
             f"| {r.median_ms:.2f} "
             f"[{r.p10_ms:.2f}, {r.p90_ms:.2f}] | {r.gbps:.1f} | {r.roofline_gbps:.1f} "
-            f"| {r.pct_roofline:.0f}% | {_x(r.speedup_vs_fused)} |"
+            f"| {r.pct_roofline:.0f}% | {_x(r.speedup_vs_fused)} | {_e(r.max_abs_diff_vs_fused)} |"
         )
     lines += ["", *targets(all_rows)]
     return "\n".join(lines) + "\n"

@@ -73,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench: --device cuda but torch.cuda.is_available() is False")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the events record on the current device's stream
     shapes = args.shapes or [*DEFAULT_SHAPES, *(LARGE_SHAPES if device.type == "cuda" else ())]
     dtype = DTYPES[args.dtype]
     env = report.environment(device)
