@@ -1,0 +1,137 @@
+"""torch.library.opcheck on the native ops (issue item 6): schema (declared mutations only),
+autograd registration, fake tensor kernel, and AOT dispatch with dynamic shapes.
+
+The arguments are laid out as the engine lays out a bucket (python/onepass/algorithms/*.py
+``_cpu_launch``): a list of params (one zero-size, one non-contiguous), their grads with a None,
+flat state buffers with 16-element-aligned offsets, per-tensor float32 step counts, and the
+GradScaler tensors present or absent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import onepass
+
+pytestmark = pytest.mark.skipif(not onepass.native_available(), reason="onepass._C not built")
+
+TESTS = (
+    "test_schema",
+    "test_autograd_registration",
+    "test_faketensor",
+    "test_aot_dispatch_dynamic",
+)
+
+
+def _bucket(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor | None], Any]:
+    params = [
+        torch.randn(7).to(dtype),
+        torch.randn(5, 3).to(dtype).t(),  # non-contiguous
+        torch.randn(0).to(dtype),
+        torch.randn(20).to(dtype),
+    ]
+    grads: list[torch.Tensor | None] = [
+        torch.randn(7).to(dtype),
+        torch.randn(3, 5).to(dtype),
+        torch.randn(0).to(dtype),
+        None,
+    ]
+    offsets = torch.tensor([0, 16, 32, 32], dtype=torch.int64)
+    return params, grads, offsets
+
+
+def _amp(scaled: bool, found_inf: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if not scaled:
+        return None, None
+    return torch.tensor(1024.0), torch.tensor(found_inf)
+
+
+def _check(op: Any, args: tuple[Any, ...]) -> None:
+    results = torch.library.opcheck(op, args, test_utils=TESTS, raise_exception=False)
+    failed = {name: result for name, result in results.items() if result != "SUCCESS"}
+    assert not failed, failed
+    assert set(results) == set(TESTS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize(
+    ("scaled", "found_inf"), [(False, 0.0), (True, 0.0), (True, 1.0)], ids=["plain", "amp", "inf"]
+)
+def test_opcheck_adam(dtype: torch.dtype, amsgrad: bool, scaled: bool, found_inf: float) -> None:
+    params, grads, offsets = _bucket(dtype)
+    total = 64
+    grad_scale, inf = _amp(scaled, found_inf)
+    args = (
+        params,
+        grads,
+        torch.randn(total).to(dtype),  # exp_avg
+        torch.rand(total).to(dtype),  # exp_avg_sq
+        torch.rand(total).to(dtype) if amsgrad else None,  # max_exp_avg_sq
+        torch.tensor([2.0, 0.0, 1.0, 4.0]),  # step, one per tensor
+        offsets,
+        grad_scale,
+        inf,
+        1e-2,  # lr
+        0.9,  # beta1
+        0.999,  # beta2
+        1e-8,  # eps
+        0.0,  # weight_decay (L2)
+        1.0 - 1e-2 * 0.1,  # decay_factor (decoupled)
+        amsgrad,
+        False,  # maximize
+        False,  # l2_decay
+    )
+    _check(torch.ops.onepass.adam_.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize(
+    ("scaled", "found_inf"), [(False, 0.0), (True, 0.0), (True, 1.0)], ids=["plain", "amp", "inf"]
+)
+def test_opcheck_sgd(dtype: torch.dtype, momentum: float, scaled: bool, found_inf: float) -> None:
+    params, grads, offsets = _bucket(dtype)
+    grad_scale, inf = _amp(scaled, found_inf)
+    args = (
+        params,
+        grads,
+        torch.randn(64).to(dtype) if momentum else None,  # momentum_buffer
+        torch.tensor([0.0, 3.0, 1.0, 2.0]),  # step
+        offsets,
+        grad_scale,
+        inf,
+        0.1,  # lr
+        momentum,
+        0.1,  # dampening
+        0.01,  # weight_decay (L2)
+        1.0,  # decay_factor
+        momentum != 0.0,  # nesterov
+        True,  # maximize
+        True,  # l2_decay
+    )
+    _check(torch.ops.onepass.sgd_.default, args)
+
+
+def test_op_mutates_only_what_it_declares() -> None:
+    """The step counts advance only for tensors with a grad; found_inf leaves everything alone."""
+    params, grads, offsets = _bucket(torch.float32)
+    exp_avg, exp_avg_sq = torch.zeros(64), torch.zeros(64)
+    step = torch.tensor([2.0, 0.0, 1.0, 4.0])
+    before = [p.clone() for p in params]
+    common = (1e-2, 0.9, 0.999, 1e-8, 0.0, 1.0, False, False, False)
+    torch.ops.onepass.adam_(
+        params, grads, exp_avg, exp_avg_sq, None, step, offsets, None, torch.tensor(1.0), *common
+    )
+    assert step.tolist() == [2.0, 0.0, 1.0, 4.0]
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert torch.count_nonzero(exp_avg) == 0
+    torch.ops.onepass.adam_(
+        params, grads, exp_avg, exp_avg_sq, None, step, offsets, None, None, *common
+    )
+    assert step.tolist() == [3.0, 1.0, 2.0, 4.0]
+    assert not torch.equal(params[1], before[1]) and torch.equal(params[3], before[3])
+    assert not params[1].is_contiguous()  # written back through the view
