@@ -76,19 +76,23 @@ class Candidate:
     make: OptimizerFactory
 
 
-def _steps_on(make: OptimizerFactory, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this optimizer can step a small tensor of this device and dtype."""
+def _why_not(make: OptimizerFactory, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when this optimizer steps a small tensor of this device and dtype, else why not."""
     p = torch.zeros(64, device=device, dtype=dtype, requires_grad=True)
     p.grad = torch.ones_like(p)
     try:
         make([p]).step()
-    except (RuntimeError, ValueError, TypeError, NotImplementedError):
-        return False
-    return True
+    except Exception as error:  # a backend that is not built here, or broken: skip it, say why
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
 
 
 def candidates(
-    algorithm: Algorithm, device: torch.device, dtype: torch.dtype, include_reference: bool
+    algorithm: Algorithm,
+    device: torch.device,
+    dtype: torch.dtype,
+    include_reference: bool,
+    log: Callable[[str], None],
 ) -> list[Candidate]:
     """Every onepass backend that runs here (reference only when asked), then torch.optim's."""
     gpu = device.type == "cuda"  # the Triton interpreter on CPU is no benchmark
@@ -99,15 +103,21 @@ def candidates(
     ]
     if include_reference:
         backends.append("reference")
+    named: list[tuple[str, OptimizerFactory]] = [
+        (f"onepass {b}", partial(algorithm.onepass_cls, **algorithm.hyper, backend=b))
+        for b in backends
+    ]
+    named += [
+        (f"torch {mode}", partial(algorithm.torch_cls, **algorithm.hyper, **flags))
+        for mode, flags in TORCH_MODES.items()
+    ]
     found = []
-    for backend in backends:
-        make = partial(algorithm.onepass_cls, **algorithm.hyper, backend=backend)
-        if _steps_on(make, device, dtype):
-            found.append(Candidate(f"onepass {backend}", make))
-    for mode, flags in TORCH_MODES.items():
-        make = partial(algorithm.torch_cls, **algorithm.hyper, **flags)
-        if _steps_on(make, device, dtype):
-            found.append(Candidate(f"torch {mode}", make))
+    for name, make in named:
+        why = _why_not(make, device, dtype)
+        if why is None:
+            found.append(Candidate(name, make))
+        else:
+            log(f"  {name}: not timed, {why}")
     return found
 
 
@@ -336,23 +346,25 @@ def run_group(
 ) -> GroupResult | None:
     """Times every candidate of one (shape list, algorithm); None when it cannot run here."""
     algorithm = ALGORITHMS[algorithm_key]
-    cands = candidates(algorithm, device, dtype, include_reference)
     model = bytes_model(algorithm, device, dtype)
     tensor_bytes = shapes.numel * torch.empty(0, dtype=dtype).element_size()
     header = (
         f"[{shapes.name} / {algorithm.label} / {str(dtype).removeprefix('torch.')}] "
         f"{shapes.numel:,} elements in {shapes.tensors} tensors, "
         f"{model.bytes_per_element} B/element = {shapes.numel * model.bytes_per_element / 1e9:.2f}"
-        f" GB/step; candidates: {', '.join(c.name for c in cands)}"
+        " GB/step"
     )
     log(header)
+    cands = candidates(algorithm, device, dtype, include_reference, log)
+    log(f"  candidates: {', '.join(c.name for c in cands)}")
     if not cands:
         log("  skipped: no candidate runs here")
         return None
     available = available_bytes(device)
     plan = plan_memory(len(cands), tensor_bytes, model.state_slots, available)
     if plan is None:
-        log(f"  skipped: needs more than the {(available or 0) / 1e9:.1f} GB free on {device}")
+        least = len(cands) * (1 + model.state_slots) * tensor_bytes + 3 * tensor_bytes
+        log(f"  skipped: needs ~{least / 1e9:.0f} GB, {(available or 0) / 1e9:.1f} GB free")
         return None
     share_grads, need = plan
     log(f"  ~{need / 1e9:.1f} GB{', grads shared' if share_grads else ''}")

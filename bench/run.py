@@ -27,15 +27,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--shapes",
         nargs="+",
+        metavar="NAME",
         choices=shape_list_names(),
-        help=f"shape lists (default: {', '.join(DEFAULT_SHAPES)}; on CUDA also "
-        f"{', '.join(LARGE_SHAPES)})",
+        help=f"shape lists in bench/shapes: {', '.join(shape_list_names())} (default: "
+        f"{', '.join(DEFAULT_SHAPES)}; on CUDA also {', '.join(LARGE_SHAPES)})",
     )
     parser.add_argument(
-        "--algorithms", nargs="+", choices=list(ALGORITHMS), default=list(ALGORITHMS)
+        "--algorithms",
+        nargs="+",
+        choices=list(ALGORITHMS),
+        default=list(ALGORITHMS),
+        help="default: all (AdamW; SGD with momentum=0.9)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="float32", help="params, grads and state"
+    )
     parser.add_argument(
         "--rounds", type=int, default=15, help="timed rounds, at most (default: 15)"
     )
@@ -74,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench: --device cuda but torch.cuda.is_available() is False")
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # the events record on the current device's stream
     shapes = args.shapes or [*DEFAULT_SHAPES, *(LARGE_SHAPES if device.type == "cuda" else ())]
     dtype = DTYPES[args.dtype]
