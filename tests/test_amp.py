@@ -58,9 +58,12 @@ class Run:
         self.scaler.update()
 
 
-PEERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
-    "torch-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True, fused=True),
-    "torch-default": lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True),
+ADAMW = {"lr": 1e-2, "amsgrad": True}
+SGD = {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}
+#: (onepass class, torch class, kwargs) by name
+OPTIMIZERS: dict[str, tuple[type[onepass.FusedOptimizer], type[torch.optim.Optimizer], Any]] = {
+    "AdamW": (onepass.AdamW, torch.optim.AdamW, ADAMW),
+    "SGD": (onepass.SGD, torch.optim.SGD, SGD),
 }
 
 
@@ -71,18 +74,25 @@ PEERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     [{}, {3: float("inf")}, {0: float("nan"), 4: float("-inf")}],
     ids=["finite", "inf-at-3", "nan-at-0-inf-at-4"],
 )
-@pytest.mark.parametrize("peer", list(PEERS))
+@pytest.mark.parametrize("fused", [True, False], ids=["torch-fused", "torch-default"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_grad_scaler_matches_torch(
     backend_name: str,
-    peer: str,
+    name: str,
+    fused: bool,
     poison: dict[int, float],
     unscale_first: bool,
     init_scale: float,
 ) -> None:
-    ours = Run(
-        lambda ps: onepass.AdamW(ps, lr=1e-2, amsgrad=True, backend=backend_name), init_scale
-    )
-    theirs = Run(PEERS[peer], init_scale)
+    ours_cls, torch_cls, kwargs = OPTIMIZERS[name]
+    if name == "SGD" and fused and 0 in poison:
+        pytest.skip(
+            "torch's fused SGD creates its momentum buffers with empty_like on the first step "
+            "and keeps them when found_inf skips that step (uninitialised memory from then on); "
+            "onepass, like torch's for-loop SGD, starts them at the first step actually taken"
+        )
+    ours = Run(lambda ps: ours_cls(ps, **kwargs, backend=backend_name), init_scale)
+    theirs = Run(lambda ps: torch_cls(ps, **kwargs, fused=fused), init_scale)
     scales = set()
     for s in range(STEPS):
         ours.backward(s, poison)
@@ -98,9 +108,9 @@ def test_grad_scaler_matches_torch(
         scales.add(ours.scaler.get_scale())
     assert len(scales) > 1  # the scale moved during the run
     assert_same_as_torch(ours.optimizer, theirs.optimizer, ours.params, theirs.params, *FP32_TOL)
-    expected_steps = STEPS - len(poison)
-    for p in ours.params:
-        assert float(ours.optimizer.state[p]["step"]) == expected_steps
+    if name == "AdamW":
+        for p in ours.params:
+            assert float(ours.optimizer.state[p]["step"]) == STEPS - len(poison)
 
 
 def params_and_state_untouched(
