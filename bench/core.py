@@ -58,15 +58,17 @@ class Algorithm:
     """One algorithm as both libraries spell it, with the hyperparameters of the bench."""
 
     label: str
-    onepass_cls: type[onepass.FusedOptimizer]
-    torch_cls: type[torch.optim.Optimizer]
+    onepass_cls: Callable[..., onepass.FusedOptimizer]
+    torch_cls: Callable[..., torch.optim.Optimizer]
     hyper: Mapping[str, Any] = field(default_factory=dict)
 
 
 # lr is small so that thousands of steps on fixed random grads stay finite.
 ALGORITHMS: Mapping[str, Algorithm] = {
     "adamw": Algorithm("AdamW", onepass.AdamW, torch.optim.AdamW, {"lr": 1e-4}),
-    "sgd": Algorithm("SGD", onepass.SGD, torch.optim.SGD, {"lr": 1e-4, "momentum": 0.9}),
+    "sgd": Algorithm(
+        "SGD momentum=0.9", onepass.SGD, torch.optim.SGD, {"lr": 1e-4, "momentum": 0.9}
+    ),
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import onepass
-from bench.core import BASELINE, ROOFLINE_COPY, ROOFLINE_SCALE, GroupResult
+from bench.core import ALGORITHMS, BASELINE, ROOFLINE_COPY, ROOFLINE_SCALE, GroupResult
 
 #: The issue's bar for every native onepass backend, on every shape list.
 TARGET_SPEEDUP = 1.0
@@ -118,7 +118,7 @@ def rows(group: GroupResult, env: Env) -> list[Row]:
             Row(
                 **asdict(env),
                 shapes=group.shapes.name,
-                algorithm=group.algorithm,
+                algorithm=ALGORITHMS[group.algorithm].label,
                 candidate=name,
                 dtype=str(group.dtype).removeprefix("torch."),
                 numel=group.shapes.numel,
