@@ -198,6 +198,7 @@ def _add_then_step_refused(
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_sparse_grad_refused(backend: str) -> None:
+    """In a group of its own (its own bucket, beside others)."""
     optimizer, params = _stepped(backend=backend)
     embedding = torch.nn.Embedding(10, 3, sparse=True)
 
@@ -211,6 +212,25 @@ def test_sparse_grad_refused(backend: str) -> None:
     embedding.weight.grad = None
     optimizer.step()
     assert float(optimizer.state[params[0]]["step"]) == 3.0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_sparse_grad_refused_in_a_single_bucket(backend: str) -> None:
+    """The same, when the whole step is one bucket (one native launch checks its own args)."""
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    params = [torch.randn(17).requires_grad_(), embedding.weight]
+    optimizer = onepass.AdamW(params, backend=backend)
+    for s in range(1, 3):
+        set_grads(params, make_grads(params, s, none_pattern=False))
+        optimizer.step()
+
+    def action() -> None:
+        set_grads(params, make_grads(params, 3, none_pattern=False))
+        embedding.weight.grad = None
+        embedding(torch.tensor([1, 4])).sum().backward()
+        optimizer.step()
+
+    _refused(optimizer, action, RuntimeError, f"{_name(0, 1)}.*sparse")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -245,9 +265,26 @@ def test_complex_param_refused() -> None:
     assert len(optimizer.param_groups) == 2
 
 
+def _stepped_layout(layout: str, backend: str) -> tuple[onepass.FusedOptimizer, list[torch.Tensor]]:
+    if layout == "many-buckets":
+        return _stepped(backend=backend)
+    params = [torch.randn(17).requires_grad_(), torch.randn(4, 5).requires_grad_()]
+    params += [torch.randn(9).requires_grad_(), torch.randn(33).requires_grad_()]
+    optimizer = onepass.AdamW(params, backend=backend)
+    for s in range(1, 3):
+        set_grads(params, make_grads(params, s, none_pattern=False))
+        optimizer.step()
+    return optimizer, params
+
+
+#: (group, index) of params[2] and params[3] in each layout
+VICTIMS = {"many-buckets": ((1, 0), (1, 1)), "one-bucket": ((0, 2), (0, 3))}
+
+
+@pytest.mark.parametrize("layout", list(VICTIMS))
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_grad_dtype_mismatch_refused(backend: str) -> None:
-    optimizer, params = _stepped(backend=backend)
+def test_grad_dtype_mismatch_refused(backend: str, layout: str) -> None:
+    optimizer, params = _stepped_layout(layout, backend)
     params[2].grad_dtype = None  # torch's own switch for a grad of another dtype
 
     def action() -> None:
@@ -255,21 +292,24 @@ def test_grad_dtype_mismatch_refused(backend: str) -> None:
         params[2].grad = torch.randn(9, dtype=torch.float64)
         optimizer.step()
 
-    _refused(optimizer, action, RuntimeError, f"{_name(1, 0)}.*float32.*float64")
+    name = _name(*VICTIMS[layout][0])
+    _refused(optimizer, action, RuntimeError, f"{name}.*float32.*float64")
 
 
+@pytest.mark.parametrize("layout", list(VICTIMS))
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_grad_shape_mismatch_refused(backend: str) -> None:
-    optimizer, params = _stepped(backend=backend)
+def test_grad_shape_mismatch_refused(backend: str, layout: str) -> None:
+    optimizer, params = _stepped_layout(layout, backend)
 
     def action() -> None:
         set_grads(params, make_grads(params, 3, none_pattern=False))
         grad = params[3].grad
         assert grad is not None
-        grad.data = torch.randn(32).to(torch.bfloat16)  # .data skips the grad setter's check
+        grad.data = torch.randn(32).to(grad.dtype)  # .data skips the grad setter's check
         optimizer.step()
 
-    _refused(optimizer, action, RuntimeError, rf"{_name(1, 1)}.*shape \(33,\).*\(32,\)")
+    name = _name(*VICTIMS[layout][1])
+    _refused(optimizer, action, RuntimeError, rf"{name}.*shape \(33,\).*\(32,\)")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
