@@ -26,7 +26,7 @@ STEPS = 7
 class Run:
     """A small multi-tensor fp32 model, its optimizer and its GradScaler."""
 
-    def __init__(self, make_optimizer: Callable[[list[torch.Tensor]], Any], init_scale: float):
+    def __init__(self, make_optimizer: Callable[[list[Any]], Any], init_scale: float) -> None:
         gen = torch.Generator().manual_seed(0)
         self.model = torch.nn.Sequential(
             torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
@@ -61,7 +61,7 @@ class Run:
 ADAMW = {"lr": 1e-2, "amsgrad": True}
 SGD = {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}
 #: (onepass class, torch class, kwargs) by name
-OPTIMIZERS: dict[str, tuple[type[onepass.FusedOptimizer], type[torch.optim.Optimizer], Any]] = {
+OPTIMIZERS: dict[str, tuple[type[onepass.FusedOptimizer], Any, dict[str, Any]]] = {
     "AdamW": (onepass.AdamW, torch.optim.AdamW, ADAMW),
     "SGD": (onepass.SGD, torch.optim.SGD, SGD),
 }

@@ -42,13 +42,15 @@ BAD_SGD = [
     {"nesterov": True},
     {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
 ]
+Table = tuple[tuple[type[onepass.FusedOptimizer], type[torch.optim.Optimizer], list[Any]], ...]
+_TABLE: Table = (
+    (onepass.Adam, torch.optim.Adam, BAD_ADAM),
+    (onepass.AdamW, torch.optim.AdamW, BAD_ADAM),
+    (onepass.SGD, torch.optim.SGD, BAD_SGD),
+)
 HYPER_CASES = [
     pytest.param(ours, theirs, kwargs, id=f"{ours.__name__}-{'-'.join(kwargs)}-{i}")
-    for ours, theirs, cases in (
-        (onepass.Adam, torch.optim.Adam, BAD_ADAM),
-        (onepass.AdamW, torch.optim.AdamW, BAD_ADAM),
-        (onepass.SGD, torch.optim.SGD, BAD_SGD),
-    )
+    for ours, theirs, cases in _TABLE
     for i, kwargs in enumerate(cases)
 ]
 
@@ -83,7 +85,7 @@ def test_add_param_group_refuses_bad_hyperparameters(
     cls: type[onepass.FusedOptimizer], kwargs: dict[str, Any]
 ) -> None:
     """Stricter than torch.optim, which only checks the constructor's defaults."""
-    extra = {"momentum": 0.9} if cls is onepass.SGD else {}
+    extra: dict[str, Any] = {"momentum": 0.9} if cls is onepass.SGD else {}
     optimizer, _ = _stepped(cls, **extra)
     before = snapshot(optimizer)
     with pytest.raises(ValueError, match=r"^(Invalid|Nesterov)"):
