@@ -169,14 +169,15 @@ def progress_line(row: Row) -> str:
     )
 
 
-def markdown(all_rows: Sequence[Row], env: Env, command: str) -> str:
+def markdown(all_rows: Sequence[Row], env: Env, command: str, load: str) -> str:
     r0 = all_rows[0]
     lines = [
         f"# onepass bench: {env.device_name} ({env.device})",
         "",
         f"`{command}`: torch {env.torch_version}, onepass {env.onepass_version}, "
         f"{env.cpu_capability}, {env.threads} threads. Candidates interleaved round-robin "
-        f"(one step each per round) after {r0.warmup} warm-up rounds; statistics over rounds.",
+        f"(one step each per round) after {r0.warmup} warm-up rounds; statistics over rounds. "
+        f"Load average (1 min): {load}.",
         "",
         "GB/s = the spec's bytes model (`bytes_per_element` x numel) / median time. Roofline = "
         "the faster of a copy and an in-place scale over a param-sized buffer (read + written), "

@@ -6,6 +6,7 @@ Writes <out>/latest.csv, latest.md and latest.png and prints the Markdown table.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -93,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{env.onepass_version}, {env.cpu_capability}, {env.threads} threads"
     )
     start = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     rows: list[report.Row] = []
     for name in shapes:
         shape_list = load_shape_list(name)
@@ -115,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("bench: nothing ran")
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    table = report.markdown(rows, env, command)
+    load = "n/a"
+    if hasattr(os, "getloadavg"):  # other processes on the machine: read noisy numbers with it
+        load = f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
+    table = report.markdown(rows, env, command, load)
     report.write_csv(rows, args.out / "latest.csv")
     (args.out / "latest.md").write_text(table)
     report.plot(rows, env, args.out / "latest.png")
