@@ -24,6 +24,9 @@ Params whose grad is None on a step are checked bitwise unchanged on that step (
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 
 import pytest
@@ -129,15 +132,35 @@ def test_many_small_tensors(info: OptimizerInfo, config: Config, backend: Backen
     if backend.capability == onepass.cpu_capabilities()[-1]:
         dtypes.append(torch.bfloat16)
     for dtype in dtypes:
-        _many_small_tensors(info, config, backend, dtype)
+        sizes = [(7 * i) % 61 + 1 for i in range(1000)]
+        params = [torch.randn(n).to(dtype).requires_grad_() for n in sizes]
+        check_against_reference(info, config, backend.name, dtype, params)
 
 
-def _many_small_tensors(
-    info: OptimizerInfo, config: Config, backend: Backend, dtype: torch.dtype
-) -> None:
-    sizes = [(7 * i) % 61 + 1 for i in range(1000)]
-    params = [torch.randn(n).to(dtype).requires_grad_() for n in sizes]
-    check_against_reference(info, config, backend.name, dtype, params)
+@pytest.mark.parametrize(
+    ("info", "config"),
+    [
+        pytest.param(ADAMW_INFO, {"lr": 1e-2, "maximize": True}, id="AdamW-maximize"),
+        pytest.param(SGD_INFO, {"lr": 0.1, "momentum": 0.9, "dampening": 0.2}, id="SGD-momentum"),
+    ],
+)
+def test_many_medium_tensors(info: OptimizerInfo, config: Config, backend: Backend) -> None:
+    """60 tensors, ~270k elements: enough for the threaded path, whose split between threads
+    falls between and inside tensors (chunks of 2^15 elements)."""
+    sizes = [int(n) for n in torch.randint(1, 9000, (60,))]
+    assert sum(sizes) > 1 << 17
+    params = [torch.randn(n).requires_grad_() for n in sizes]
+    check_against_reference(info, config, backend.name, torch.float32, params)
+
+
+def test_capability_from_environment() -> None:
+    """ONEPASS_CPU_CAPABILITY picks the build at first use (here: the narrowest, scalar)."""
+    code = "import onepass; print(onepass.cpu_capability())"
+    env = {**os.environ, "ONEPASS_CPU_CAPABILITY": "scalar"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "scalar"
 
 
 BIG = (1 << 20) + 3
