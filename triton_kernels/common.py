@@ -1,0 +1,296 @@
+"""What every onepass Triton kernel shares: the tensor table, scalar passing and opmath helpers.
+
+The tensor table
+----------------
+One launch steps a whole bucket, whatever the number of tensors. The launch's tensors are described
+by one int64 tensor in device memory, built on the host and cached on the bucket (rebuilt only when
+a param or grad address changes, or the set of params whose grad is None does):
+
+* ``segments``: ``[n, SEGMENT_FIELDS]``, one row per tensor that has a grad this step:
+  param address, grad address, numel, element offset of the tensor in the flat state buffers, index
+  of its step counter in the bucket's ``step`` tensor, and the number of programs (chunks) it spans.
+* ``chunks``: ``[num_chunks, 2]``, one row per program: (segment row, first element). A tensor of
+  ``numel`` elements gets ``max(1, ceil(numel / CHUNK))`` programs (a zero-size tensor gets one
+  that only advances its step).
+
+Addresses are int64 in the table and become typed pointers in the kernel
+(``tl.load(...).to(tl.pointer_type(DTYPE))``), which works both compiled and under
+``TRITON_INTERPRET=1`` (where they are host addresses of CPU tensors, used in place). All element
+indexing is 64-bit, tails are masked. There is no per-launch tensor limit: the table is an ordinary
+tensor, and the grid has one program per chunk.
+
+Step counters
+-------------
+Each program reads its tensor's float32 step count ``s`` and computes its per-tensor scalars from
+``t = s + 1`` (the count after this step, as math.h's ``AdamConsts::make``). The last of a tensor's
+programs to finish (an atomic per-segment counter, reset by that program) stores ``t``: so the step
+advances on the device, once per tensor, in the same launch, and only for tensors with a grad. When
+``found_inf != 0`` (read in the kernel: no host sync) no program writes anything.
+
+Scalars
+-------
+Hyperparameters are runtime arguments (never ``tl.constexpr``: a schedule does not recompile). A
+Python float would reach the kernel as float32, so each is passed as the int64 bit pattern of its
+float64 value (:func:`f64_bits`) and decoded in the kernel with
+``bits.to(tl.int64).to(tl.float64, bitcast=True)`` (the widening: a pattern that fits 32 bits, as
+0.0's does, arrives as int32); the per-tensor constants are computed in float64 and rounded once
+to the opmath type, as math.h does on the host. ``found_inf`` and ``grad_scale`` are read in the
+kernel (no host sync).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+#: Were the kernels created by the interpreter? (TRITON_INTERPRET is read when @triton.jit runs.)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+#: Elements one program handles (a table row per CHUNK), in CHUNK / BLOCK tiles of BLOCK elements.
+#: The interpreter's cost is per operation, not per element: there, one tile per program.
+CHUNK = 4096
+BLOCK = CHUNK if INTERPRETED else 1024
+NUM_WARPS = 4
+#: int64 fields of a segment row: param, grad, numel, state offset, step index, programs.
+SEGMENT_FIELDS = 6
+
+_TL_DTYPES: dict[torch.dtype, Any] = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+}
+
+
+def tl_dtypes(dtype: torch.dtype) -> tuple[Any, Any]:
+    """(storage, opmath) Triton dtypes of a torch storage dtype: float64 math for float64 storage,
+    float32 math for everything narrower."""
+    storage = _TL_DTYPES[dtype]
+    return storage, (tl.float64 if dtype == torch.float64 else tl.float32)
+
+
+def f64_bits(value: float) -> int:
+    """The int64 bit pattern of ``value`` as a float64 (see the module docstring)."""
+    return int(struct.unpack("<q", struct.pack("<d", float(value)))[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Device helpers
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def op_sqrt(x):
+    """Correctly rounded square root (Triton's plain fp32 sqrt is approximate on NVIDIA GPUs)."""
+    if x.dtype == tl.float64:  # noqa: SIM108 (a compile-time branch, as in math.h)
+        r = tl.sqrt(x)
+    else:
+        r = tl.sqrt_rn(x)
+    return r
+
+
+@triton.jit
+def op_div(a, b):
+    """Correctly rounded division (Triton's plain fp32 ``/`` is approximate on NVIDIA GPUs)."""
+    if a.dtype == tl.float64:  # noqa: SIM108
+        r = a / b
+    else:
+        r = tl.div_rn(a, b)
+    return r
+
+
+@triton.jit
+def op_max(a, b):
+    """``max(a, b)`` propagating NaN like torch.maximum (math.h's op_max: NaN in a or b wins)."""
+    return tl.where((a != a) | (a > b), a, b)
+
+
+@triton.jit
+def to_storage(x, DTYPE: tl.constexpr):
+    """Rounds an opmath value to the storage dtype, to nearest even.
+
+    float32 -> bfloat16 rounds by hand: the interpreter truncates that conversion, and the same
+    code must run (and be tested) in both modes; compiled, it costs a few integer ops per element
+    of a memory-bound kernel.
+    """
+    if DTYPE == tl.bfloat16:  # noqa: SIM300 (DTYPE is a constexpr argument)
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        quiet_nan = (bits >> 16) | 0x40
+        r = tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        r = x.to(DTYPE)
+    return r
+
+
+@triton.jit
+def load_segment(segments, chunks, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """This program's chunk: (segment row, first element, param pointer, grad pointer, numel,
+    state offset, step index, number of programs of the segment).
+
+    The alignment hints let full tiles use 16-byte vector accesses: chunks start at multiples of
+    CHUNK, state offsets are multiples of 16 elements (the engine's ALIGN_ELEMENTS), and with
+    ``ALIGNED`` (checked on the host) every param and grad address is a multiple of 16 bytes.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(chunks + 2 * pid)
+    start = tl.multiple_of(tl.load(chunks + 2 * pid + 1), 16)
+    segment = segments + row * 6  # SEGMENT_FIELDS
+    param = tl.load(segment).to(tl.pointer_type(DTYPE))
+    grad = tl.load(segment + 1).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # byte alignment of the pointers (on the cast itself: the hint is not propagated)
+        param = tl.multiple_of(param, 16)
+        grad = tl.multiple_of(grad, 16)
+    numel = tl.load(segment + 2)
+    state_offset = tl.multiple_of(tl.load(segment + 3), 16)
+    step_index = tl.load(segment + 4)
+    programs = tl.load(segment + 5)
+    return row, start, param, grad, numel, state_offset, step_index, programs
+
+
+@triton.jit
+def advance_step(step, done, row, step_index, programs, t):
+    """Stores the tensor's new step count ``t`` once every program of it has read the old one.
+
+    ``done`` counts the finished programs of each segment; the last one resets it and stores.
+    The barrier orders every thread's read of the step before this program's atomic.
+    """
+    tl.debug_barrier()
+    finished = tl.atomic_add(done + row, 1)
+    if finished == programs - 1:
+        tl.store(done + row, 0)
+        tl.store(step + step_index, t.to(tl.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side: the table and its cache
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    """One bucket's tensor table on the device (see the module docstring)."""
+
+    key: tuple[int, ...]
+    segments: torch.Tensor  # int64 [n, SEGMENT_FIELDS]
+    chunks: torch.Tensor  # int64 [num_chunks, 2]
+    done: torch.Tensor  # int32 [n], zero between launches
+    num_chunks: int
+    aligned: bool  # every param and grad address is a multiple of 16 bytes
+
+
+@dataclass
+class Prepared:
+    """A launch's table and the non-contiguous params to write back after it."""
+
+    table: Table | None  # None: no tensor has a grad
+    write_back: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def finish(self) -> None:
+        for param, tmp in self.write_back:
+            param.copy_(tmp)
+
+
+def check_device(device: torch.device) -> None:
+    """Raises unless the kernels can step tensors on ``device`` in this process."""
+    if device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            "onepass: backend='triton' steps CPU tensors only under the Triton interpreter, and "
+            "the kernels were created without it: set TRITON_INTERPRET=1 before onepass's Triton "
+            "kernels are first used"
+        )
+    if device.type != "cpu" and INTERPRETED:
+        raise RuntimeError(
+            f"onepass: the Triton kernels run in the interpreter (TRITON_INTERPRET=1), which "
+            f"cannot step tensors on {device}; unset TRITON_INTERPRET"
+        )
+
+
+def prepare(bucket: Any, grads: list[torch.Tensor | None]) -> Prepared:
+    """The bucket's table for these grads: the cached one while every address is unchanged.
+
+    A non-contiguous param or grad is copied into a contiguous staging buffer kept with the
+    table (so its address, and the table, stay the same from step to step); params are copied
+    back by :meth:`Prepared.finish`.
+    """
+    check_device(bucket.device)
+    grads = list(grads)
+    cache: dict[str, Any] = bucket.table_cache
+    staging: dict[tuple[str, int], torch.Tensor] = cache.setdefault("staging", {})
+    params: list[torch.Tensor] = []
+    write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+    key: list[int] = []
+    for i, (p, g) in enumerate(zip(bucket.params, grads, strict=True)):
+        if g is not None:
+            if not p.is_contiguous():
+                tmp = _staged(staging, ("param", i), p)
+                write_back.append((p, tmp))
+                p = tmp
+            if not g.is_contiguous():
+                g = _staged(staging, ("grad", i), g)
+        params.append(p)
+        grads[i] = g
+        key.append(p.data_ptr())
+        key.append(-1 if g is None else g.data_ptr())
+    table = cache.get("triton")
+    if table is None or table.key != tuple(key):
+        table = _build(tuple(key), bucket, params, grads)
+        cache["triton"] = table
+    return Prepared(table if table.num_chunks else None, write_back)
+
+
+def _staged(staging: dict[tuple[str, int], torch.Tensor], key: tuple[str, int], t: torch.Tensor):
+    buffer = staging.get(key)
+    if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
+        buffer = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        staging[key] = buffer
+    return buffer.copy_(t)
+
+
+def _build(
+    key: tuple[int, ...],
+    bucket: Any,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor | None],
+) -> Table:
+    offsets = bucket.offsets.tolist()
+    # load_segment's alignment hint (the engine aligns every tensor's state to 16 elements).
+    assert all(offset % 16 == 0 for offset in offsets), "state offsets must be 16-aligned"
+    rows: list[list[int]] = []
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if g is None:
+            continue
+        numel = p.numel()
+        programs = max(1, -(-numel // CHUNK))
+        rows.append([p.data_ptr(), g.data_ptr(), numel, int(offsets[i]), i, programs])
+    segments = torch.tensor(rows, dtype=torch.int64).reshape(-1, SEGMENT_FIELDS)
+    programs = segments[:, 5]
+    num_chunks = int(programs.sum())
+    row_of_chunk = torch.repeat_interleave(torch.arange(len(rows)), programs)
+    first_chunk = torch.cumsum(programs, 0) - programs
+    start = (torch.arange(num_chunks) - first_chunk[row_of_chunk]) * CHUNK
+    chunks = torch.stack([row_of_chunk, start], dim=1)
+    host = torch.cat([segments.reshape(-1), chunks.reshape(-1)])
+    device = host.to(bucket.device)
+    n = segments.numel()
+    return Table(
+        key=key,
+        segments=device[:n].view(-1, SEGMENT_FIELDS),
+        chunks=device[n:].view(-1, 2),
+        done=torch.zeros(len(rows), dtype=torch.int32, device=bucket.device),
+        num_chunks=num_chunks,
+        aligned=all(r[0] % 16 == 0 and r[1] % 16 == 0 for r in rows),
+    )
+
+
+def amp_tensor(value: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A GradScaler tensor (grad_scale / found_inf) on the bucket's device, without a sync."""
+    if value is None or value.device == device:
+        return value
+    return value.to(device, non_blocking=True)
