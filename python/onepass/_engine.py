@@ -10,6 +10,8 @@ is loaded); rebuilding copies the existing state into the new buffers.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +30,24 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+@functools.cache
+def triton_error() -> str | None:
+    """Why Triton cannot be used (None when it can); imported only when a backend asks."""
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # ImportError, or a broken install
+        return f"triton could not be imported ({error}); pip install triton"
+    return None
+
+
 def resolve_backend(requested: str, device: torch.device) -> str:
     """The backend that steps tensors on ``device``; raises if ``requested`` cannot."""
     if requested == "auto":
         if device.type == "cpu" and _ops.native_available():
             return "cpu"
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if device.type == "cuda" and not interpreted and triton_error() is None:
+            return "triton"
         return "reference"
     if requested == "cpu":
         if not _ops.native_available():
@@ -41,7 +56,18 @@ def resolve_backend(requested: str, device: torch.device) -> str:
             raise RuntimeError(
                 f"onepass: backend='cpu' cannot step tensors on {device}; use backend='auto'"
             )
-    if requested in ("triton", "cuda"):
+    if requested == "triton":
+        error = triton_error()
+        if error is not None:
+            raise RuntimeError(f"onepass: backend='triton' is not available: {error}")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "onepass: backend='triton' steps CPU tensors only under the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before the first step); on CPU use backend='cpu'"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"onepass: backend='triton' cannot step tensors on {device}")
+    if requested == "cuda":
         raise RuntimeError(
             f"onepass: backend={requested!r} is not available in this build "
             "(the GPU backends are not implemented yet); use backend='auto' or 'reference'"
@@ -76,9 +102,13 @@ class Bucket:
         self.buffers = {
             name: torch.zeros(total, dtype=self.dtype, device=self.device) for name in slots
         }
-        # Per-tensor step counts live on the host: the CPU kernels read them, and bias
-        # corrections are computed per tensor (a param whose grad was None did not advance).
-        self.step = torch.zeros(len(params), dtype=torch.float32)
+        # Per-tensor step counts (bias corrections are per tensor: a param whose grad was None
+        # did not advance). On the host for the CPU backends; on the params' device for the GPU
+        # backends, whose kernels read and advance them there (no host sync).
+        step_device = self.device if backend in ("triton", "cuda") else torch.device("cpu")
+        self.step = torch.zeros(len(params), dtype=torch.float32, device=step_device)
+        # Backend-owned launch data (the Triton tensor table), rebuilt when addresses change.
+        self.table_cache: dict[str, Any] = {}
         self.exposed = [False] * len(params)  # does optimizer.state[p] point into this bucket?
         self.flat_param: torch.Tensor | None = None
         self.flat_grad: torch.Tensor | None = None
@@ -150,6 +180,7 @@ class FlatBucket:
         self.dtype, self.device = bucket.dtype, bucket.device
         self.buffers = bucket.buffers
         self.step = bucket.step[:1]  # every tensor of the bucket has this step count
+        self.table_cache = bucket.table_cache
         self.offsets = torch.zeros(1, dtype=torch.int64)
 
     def slot_views(self, i: int) -> dict[str, torch.Tensor]:

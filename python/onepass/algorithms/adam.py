@@ -163,6 +163,13 @@ def _cpu_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
+def _triton_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+    # Imported here: `import onepass` must work without triton installed.
+    from onepass.triton_kernels.adam import launch
+
+    launch(bucket, grads, group, grad_scale, found_inf)
+
+
 ADAM = AlgorithmSpec(
     name="adam",
     slots=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
@@ -171,5 +178,5 @@ ADAM = AlgorithmSpec(
     check_group=_check_group,
     bytes_per_element=_bytes_per_element,
     reference=adam_reference,
-    launchers={"reference": _reference_launch, "cpu": _cpu_launch},
+    launchers={"reference": _reference_launch, "cpu": _cpu_launch, "triton": _triton_launch},
 )

@@ -131,6 +131,13 @@ def _cpu_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
+def _triton_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+    # Imported here: `import onepass` must work without triton installed.
+    from onepass.triton_kernels.sgd import launch
+
+    launch(bucket, grads, group, grad_scale, found_inf)
+
+
 SGD_SPEC = AlgorithmSpec(
     name="sgd",
     slots=("momentum_buffer",),
@@ -139,5 +146,5 @@ SGD_SPEC = AlgorithmSpec(
     check_group=_check_group,
     bytes_per_element=_bytes_per_element,
     reference=sgd_reference,
-    launchers={"reference": _reference_launch, "cpu": _cpu_launch},
+    launchers={"reference": _reference_launch, "cpu": _cpu_launch, "triton": _triton_launch},
 )
