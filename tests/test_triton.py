@@ -1,0 +1,455 @@
+"""The Triton backend (onepass.triton_kernels) against the float64 reference.
+
+Without a CUDA device the kernels run on CPU tensors under Triton's interpreter: TRITON_INTERPRET
+is set here, at collection, before any test runs (the kernels are created when the backend is
+first used, and @triton.jit reads the variable then). With a CUDA device they run compiled, on
+CUDA tensors (set TRITON_INTERPRET=1 yourself to run the interpreter there).
+
+The interpreter is slow (milliseconds per program): sizes are small, and the multi-tile path of
+the GPU configuration is exercised once by shrinking BLOCK.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+import onepass  # noqa: E402
+from onepass.algorithms import AdamScalars, SgdScalars, adam_reference, sgd_reference  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
+
+#: (rtol, atol) by storage dtype. float32 / float64 against the float64 reference; bfloat16 /
+#: float16 against the reference run in the storage dtype (float32 math, rounded to storage after
+#: every step: the kernels' own rounding path), where fp32 operation order may still move a value
+#: across a storage rounding boundary.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-12, 1e-14),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.bfloat16: (5e-3, 5e-3),
+    torch.float16: (5e-3, 5e-3),
+}
+STEPS = 7
+
+
+def _ref_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float64
+
+
+# ------------------------------------------------------------------------------------------------
+# A reference run: the same steps, tensor by tensor, with the pure-torch references
+# ------------------------------------------------------------------------------------------------
+
+
+class Reference:
+    """Copies of the params stepped by ``adam_reference`` / ``sgd_reference`` with their own
+    per-tensor step counts and state."""
+
+    def __init__(self, family: str, params: list[torch.Tensor], dtype: torch.dtype) -> None:
+        self.family = family
+        self.params = [p.detach().to("cpu", dtype).clone() for p in params]
+        self.slots: list[dict[str, torch.Tensor]] = [{} for _ in params]
+        self.steps = [0] * len(params)
+
+    def step(self, group: dict[str, Any], grads: list[torch.Tensor | None], scale: float) -> None:
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            p, slots = self.params[i], self.slots[i]
+            g = g.detach().to("cpu", p.dtype)
+            self.steps[i] += 1
+            if self.family == "adam":
+                s = AdamScalars.from_group(group)
+                if not slots:
+                    names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if s.amsgrad else [])
+                    slots.update({n: torch.zeros_like(p) for n in names})
+                adam_reference(
+                    p,
+                    g,
+                    slots["exp_avg"],
+                    slots["exp_avg_sq"],
+                    slots.get("max_exp_avg_sq"),
+                    self.steps[i],
+                    s,
+                    scale,
+                )
+            else:
+                s = SgdScalars.from_group(group)
+                first = s.momentum != 0 and not slots
+                if first:
+                    slots["momentum_buffer"] = torch.zeros_like(p)
+                sgd_reference(p, g, slots.get("momentum_buffer"), first, s, scale)
+
+    def check(
+        self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], dtype: torch.dtype
+    ) -> None:
+        """Every param, every state tensor and every step count, element by element."""
+        rtol, atol = TOLERANCES[dtype]
+        for i, p in enumerate(params):
+            _close(p, self.params[i], rtol, atol, f"param {i}")
+            entry = optimizer.state.get(p, {})
+            if self.steps[i] == 0:
+                assert not entry, f"param {i} never had a grad but has state {sorted(entry)}"
+                continue
+            expected = set(self.slots[i]) | ({"step"} if self.family == "adam" else set())
+            assert set(entry) == expected, f"param {i}: state {sorted(entry)}"
+            for name, value in self.slots[i].items():
+                assert entry[name].dtype == dtype
+                _close(entry[name], value, rtol, atol, f"state[{i}][{name!r}]")
+            if self.family == "adam":
+                assert entry["step"].dtype == torch.float32
+                assert float(entry["step"]) == self.steps[i], f"param {i}: step"
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str):
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.to(torch.float64)
+    assert actual.shape == expected.shape, what
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Params, grads, runs
+# ------------------------------------------------------------------------------------------------
+
+
+def _params(dtype: torch.dtype, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Random leaf params of the given sizes, a matrix, a non-contiguous (transposed) one and,
+    last, a frozen one."""
+    params = [torch.randn(n).to(DEVICE, dtype) for n in sizes]
+    params.append(torch.randn(3, 5).to(DEVICE, dtype))
+    params.append(torch.randn(6, 5).to(DEVICE, dtype).t())
+    params = [p.requires_grad_() for p in params]
+    params.append(torch.randn(4).to(DEVICE, dtype))  # frozen
+    return params
+
+
+def _grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor | None]:
+    """Random grads (never zero); every third param has none on even steps, params 2, 7, 12...
+    none on their first two steps (they start later: first momentum step, bias corrections)."""
+    grads: list[torch.Tensor | None] = []
+    for i, p in enumerate(params):
+        if not p.requires_grad or (i % 3 == 1 and step % 2 == 0) or (i % 5 == 2 and step < 3):
+            grads.append(None)
+        else:
+            grads.append(torch.randn(p.shape).to(DEVICE, p.dtype))
+    return grads
+
+
+def _run(
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    family: str,
+    dtype: torch.dtype,
+    sizes: tuple[int, ...] = (0, 1, 7, 4097, 2000),
+    scale: float = 1.0,
+) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+    params = _params(dtype, sizes)
+    optimizer = make(params)
+    reference = Reference(family, params, _ref_dtype(dtype))
+    for step in range(1, STEPS + 1):
+        grads = _grads(params, step)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = None if g is None else g * scale
+        if scale != 1.0:
+            optimizer.grad_scale = torch.tensor(scale, device=DEVICE)  # as a GradScaler does
+            optimizer.found_inf = torch.tensor(0.0, device=DEVICE)
+        optimizer.step()
+        reference.step(optimizer.param_groups[0], grads, 1.0)
+        reference.check(optimizer, params, dtype)
+    return optimizer, params
+
+
+ADAM_CASES = {
+    "adam": lambda ps: onepass.Adam(ps, lr=1e-2, backend="triton"),
+    "adam-l2-amsgrad-maximize": lambda ps: onepass.Adam(
+        ps, lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True, backend="triton"
+    ),
+    "adamw-betas-eps": lambda ps: onepass.AdamW(
+        ps, lr=2e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, backend="triton"
+    ),
+    "adamw-independent-amsgrad": lambda ps: onepass.AdamW(
+        ps, lr=1e-2, weight_decay=0.2, decay="independent", amsgrad=True, backend="triton"
+    ),
+}
+SGD_CASES = {
+    "sgd": lambda ps: onepass.SGD(ps, lr=0.1, backend="triton"),
+    "sgd-l2-maximize": lambda ps: onepass.SGD(
+        ps, lr=0.1, weight_decay=0.1, maximize=True, backend="triton"
+    ),
+    "sgd-momentum-dampening": lambda ps: onepass.SGD(
+        ps, lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.1, backend="triton"
+    ),
+    "sgd-nesterov-maximize": lambda ps: onepass.SGD(
+        ps, lr=0.1, momentum=0.9, nesterov=True, maximize=True, backend="triton"
+    ),
+    "sgdw-momentum": lambda ps: onepass.SGDW(
+        ps, lr=0.1, momentum=0.9, weight_decay=0.1, backend="triton"
+    ),
+    "sgdw-independent-nesterov": lambda ps: onepass.SGDW(
+        ps,
+        lr=0.1,
+        momentum=0.8,
+        nesterov=True,
+        weight_decay=0.1,
+        decay="independent",
+        backend="triton",
+    ),
+}
+CASES = [("adam", name, make) for name, make in ADAM_CASES.items()]
+CASES += [("sgd", name, make) for name, make in SGD_CASES.items()]
+#: Every case in float32; one Adam and one SGD case in each other dtype.
+NARROW = ("adam-l2-amsgrad-maximize", "adamw-independent-amsgrad", "sgd-nesterov-maximize")
+
+
+def _cases() -> Iterator[Any]:
+    for family, name, make in CASES:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            if dtype == torch.float32 or name in NARROW:
+                dtype_id = str(dtype).removeprefix("torch.")
+                yield pytest.param(family, make, dtype, id=f"{name}-{dtype_id}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("family", "make", "dtype"), list(_cases()))
+def test_matches_reference(family: str, make: Callable, dtype: torch.dtype) -> None:
+    """7 steps: odd and zero sizes, a matrix, a non-contiguous param, a frozen one, None grads."""
+    optimizer, params = _run(make, family, dtype)
+    bucket = optimizer._engine.plans[0].buckets[0]
+    assert bucket.backend == "triton"
+    assert bucket.step.device == params[0].device
+
+
+def test_many_tensors() -> None:
+    """200 tensors in one bucket, one launch per step, per-tensor step counts."""
+    sizes = tuple(int(n) for n in torch.randint(1, 40, (197,)))
+    make = ADAM_CASES["adamw-independent-amsgrad"]
+    optimizer, _ = _run(make, "adam", torch.float32, sizes=(*sizes, 4100))
+    assert len(optimizer._engine.plans[0].buckets[0].params) == 200
+
+
+def test_multi_tile_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU configuration: CHUNK / BLOCK tiles per program, unmasked full chunks."""
+    from onepass.triton_kernels import common
+
+    monkeypatch.setattr(common, "BLOCK", 1024)
+    for family, name in (("adam", "adam-l2-amsgrad-maximize"), ("sgd", "sgd-momentum-dampening")):
+        make = {**ADAM_CASES, **SGD_CASES}[name]
+        _run(make, family, torch.float32, sizes=(1, 1500, 4096, 9000))
+
+
+@pytest.mark.parametrize("shift", [0, 3], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("block", [None, 1024], ids=["block-default", "block-1024"])
+def test_writes_stay_in_bounds(monkeypatch: pytest.MonkeyPatch, shift: int, block: int) -> None:
+    """Params and grads are views into poisoned buffers, at sizes around the chunk and tile
+    edges (and, shifted, at addresses that are not 16-byte aligned): the kernels write every
+    element of every param and nothing else; grads are only read; the flat state's padding stays
+    zero."""
+    from onepass.triton_kernels import common
+
+    if block is not None:
+        monkeypatch.setattr(common, "BLOCK", block)
+    sizes = (1, 17, 1023, 1025, 4095, 4096, 4097)
+    spans, end = [], 0
+    for n in sizes:  # 32 to 47 poisoned elements around each param, starts 64-byte aligned
+        start = (end + 32 + 15) // 16 * 16
+        spans.append((start + shift, n))
+        end = start + shift + n
+    total = end + 32
+    poison = 12345.0
+    param_storage = torch.full((total,), poison, device=DEVICE)
+    grad_storage = torch.randn(total).to(DEVICE)
+    grads_before = grad_storage.clone()
+    params = [param_storage[a : a + n].normal_().requires_grad_() for a, n in spans]
+    inside = torch.zeros(total, dtype=torch.bool, device=DEVICE)
+    for a, n in spans:
+        inside[a : a + n] = True
+    optimizer = onepass.AdamW(params, lr=1e-2, amsgrad=True, backend="triton")
+    before = param_storage.clone()
+    for _ in range(2):
+        for p, (a, n) in zip(params, spans, strict=True):
+            p.grad = grad_storage[a : a + n]
+        optimizer.step()
+    assert bool((param_storage[inside] != before[inside]).all()), "an element was not written"
+    assert bool((param_storage[~inside] == poison).all()), "a write outside the params"
+    assert torch.equal(grad_storage, grads_before), "a write to a grad"
+    bucket = optimizer._engine.plans[0].buckets[0]
+    assert bucket.table_cache["triton"].aligned == (shift == 0)
+    used = torch.zeros(bucket.total, dtype=torch.bool, device=DEVICE)
+    for offset, (_, n) in zip(bucket.offsets.tolist(), spans, strict=True):
+        used[offset : offset + n] = True
+    for name, buffer in bucket.buffers.items():
+        assert bool((buffer[used] != 0).all()), f"{name}: an element was not written"
+        assert bool((buffer[~used] == 0).all()), f"{name}: a write into the padding"
+
+
+@pytest.mark.parametrize("family", ["adam", "sgd"])
+def test_grad_scale_unscales(family: str) -> None:
+    """GradScaler-style grad_scale: g / scale in the kernel, read from the device."""
+    make = (
+        ADAM_CASES["adam-l2-amsgrad-maximize"]
+        if family == "adam"
+        else SGD_CASES["sgd-momentum-dampening"]
+    )
+    _run(make, family, torch.float32, sizes=(7, 300), scale=1024.0)
+
+
+@pytest.mark.parametrize("family", ["adam", "sgd"])
+def test_found_inf_skips_everything(family: str) -> None:
+    """found_inf != 0: params, state and step counts stay bitwise as they were."""
+    make = (
+        ADAM_CASES["adam-l2-amsgrad-maximize"]
+        if family == "adam"
+        else SGD_CASES["sgd-momentum-dampening"]
+    )
+    params = _params(torch.float32, (5, 4100))
+    optimizer = make(params)
+    for step in (1, 2):
+        for p, g in zip(params, _grads(params, step), strict=True):
+            p.grad = g
+        optimizer.step()
+    bucket = optimizer._engine.plans[0].buckets[0]
+    before = [p.detach().clone() for p in params]
+    state_before = {name: buf.clone() for name, buf in bucket.buffers.items()}
+    step_before = bucket.step.clone()
+    for p in params:
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape).to(DEVICE)
+    optimizer.grad_scale = torch.tensor(65536.0, device=DEVICE)
+    optimizer.found_inf = torch.tensor(1.0, device=DEVICE)
+    optimizer.step()
+    for p, old in zip(params, before, strict=True):
+        assert torch.equal(p, old)
+    for name, buf in bucket.buffers.items():
+        assert torch.equal(buf, state_before[name]), name
+    assert torch.equal(bucket.step, step_before)
+    # ... and the next clean step steps.
+    optimizer.found_inf = torch.tensor(0.0, device=DEVICE)
+    optimizer.step()
+    assert not torch.equal(params[0], before[0])
+    assert float(bucket.step[0]) == float(step_before[0]) + 1
+
+
+def test_flatten_steps_one_segment() -> None:
+    """flatten=True: the bucket's flat param/grad buffers, stepped as a single table row."""
+    params = [torch.randn(n).to(DEVICE).requires_grad_() for n in (7, 4097, 300)]
+    optimizer = onepass.AdamW(params, lr=1e-2, weight_decay=0.1, flatten=True, backend="triton")
+    reference = Reference("adam", params, torch.float64)
+    for step in range(1, STEPS + 1):
+        grads = [torch.randn(p.shape).to(DEVICE) for p in params]  # all: the one-segment path
+        for p, g in zip(params, grads, strict=True):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+        optimizer.step()
+        reference.step(optimizer.param_groups[0], grads, 1.0)
+        reference.check(optimizer, params, torch.float32)
+        assert (
+            step == 1 or len(optimizer._engine.plans[0].buckets[0].table_cache["triton"].key) == 2
+        )
+
+
+def test_table_is_cached_until_an_address_changes() -> None:
+    params = _params(torch.float32, (7, 100))
+    optimizer = onepass.Adam(params, lr=1e-2, backend="triton")
+    grads = _grads(params, 1)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    optimizer.step()
+    bucket = optimizer._engine.plans[0].buckets[0]
+    table = bucket.table_cache["triton"]
+    for p in params:  # grads updated in place: same addresses
+        if p.grad is not None:
+            p.grad.normal_()
+    optimizer.step()
+    assert bucket.table_cache["triton"] is table
+    params[0].grad = None  # the set of None grads changes
+    optimizer.step()
+    assert bucket.table_cache["triton"] is not table
+    assert bucket.table_cache["triton"].segments.shape[0] == table.segments.shape[0] - 1
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="checks the CPU-tensor guard of the interpreter")
+def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET")
+    param = torch.zeros(3, requires_grad=True)
+    optimizer = onepass.SGD([param], lr=0.1, backend="triton")
+    param.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        optimizer.step()
+    assert torch.count_nonzero(param) == 0
+
+
+_COMPILE_CHECK = textwrap.dedent(
+    """
+    import inspect
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from onepass.triton_kernels.adam import adam_kernel
+    from onepass.triton_kernels.sgd import sgd_kernel
+
+    NAMES = {tl.float32: "fp32", tl.float64: "fp64", tl.bfloat16: "bf16", tl.float16: "fp16"}
+    FLAGS = {adam_kernel: ("AMSGRAD", "L2_DECAY"), sgd_kernel: ("MOMENTUM", "NESTEROV", "L2_DECAY")}
+    VARIANTS = [(dtype, True) for dtype in NAMES] + [(tl.float32, False), (tl.bfloat16, False)]
+    for dtype, on in VARIANTS:  # every flag on; then every flag off
+        opmath = tl.float64 if dtype == tl.float64 else tl.float32
+        for kernel, flags in FLAGS.items():
+            constexprs = dict(DTYPE=dtype, OPMATH=opmath, HAS_GRAD_SCALE=on, HAS_FOUND_INF=on,
+                              ALIGNED=on, BLOCK=1024, CHUNK=4096, **{f: on for f in flags})
+            signature, attrs = {}, {}
+            for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+                if name in constexprs:
+                    signature[name] = "constexpr"
+                elif name in ("segments", "chunks"):
+                    signature[name] = "*i64"
+                elif name == "done_ptr":
+                    signature[name] = "*i32"
+                elif name in ("step_ptr", "grad_scale_ptr", "found_inf_ptr"):
+                    signature[name] = "*fp32"
+                elif name.endswith("_ptr"):
+                    signature[name] = "*" + NAMES[dtype]
+                else:
+                    signature[name] = "i64"
+                if signature[name].startswith("*"):  # what the launcher specializes on
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+            vector = "ld.global.v2" if dtype == tl.float64 else "ld.global.v4"
+            arrays = 5 if kernel is adam_kernel else 3  # p, g and the state slots
+            assert not on or ptx.count(vector) >= arrays, (kernel, dtype, "unvectorized tiles")
+            for approx in ("sqrt.approx", "div.approx", "div.full", "rcp.approx"):
+                assert approx not in ptx, (kernel, dtype, approx)
+            assert "atom.global.gpu.acq_rel.add" in ptx and "bar.sync" in ptx
+            print(kernel.fn.__name__, NAMES[dtype], "ok")
+    """
+)
+
+
+def test_compiles_for_sm90() -> None:
+    """The compiled path, without a GPU: every kernel compiles to sm_90 PTX (Triton's bundled
+    LLVM and ptxas), full tiles use 16-byte vector accesses, division and square root are IEEE,
+    the step counter's atomic and barrier are there."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" ok") == 12
