@@ -391,8 +391,17 @@ class Backend:
         return self.name if self.capability is None else f"{self.name}-{self.capability}"
 
 
+#: The CPU capabilities this machine runs, narrowest first (none if onepass._C is not built).
+CAPABILITIES: list[str] = onepass.cpu_capabilities() if onepass.native_available() else []
+#: The backends every drop-in test runs on.
+BACKEND_NAMES: list[str] = (["cpu"] if CAPABILITIES else []) + ["reference"]
+#: For tests of the native CPU kernels themselves.
+needs_native = pytest.mark.skipif(not CAPABILITIES, reason="onepass._C is not built")
+
+
 def all_backends() -> list[Backend]:
-    return [Backend("cpu", cap) for cap in onepass.cpu_capabilities()] + [Backend("reference")]
+    """ "cpu" once per capability this CPU runs, and "reference"."""
+    return [Backend("cpu", cap) for cap in CAPABILITIES] + [Backend("reference")]
 
 
 # ------------------------------------------------------------------------------------------------

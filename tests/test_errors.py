@@ -15,7 +15,7 @@ import torch
 
 import onepass
 
-from helpers import assert_unchanged, make_grads, set_grads, snapshot
+from helpers import BACKEND_NAMES, assert_unchanged, make_grads, set_grads, snapshot
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters: the same ValueError as torch.optim
@@ -198,7 +198,7 @@ def _add_then_step_refused(
     _refused(optimizer, optimizer.step, error, match)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_sparse_grad_refused(backend: str) -> None:
     """In a group of its own (its own bucket, beside others)."""
     optimizer, params = _stepped(backend=backend)
@@ -216,7 +216,7 @@ def test_sparse_grad_refused(backend: str) -> None:
     assert float(optimizer.state[params[0]]["step"]) == 3.0
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_sparse_grad_refused_in_a_single_bucket(backend: str) -> None:
     """The same, when the whole step is one bucket (one native launch checks its own args)."""
     embedding = torch.nn.Embedding(10, 3, sparse=True)
@@ -235,7 +235,7 @@ def test_sparse_grad_refused_in_a_single_bucket(backend: str) -> None:
     _refused(optimizer, action, RuntimeError, f"{_name(0, 1)}.*sparse")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int32])
 def test_unsupported_dtype_refused(backend: str, dtype: torch.dtype) -> None:
     """float8 can require grad; an int param cannot, so it is given a grad directly."""
@@ -284,7 +284,7 @@ VICTIMS = {"many-buckets": ((1, 0), (1, 1)), "one-bucket": ((0, 2), (0, 3))}
 
 
 @pytest.mark.parametrize("layout", list(VICTIMS))
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_grad_dtype_mismatch_refused(backend: str, layout: str) -> None:
     optimizer, params = _stepped_layout(layout, backend)
     params[2].grad_dtype = None  # torch's own switch for a grad of another dtype
@@ -299,7 +299,7 @@ def test_grad_dtype_mismatch_refused(backend: str, layout: str) -> None:
 
 
 @pytest.mark.parametrize("layout", list(VICTIMS))
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_grad_shape_mismatch_refused(backend: str, layout: str) -> None:
     optimizer, params = _stepped_layout(layout, backend)
 

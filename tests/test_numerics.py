@@ -36,6 +36,7 @@ import onepass
 
 from helpers import (
     ADAMW_INFO,
+    CAPABILITIES,
     DTYPES,
     LOW_PRECISION,
     SGD_INFO,
@@ -50,6 +51,7 @@ from helpers import (
     dtype_id,
     make_grads,
     make_params,
+    needs_native,
     optimizer_cases,
     reference_dtype,
     set_grads,
@@ -129,7 +131,7 @@ def test_many_small_tensors(info: OptimizerInfo, config: Config, backend: Backen
     """1,000 tensors of small odd sizes in one bucket (one launch per step), float32 on every
     backend; bfloat16 on the widest capability only (lockstep is slow on 1,000 tensors)."""
     dtypes = [torch.float32]
-    if backend.capability == onepass.cpu_capabilities()[-1]:
+    if CAPABILITIES and backend.capability == CAPABILITIES[-1]:
         dtypes.append(torch.bfloat16)
     for dtype in dtypes:
         sizes = [(7 * i) % 61 + 1 for i in range(1000)]
@@ -153,6 +155,7 @@ def test_many_medium_tensors(info: OptimizerInfo, config: Config, backend: Backe
     check_against_reference(info, config, backend.name, torch.float32, params)
 
 
+@needs_native
 def test_capability_from_environment() -> None:
     """ONEPASS_CPU_CAPABILITY picks the build at first use (here: the narrowest, scalar)."""
     code = "import onepass; print(onepass.cpu_capability())"
@@ -166,6 +169,7 @@ def test_capability_from_environment() -> None:
 BIG = (1 << 20) + 3
 
 
+@needs_native
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("info", "config", "dtype", "capability"),
@@ -173,7 +177,7 @@ BIG = (1 << 20) + 3
         pytest.param(
             ADAMW_INFO, {"lr": 1e-2, "amsgrad": True}, torch.float32, cap, id=f"AdamW-fp32-{cap}"
         )
-        for cap in onepass.cpu_capabilities()
+        for cap in CAPABILITIES
     ]
     + [
         pytest.param(ADAMW_INFO, {"lr": 1e-2}, torch.bfloat16, None, id="AdamW-bf16"),
@@ -214,7 +218,7 @@ def _tensors(
     return out
 
 
-@pytest.mark.skipif(len(onepass.cpu_capabilities()) < 2, reason="this CPU runs one capability")
+@pytest.mark.skipif(len(CAPABILITIES) < 2, reason="this CPU runs one capability")
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize(("info", "config"), optimizer_cases())
 def test_capabilities_agree(info: OptimizerInfo, config: Config, dtype: torch.dtype) -> None:
@@ -226,7 +230,7 @@ def test_capabilities_agree(info: OptimizerInfo, config: Config, dtype: torch.dt
     result), within one storage ulp: free-running low-precision runs drift apart by whole ulps for
     the reason given in this module's docstring.
     """
-    capabilities = onepass.cpu_capabilities()
+    capabilities = CAPABILITIES
     params = make_params(dtype, sizes=(0, 1, 7, 15, 16, 17, 33, 4097))
     optimizer = info.onepass_cls(params, **config, backend="cpu")
     lockstep = dtype in LOW_PRECISION
@@ -259,19 +263,61 @@ def test_capabilities_agree(info: OptimizerInfo, config: Config, dtype: torch.dt
             runs = {cap: continue_from for cap in capabilities}
 
 
+@needs_native
 def test_capability_switch_and_bad_name() -> None:
     original = onepass.cpu_capability()
-    assert original in onepass.cpu_capabilities()
-    assert onepass.cpu_capabilities()[0] == "scalar"
-    for capability in onepass.cpu_capabilities():
+    assert original in CAPABILITIES
+    assert CAPABILITIES[0] == "scalar"
+    for capability in CAPABILITIES:
         onepass.set_cpu_capability(capability)
         assert onepass.cpu_capability() == capability
     with pytest.raises(RuntimeError, match="cannot run the 'sse9' kernels"):
         onepass.set_cpu_capability("sse9")
-    assert onepass.cpu_capability() == onepass.cpu_capabilities()[-1]
+    assert onepass.cpu_capability() == CAPABILITIES[-1]
 
 
+@needs_native
 def test_backends_cover_every_capability() -> None:
     """The backend fixture really runs every capability this CPU has, plus the reference."""
     ids = [b.id for b in all_backends()]
     assert ids == [f"cpu-{c}" for c in onepass.cpu_capabilities()] + ["reference"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize(
+    ("info", "config"),
+    [
+        pytest.param(ADAMW_INFO, {"lr": 1e-2, "amsgrad": True}, id="AdamW-amsgrad"),
+        pytest.param(SGD_INFO, {"lr": 0.1, "momentum": 0.9}, id="SGD-momentum"),
+    ],
+)
+def test_non_finite_grads_propagate_like_the_reference(
+    info: OptimizerInfo, config: Config, backend: Backend, dtype: torch.dtype
+) -> None:
+    """No GradScaler: a nan / inf in a grad propagates exactly as in the reference (torch's
+    maximum keeps a NaN in max_exp_avg_sq; the SIMD builds' max must too), in the vector body and
+    in the tail, and the other elements are unaffected."""
+    params = [torch.randn(45).to(dtype).requires_grad_(), torch.randn(7).to(dtype).requires_grad_()]
+    optimizer = info.onepass_cls(params, **config, backend=backend.name)
+    reference = ReferenceRun(info, config, params, reference_dtype(dtype))
+    rtol, atol = TOLERANCES[dtype]
+    for s in range(1, STEPS + 1):
+        grads: list[torch.Tensor | None] = [torch.randn(45).to(dtype), torch.randn(7).to(dtype)]
+        if s == 3:
+            for g, position, value in (
+                (0, 5, "nan"),
+                (0, 44, "inf"),
+                (1, 2, "-inf"),
+                (1, 6, "nan"),
+            ):
+                grad = grads[g]
+                assert grad is not None
+                grad[position] = float(value)
+        set_grads(params, grads)
+        optimizer.step()
+        reference.step(grads, float(config["lr"]))
+        if dtype in LOW_PRECISION:
+            reference.check(optimizer, params, rtol, atol=LOCKSTEP_ATOL, ulps=1.0)
+            reference.sync(optimizer, params)
+    reference.check(optimizer, params, rtol, atol)
+    assert bool(params[0].detach()[5].isnan()) and not bool(params[0].detach()[4].isnan())
