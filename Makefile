@@ -6,6 +6,9 @@ PYTHON ?= python3
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -q setuptools wheel pytest ruff matplotlib
+	@# Triton for the Triton backend (its tests run on the CPU under TRITON_INTERPRET=1); a torch
+	@# with CUDA pins its own triton, which is kept.
+	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install -q triton
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 
 # The main job: onepass vs torch.optim on every shape list (CPU here, GPU where there is one).

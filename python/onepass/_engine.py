@@ -40,14 +40,27 @@ def triton_error() -> str | None:
     return None
 
 
+@functools.cache
+def cuda_kernels_built() -> bool:
+    """Whether onepass._C registered CUDA kernels (built with a CUDA torch and nvcc)."""
+    return _ops.native_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "onepass::adam_", "CUDA"
+    )
+
+
 def resolve_backend(requested: str, device: torch.device) -> str:
     """The backend that steps tensors on ``device``; raises if ``requested`` cannot."""
     if requested == "auto":
         if device.type == "cpu" and _ops.native_available():
             return "cpu"
-        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        if device.type == "cuda" and not interpreted and triton_error() is None:
-            return "triton"
+        if device.type == "cuda":
+            # The faster GPU backend as measured (bench/gpu_check.sh); until a GPU run has been
+            # recorded in bench/GPU_RESULTS.md, the native CUDA kernels where they were built.
+            if cuda_kernels_built():
+                return "cuda"
+            interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+            if not interpreted and triton_error() is None:
+                return "triton"
         return "reference"
     if requested == "cpu":
         if not _ops.native_available():
@@ -68,10 +81,14 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         if device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"onepass: backend='triton' cannot step tensors on {device}")
     if requested == "cuda":
-        raise RuntimeError(
-            f"onepass: backend={requested!r} is not available in this build "
-            "(the GPU backends are not implemented yet); use backend='auto' or 'reference'"
-        )
+        if not cuda_kernels_built():
+            raise RuntimeError(
+                "onepass: backend='cuda' is not available: onepass._C was built without CUDA "
+                "kernels (needs a CUDA torch and nvcc at build time); use backend='triton' or "
+                "'auto'"
+            )
+        if device.type != "cuda":
+            raise RuntimeError(f"onepass: backend='cuda' cannot step tensors on {device}")
     return requested
 
 
@@ -109,6 +126,9 @@ class Bucket:
         self.step = torch.zeros(len(params), dtype=torch.float32, device=step_device)
         # Backend-owned launch data (the Triton tensor table), rebuilt when addresses change.
         self.table_cache: dict[str, Any] = {}
+        # Whether every tensor has taken the same number of steps (the flat path needs it).
+        # Tracked on the host, so checking it never syncs with a GPU.
+        self.uniform_steps = True
         self.exposed = [False] * len(params)  # does optimizer.state[p] point into this bucket?
         self.flat_param: torch.Tensor | None = None
         self.flat_grad: torch.Tensor | None = None
@@ -143,7 +163,7 @@ class Bucket:
             return None
         if not all(p.grad is v for p, v in zip(self.params, self.grad_views, strict=True)):
             return None
-        if not bool((self.step == self.step[0]).all()):
+        if not self.uniform_steps:
             return None
         return FlatBucket(self)
 
@@ -257,6 +277,8 @@ class Engine:
             if isinstance(bucket, FlatBucket):
                 bucket.finish()
                 bucket, grads = bucket.bucket, list(bucket.bucket.grad_views)
+            elif bucket.flat_param is not None and any(g is None for g in grads):
+                bucket.uniform_steps = False  # the tensors without a grad did not advance
             if not all(bucket.exposed):
                 self._expose(bucket, grads)
 
@@ -333,6 +355,8 @@ def _adopt_state(engine: Engine, bucket: Bucket) -> None:
         new_entry.update(views)
         state[p] = new_entry
         bucket.exposed[i] = True
+    if len(bucket.params) > 1:
+        bucket.uniform_steps = bool((bucket.step == bucket.step[0]).all())
 
 
 def _check_grads(bucket: Bucket, grads: list[torch.Tensor | None]) -> None:

@@ -139,7 +139,7 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         )
 
 
-def _cpu_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     s = AdamScalars.from_group(group)
     torch.ops.onepass.adam_(
         bucket.params,
@@ -178,5 +178,10 @@ ADAM = AlgorithmSpec(
     check_group=_check_group,
     bytes_per_element=_bytes_per_element,
     reference=adam_reference,
-    launchers={"reference": _reference_launch, "cpu": _cpu_launch, "triton": _triton_launch},
+    launchers={
+        "reference": _reference_launch,
+        "cpu": _native_launch,
+        "cuda": _native_launch,
+        "triton": _triton_launch,
+    },
 )

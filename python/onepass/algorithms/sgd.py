@@ -110,7 +110,7 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         )
 
 
-def _cpu_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     s = SgdScalars.from_group(group)
     torch.ops.onepass.sgd_(
         bucket.params,
@@ -146,5 +146,10 @@ SGD_SPEC = AlgorithmSpec(
     check_group=_check_group,
     bytes_per_element=_bytes_per_element,
     reference=sgd_reference,
-    launchers={"reference": _reference_launch, "cpu": _cpu_launch, "triton": _triton_launch},
+    launchers={
+        "reference": _reference_launch,
+        "cpu": _native_launch,
+        "cuda": _native_launch,
+        "triton": _triton_launch,
+    },
 )
