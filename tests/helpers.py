@@ -8,8 +8,7 @@ hyperparameters (decay mode and initial lr come from the test's config, not from
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -594,20 +593,3 @@ class ReferenceRun:
             t.param.copy_(p.detach())
             for name, value in t.slots.items():
                 value.copy_(optimizer.state[p][name])
-
-
-def run_steps(
-    optimizer: torch.optim.Optimizer,
-    params: Sequence[torch.Tensor],
-    grads_per_step: Iterable[Sequence[torch.Tensor | None]],
-    on_step: Callable[[int], None] | None = None,
-) -> None:
-    for s, grads in enumerate(grads_per_step, start=1):
-        set_grads(params, grads)
-        optimizer.step()
-        if on_step is not None:
-            on_step(s)
-
-
-def pairs(items: Sequence[Any]) -> list[tuple[Any, Any]]:
-    return list(itertools.combinations(items, 2))
