@@ -481,18 +481,15 @@ def _reset(optimizer: torch.optim.Optimizer, how: str, p: torch.Tensor) -> None:
         optimizer.state.clear()
     elif how == "new-state-dict":
         optimizer.state = collections.defaultdict(dict)
+    elif how == "del-entry":
+        del optimizer.state[p]
     else:
         optimizer.state[p]["exp_avg"] = torch.zeros_like(p)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="onepass keeps stepping its flat buffers when optimizer.state (or one of its tensors) "
-    "is replaced; torch.optim starts from the new state. After state.clear() onepass's "
-    "state_dict() is empty while the hidden state goes on (bug, see the test report)",
-)
-@pytest.mark.parametrize("how", ["state.clear()", "new-state-dict", "replace-exp_avg"])
+@pytest.mark.parametrize("how", ["state.clear()", "new-state-dict", "replace-exp_avg", "del-entry"])
 def test_replaced_state_is_honoured(how: str, backend_name: str) -> None:
+    """Resetting state the ways torch.optim users do: the next step starts from the new state."""
     params = make_params(F64)
     theirs = clone_params(params)
     ours = onepass.Adam(params, lr=0.1, backend=backend_name)

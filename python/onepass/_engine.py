@@ -176,7 +176,8 @@ class Bucket:
             if step_in_state:
                 entry["step"] = self.step[i]
             entry.update(self.slot_views(i))
-            state[self.params[i]] = entry
+            if entry:  # torch.optim.SGD without momentum keeps no state at all
+                state.put(self.params[i], entry)
             self.exposed[i] = True
 
     def slot_views(self, i: int) -> dict[str, torch.Tensor]:
@@ -250,6 +251,10 @@ class Engine:
     # -- stepping -----------------------------------------------------------------------------
 
     def step(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+        state = self.optimizer.state
+        if state.dirty:  # written from outside: rebuild the buckets from what it holds now
+            self.invalidate()
+            state.dirty = False
         work: list[tuple[dict[str, Any], Bucket | FlatBucket, list[torch.Tensor | None]]] = []
         for index, group in enumerate(self.optimizer.param_groups):
             plan = self._plan(index, group)
@@ -353,7 +358,7 @@ def _adopt_state(engine: Engine, bucket: Bucket) -> None:
         if engine.spec.step_in_state:
             new_entry["step"] = bucket.step[i]
         new_entry.update(views)
-        state[p] = new_entry
+        state.put(p, new_entry)
         bucket.exposed[i] = True
     if len(bucket.params) > 1:
         bucket.uniform_steps = bool((bucket.step == bucket.step[0]).all())

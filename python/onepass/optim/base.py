@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from onepass._engine import BACKENDS, Engine, resolve_backend
+from onepass._state import TrackedState
 from onepass.algorithms.base import DECAY_MODES, AlgorithmSpec, scalar
 
 
@@ -61,8 +62,32 @@ class FusedOptimizer(Optimizer):
         if group["decay"] == "independent":
             group.setdefault("initial_lr", scalar(group["lr"]))
 
+    @property  # type: ignore[override]
+    def state(self) -> TrackedState:
+        """param -> its state (torch.optim's slot names; views into the engine's flat buffers).
+
+        Writing to it (``state.clear()``, ``state[p] = ...``, ``state[p]["exp_avg"] = t``,
+        ``optimizer.state = ...``) is honoured at the next step, which then starts from the new
+        state exactly as torch.optim would.
+        """
+        return self._state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._state = TrackedState(value)
+        self._state.dirty = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, its entries plain dicts (loadable with weights_only=True)."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        return state_dict
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        tensors = state.pop("state", {})
         super().__setstate__(state)
+        self.state = tensors
         for group in self.param_groups:
             for key, value in self.torch_keys.items():
                 group.setdefault(key, value)
