@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import platform
 import statistics
+import subprocess
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,8 +26,26 @@ class Env:
     device_name: str
     torch_version: str
     onepass_version: str
+    onepass_commit: str  # of this checkout; "+dirty" when python/, csrc/ or setup.py differ
     cpu_capability: str
     threads: int
+
+
+def _commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "python", "csrc", "setup.py"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return ""
+    return f"{head}+dirty" if head and dirty else head
 
 
 def environment(device: torch.device) -> Env:
@@ -49,6 +68,7 @@ def environment(device: torch.device) -> Env:
         name,
         torch.__version__,
         onepass.__version__,
+        _commit(),
         capability,
         torch.get_num_threads(),
     )
@@ -60,6 +80,7 @@ class Row:
     device_name: str
     torch_version: str
     onepass_version: str
+    onepass_commit: str
     cpu_capability: str
     threads: int
     shapes: str
@@ -174,7 +195,8 @@ def markdown(all_rows: Sequence[Row], env: Env, command: str, load: str) -> str:
     lines = [
         f"# onepass bench: {env.device_name} ({env.device})",
         "",
-        f"`{command}`: torch {env.torch_version}, onepass {env.onepass_version}, "
+        f"`{command}`: torch {env.torch_version}, onepass {env.onepass_version} "
+        f"({env.onepass_commit or 'commit unknown'}), "
         f"{env.cpu_capability}, {env.threads} threads. Candidates interleaved round-robin "
         f"(one step each per round) after {r0.warmup} warm-up rounds; statistics over rounds. "
         f"Load average (1 min): {load}.",

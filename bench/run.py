@@ -91,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)])
     log(
         f"bench: {env.device_name} ({env.device}), torch {env.torch_version}, onepass "
-        f"{env.onepass_version}, {env.cpu_capability}, {env.threads} threads"
+        f"{env.onepass_version} ({env.onepass_commit}), {env.cpu_capability}, "
+        f"{env.threads} threads"
     )
     start = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
