@@ -33,6 +33,14 @@ struct Amp {
   double grad_scale = 1.0;
 };
 
+// lr as a one-element CPU tensor (a float lr arrives as one too): a tensor lr is what lets
+// torch.compile change it without recompiling.
+double read_lr(const Tensor& lr) {
+  TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu() && at::isFloatingType(lr.scalar_type()),
+              "onepass: lr must be a one-element floating-point CPU tensor for CPU params");
+  return lr.item<double>();
+}
+
 Amp read_amp(const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
              bool maximize) {
   glue::check_amp_scalar(grad_scale, "grad_scale", at::kCPU);
@@ -75,11 +83,12 @@ void finish(Table& t, Tensor& step) {
 void adam_cpu(at::TensorList params, const OptionalTensorList& grads, Tensor exp_avg,
               Tensor exp_avg_sq, const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
-              const std::optional<Tensor>& found_inf, double lr, double beta1, double beta2,
-              double eps, double weight_decay, double decay_factor, bool amsgrad, bool maximize,
-              bool l2_decay) {
+              const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
+              double beta2, double eps, double weight_decay, double decay_coefficient,
+              bool amsgrad, bool maximize, bool l2_decay) {
   Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
+  const double lr_value = read_lr(lr);
   glue::check_state(exp_avg, "exp_avg", t, at::kCPU);
   glue::check_state(exp_avg_sq, "exp_avg_sq", t, at::kCPU);
   TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "onepass: amsgrad needs max_exp_avg_sq");
@@ -94,7 +103,8 @@ void adam_cpu(at::TensorList params, const OptionalTensorList& grads, Tensor exp
   launch.exp_avg = exp_avg.data_ptr();
   launch.exp_avg_sq = exp_avg_sq.data_ptr();
   launch.max_exp_avg_sq = amsgrad ? max_exp_avg_sq->data_ptr() : nullptr;
-  launch.hyper = AdamHyper{lr, beta1, beta2, eps, weight_decay, decay_factor, amp.grad_scale};
+  launch.hyper = AdamHyper{lr_value, beta1, beta2, eps, weight_decay, decay_coefficient,
+                           amp.grad_scale};
   launch.amsgrad = amsgrad;
   launch.l2_decay = l2_decay;
   const auto kernel = cpu::kernels().adam;
@@ -105,11 +115,12 @@ void adam_cpu(at::TensorList params, const OptionalTensorList& grads, Tensor exp
 void sgd_cpu(at::TensorList params, const OptionalTensorList& grads,
              const std::optional<Tensor>& momentum_buffer, Tensor step,
              const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
-             const std::optional<Tensor>& found_inf, double lr, double momentum, double dampening,
-             double weight_decay, double decay_factor, bool nesterov, bool maximize,
-             bool l2_decay) {
+             const std::optional<Tensor>& found_inf, const Tensor& lr, double momentum,
+             double dampening, double weight_decay, double decay_coefficient, bool nesterov,
+             bool maximize, bool l2_decay) {
   Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
+  const double lr_value = read_lr(lr);
   const bool has_momentum = momentum != 0.0;
   if (has_momentum) {
     TORCH_CHECK(momentum_buffer.has_value(), "onepass: momentum != 0 needs momentum_buffer");
@@ -122,7 +133,8 @@ void sgd_cpu(at::TensorList params, const OptionalTensorList& grads,
   launch.segments = t.segments.data();
   launch.chunks = t.chunks.data();
   launch.momentum_buffer = has_momentum ? momentum_buffer->data_ptr() : nullptr;
-  launch.hyper = SgdHyper{lr, momentum, dampening, weight_decay, decay_factor, amp.grad_scale};
+  launch.hyper = SgdHyper{lr_value, momentum, dampening, weight_decay, decay_coefficient,
+                          amp.grad_scale};
   launch.momentum = has_momentum;
   launch.nesterov = nesterov;
   launch.l2_decay = l2_decay;
@@ -151,13 +163,13 @@ TORCH_LIBRARY(onepass, m) {
   m.def(
       "adam_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, Tensor(e!) step, Tensor state_offsets, Tensor? grad_scale, "
-      "Tensor? found_inf, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "float decay_factor, bool amsgrad, bool maximize, bool l2_decay) -> ()");
+      "Tensor? found_inf, Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
+      "float decay_coefficient, bool amsgrad, bool maximize, bool l2_decay) -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)? momentum_buffer, Tensor(e!) step, "
-      "Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, "
-      "float dampening, float weight_decay, float decay_factor, bool nesterov, bool maximize, "
-      "bool l2_decay) -> ()");
+      "Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, Tensor lr, float momentum, "
+      "float dampening, float weight_decay, float decay_coefficient, bool nesterov, "
+      "bool maximize, bool l2_decay) -> ()");
   m.def("cpu_capability() -> str", &onepass::cpu_capability);
   m.def("cpu_capabilities() -> str[]", &onepass::cpu_capabilities);
   m.def("set_cpu_capability(str name) -> ()", &onepass::set_cpu_capability);

@@ -499,18 +499,19 @@ class ReferenceRun:
             beta2=float(beta2),
             eps=float(config.get("eps", 1e-8)),
             weight_decay=wd if self.decay == "l2" else 0.0,
-            decay_factor=self._decay_factor(lr, wd),
+            decay_coefficient=self._decay_coefficient(wd),
             l2_decay=self.decay == "l2" and wd != 0.0,
             amsgrad=bool(config.get("amsgrad", False)),
             maximize=bool(config.get("maximize", False)),
         )
 
-    def _decay_factor(self, lr: float, wd: float) -> float:
+    def _decay_coefficient(self, wd: float) -> float:
+        """c in p *= 1 - lr * c, from the test's own config."""
         if self.decay == "decoupled":
-            return 1.0 - lr * wd
+            return wd
         if self.decay == "independent":
-            return 1.0 - lr / self.initial_lr * wd
-        return 1.0
+            return wd / self.initial_lr
+        return 0.0
 
     def _sgd_scalars(self, lr: float, config: Config) -> SgdScalars:
         wd = float(config.get("weight_decay", 0.0))
@@ -519,7 +520,7 @@ class ReferenceRun:
             momentum=float(config.get("momentum", 0.0)),
             dampening=float(config.get("dampening", 0.0)),
             weight_decay=wd if self.decay == "l2" else 0.0,
-            decay_factor=self._decay_factor(lr, wd),
+            decay_coefficient=self._decay_coefficient(wd),
             l2_decay=self.decay == "l2" and wd != 0.0,
             nesterov=bool(config.get("nesterov", False)),
             maximize=bool(config.get("maximize", False)),

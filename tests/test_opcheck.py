@@ -75,12 +75,12 @@ def test_opcheck_adam(dtype: torch.dtype, amsgrad: bool, scaled: bool, found_inf
         offsets,
         grad_scale,
         inf,
-        1e-2,  # lr
+        torch.tensor(1e-2, dtype=torch.float64),  # lr (a tensor: no recompile when it changes)
         0.9,  # beta1
         0.999,  # beta2
         1e-8,  # eps
         0.0,  # weight_decay (L2)
-        1.0 - 1e-2 * 0.1,  # decay_factor (decoupled)
+        0.1,  # decay_coefficient (decoupled: p *= 1 - lr * 0.1)
         amsgrad,
         False,  # maximize
         False,  # l2_decay
@@ -104,11 +104,11 @@ def test_opcheck_sgd(dtype: torch.dtype, momentum: float, scaled: bool, found_in
         offsets,
         grad_scale,
         inf,
-        0.1,  # lr
+        torch.tensor(0.1),  # lr
         momentum,
         0.1,  # dampening
         0.01,  # weight_decay (L2)
-        1.0,  # decay_factor
+        0.0,  # decay_coefficient
         momentum != 0.0,  # nesterov
         True,  # maximize
         True,  # l2_decay
@@ -122,7 +122,7 @@ def test_op_mutates_only_what_it_declares() -> None:
     exp_avg, exp_avg_sq = torch.zeros(64), torch.zeros(64)
     step = torch.tensor([2.0, 0.0, 1.0, 4.0])
     before = [p.clone() for p in params]
-    common = (1e-2, 0.9, 0.999, 1e-8, 0.0, 1.0, False, False, False)
+    common = (torch.tensor(1e-2), 0.9, 0.999, 1e-8, 0.0, 0.0, False, False, False)
     torch.ops.onepass.adam_(
         params, grads, exp_avg, exp_avg_sq, None, step, offsets, None, torch.tensor(1.0), *common
     )

@@ -25,11 +25,14 @@ struct DeviceTable {
   int64_t num_stepped;
 };
 
-// Per-tensor step counts and the AMP scalars live on the device: no host sync in a step.
+// Per-tensor step counts, the AMP scalars and (capturable) the lr live on the device: a step makes
+// no host sync, and a step captured in a CUDA graph reads the values current at each replay.
 struct StepState {
-  float* step;             // one per tensor of the bucket; bias corrections read step + 1
+  float* step;              // one per tensor of the bucket; bias corrections read step + 1
   const float* grad_scale;  // nullable: g /= *grad_scale
   const float* found_inf;   // nullable: nonzero means write nothing, advance nothing
+  const void* lr;           // nullable: the lr on the device (else the hyper's host value)
+  bool lr_is_double;        // the device lr is a double (else a float)
 };
 
 struct AdamLaunch {

@@ -94,6 +94,12 @@ __device__ __forceinline__ double grad_multiplier(double base, const StepState& 
   return s.grad_scale != nullptr ? base / double(*s.grad_scale) : base;
 }
 
+// The lr of this step: the device value when the step is capturable, else the host's.
+__device__ __forceinline__ double step_lr(double host_lr, const StepState& s) {
+  if (s.lr == nullptr) return host_lr;
+  return s.lr_is_double ? *static_cast<const double*>(s.lr) : double(*static_cast<const float*>(s.lr));
+}
+
 // Advances the step of every tensor that had a grad, after the update kernel read them.
 __global__ void advance_steps(StepState s, const int64_t* stepped, int64_t n);
 

@@ -81,21 +81,35 @@ DeviceTables& device_tables() {
   return tables;
 }
 
+// The step's device-side scalars. lr: a CPU tensor is read here (no sync: host memory); a tensor
+// on the params' device (capturable) is read by the kernel at each launch or graph replay.
 cuda::StepState step_state(Tensor& step, const std::optional<Tensor>& grad_scale,
-                           const std::optional<Tensor>& found_inf, at::Device device) {
+                           const std::optional<Tensor>& found_inf, const Tensor& lr,
+                           at::Device device, double* host_lr) {
   glue::check_amp_scalar(grad_scale, "grad_scale", device);
   glue::check_amp_scalar(found_inf, "found_inf", device);
-  return cuda::StepState{step.data_ptr<float>(),
-                         grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr,
-                         found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr};
+  TORCH_CHECK(lr.numel() == 1 && (lr.device().is_cpu() || lr.device() == device) &&
+                  (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble),
+              "onepass: lr must be a one-element float32/float64 tensor on the CPU or on ", device);
+  cuda::StepState s{step.data_ptr<float>(),
+                    grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr,
+                    found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr, nullptr,
+                    false};
+  if (lr.device().is_cpu()) {
+    *host_lr = lr.item<double>();
+  } else {
+    s.lr = lr.data_ptr();
+    s.lr_is_double = lr.scalar_type() == at::kDouble;
+  }
+  return s;
 }
 
 void adam_cuda(at::TensorList params, const OptionalTensorList& grads, Tensor exp_avg,
                Tensor exp_avg_sq, const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
                const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
-               const std::optional<Tensor>& found_inf, double lr, double beta1, double beta2,
-               double eps, double weight_decay, double decay_factor, bool amsgrad, bool maximize,
-               bool l2_decay) {
+               const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
+               double beta2, double eps, double weight_decay, double decay_coefficient,
+               bool amsgrad, bool maximize, bool l2_decay) {
   const at::Device device = exp_avg.device();
   TORCH_CHECK(device.is_cuda(), "onepass: the CUDA adam_ needs CUDA state buffers");
   const c10::cuda::CUDAGuard guard(device);
@@ -110,11 +124,13 @@ void adam_cuda(at::TensorList params, const OptionalTensorList& grads, Tensor ex
   cuda::AdamLaunch launch{};
   launch.dtype = glue::storage_dtype(t.dtype);
   launch.table = device_tables().get(exp_avg.data_ptr(), t, device, stream);
-  launch.steps = step_state(step, grad_scale, found_inf, device);
+  double host_lr = 0.0;
+  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
   launch.exp_avg = exp_avg.data_ptr();
   launch.exp_avg_sq = exp_avg_sq.data_ptr();
   launch.max_exp_avg_sq = amsgrad ? max_exp_avg_sq->data_ptr() : nullptr;
-  launch.hyper = AdamHyper{lr, beta1, beta2, eps, weight_decay, decay_factor, maximize ? -1.0 : 1.0};
+  launch.hyper = AdamHyper{host_lr, beta1, beta2, eps, weight_decay, decay_coefficient,
+                           maximize ? -1.0 : 1.0};
   launch.amsgrad = amsgrad;
   launch.l2_decay = l2_decay;
   const cudaError_t err = cuda::launch_adam(launch, stream);
@@ -125,8 +141,8 @@ void adam_cuda(at::TensorList params, const OptionalTensorList& grads, Tensor ex
 void sgd_cuda(at::TensorList params, const OptionalTensorList& grads,
               const std::optional<Tensor>& momentum_buffer, Tensor step,
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
-              const std::optional<Tensor>& found_inf, double lr, double momentum,
-              double dampening, double weight_decay, double decay_factor, bool nesterov,
+              const std::optional<Tensor>& found_inf, const Tensor& lr, double momentum,
+              double dampening, double weight_decay, double decay_coefficient, bool nesterov,
               bool maximize, bool l2_decay) {
   const at::Device device = step.device();
   TORCH_CHECK(device.is_cuda(), "onepass: the CUDA sgd_ needs a CUDA step tensor");
@@ -145,9 +161,11 @@ void sgd_cuda(at::TensorList params, const OptionalTensorList& grads,
   // Without momentum there is no state buffer: the step tensor keys the bucket's table.
   const void* key = has_momentum ? momentum_buffer->data_ptr() : step.data_ptr();
   launch.table = device_tables().get(key, t, device, stream);
-  launch.steps = step_state(step, grad_scale, found_inf, device);
+  double host_lr = 0.0;
+  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
   launch.momentum_buffer = has_momentum ? momentum_buffer->data_ptr() : nullptr;
-  launch.hyper = SgdHyper{lr, momentum, dampening, weight_decay, decay_factor, maximize ? -1.0 : 1.0};
+  launch.hyper = SgdHyper{host_lr, momentum, dampening, weight_decay, decay_coefficient,
+                          maximize ? -1.0 : 1.0};
   launch.momentum = has_momentum;
   launch.nesterov = nesterov;
   launch.l2_decay = l2_decay;

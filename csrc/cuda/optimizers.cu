@@ -24,6 +24,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(AdamLaunch L) {
   __shared__ AdamConsts<O> shared_consts;
   if (threadIdx.x == 0) {
     AdamHyper h = L.hyper;
+    h.lr = step_lr(h.lr, L.steps);
     h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
     shared_consts = AdamConsts<O>::make(h, double(L.steps.step[seg.index]) + 1.0);
   }
@@ -64,6 +65,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(SgdLaunch L) {
   const Chunk chunk = L.table.chunks[blockIdx.x];
   const Segment seg = L.table.segments[chunk.segment];
   SgdHyper h = L.hyper;
+  h.lr = step_lr(h.lr, L.steps);
   h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
   const SgdConsts<O> c = SgdConsts<O>::make(h);
   if (!L.momentum) {

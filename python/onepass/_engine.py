@@ -126,6 +126,7 @@ class Bucket:
         self.step = torch.zeros(len(params), dtype=torch.float32, device=step_device)
         # Backend-owned launch data (the Triton tensor table), rebuilt when addresses change.
         self.table_cache: dict[str, Any] = {}
+        self._lr = torch.zeros((), dtype=torch.float64)
         # Whether every tensor has taken the same number of steps (the flat path needs it).
         # Tracked on the host, so checking it never syncs with a GPU.
         self.uniform_steps = True
@@ -167,6 +168,15 @@ class Bucket:
             return None
         return FlatBucket(self)
 
+    def lr_tensor(self, lr: float | torch.Tensor) -> torch.Tensor:
+        """The lr as the one-element tensor the native ops take: the group's own tensor (which
+        torch.compile and CUDA graphs read at run time), or a float written into a cached CPU
+        scalar."""
+        if isinstance(lr, torch.Tensor):
+            return lr
+        self._lr.fill_(lr)
+        return self._lr
+
     def expose(self, state: Any, step_in_state: bool, grads: list[torch.Tensor | None]) -> None:
         """Creates ``optimizer.state[p]`` (views into the bucket) when p first has a grad."""
         for i, g in enumerate(grads):
@@ -202,6 +212,7 @@ class FlatBucket:
         self.buffers = bucket.buffers
         self.step = bucket.step[:1]  # every tensor of the bucket has this step count
         self.table_cache = bucket.table_cache
+        self.lr_tensor = bucket.lr_tensor
         self.offsets = torch.zeros(1, dtype=torch.int64)
 
     def slot_views(self, i: int) -> dict[str, torch.Tensor]:

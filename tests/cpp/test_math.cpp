@@ -88,7 +88,7 @@ void test_half() {
 
 // adam_update and sgd_update against torch.optim's formulas in long double, over several steps.
 void test_math_vs_torch() {
-  const AdamHyper h{1e-2, 0.9, 0.999, 1e-8, 0.1, 1.0 - 1e-2 * 0.05, -1.0};  // maximize
+  const AdamHyper h{1e-2, 0.9, 0.999, 1e-8, 0.1, 0.05, -1.0};  // maximize, decay 1 - lr*0.05
   double p = 0.7, m = 0, v = 0, vmax = 0;
   long double rp = 0.7L, rm = 0, rv = 0, rvmax = 0;
   const double grads[] = {0.3, -1.2, 0.01, 2.5, -0.4, 0.9, -0.05};
@@ -106,7 +106,7 @@ void test_math_vs_torch() {
     CHECK(close(p, double(rp), 1e-13, 1e-15), "adam step %d: %.17g vs %.17Lg", t, p, rp);
     CHECK(close(vmax, double(rvmax), 1e-13, 1e-18), "adam vmax step %d", t);
   }
-  const SgdHyper s{0.1, 0.9, 0.0, 0.01, 1.0, 1.0};
+  const SgdHyper s{0.1, 0.9, 0.0, 0.01, 0.0, 1.0};
   double q = -0.3, buf = 0;
   long double rq = -0.3L, rbuf = 0;
   for (int t = 1; t <= 7; ++t) {
@@ -141,7 +141,7 @@ void test_kernel_sets(DType dtype, double rtol) {
       Segment seg{p.data(), g.data(), 0, n, 0, 3.0};
       Chunk chunk{0, 0, n};
       cpu::AdamLaunch L{dtype, &seg, &chunk, m.data(), v.data(), vm.data(),
-                        AdamHyper{1e-2, 0.9, 0.999, 1e-8, 0.1, 1.0, 1.0}, true, true};
+                        AdamHyper{1e-2, 0.9, 0.999, 1e-8, 0.1, 0.0, 1.0}, true, true};
       CHECK(cpu::set_capability(cpu::capability_name(k)), "set %s", cpu::capability_name(k));
       cpu::kernels().adam(L, 0, 1);
       std::vector<S> all = p;

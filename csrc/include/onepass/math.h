@@ -19,19 +19,20 @@ struct AdamHyper {
   double beta1;
   double beta2;
   double eps;
-  double weight_decay;  // used by L2 decay (added to the gradient)
-  double decay_factor;  // p *= decay_factor before the update: 1 - lr*wd (decoupled), 1 - lr/lr0*wd
-                        // (independent), 1 (L2 or no decay)
-  double grad_scale;    // g *= grad_scale: -1 for maximize, times 1/amp_scale under a GradScaler
+  double weight_decay;       // used by L2 decay (added to the gradient)
+  double decay_coefficient;  // p *= 1 - lr * decay_coefficient before the update: wd (decoupled),
+                             // wd / initial_lr (independent), 0 (L2 or no decay). Linear in lr, so
+                             // a device-side lr (capturable) needs no host work.
+  double grad_scale;         // g *= grad_scale: -1 for maximize, times 1/amp_scale under AMP
 };
 
 struct SgdHyper {
   double lr;
   double momentum;
   double dampening;
-  double weight_decay;  // L2 decay
-  double decay_factor;  // decoupled / independent decay, 1 otherwise
-  double grad_scale;    // -1 for maximize, times 1/amp_scale under a GradScaler
+  double weight_decay;       // L2 decay
+  double decay_coefficient;  // as AdamHyper: p *= 1 - lr * decay_coefficient
+  double grad_scale;         // -1 for maximize, times 1/amp_scale under a GradScaler
 };
 
 inline namespace ONEPASS_CAPABILITY {
@@ -65,7 +66,7 @@ struct AdamConsts {
     c.one_minus_beta2 = T(1.0 - h.beta2);
     c.eps = T(h.eps);
     c.weight_decay = T(h.weight_decay);
-    c.decay_factor = T(h.decay_factor);
+    c.decay_factor = T(1.0 - h.lr * h.decay_coefficient);
     c.grad_scale = T(h.grad_scale);
     c.step_size = T(h.lr / bias_correction1);
     c.inv_bias_correction2_sqrt = T(1.0 / sqrt(bias_correction2));
@@ -104,7 +105,7 @@ struct SgdConsts {
     c.momentum = T(h.momentum);
     c.one_minus_dampening = T(1.0 - h.dampening);
     c.weight_decay = T(h.weight_decay);
-    c.decay_factor = T(h.decay_factor);
+    c.decay_factor = T(1.0 - h.lr * h.decay_coefficient);
     c.grad_scale = T(h.grad_scale);
     return c;
   }

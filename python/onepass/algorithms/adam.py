@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from onepass.algorithms.base import AlgorithmSpec, Group, decay_factor, opmath_dtype, scalar
+from onepass.algorithms.base import (
+    AlgorithmSpec,
+    Group,
+    decay_coefficient,
+    opmath_dtype,
+    scalar,
+)
 
 
 @dataclass(frozen=True)
@@ -23,24 +29,31 @@ class AdamScalars:
     beta1: float
     beta2: float
     eps: float
-    weight_decay: float
-    decay_factor: float  # p *= decay_factor before the update (1.0 under L2 decay)
+    weight_decay: float  # L2 decay (0 unless decay == "l2")
+    decay_coefficient: float  # p *= 1 - lr * decay_coefficient before the update
     l2_decay: bool
     amsgrad: bool
     maximize: bool
 
+    @property
+    def decay_factor(self) -> float:
+        return 1.0 - self.lr * self.decay_coefficient
+
     @classmethod
-    def from_group(cls, group: Group) -> AdamScalars:
+    def from_group(cls, group: Group, lr: float | None = None) -> AdamScalars:
+        """The group's scalars; ``lr`` overrides the group's (the native kernels take the lr as a
+        tensor of its own, so they pass 0.0 here and never read a tensor lr on the host)."""
         beta1, beta2 = group["betas"]
+        weight_decay = scalar(group["weight_decay"])
         l2 = group["decay"] == "l2"
         return cls(
-            lr=scalar(group["lr"]),
+            lr=scalar(group["lr"]) if lr is None else lr,
             beta1=scalar(beta1),
             beta2=scalar(beta2),
             eps=float(group["eps"]),
-            weight_decay=scalar(group["weight_decay"]) if l2 else 0.0,
-            decay_factor=decay_factor(group),
-            l2_decay=l2 and scalar(group["weight_decay"]) != 0.0,
+            weight_decay=weight_decay if l2 else 0.0,
+            decay_coefficient=decay_coefficient(group),
+            l2_decay=l2 and weight_decay != 0.0,
             amsgrad=bool(group["amsgrad"]),
             maximize=bool(group["maximize"]),
         )
@@ -140,7 +153,7 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
 
 
 def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
-    s = AdamScalars.from_group(group)
+    s = AdamScalars.from_group(group, lr=0.0)
     torch.ops.onepass.adam_(
         bucket.params,
         grads,
@@ -151,12 +164,12 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         bucket.offsets,
         grad_scale,
         found_inf,
-        s.lr,
+        bucket.lr_tensor(group["lr"]),
         s.beta1,
         s.beta2,
         s.eps,
         s.weight_decay,
-        s.decay_factor,
+        s.decay_coefficient,
         s.amsgrad,
         s.maximize,
         s.l2_decay,

@@ -22,15 +22,19 @@ def scalar(value: float | torch.Tensor) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def decay_factor(group: Group) -> float:
-    """The multiplier applied to the param before the update (1.0 under L2 decay)."""
+def decay_coefficient(group: Group) -> float:
+    """c in ``p *= 1 - lr * c`` (applied before the update): wd for decoupled decay,
+    wd / initial_lr for independent decay, 0 under L2 decay (which goes through the gradient).
+
+    The kernels take c and the lr separately, so an lr that lives in a tensor (torch.compile,
+    CUDA graphs) reaches them without a host read."""
     weight_decay = scalar(group["weight_decay"])
     mode = group["decay"]
     if mode == "decoupled":
-        return 1.0 - scalar(group["lr"]) * weight_decay
+        return weight_decay
     if mode == "independent":
-        return 1.0 - scalar(group["lr"]) / scalar(group["initial_lr"]) * weight_decay
-    return 1.0
+        return weight_decay / scalar(group["initial_lr"])
+    return 0.0
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from onepass.algorithms.base import AlgorithmSpec, Group, decay_factor, opmath_dtype, scalar
+from onepass.algorithms.base import (
+    AlgorithmSpec,
+    Group,
+    decay_coefficient,
+    opmath_dtype,
+    scalar,
+)
 
 
 @dataclass(frozen=True)
@@ -21,22 +27,28 @@ class SgdScalars:
     lr: float
     momentum: float
     dampening: float
-    weight_decay: float
-    decay_factor: float
+    weight_decay: float  # L2 decay (0 unless decay == "l2")
+    decay_coefficient: float  # p *= 1 - lr * decay_coefficient before the update
     l2_decay: bool
     nesterov: bool
     maximize: bool
 
+    @property
+    def decay_factor(self) -> float:
+        return 1.0 - self.lr * self.decay_coefficient
+
     @classmethod
-    def from_group(cls, group: Group) -> SgdScalars:
+    def from_group(cls, group: Group, lr: float | None = None) -> SgdScalars:
+        """The group's scalars; ``lr`` overrides the group's (see AdamScalars.from_group)."""
+        weight_decay = scalar(group["weight_decay"])
         l2 = group["decay"] == "l2"
         return cls(
-            lr=scalar(group["lr"]),
+            lr=scalar(group["lr"]) if lr is None else lr,
             momentum=float(group["momentum"]),
             dampening=float(group["dampening"]),
-            weight_decay=scalar(group["weight_decay"]) if l2 else 0.0,
-            decay_factor=decay_factor(group),
-            l2_decay=l2 and scalar(group["weight_decay"]) != 0.0,
+            weight_decay=weight_decay if l2 else 0.0,
+            decay_coefficient=decay_coefficient(group),
+            l2_decay=l2 and weight_decay != 0.0,
             nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]),
         )
@@ -111,7 +123,7 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
 
 
 def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
-    s = SgdScalars.from_group(group)
+    s = SgdScalars.from_group(group, lr=0.0)
     torch.ops.onepass.sgd_(
         bucket.params,
         grads,
@@ -120,11 +132,11 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         bucket.offsets,
         grad_scale,
         found_inf,
-        s.lr,
+        bucket.lr_tensor(group["lr"]),
         s.momentum,
         s.dampening,
         s.weight_decay,
-        s.decay_factor,
+        s.decay_coefficient,
         s.nesterov,
         s.maximize,
         s.l2_decay,

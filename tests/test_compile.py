@@ -1,0 +1,64 @@
+"""torch.compile(fullgraph=True) of a function that calls opt.step(): no graph break, the same
+results as eager, and no recompilation when a tensor lr changes (grads updated in place, as after
+zero_grad(set_to_none=False): Dynamo guards on the identity of replaced grads).
+
+The lr changes as an LR scheduler changes a tensor lr: in place (``group["lr"].fill_(...)``). An
+LRScheduler object itself is not attached: it wraps ``opt.step`` in a function Dynamo refuses to
+trace, for torch.optim's optimizers as for ours.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+import onepass
+
+from helpers import assert_verbose_allclose
+
+pytestmark = pytest.mark.skipif(not onepass.native_available(), reason="onepass._C not built")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps, lr: onepass.AdamW(ps, lr=lr, weight_decay=0.1, amsgrad=True),
+        lambda ps, lr: onepass.Adam(ps, lr=lr, weight_decay=0.1, decay="independent"),
+        lambda ps, lr: onepass.SGD(ps, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.01),
+    ],
+    ids=["AdamW", "Adam-independent", "SGD"],
+)
+def test_compiled_step_matches_eager_without_recompiling(make) -> None:
+    torch._dynamo.reset()
+    shapes = [(5, 3), (7,), (1,), (0,), (33,)]
+    ours = [torch.randn(s).requires_grad_() for s in shapes]
+    eager = [p.detach().clone().requires_grad_() for p in ours]
+    opt = make(ours, torch.tensor(0.01))
+    ref = make(eager, torch.tensor(0.01))
+    counter = torch._dynamo.testing.CompileCounter()
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def compiled_step() -> None:
+        opt.step()
+
+    for step in range(7):
+        for p, q in zip(ours, eager, strict=True):
+            g = torch.randn_like(p)
+            if p.grad is None:
+                p.grad, q.grad = g.clone(), g.clone()
+            else:  # as backward after zero_grad(set_to_none=False): the same grad tensors
+                p.grad.copy_(g)
+                q.grad.copy_(g)
+        compiled_step()
+        ref.step()
+        for o in (opt, ref):
+            o.param_groups[0]["lr"].mul_(0.7)
+        # The first call compiles; the second sees state that now exists; lr changes after that
+        # (every step) must not compile again.
+        assert counter.frame_count <= 2, f"recompiled at step {step}"
+    assert float(opt.param_groups[0]["lr"]) < 0.01 * 0.7**6 * 1.01
+    for i, (p, q) in enumerate(zip(ours, eager, strict=True)):
+        assert_verbose_allclose(p, q, 1e-6, 1e-7, f"param {i}")
+        for name, value in ref.state[q].items():
+            assert_verbose_allclose(opt.state[p][name], value, 1e-6, 1e-7, f"{name} {i}")
