@@ -127,10 +127,21 @@ def test_unknown_backend_and_decay() -> None:
         onepass.AdamW([torch.zeros(3, requires_grad=True)], decay="l1")
 
 
-@pytest.mark.parametrize("flag", ["capturable", "differentiable"])
-def test_unsupported_flags(flag: str) -> None:
-    with pytest.raises(ValueError, match=f"{flag}=True"):
-        onepass.AdamW([torch.zeros(3, requires_grad=True)], **{flag: True})
+def test_differentiable_is_refused() -> None:
+    with pytest.raises(ValueError, match="differentiable=True"):
+        onepass.AdamW([torch.zeros(3, requires_grad=True)], differentiable=True)
+
+
+def test_capturable_needs_cuda_params() -> None:
+    """capturable=True is a CUDA-graph property: CPU params are refused at the first step, and
+    the refused step changes nothing."""
+    param = torch.randn(3, requires_grad=True)
+    param.grad = torch.randn(3)
+    before = param.detach().clone()
+    optimizer = onepass.AdamW([param], capturable=True)
+    with pytest.raises(RuntimeError, match=r"capturable=True needs CUDA params.*params'\]\[0\]"):
+        optimizer.step()
+    assert torch.equal(param, before) and not optimizer.state
 
 
 # ------------------------------------------------------------------------------------------------

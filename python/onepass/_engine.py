@@ -333,6 +333,8 @@ class _GroupPlan:
         self.buckets: list[Bucket] = []
         for (device, _), (params, names) in keyed.items():
             backend = resolve_backend(group["backend"], device)
+            if group.get("capturable"):
+                _make_capturable(group, names[0], device, backend)
             bucket = Bucket(params, names, slots, backend)
             _adopt_state(engine, bucket)
             if flatten:
@@ -346,6 +348,21 @@ class _GroupPlan:
             or len(group["params"]) != len(self.params)
             or any(p.grad is not None for p in self.outside)
         )
+
+
+def _make_capturable(group: dict[str, Any], name: str, device: torch.device, backend: str) -> None:
+    """capturable=True: a step can be captured in a CUDA graph and replayed. Everything a step
+    reads then lives on the device: steps and AMP scalars (always, on GPU backends) and the lr,
+    which moves into a device tensor here, so an LR scheduler's in-place update reaches replays.
+    """
+    if backend != "cuda":
+        raise RuntimeError(
+            f"onepass: capturable=True needs CUDA params on backend 'cuda'; {name} is on {device} "
+            f"with backend {backend!r}"
+        )
+    lr = group["lr"]
+    if not isinstance(lr, torch.Tensor) or lr.device != device:
+        group["lr"] = torch.as_tensor(lr, dtype=torch.float64).to(device)
 
 
 def _adopt_state(engine: Engine, bucket: Bucket) -> None:

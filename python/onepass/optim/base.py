@@ -28,10 +28,6 @@ class FusedOptimizer(Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         if defaults.get("differentiable"):
             raise ValueError("onepass: differentiable=True is not supported (use torch.optim)")
-        if defaults.get("capturable"):
-            raise ValueError(
-                "onepass: capturable=True needs the GPU backends, which are not implemented yet"
-            )
         if defaults["decay"] not in DECAY_MODES:
             raise ValueError(f"Invalid decay mode: {defaults['decay']!r}; one of {DECAY_MODES}")
         if defaults["backend"] not in BACKENDS:

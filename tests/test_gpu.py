@@ -1,0 +1,234 @@
+"""GPU backends ("cuda": csrc/cuda, "triton": triton_kernels) on a CUDA device.
+
+Skipped where there is no GPU; bench/gpu_check.sh runs this file on the GPU machine. The Triton
+kernels are also checked on the CPU under the interpreter (tests/test_triton.py); this file adds
+what only a GPU shows: compiled kernels, > 2^31-element tensors, CUDA graphs, no host syncs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_numerics import check_against_reference
+
+import onepass
+from onepass._engine import cuda_kernels_built, triton_error
+
+from helpers import (
+    ADAMW_INFO,
+    DTYPES,
+    OPTIMIZERS,
+    SGD_INFO,
+    SGDW_INFO,
+    Config,
+    OptimizerInfo,
+    assert_verbose_allclose,
+    config_id,
+    dtype_id,
+)
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs a CUDA GPU (and compiled Triton, not the interpreter)",
+)
+
+GPU_BACKENDS = [
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not cuda_kernels_built(), reason="onepass._C was built without CUDA kernels"
+        ),
+    ),
+    pytest.param(
+        "triton", marks=pytest.mark.skipif(triton_error() is not None, reason="no triton")
+    ),
+]
+
+
+def _cuda_params(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Odd sizes, a transposed (non-contiguous) matrix, a frozen param, and a zero-size tensor
+    at the end of the list (a bug once suppressed the last launch in PyTorch)."""
+    sizes = (1, 7, 4097, (1 << 20) + 3)
+    params = [torch.randn(n, device="cuda").to(dtype).requires_grad_() for n in sizes]
+    params.append(torch.randn(9, 5, device="cuda").to(dtype).t().requires_grad_())
+    params.append(torch.randn(6, device="cuda").to(dtype))  # frozen
+    params.append(torch.randn(0, device="cuda").to(dtype).requires_grad_())
+    return params
+
+
+def _cases() -> list[object]:
+    return [
+        pytest.param(info, config, id=f"{info.name}-{config_id(config)}")
+        for info in OPTIMIZERS
+        for config in info.configs
+    ]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(("info", "config"), _cases())
+def test_gpu_matches_reference(
+    info: OptimizerInfo, config: Config, dtype: torch.dtype, backend: str
+) -> None:
+    """7 steps against the float64 reference on params, every state tensor and every step, with
+    None grads on some steps and an LR schedule, as tests/test_numerics.py does on the CPU."""
+    params = _cuda_params(dtype)
+    optimizer = check_against_reference(info, config, backend, dtype, params)
+    assert params[-2] not in optimizer.state  # frozen
+    if info.family == "adam":  # the zero-size tensor at the end of the list still steps
+        assert float(optimizer.state[params[-1]]["step"]) == 7
+
+
+@pytest.mark.parametrize(("info", "config"), _cases())
+def test_cuda_and_triton_agree(info: OptimizerInfo, config: Config) -> None:
+    if not cuda_kernels_built() or triton_error() is not None:
+        pytest.skip("needs both GPU backends")
+    results = []
+    for backend in ("cuda", "triton"):
+        torch.manual_seed(3)
+        params = _cuda_params(torch.float32)
+        optimizer = info.onepass_cls(params, **config, backend=backend)
+        for _ in range(7):
+            for p in params:
+                if p.requires_grad:
+                    p.grad = torch.randn_like(p)
+            optimizer.step()
+        results.append([p.detach().clone() for p in params])
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert_verbose_allclose(a, b, 1e-5, 1e-6, f"param {i}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_more_than_2_31_elements(backend: str) -> None:
+    """One bf16 tensor of 2^31 + 1001 elements (64-bit indexing), AdamW, checked against the
+    reference at sampled indices: the update is elementwise, so samples step on their own."""
+    free, _ = torch.cuda.mem_get_info()
+    n = (1 << 31) + 1001
+    if free < 6 * n * 2 + (2 << 30):
+        pytest.skip(f"needs ~{6 * n * 2 >> 30} GiB of GPU memory")
+    param = torch.randn(n, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    param.grad = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    picks = torch.cat(
+        [
+            torch.arange(0, 64, device="cuda"),
+            torch.randint(0, n, (4096,), device="cuda"),
+            torch.arange((1 << 31) - 64, n, device="cuda"),  # across 2^31 and the tail
+        ]
+    )
+    optimizer = onepass.AdamW([param], lr=1e-2, weight_decay=0.1, backend=backend)
+    p_ref = param.detach()[picks].clone()
+    g = param.grad[picks].clone()
+    m_ref, v_ref = torch.zeros_like(p_ref), torch.zeros_like(p_ref)
+    scalars = onepass.algorithms.AdamScalars.from_group(optimizer.param_groups[0])
+    for step in range(1, 3):
+        optimizer.step()
+        onepass.algorithms.adam_reference(p_ref, g, m_ref, v_ref, None, step, scalars)
+    state = optimizer.state[param]
+    for name, got, want in (
+        ("param", param.detach()[picks], p_ref),
+        ("exp_avg", state["exp_avg"][picks], m_ref),
+        ("exp_avg_sq", state["exp_avg_sq"][picks], v_ref),
+    ):
+        assert_verbose_allclose(got, want, 1e-2, 1e-2, name)
+    assert float(state["step"]) == 2
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("info", [ADAMW_INFO, SGD_INFO, SGDW_INFO], ids=lambda i: i.name)
+def test_found_inf_skips_everything(info: OptimizerInfo, backend: str) -> None:
+    params = _cuda_params(torch.float32)
+    kwargs = {"lr": 0.1, "momentum": 0.9} if info.family == "sgd" else {"lr": 0.1}
+    optimizer = info.onepass_cls(params, backend=backend, **kwargs)
+    for p in params:
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    optimizer.step()
+    before = [p.detach().clone() for p in params]
+    state_before = {k: {n: v.clone() for n, v in s.items()} for k, s in optimizer.state.items()}
+    optimizer.grad_scale = torch.tensor(1024.0, device="cuda")
+    optimizer.found_inf = torch.tensor(1.0, device="cuda")
+    optimizer.step()
+    torch.cuda.synchronize()
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p, b)
+    for k, s in optimizer.state.items():
+        for n, v in s.items():
+            assert torch.equal(v, state_before[k][n]), n
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("lr", [0.0, 1e-30])
+def test_zero_and_tiny_lr_give_no_nan(backend: str, lr: float) -> None:
+    params = _cuda_params(torch.float32)
+    optimizer = onepass.AdamW(params, lr=lr, weight_decay=0.1, backend=backend)
+    for _ in range(3):
+        for p in params:
+            if p.requires_grad:
+                p.grad = torch.randn_like(p)
+        optimizer.step()
+    assert all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def test_capturable_cuda_graph_replays_with_a_changing_lr() -> None:
+    """capturable=True: a step captured in a CUDA graph, replayed while the lr changes in place
+    (as an LR scheduler changes a tensor lr), gives the eager result."""
+    if not cuda_kernels_built():
+        pytest.skip("needs the cuda backend")
+    torch.manual_seed(0)
+    params = [torch.randn(n, device="cuda").requires_grad_() for n in (7, 4097, 1 << 16)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    for p, q, g in zip(params, twins, grads, strict=True):
+        p.grad, q.grad = g.clone(), g.clone()
+    graphed = onepass.AdamW(params, lr=1e-2, weight_decay=0.1, capturable=True, backend="cuda")
+    eager = onepass.AdamW(twins, lr=1e-2, weight_decay=0.1, backend="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graphed.step()  # warm-up: buckets, state and the device table exist before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    eager.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    lr = graphed.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.is_cuda
+    for step in range(5):
+        new_lr = 1e-2 * 0.5 ** (step + 1)
+        lr.fill_(new_lr)
+        eager.param_groups[0]["lr"] = new_lr
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params, twins, strict=True):
+        assert_verbose_allclose(p, q, 1e-6, 1e-7)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_grad_scaler_step_makes_no_host_sync(backend: str) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    model.cuda()
+    optimizer = onepass.AdamW(model.parameters(), lr=1e-3, backend=backend)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(16, 64, device="cuda")
+    for step in range(3):
+        optimizer.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        if step > 0:  # the first step builds buckets and state (allocation, not a sync)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.step(optimizer)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scaler.update()
+    assert float(optimizer.state[next(model.parameters())]["step"]) == 3
+
+
+def test_auto_picks_a_gpu_backend() -> None:
+    param = torch.randn(5, device="cuda", requires_grad=True)
+    param.grad = torch.randn_like(param)
+    optimizer = onepass.AdamW([param])
+    optimizer.step()
+    assert optimizer._engine.plans[0].buckets[0].backend in ("cuda", "triton")
