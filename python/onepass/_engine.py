@@ -355,6 +355,8 @@ def _make_capturable(group: dict[str, Any], name: str, device: torch.device, bac
     reads then lives on the device: steps and AMP scalars (always, on GPU backends) and the lr,
     which moves into a device tensor here, so an LR scheduler's in-place update reaches replays.
     """
+    if device.type == "cpu" and torch.compiler.is_compiling():
+        return  # Dynamo shows every group of a compiled optimizer as capturable; moot on the CPU
     if backend != "cuda":
         raise RuntimeError(
             f"onepass: capturable=True needs CUDA params on backend 'cuda'; {name} is on {device} "
