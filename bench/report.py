@@ -170,8 +170,8 @@ def is_target(row: Row) -> bool:
     return row.candidate.startswith("onepass ") and row.candidate != "onepass reference"
 
 
-def _x(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}x"
+def _x(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}x"
 
 
 def _e(value: float | None) -> str:
@@ -225,7 +225,11 @@ def markdown(all_rows: Sequence[Row], env: Env, command: str, load: str) -> str:
 
 
 def targets(all_rows: Sequence[Row]) -> list[str]:
-    """The issue's targets, one line per native onepass row: met or not in this run."""
+    """The issue's targets, one line per native onepass row: met or not in this run.
+
+    A speedup is met when even the p10 of the paired per-round ratios clears the bar, "met by
+    the median" when only the median does (within this run's noise).
+    """
     rows_ = [r for r in all_rows if is_target(r)]
     head = (
         f"## Targets: onepass >= {TARGET_SPEEDUP:.1f}x torch fused and "
@@ -241,11 +245,18 @@ def targets(all_rows: Sequence[Row]) -> list[str]:
         "|---|---|---|--:|---|--:|---|",
     ]
     for r in rows_:
-        fast = r.speedup_vs_fused is not None and r.speedup_vs_fused >= TARGET_SPEEDUP
+        if r.speedup_vs_fused is None or r.speedup_p10 is None:
+            fast = "no torch fused to compare with"
+        elif r.speedup_p10 >= TARGET_SPEEDUP:
+            fast = "met"
+        elif r.speedup_vs_fused >= TARGET_SPEEDUP:
+            fast = "met by the median, not by p10"
+        else:
+            fast = _met(False)
         lines.append(
-            f"| {r.shapes} | {r.algorithm} | {r.candidate} | {_x(r.speedup_vs_fused)} "
-            f"[{_x(r.speedup_p10)}, {_x(r.speedup_p90)}] | {_met(fast)} "
-            f"| {r.pct_roofline:.0f}% | {_met(r.pct_roofline >= TARGET_PCT_ROOFLINE)} |"
+            f"| {r.shapes} | {r.algorithm} | {r.candidate} | {_x(r.speedup_vs_fused, 3)} "
+            f"[{_x(r.speedup_p10, 3)}, {_x(r.speedup_p90, 3)}] | {fast} "
+            f"| {r.pct_roofline:.1f}% | {_met(r.pct_roofline >= TARGET_PCT_ROOFLINE)} |"
         )
     return lines
 
