@@ -16,9 +16,15 @@ template <class S, int kSlots, class Fn>
 ONEPASS_INLINE void for_each_element(S* __restrict param, const S* __restrict grad,
                                      S* const* state, int64_t n, const Fn& fn) {
   using V = VecFor<S>;
+  constexpr int64_t kPrefetch = 256 / sizeof(S);  // 4 lines ahead: measured best here
   int64_t i = 0;
   if constexpr (V::kWidth > 1) {
     for (; i + V::kWidth <= n; i += V::kWidth) {
+      if ((i & (64 / sizeof(S) - 1)) == 0) {  // once per cache line of each stream
+        __builtin_prefetch(param + i + kPrefetch, 1);
+        __builtin_prefetch(grad + i + kPrefetch, 0);
+        for (int k = 0; k < kSlots; ++k) __builtin_prefetch(state[k] + i + kPrefetch, 1);
+      }
       typename V::type p = V::load(param + i);
       const typename V::type g = V::load(grad + i);
       typename V::type s[kSlots > 0 ? kSlots : 1];
@@ -58,11 +64,15 @@ template <class S, bool kAmsgrad, bool kL2Decay>
 void adam_chunks(const cpu::AdamLaunch& L, int64_t begin, int64_t end) {
   using O = opmath_t<S>;
   using VT = typename VecFor<S>::type;
+  double consts_step = -1.0;  // the step `consts` was made for: most tensors share one
+  BothConsts<AdamConsts, S> consts{};
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
     const Segment& seg = L.segments[chunk.segment];
-    BothConsts<AdamConsts, S> consts{AdamConsts<VT>::make(L.hyper, seg.step),
-                                     AdamConsts<O>::make(L.hyper, seg.step)};
+    if (seg.step != consts_step) {
+      consts = {AdamConsts<VT>::make(L.hyper, seg.step), AdamConsts<O>::make(L.hyper, seg.step)};
+      consts_step = seg.step;
+    }
     const int64_t at = seg.state_offset + chunk.begin;
     S* const state[3] = {static_cast<S*>(L.exp_avg) + at, static_cast<S*>(L.exp_avg_sq) + at,
                          kAmsgrad ? static_cast<S*>(L.max_exp_avg_sq) + at : nullptr};
