@@ -71,6 +71,14 @@ ALGORITHMS: Mapping[str, Algorithm] = {
     "sgd": Algorithm(
         "SGD momentum=0.9", onepass.SGD, torch.optim.SGD, {"lr": 1e-4, "momentum": 0.9}
     ),
+    # SGDW has no torch.optim twin: its peer is SGD with the same momentum and (L2) decay, the
+    # same memory traffic; the params differ by design (max abs dp is not a check here).
+    "sgdw": Algorithm(
+        "SGDW momentum=0.9 wd=0.01",
+        onepass.SGDW,
+        torch.optim.SGD,
+        {"lr": 1e-4, "momentum": 0.9, "weight_decay": 1e-2},
+    ),
 }
 
 
@@ -107,10 +115,12 @@ def candidates(
     ]
     if include_reference:
         backends.append("reference")
-    named: list[tuple[str, OptimizerFactory]] = [
-        (f"onepass {b}", partial(algorithm.onepass_cls, **algorithm.hyper, backend=b))
-        for b in backends
-    ]
+    named: list[tuple[str, OptimizerFactory]] = []
+    for b in backends:
+        named.append((f"onepass {b}", partial(algorithm.onepass_cls, **algorithm.hyper, backend=b)))
+        if b != "reference":  # flatten=True: params and grads in flat buffers, one segment
+            flat = partial(algorithm.onepass_cls, **algorithm.hyper, backend=b, flatten=True)
+            named.append((f"onepass {b} flatten", flat))
     named += [
         (f"torch {mode}", partial(algorithm.torch_cls, **algorithm.hyper, **flags))
         for mode, flags in TORCH_MODES.items()
@@ -129,6 +139,12 @@ def candidates(
 class BytesModel:
     bytes_per_element: int  # read + written per param element per step (the spec's model)
     state_slots: int
+
+    @property
+    def arrays(self) -> int:
+        """Param-sized arrays a step touches (param, grad, state slots): the roofline probes
+        sweep a working set this large, so they meet the same caches as the step does."""
+        return 2 + self.state_slots
 
 
 def bytes_model(algorithm: Algorithm, device: torch.device, dtype: torch.dtype) -> BytesModel:
@@ -160,10 +176,11 @@ def plan_memory(
     """(share grads?, bytes needed), or None when the group cannot fit even with shared grads.
 
     Each candidate owns its params and state; grads are per candidate when that fits, else one
-    set is shared (every candidate only reads them). Headroom: the roofline scratch buffer and
-    one param-sized temporary (torch's foreach and for-loop steps allocate them).
+    set is shared (every candidate only reads them). Headroom: the roofline scratch buffer
+    (param, grad and state slots: 2 + state_slots arrays) and one param-sized temporary (torch's
+    foreach and for-loop steps allocate them).
     """
-    own = n_candidates * (1 + state_slots) * tensor_bytes + 2 * tensor_bytes
+    own = n_candidates * (1 + state_slots) * tensor_bytes + (3 + state_slots) * tensor_bytes
     for share, grads in ((False, n_candidates), (True, 1)):
         need = own + grads * tensor_bytes
         if available is None or need <= 0.9 * available:
@@ -288,6 +305,7 @@ def _build_and_time(
     share_grads: bool,
     schedule: Schedule,
     log: Callable[[str], None],
+    arrays: int,
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Gives every candidate its own params, grads (unless shared) and state, then times them
     and the roofline probes interleaved; all of it is freed when this returns.
@@ -312,17 +330,19 @@ def _build_and_time(
         tasks[cand.name] = cand.make(params).step
         params_of[cand.name] = params
     assert grads_flat is not None
-    # The roofline probes run with optimizer steps between them (the order only rotates), so
-    # the scale does not find the buffer the copy just wrote still in the last-level cache.
-    scratch = torch.empty_like(grads_flat)
+    # The roofline probes sweep a working set as large as the step's (`arrays` param-sized
+    # arrays: a param-sized buffer alone can sit in the last-level cache where the step's four
+    # arrays do not), and run with optimizer steps between them (the order only rotates).
+    scratch = torch.empty(arrays * shapes.numel, device=device, dtype=dtype).normal_()
+    half = scratch.numel() // 2
     steps = list(tasks.items())
-    half = (len(steps) + 1) // 2
+    middle = (len(steps) + 1) // 2
     tasks = dict(
         [
-            (ROOFLINE_COPY, partial(scratch.copy_, grads_flat)),
-            *steps[:half],
+            (ROOFLINE_COPY, partial(scratch[half : 2 * half].copy_, scratch[:half])),
+            *steps[:middle],
             (ROOFLINE_SCALE, partial(scratch.mul_, 0.5)),
-            *steps[half:],
+            *steps[middle:],
         ]
     )
     log(f"  setup {time.perf_counter() - t0:.1f} s")
@@ -379,7 +399,9 @@ def run_group(
         return None
     share_grads, need = plan
     log(f"  ~{need / 1e9:.1f} GB{', grads shared' if share_grads else ''}")
-    times, diffs = _build_and_time(shapes, cands, device, dtype, share_grads, schedule, log)
+    times, diffs = _build_and_time(
+        shapes, cands, device, dtype, share_grads, schedule, log, model.arrays
+    )
     gc.collect()  # onepass optimizers hold reference cycles (optimizer <-> engine)
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -123,8 +123,10 @@ def rows(group: GroupResult, env: Env) -> list[Row]:
     def gbps(nbytes: int, ms: float) -> float:
         return nbytes / (ms * 1e-3) / 1e9
 
-    copy_gbps = gbps(2 * tensor_bytes, statistics.median(times[ROOFLINE_COPY]))
-    scale_gbps = gbps(2 * tensor_bytes, statistics.median(times[ROOFLINE_SCALE]))
+    # bytes read + written by each probe over its `arrays`-tensor working set (core.py)
+    probe_bytes = group.model.arrays * tensor_bytes
+    copy_gbps = gbps(2 * (probe_bytes // 2), statistics.median(times[ROOFLINE_COPY]))
+    scale_gbps = gbps(2 * probe_bytes, statistics.median(times[ROOFLINE_SCALE]))
     roofline = max(copy_gbps, scale_gbps)
     baseline = times.get(BASELINE)
     out = []
@@ -202,7 +204,8 @@ def markdown(all_rows: Sequence[Row], env: Env, command: str, load: str) -> str:
         f"Load average (1 min): {load}.",
         "",
         "GB/s = the spec's bytes model (`bytes_per_element` x numel) / median time. Roofline = "
-        "the faster of a copy and an in-place scale over a param-sized buffer (read + written), "
+        "the faster of a copy and an in-place scale (read + written) over as many param-sized "
+        "arrays as the step touches (param, grad, state), "
         "timed in the same rounds; % roofline = roofline time / measured time. "
         "vs fused = median over rounds of torch fused's time / the candidate's time in the "
         "same round (> 1 is faster than torch fused). "

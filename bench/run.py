@@ -20,6 +20,8 @@ from bench.core import ALGORITHMS, Schedule, load_shape_list, run_group, shape_l
 
 DEFAULT_SHAPES = ("gpt2-small", "one-big", "many-small")
 LARGE_SHAPES = ("llama-3.2-1b",)  # ~20 GB of fp32 AdamW state per candidate: GPU default only
+DEFAULT_ALGORITHMS = ("adamw", "sgd")
+GPU_ALGORITHMS = ("sgdw",)  # the GPU targets name SGDW; on CPU it adds nothing SGD does not show
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -37,8 +39,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--algorithms",
         nargs="+",
         choices=list(ALGORITHMS),
-        default=list(ALGORITHMS),
-        help="default: all (AdamW; SGD with momentum=0.9)",
+        default=None,
+        help=f"default: {', '.join(DEFAULT_ALGORITHMS)}; on CUDA also {', '.join(GPU_ALGORITHMS)}",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument(
@@ -85,7 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # the events record on the current device's stream
-    shapes = args.shapes or [*DEFAULT_SHAPES, *(LARGE_SHAPES if device.type == "cuda" else ())]
+    gpu = device.type == "cuda"
+    shapes = args.shapes or [*DEFAULT_SHAPES, *(LARGE_SHAPES if gpu else ())]
+    algorithms = args.algorithms or [*DEFAULT_ALGORITHMS, *(GPU_ALGORITHMS if gpu else ())]
     dtype = DTYPES[args.dtype]
     env = report.environment(device)
     command = shlex.join(["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)])
@@ -99,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[report.Row] = []
     for name in shapes:
         shape_list = load_shape_list(name)
-        for algorithm in args.algorithms:
+        for algorithm in algorithms:
             group = run_group(
                 shape_list,
                 algorithm,

@@ -11,6 +11,7 @@ is loaded); rebuilding copies the existing state into the new buffers.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -132,6 +133,7 @@ class Bucket:
         self.uniform_steps = True
         self.exposed = [False] * len(params)  # does optimizer.state[p] point into this bucket?
         self.flat_param: torch.Tensor | None = None
+        self.flat_view: FlatBucket | None = None
         self.flat_grad: torch.Tensor | None = None
         self.grad_views: list[torch.Tensor] = []
 
@@ -156,17 +158,16 @@ class Bucket:
                 grad_view.copy_(p.grad)
             p.grad = grad_view
             self.grad_views.append(grad_view)
+        self.flat_view = FlatBucket(self)
 
     def flat_step(self) -> FlatBucket | None:
         """The whole bucket as one segment, if it is flattened, every grad is still its view and
         every tensor has taken the same number of steps; else None (the per-tensor path)."""
-        if self.flat_param is None:
+        if self.flat_view is None or not self.uniform_steps:
             return None
-        if not all(p.grad is v for p, v in zip(self.params, self.grad_views, strict=True)):
+        if not all(map(operator.is_, map(_grad_of, self.params), self.grad_views)):
             return None
-        if not self.uniform_steps:
-            return None
-        return FlatBucket(self)
+        return self.flat_view
 
     def lr_tensor(self, lr: float | torch.Tensor) -> torch.Tensor:
         """The lr as the one-element tensor the native ops take: the group's own tensor (which
@@ -195,6 +196,9 @@ class Bucket:
         return {
             name: buf[start : start + p.numel()].view(p.shape) for name, buf in self.buffers.items()
         }
+
+
+_grad_of = operator.attrgetter("grad")
 
 
 class FlatBucket:
