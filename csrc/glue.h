@@ -41,7 +41,8 @@ struct Table {
 
 // Checks a launch's tensors and builds its table. `device` is where every tensor must live;
 // `host_steps` (CPU launches) fills Segment::step, GPU kernels read the device step instead.
-inline Table build_table(at::TensorList params, const OptionalTensorList& grads,
+template <class Grads>
+Table build_table(at::TensorList params, const Grads& grads,
                          const Tensor& step, const Tensor& state_offsets, at::Device device,
                          int64_t chunk_elements, bool host_steps) {
   const int64_t n = static_cast<int64_t>(params.size());
@@ -104,6 +105,33 @@ inline Table build_table(at::TensorList params, const OptionalTensorList& grads,
     }
   }
   return t;
+}
+
+// Grads as eager calls pass them (a Python list through pybind11), next to the dispatcher's
+// c10::List: every op implementation is a template over the two.
+using EagerGrads = std::vector<std::optional<Tensor>>;
+
+// The ops' eager entry points, by device type. ops.cpp fills the CPU ones; ops_cuda.cpp (where
+// built) the CUDA ones. Python calls them directly in eager mode: converting two 4,000-element
+// lists to IValues for the dispatcher costs about a millisecond a step.
+using AdamEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor,
+                           const std::optional<Tensor>&, Tensor, const Tensor&,
+                           const std::optional<Tensor>&, const std::optional<Tensor>&,
+                           const Tensor&, double, double, double, double, double, bool, bool,
+                           bool);
+using SgdEager = void (*)(at::TensorList, const EagerGrads&, const std::optional<Tensor>&, Tensor,
+                          const Tensor&, const std::optional<Tensor>&,
+                          const std::optional<Tensor>&, const Tensor&, double, double, double,
+                          double, bool, bool, bool);
+struct EagerOps {
+  AdamEager adam = nullptr;
+  SgdEager sgd = nullptr;
+};
+inline EagerOps& eager_ops(c10::DeviceType device) {
+  static EagerOps cpu, cuda;
+  TORCH_CHECK(device == c10::DeviceType::CPU || device == c10::DeviceType::CUDA,
+              "onepass: no kernels for ", device);
+  return device == c10::DeviceType::CPU ? cpu : cuda;
 }
 
 // A flat state buffer: on the launch's device, in the params' dtype, large enough.

@@ -4,7 +4,8 @@
 // register themselves from a separate file, built only where CUDA is available.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <Python.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -80,7 +81,8 @@ void finish(Table& t, Tensor& step) {
   for (const int64_t i : t.stepped) steps[i] += 1.0f;
 }
 
-void adam_cpu(at::TensorList params, const OptionalTensorList& grads, Tensor exp_avg,
+template <class Grads>
+void adam_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg,
               Tensor exp_avg_sq, const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
               const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
@@ -112,7 +114,8 @@ void adam_cpu(at::TensorList params, const OptionalTensorList& grads, Tensor exp
   finish(t, step);
 }
 
-void sgd_cpu(at::TensorList params, const OptionalTensorList& grads,
+template <class Grads>
+void sgd_cpu(at::TensorList params, const Grads& grads,
              const std::optional<Tensor>& momentum_buffer, Tensor step,
              const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
              const std::optional<Tensor>& found_inf, const Tensor& lr, double momentum,
@@ -176,13 +179,61 @@ TORCH_LIBRARY(onepass, m) {
 }
 
 TORCH_LIBRARY_IMPL(onepass, CPU, m) {
-  m.impl("adam_", &onepass::adam_cpu);
-  m.impl("sgd_", &onepass::sgd_cpu);
+  m.impl("adam_", &onepass::adam_cpu<onepass::glue::OptionalTensorList>);
+  m.impl("sgd_", &onepass::sgd_cpu<onepass::glue::OptionalTensorList>);
 }
 
-// `import onepass._C` loads this library, which registers the operators above.
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "onepass native operators", -1,
-                               nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
+// Eager entry points for Python (see glue::EagerOps): the same implementations as the operators,
+// called without the dispatcher's per-element list conversion. `import onepass._C` also loads
+// the library, which registers the operators above.
+namespace {
+
+const bool kCpuEagerRegistered = [] {
+  onepass::glue::EagerOps& ops = onepass::glue::eager_ops(c10::DeviceType::CPU);
+  ops.adam = &onepass::adam_cpu<onepass::glue::EagerGrads>;
+  ops.sgd = &onepass::sgd_cpu<onepass::glue::EagerGrads>;
+  return true;
+}();
+
+template <class Fn>
+Fn eager_kernel(Fn onepass::glue::EagerOps::*member, const at::Tensor& on) {
+  const Fn fn = onepass::glue::eager_ops(on.device().type()).*member;
+  TORCH_CHECK(fn != nullptr, "onepass: no kernels for ", on.device(), " in this build");
+  return fn;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  namespace py = pybind11;
+  using onepass::glue::EagerGrads;
+  using Opt = std::optional<at::Tensor>;
+  m.doc() = "onepass native operators (torch.ops.onepass) and their eager entry points";
+  m.def(
+      "adam_",
+      [](const std::vector<at::Tensor>& params, const EagerGrads& grads, at::Tensor exp_avg,
+         at::Tensor exp_avg_sq, const Opt& max_exp_avg_sq, at::Tensor step,
+         const at::Tensor& state_offsets, const Opt& grad_scale, const Opt& found_inf,
+         const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
+         double decay_coefficient, bool amsgrad, bool maximize, bool l2_decay) {
+        const auto fn = eager_kernel(&onepass::glue::EagerOps::adam, exp_avg);
+        py::gil_scoped_release no_gil;
+        fn(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_offsets, grad_scale,
+           found_inf, lr, beta1, beta2, eps, weight_decay, decay_coefficient, amsgrad, maximize,
+           l2_decay);
+      },
+      "torch.ops.onepass.adam_ without the dispatcher (eager calls only)");
+  m.def(
+      "sgd_",
+      [](const std::vector<at::Tensor>& params, const EagerGrads& grads, const Opt& momentum_buffer,
+         at::Tensor step, const at::Tensor& state_offsets, const Opt& grad_scale,
+         const Opt& found_inf, const at::Tensor& lr, double momentum, double dampening,
+         double weight_decay, double decay_coefficient, bool nesterov, bool maximize,
+         bool l2_decay) {
+        const auto fn = eager_kernel(&onepass::glue::EagerOps::sgd, step);
+        py::gil_scoped_release no_gil;
+        fn(params, grads, momentum_buffer, step, state_offsets, grad_scale, found_inf, lr,
+           momentum, dampening, weight_decay, decay_coefficient, nesterov, maximize, l2_decay);
+      },
+      "torch.ops.onepass.sgd_ without the dispatcher (eager calls only)");
 }

@@ -104,7 +104,8 @@ cuda::StepState step_state(Tensor& step, const std::optional<Tensor>& grad_scale
   return s;
 }
 
-void adam_cuda(at::TensorList params, const OptionalTensorList& grads, Tensor exp_avg,
+template <class Grads>
+void adam_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg,
                Tensor exp_avg_sq, const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
                const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
@@ -138,7 +139,8 @@ void adam_cuda(at::TensorList params, const OptionalTensorList& grads, Tensor ex
   glue::write_back(t);
 }
 
-void sgd_cuda(at::TensorList params, const OptionalTensorList& grads,
+template <class Grads>
+void sgd_cuda(at::TensorList params, const Grads& grads,
               const std::optional<Tensor>& momentum_buffer, Tensor step,
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
               const std::optional<Tensor>& found_inf, const Tensor& lr, double momentum,
@@ -177,7 +179,16 @@ void sgd_cuda(at::TensorList params, const OptionalTensorList& grads,
 }  // namespace
 }  // namespace onepass
 
+namespace {
+const bool kCudaEagerRegistered = [] {
+  onepass::glue::EagerOps& ops = onepass::glue::eager_ops(c10::DeviceType::CUDA);
+  ops.adam = &onepass::adam_cuda<onepass::glue::EagerGrads>;
+  ops.sgd = &onepass::sgd_cuda<onepass::glue::EagerGrads>;
+  return true;
+}();
+}  // namespace
+
 TORCH_LIBRARY_IMPL(onepass, CUDA, m) {
-  m.impl("adam_", &onepass::adam_cuda);
-  m.impl("sgd_", &onepass::sgd_cuda);
+  m.impl("adam_", &onepass::adam_cuda<onepass::glue::OptionalTensorList>);
+  m.impl("sgd_", &onepass::sgd_cuda<onepass::glue::OptionalTensorList>);
 }

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from onepass._ops import native_op
 from onepass.algorithms.base import (
     AlgorithmSpec,
     Group,
@@ -154,7 +155,7 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
 
 def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     s = AdamScalars.from_group(group, lr=0.0)
-    torch.ops.onepass.adam_(
+    native_op("adam_")(
         bucket.params,
         grads,
         bucket.buffers["exp_avg"],

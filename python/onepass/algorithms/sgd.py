@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from onepass._ops import native_op
 from onepass.algorithms.base import (
     AlgorithmSpec,
     Group,
@@ -124,7 +125,7 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
 
 def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     s = SgdScalars.from_group(group, lr=0.0)
-    torch.ops.onepass.sgd_(
+    native_op("sgd_")(
         bucket.params,
         grads,
         bucket.buffers.get("momentum_buffer"),
