@@ -17,7 +17,9 @@ from onepass.algorithms.base import (
     AlgorithmSpec,
     Group,
     decay_coefficient,
+    elementwise_bytes,
     opmath_dtype,
+    reference_amp_scale,
     scalar,
 )
 
@@ -125,17 +127,11 @@ def _active_slots(group: Group) -> tuple[str, ...]:
     return (*base, "max_exp_avg_sq") if group["amsgrad"] else base
 
 
-def _bytes_per_element(group: Group, itemsize: int) -> int:
-    # read p, g, each slot; write p and each slot
-    slots = len(_active_slots(group))
-    return itemsize * (2 + slots + 1 + slots)
-
-
 def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     s = AdamScalars.from_group(group)
-    if found_inf is not None and float(found_inf) != 0.0:
+    scale = reference_amp_scale(grad_scale, found_inf)
+    if scale is None:
         return  # GradScaler found an inf/nan: params, state and steps stay as they are
-    scale = 1.0 if grad_scale is None else float(grad_scale)
     for i, g in enumerate(grads):
         if g is None:
             continue
@@ -190,7 +186,7 @@ ADAM = AlgorithmSpec(
     active_slots=_active_slots,
     step_in_state=True,
     check_group=_check_group,
-    bytes_per_element=_bytes_per_element,
+    bytes_per_element=elementwise_bytes(_active_slots),
     reference=adam_reference,
     launchers={
         "reference": _reference_launch,

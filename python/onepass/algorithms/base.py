@@ -37,6 +37,29 @@ def decay_coefficient(group: Group) -> float:
     return 0.0
 
 
+def elementwise_bytes(
+    active_slots: Callable[[Group], tuple[str, ...]],
+) -> Callable[[Group, int], int]:
+    """The bytes model of an elementwise update: read param, grad and every slot; write param and
+    every slot."""
+
+    def bytes_per_element(group: Group, itemsize: int) -> int:
+        slots = len(active_slots(group))
+        return itemsize * (2 + slots + 1 + slots)
+
+    return bytes_per_element
+
+
+def reference_amp_scale(
+    grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None
+) -> float | None:
+    """For the reference backend (host reads are fine there): the AMP scale the grads carry, or
+    None when GradScaler found an inf/nan and the step must leave everything as it is."""
+    if found_inf is not None and float(found_inf) != 0.0:
+        return None
+    return 1.0 if grad_scale is None else float(grad_scale)
+
+
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """Math runs in float64 for float64 storage and in float32 for everything narrower."""
     return torch.float64 if dtype == torch.float64 else torch.float32

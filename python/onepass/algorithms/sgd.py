@@ -16,7 +16,9 @@ from onepass.algorithms.base import (
     AlgorithmSpec,
     Group,
     decay_coefficient,
+    elementwise_bytes,
     opmath_dtype,
+    reference_amp_scale,
     scalar,
 )
 
@@ -103,16 +105,11 @@ def _active_slots(group: Group) -> tuple[str, ...]:
     return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
 
-def _bytes_per_element(group: Group, itemsize: int) -> int:
-    slots = len(_active_slots(group))
-    return itemsize * (2 + slots + 1 + slots)
-
-
 def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     s = SgdScalars.from_group(group)
-    if found_inf is not None and float(found_inf) != 0.0:
+    scale = reference_amp_scale(grad_scale, found_inf)
+    if scale is None:
         return  # GradScaler found an inf/nan: params, state and steps stay as they are
-    scale = 1.0 if grad_scale is None else float(grad_scale)
     for i, g in enumerate(grads):
         if g is None:
             continue
@@ -157,7 +154,7 @@ SGD_SPEC = AlgorithmSpec(
     active_slots=_active_slots,
     step_in_state=False,
     check_group=_check_group,
-    bytes_per_element=_bytes_per_element,
+    bytes_per_element=elementwise_bytes(_active_slots),
     reference=sgd_reference,
     launchers={
         "reference": _reference_launch,
