@@ -5,7 +5,10 @@ number of tensors. Each bucket owns one flat buffer per state slot and one float
 tensor; ``optimizer.state[p][slot]`` is a view into the flat buffer (under torch.optim's slot
 names, so state_dicts interchange). Buckets are built lazily at the first step and rebuilt only when
 the set of params or slots changes (a frozen param gets a grad, amsgrad is switched on, a state_dict
-is loaded); rebuilding copies the existing state into the new buffers.
+is loaded, ``optimizer.state`` is written from outside); rebuilding copies the existing state into
+the new buffers. The host tensor table of a launch is rebuilt by the native op on every call (one
+pass over pointers it must read anyway); the GPU backends keep a device copy and upload it only
+when an address changes.
 """
 
 from __future__ import annotations
