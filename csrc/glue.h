@@ -123,9 +123,13 @@ using SgdEager = void (*)(at::TensorList, const EagerGrads&, const std::optional
                           const Tensor&, const std::optional<Tensor>&,
                           const std::optional<Tensor>&, const Tensor&, double, double, double,
                           double, bool, bool, bool);
+using LionEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor, const Tensor&,
+                           const std::optional<Tensor>&, const std::optional<Tensor>&,
+                           const Tensor&, double, double, double, double, bool, bool);
 struct EagerOps {
   AdamEager adam = nullptr;
   SgdEager sgd = nullptr;
+  LionEager lion = nullptr;
 };
 inline EagerOps& eager_ops(c10::DeviceType device) {
   static EagerOps cpu, cuda;

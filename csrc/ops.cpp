@@ -146,6 +146,31 @@ void sgd_cpu(at::TensorList params, const Grads& grads,
   finish(t, step);
 }
 
+template <class Grads>
+void lion_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor step,
+              const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
+              const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
+              double beta2, double weight_decay, double decay_coefficient, bool maximize,
+              bool l2_decay) {
+  Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
+                              /*host_steps=*/true);
+  const double lr_value = read_lr(lr);
+  glue::check_state(exp_avg, "exp_avg", t, at::kCPU);
+  const Amp amp = read_amp(grad_scale, found_inf, maximize);
+  if (amp.skip) return;  // GradScaler found an inf/nan: params, state and steps stay as they are
+  cpu::LionLaunch launch{};
+  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.segments = t.segments.data();
+  launch.chunks = t.chunks.data();
+  launch.exp_avg = exp_avg.data_ptr();
+  launch.hyper = LionHyper{lr_value, beta1, beta2, weight_decay, decay_coefficient,
+                           amp.grad_scale};
+  launch.l2_decay = l2_decay;
+  const auto kernel = cpu::kernels().lion;
+  run_chunks(t, [&](int64_t b, int64_t e) { kernel(launch, b, e); });
+  finish(t, step);
+}
+
 std::string cpu_capability() { return cpu::kernels().name; }
 
 std::vector<std::string> cpu_capabilities() {
@@ -173,6 +198,11 @@ TORCH_LIBRARY(onepass, m) {
       "Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, Tensor lr, float momentum, "
       "float dampening, float weight_decay, float decay_coefficient, bool nesterov, "
       "bool maximize, bool l2_decay) -> ()");
+  m.def(
+      "lion_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) exp_avg, Tensor(e!) step, "
+      "Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, Tensor lr, float beta1, "
+      "float beta2, float weight_decay, float decay_coefficient, bool maximize, "
+      "bool l2_decay) -> ()");
   m.def("cpu_capability() -> str", &onepass::cpu_capability);
   m.def("cpu_capabilities() -> str[]", &onepass::cpu_capabilities);
   m.def("set_cpu_capability(str name) -> ()", &onepass::set_cpu_capability);
@@ -181,6 +211,7 @@ TORCH_LIBRARY(onepass, m) {
 TORCH_LIBRARY_IMPL(onepass, CPU, m) {
   m.impl("adam_", &onepass::adam_cpu<onepass::glue::OptionalTensorList>);
   m.impl("sgd_", &onepass::sgd_cpu<onepass::glue::OptionalTensorList>);
+  m.impl("lion_", &onepass::lion_cpu<onepass::glue::OptionalTensorList>);
 }
 
 // Eager entry points for Python (see glue::EagerOps): the same implementations as the operators,
@@ -192,6 +223,7 @@ const bool kCpuEagerRegistered = [] {
   onepass::glue::EagerOps& ops = onepass::glue::eager_ops(c10::DeviceType::CPU);
   ops.adam = &onepass::adam_cpu<onepass::glue::EagerGrads>;
   ops.sgd = &onepass::sgd_cpu<onepass::glue::EagerGrads>;
+  ops.lion = &onepass::lion_cpu<onepass::glue::EagerGrads>;
   return true;
 }();
 
@@ -236,4 +268,16 @@ PYBIND11_MODULE(_C, m) {
            momentum, dampening, weight_decay, decay_coefficient, nesterov, maximize, l2_decay);
       },
       "torch.ops.onepass.sgd_ without the dispatcher (eager calls only)");
+  m.def(
+      "lion_",
+      [](const std::vector<at::Tensor>& params, const EagerGrads& grads, at::Tensor exp_avg,
+         at::Tensor step, const at::Tensor& state_offsets, const Opt& grad_scale,
+         const Opt& found_inf, const at::Tensor& lr, double beta1, double beta2,
+         double weight_decay, double decay_coefficient, bool maximize, bool l2_decay) {
+        const auto fn = eager_kernel(&onepass::glue::EagerOps::lion, exp_avg);
+        py::gil_scoped_release no_gil;
+        fn(params, grads, exp_avg, step, state_offsets, grad_scale, found_inf, lr, beta1, beta2,
+           weight_decay, decay_coefficient, maximize, l2_decay);
+      },
+      "torch.ops.onepass.lion_ without the dispatcher (eager calls only)");
 }

@@ -32,11 +32,21 @@ struct SgdLaunch {
   bool l2_decay;
 };
 
+struct LionLaunch {
+  DType dtype;
+  const Segment* segments;
+  const Chunk* chunks;
+  void* exp_avg;
+  LionHyper hyper;
+  bool l2_decay;
+};
+
 // One instruction-set build of the kernels. Each processes chunks [begin, end) of its launch.
 struct KernelSet {
   const char* name;
   void (*adam)(const AdamLaunch&, int64_t begin, int64_t end);
   void (*sgd)(const SgdLaunch&, int64_t begin, int64_t end);
+  void (*lion)(const LionLaunch&, int64_t begin, int64_t end);
 };
 
 // Chosen once at first use: the widest set this CPU runs, or ONEPASS_CPU_CAPABILITY

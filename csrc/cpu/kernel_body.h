@@ -127,6 +127,31 @@ void sgd_chunks(const cpu::SgdLaunch& L, int64_t begin, int64_t end) {
   }
 }
 
+template <class S, bool kL2Decay>
+void lion_chunks(const cpu::LionLaunch& L, int64_t begin, int64_t end) {
+  using O = opmath_t<S>;
+  using VT = typename VecFor<S>::type;
+  // No per-tensor scalars (no bias correction): one set of constants for the whole range.
+  const BothConsts<LionConsts, S> consts{LionConsts<VT>::make(L.hyper),
+                                         LionConsts<O>::make(L.hyper)};
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk& chunk = L.chunks[c];
+    const Segment& seg = L.segments[chunk.segment];
+    S* const state[1] = {static_cast<S*>(L.exp_avg) + seg.state_offset + chunk.begin};
+    for_each_element<S, 1>(
+        static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
+        state, chunk.end - chunk.begin, [&](auto& p, auto g, auto* s) {
+          using T = std::remove_reference_t<decltype(p)>;
+          lion_update<kL2Decay>(p, g, s[0], consts.template get<T>());
+        });
+  }
+}
+
+template <class S>
+void lion_typed(const cpu::LionLaunch& L, int64_t begin, int64_t end) {
+  L.l2_decay ? lion_chunks<S, true>(L, begin, end) : lion_chunks<S, false>(L, begin, end);
+}
+
 template <class S>
 void adam_typed(const cpu::AdamLaunch& L, int64_t begin, int64_t end) {
   if (L.amsgrad) {
@@ -158,6 +183,10 @@ inline void adam_entry(const cpu::AdamLaunch& L, int64_t begin, int64_t end) {
 }
 inline void sgd_entry(const cpu::SgdLaunch& L, int64_t begin, int64_t end) {
   dispatch_dtype(L.dtype, [&]<class S>() { sgd_typed<S>(L, begin, end); });
+}
+
+inline void lion_entry(const cpu::LionLaunch& L, int64_t begin, int64_t end) {
+  dispatch_dtype(L.dtype, [&]<class S>() { lion_typed<S>(L, begin, end); });
 }
 
 }  // namespace ONEPASS_CAPABILITY

@@ -15,11 +15,12 @@
 #include "kernel_body.h"
 
 namespace onepass::cpu::avx512 {
-const KernelSet kKernels{"avx512", &onepass::cap_avx512::adam_entry, &onepass::cap_avx512::sgd_entry};
+const KernelSet kKernels{"avx512", &onepass::cap_avx512::adam_entry, &onepass::cap_avx512::sgd_entry,
+                           &onepass::cap_avx512::lion_entry};
 }
 #else
 #include "cpu_kernels.h"
 namespace onepass::cpu::avx512 {
-const KernelSet kKernels{"avx512", nullptr, nullptr};  // not an x86-64 build
+const KernelSet kKernels{"avx512", nullptr, nullptr, nullptr};  // not an x86-64 build
 }
 #endif

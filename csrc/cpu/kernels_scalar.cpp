@@ -5,5 +5,6 @@
 #include "kernel_body.h"
 
 namespace onepass::cpu::scalar {
-const KernelSet kKernels{"scalar", &onepass::cap_scalar::adam_entry, &onepass::cap_scalar::sgd_entry};
+const KernelSet kKernels{"scalar", &onepass::cap_scalar::adam_entry, &onepass::cap_scalar::sgd_entry,
+                           &onepass::cap_scalar::lion_entry};
 }

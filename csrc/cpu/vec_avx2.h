@@ -27,6 +27,14 @@ ONEPASS_INLINE Vec8f op_max(Vec8f a, Vec8f b) {
   return _mm256_blendv_ps(m, b.v, _mm256_cmp_ps(b.v, b.v, _CMP_UNORD_Q));
 }
 
+// (x > 0) - (x < 0): 1.0 and -1.0 from the compare masks, so +-0 and NaN give 0 (math.h).
+ONEPASS_INLINE Vec8f op_sign(Vec8f a) {
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  const __m256 pos = _mm256_and_ps(_mm256_cmp_ps(a.v, zero, _CMP_GT_OQ), one);
+  const __m256 neg = _mm256_and_ps(_mm256_cmp_ps(a.v, zero, _CMP_LT_OQ), one);
+  return _mm256_sub_ps(pos, neg);
+}
+
 struct Vec4d {
   __m256d v;
   Vec4d() = default;
@@ -42,6 +50,13 @@ ONEPASS_INLINE Vec4d op_sqrt(Vec4d a) { return _mm256_sqrt_pd(a.v); }
 ONEPASS_INLINE Vec4d op_max(Vec4d a, Vec4d b) {
   const __m256d m = _mm256_max_pd(b.v, a.v);
   return _mm256_blendv_pd(m, b.v, _mm256_cmp_pd(b.v, b.v, _CMP_UNORD_Q));
+}
+
+ONEPASS_INLINE Vec4d op_sign(Vec4d a) {
+  const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0);
+  const __m256d pos = _mm256_and_pd(_mm256_cmp_pd(a.v, zero, _CMP_GT_OQ), one);
+  const __m256d neg = _mm256_and_pd(_mm256_cmp_pd(a.v, zero, _CMP_LT_OQ), one);
+  return _mm256_sub_pd(pos, neg);
 }
 
 template <class S>

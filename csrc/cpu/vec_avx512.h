@@ -25,6 +25,15 @@ ONEPASS_INLINE Vec16f op_max(Vec16f a, Vec16f b) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(b.v, b.v, _CMP_UNORD_Q), m, b.v);
 }
 
+// (x > 0) - (x < 0) from the compare masks: +-0 and NaN give 0 (math.h). AVX-512F has no
+// float and/or, so the masks select 1.0 into zero with mask moves.
+ONEPASS_INLINE Vec16f op_sign(Vec16f a) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  const __m512 pos = _mm512_mask_mov_ps(zero, _mm512_cmp_ps_mask(a.v, zero, _CMP_GT_OQ), one);
+  const __m512 neg = _mm512_mask_mov_ps(zero, _mm512_cmp_ps_mask(a.v, zero, _CMP_LT_OQ), one);
+  return _mm512_sub_ps(pos, neg);
+}
+
 struct Vec8d {
   __m512d v;
   Vec8d() = default;
@@ -40,6 +49,13 @@ ONEPASS_INLINE Vec8d op_sqrt(Vec8d a) { return _mm512_sqrt_pd(a.v); }
 ONEPASS_INLINE Vec8d op_max(Vec8d a, Vec8d b) {
   const __m512d m = _mm512_max_pd(b.v, a.v);
   return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(b.v, b.v, _CMP_UNORD_Q), m, b.v);
+}
+
+ONEPASS_INLINE Vec8d op_sign(Vec8d a) {
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
+  const __m512d pos = _mm512_mask_mov_pd(zero, _mm512_cmp_pd_mask(a.v, zero, _CMP_GT_OQ), one);
+  const __m512d neg = _mm512_mask_mov_pd(zero, _mm512_cmp_pd_mask(a.v, zero, _CMP_LT_OQ), one);
+  return _mm512_sub_pd(pos, neg);
 }
 
 template <class S>

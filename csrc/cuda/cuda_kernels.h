@@ -58,7 +58,17 @@ struct SgdLaunch {
   bool l2_decay;
 };
 
+struct LionLaunch {
+  DType dtype;
+  DeviceTable table;
+  StepState steps;
+  void* exp_avg;
+  LionHyper hyper;
+  bool l2_decay;
+};
+
 cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream);
 cudaError_t launch_sgd(const SgdLaunch& launch, cudaStream_t stream);
+cudaError_t launch_lion(const LionLaunch& launch, cudaStream_t stream);
 
 }  // namespace onepass::cuda

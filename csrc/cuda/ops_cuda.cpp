@@ -176,6 +176,34 @@ void sgd_cuda(at::TensorList params, const Grads& grads,
   glue::write_back(t);
 }
 
+template <class Grads>
+void lion_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor step,
+               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
+               const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
+               double beta2, double weight_decay, double decay_coefficient, bool maximize,
+               bool l2_decay) {
+  const at::Device device = exp_avg.device();
+  TORCH_CHECK(device.is_cuda(), "onepass: the CUDA lion_ needs a CUDA state buffer");
+  const c10::cuda::CUDAGuard guard(device);
+  Table t = glue::build_table(params, grads, step, state_offsets, device,
+                              cuda::kChunkElements, /*host_steps=*/false);
+  glue::check_state(exp_avg, "exp_avg", t, device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  cuda::LionLaunch launch{};
+  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.table = device_tables().get(exp_avg.data_ptr(), t, device, stream);
+  double host_lr = 0.0;
+  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
+  launch.exp_avg = exp_avg.data_ptr();
+  launch.hyper = LionHyper{host_lr, beta1, beta2, weight_decay, decay_coefficient,
+                           maximize ? -1.0 : 1.0};
+  launch.l2_decay = l2_decay;
+  const cudaError_t err = cuda::launch_lion(launch, stream);
+  TORCH_CHECK(err == cudaSuccess, "onepass: lion_ kernel launch failed: ", cudaGetErrorString(err));
+  glue::write_back(t);
+}
+
 }  // namespace
 }  // namespace onepass
 
@@ -184,6 +212,7 @@ const bool kCudaEagerRegistered = [] {
   onepass::glue::EagerOps& ops = onepass::glue::eager_ops(c10::DeviceType::CUDA);
   ops.adam = &onepass::adam_cuda<onepass::glue::EagerGrads>;
   ops.sgd = &onepass::sgd_cuda<onepass::glue::EagerGrads>;
+  ops.lion = &onepass::lion_cuda<onepass::glue::EagerGrads>;
   return true;
 }();
 }  // namespace
@@ -191,4 +220,5 @@ const bool kCudaEagerRegistered = [] {
 TORCH_LIBRARY_IMPL(onepass, CUDA, m) {
   m.impl("adam_", &onepass::adam_cuda<onepass::glue::OptionalTensorList>);
   m.impl("sgd_", &onepass::sgd_cuda<onepass::glue::OptionalTensorList>);
+  m.impl("lion_", &onepass::lion_cuda<onepass::glue::OptionalTensorList>);
 }

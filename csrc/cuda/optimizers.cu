@@ -1,4 +1,4 @@
-// CUDA kernels of Adam/AdamW and SGD/SGDW: the tensor-table walk of multi_tensor.cuh around the
+// CUDA kernels of Adam/AdamW, SGD/SGDW and Lion: the tensor-table walk of multi_tensor.cuh around the
 // per-element math of onepass/math.h. Includes only CUDA and csrc/include headers (no torch), so
 // `nvcc -c` compile-checks it on a machine with no GPU.
 #include "multi_tensor.cuh"
@@ -83,6 +83,23 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(SgdLaunch L) {
   }
 }
 
+template <class S, bool kL2Decay>
+__global__ void __launch_bounds__(kThreads) lion_kernel(LionLaunch L) {
+  using O = opmath_t<S>;
+  if (skip_step(L.steps)) return;
+  const Chunk chunk = L.table.chunks[blockIdx.x];
+  const Segment seg = L.table.segments[chunk.segment];
+  LionHyper h = L.hyper;
+  h.lr = step_lr(h.lr, L.steps);
+  h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
+  const LionConsts<O> c = LionConsts<O>::make(h);  // no per-tensor scalars: no shared memory
+  S* const state[1] = {static_cast<S*>(L.exp_avg) + seg.state_offset + chunk.begin};
+  for_each_element<S, 1>(static_cast<S*>(seg.param) + chunk.begin,
+                         static_cast<const S*>(seg.grad) + chunk.begin, state,
+                         chunk.end - chunk.begin,
+                         [&](O& p, O g, O* s) { lion_update<kL2Decay>(p, g, s[0], c); });
+}
+
 template <class Fn>
 void dispatch_dtype(DType dtype, const Fn& fn) {
   switch (dtype) {
@@ -130,6 +147,20 @@ cudaError_t launch_sgd(const SgdLaunch& L, cudaStream_t stream) {
       using S = decltype(tag);
       L.l2_decay ? sgd_kernel<S, true><<<grid, kThreads, 0, stream>>>(L)
                  : sgd_kernel<S, false><<<grid, kThreads, 0, stream>>>(L);
+    });
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return finish(L.table, L.steps, stream);
+}
+
+cudaError_t launch_lion(const LionLaunch& L, cudaStream_t stream) {
+  if (L.table.num_chunks > 0) {
+    const dim3 grid(static_cast<unsigned>(L.table.num_chunks));
+    dispatch_dtype(L.dtype, [&](auto tag) {
+      using S = decltype(tag);
+      L.l2_decay ? lion_kernel<S, true><<<grid, kThreads, 0, stream>>>(L)
+                 : lion_kernel<S, false><<<grid, kThreads, 0, stream>>>(L);
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;

@@ -123,6 +123,36 @@ void test_math_vs_torch() {
   }
 }
 
+// lion_update against the paper's rule in long double, over several steps: L2 decay + maximize
+// in one run, decoupled decay in another, and sign(0) = 0 on an exactly zero direction.
+void test_lion_vs_paper() {
+  const double grads[] = {0.3, -1.2, 0.01, 2.5, -0.4, 0.9, -0.05};
+  for (const bool l2 : {false, true}) {
+    const LionHyper h{1e-2, 0.9, 0.99, l2 ? 0.1 : 0.0, l2 ? 0.0 : 0.5, l2 ? -1.0 : 1.0};
+    double p = 0.7, m = 0.0;
+    long double rp = 0.7L, rm = 0.0L;
+    for (int t = 1; t <= 7; ++t) {
+      const auto c = LionConsts<double>::make(h);
+      l2 ? lion_update<true>(p, grads[t - 1], m, c) : lion_update<false>(p, grads[t - 1], m, c);
+      long double g = l2 ? -(long double)grads[t - 1] : (long double)grads[t - 1];
+      if (l2) g += 0.1L * rp;
+      rp *= 1.0L - 1e-2L * (l2 ? 0.0L : 0.5L);
+      const long double d = 0.9L * rm + (1 - 0.9L) * g;
+      rp -= 1e-2L * ((d > 0) - (d < 0));
+      rm = 0.99L * rm + (1 - 0.99L) * g;
+      CHECK(close(p, double(rp), 1e-13, 1e-15), "lion l2=%d step %d: %.17g vs %.17Lg", l2, t, p,
+            rp);
+      CHECK(close(m, double(rm), 1e-13, 1e-18), "lion l2=%d exp_avg step %d", l2, t);
+    }
+  }
+  // A zero direction leaves the param alone (no decay here): sign(0) = 0, not 1.
+  const LionHyper z{0.5, 0.9, 0.99, 0.0, 0.0, 1.0};
+  float pf = 2.0f, mf = 0.0f;
+  lion_update<false>(pf, 0.0f, mf, LionConsts<float>::make(z));
+  CHECK(pf == 2.0f && mf == 0.0f, "lion sign(0): p=%g m=%g", double(pf), double(mf));
+  CHECK(op_sign(-3.0) == -1.0 && op_sign(0.25f) == 1.0f && op_sign(-0.0) == 0.0, "op_sign");
+}
+
 // Every instruction-set build gives the scalar build's results (up to float rounding order).
 template <class S>
 void test_kernel_sets(DType dtype, double rtol) {
@@ -149,6 +179,16 @@ void test_kernel_sets(DType dtype, double rtol) {
       all.insert(all.end(), v.begin(), v.end());
       all.insert(all.end(), vm.begin(), vm.end());
       results.push_back(all);
+      // Lion on the same data; every 5th gradient and momentum zero, so some directions are
+      // exactly 0 and the SIMD sign must give 0 there as the scalar one does.
+      std::vector<S> lp = p0, lm = m0, lg = g;
+      for (size_t i = 0; i < lg.size(); i += 5) lg[i] = from_opmath<S>(0.0f), lm[i] = lg[i];
+      Segment lseg{lp.data(), lg.data(), 0, n, 0, 3.0};
+      cpu::LionLaunch LL{dtype, &lseg, &chunk, lm.data(),
+                         LionHyper{1e-2, 0.9, 0.99, 0.0, 0.1, -1.0}, false};
+      cpu::kernels().lion(LL, 0, 1);
+      results.back().insert(results.back().end(), lp.begin(), lp.end());
+      results.back().insert(results.back().end(), lm.begin(), lm.end());
     }
     for (size_t k = 1; k < results.size(); ++k) {
       for (size_t i = 0; i < results[0].size(); ++i) {
@@ -166,6 +206,7 @@ int main() {
   test_bf16();
   test_half();
   test_math_vs_torch();
+  test_lion_vs_paper();
   test_kernel_sets<float>(DType::kFloat32, 2e-6);
   test_kernel_sets<double>(DType::kFloat64, 1e-14);
   test_kernel_sets<bf16_t>(DType::kBFloat16, 8e-3);

@@ -4,7 +4,7 @@
 // these functions only see opmath values in registers.
 //
 // A T must provide + - * / and unary -, construction from its scalar, and the free functions
-// op_sqrt(T) and op_max(T, T) found by argument-dependent lookup (or the overloads below).
+// op_sqrt(T), op_max(T, T) and op_sign(T) found by argument-dependent lookup (or the overloads below).
 #pragma once
 #include <cmath>
 
@@ -26,6 +26,15 @@ struct AdamHyper {
   double grad_scale;         // g *= grad_scale: -1 for maximize, times 1/amp_scale under AMP
 };
 
+struct LionHyper {
+  double lr;
+  double beta1;              // interpolation of the update direction
+  double beta2;              // momentum decay
+  double weight_decay;       // L2 decay
+  double decay_coefficient;  // as AdamHyper: p *= 1 - lr * decay_coefficient
+  double grad_scale;         // -1 for maximize, times 1/amp_scale under a GradScaler
+};
+
 struct SgdHyper {
   double lr;
   double momentum;
@@ -42,6 +51,11 @@ ONEPASS_HD ONEPASS_INLINE double op_sqrt(double x) { return sqrt(x); }
 // NaN-propagating like torch.maximum (fmax would drop a NaN).
 ONEPASS_HD ONEPASS_INLINE float op_max(float a, float b) { return (a != a || a > b) ? a : b; }
 ONEPASS_HD ONEPASS_INLINE double op_max(double a, double b) { return (a != a || a > b) ? a : b; }
+// (x > 0) - (x < 0), as torch.sign: sign(+-0) = 0 (Lion leaves such an element alone). A NaN
+// gives 0 here and in every SIMD build (both comparisons are false); torch.sign gives NaN, but a
+// NaN direction already poisons exp_avg, so the param is the only place they differ.
+ONEPASS_HD ONEPASS_INLINE float op_sign(float x) { return float(x > 0.0f) - float(x < 0.0f); }
+ONEPASS_HD ONEPASS_INLINE double op_sign(double x) { return double(x > 0.0) - double(x < 0.0); }
 
 // ---------------------------------------------------------------------------------------------
 // Adam / AdamW (torch.optim.Adam semantics, decoupled or L2 or independent decay)
@@ -131,6 +145,39 @@ ONEPASS_HD ONEPASS_INLINE void sgd_update(T& param, T grad, T& momentum_buffer,
     }
   }
   param = param - c.lr * grad;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lion (Chen et al., 2023): sign of an interpolated momentum; decoupled decay by default
+// ---------------------------------------------------------------------------------------------
+
+template <class T>
+struct LionConsts {
+  T lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, decay_factor, grad_scale;
+
+  ONEPASS_HD static LionConsts make(const LionHyper& h) {
+    LionConsts c;
+    c.lr = T(h.lr);
+    c.beta1 = T(h.beta1);
+    c.one_minus_beta1 = T(1.0 - h.beta1);
+    c.beta2 = T(h.beta2);
+    c.one_minus_beta2 = T(1.0 - h.beta2);
+    c.weight_decay = T(h.weight_decay);
+    c.decay_factor = T(1.0 - h.lr * h.decay_coefficient);
+    c.grad_scale = T(h.grad_scale);
+    return c;
+  }
+};
+
+template <bool kL2Decay, class T>
+ONEPASS_HD ONEPASS_INLINE void lion_update(T& param, T grad, T& exp_avg, const LionConsts<T>& c) {
+  grad = grad * c.grad_scale;  // maximize and AMP unscale
+  if constexpr (kL2Decay) grad = grad + c.weight_decay * param;
+  param = param * c.decay_factor;
+  // The direction reads the old momentum; the momentum is updated after it (the paper's order).
+  const T direction = c.beta1 * exp_avg + c.one_minus_beta1 * grad;
+  param = param - c.lr * op_sign(direction);
+  exp_avg = c.beta2 * exp_avg + c.one_minus_beta2 * grad;
 }
 
 }  // namespace ONEPASS_CAPABILITY
