@@ -1,9 +1,10 @@
 """Shared test helpers: the optimizer table, comparisons, snapshots, the reference runner.
 
 The reference runner (:class:`ReferenceRun`) mirrors an optimizer with direct calls to
-``onepass.algorithms.adam_reference`` / ``sgd_reference`` on its own copies of every param and
-state tensor, one tensor at a time, with its own per-tensor step counts and its own view of the
-hyperparameters (decay mode and initial lr come from the test's config, not from the optimizer).
+``onepass.algorithms.adam_reference`` / ``sgd_reference`` / ``lion_reference`` on its own copies
+of every param and state tensor, one tensor at a time, with its own per-tensor step counts and its
+own view of the hyperparameters (decay mode and initial lr come from the test's config, not from
+the optimizer).
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import pytest
 import torch
 
 import onepass
-from onepass.algorithms import AdamScalars, SgdScalars, adam_reference, sgd_reference
+from onepass.algorithms import (
+    AdamScalars,
+    LionScalars,
+    SgdScalars,
+    adam_reference,
+    lion_reference,
+    sgd_reference,
+)
 
 # ------------------------------------------------------------------------------------------------
 # Tolerances (DESIGN.md, numerics)
@@ -254,7 +262,7 @@ class OptimizerInfo:
     onepass_cls: type[onepass.FusedOptimizer]
     torch_cls: type[torch.optim.Optimizer] | None
     configs: tuple[Config, ...]
-    family: str  # "adam" or "sgd"
+    family: str  # "adam", "sgd" or "lion"
     default_decay: str
     default_weight_decay: float = 0.0
 
@@ -273,6 +281,8 @@ class OptimizerInfo:
         if self.family == "adam":
             base = ("step", "exp_avg", "exp_avg_sq")
             return (*base, "max_exp_avg_sq") if config.get("amsgrad") else base
+        if self.family == "lion":
+            return ("exp_avg",)  # no "step": lion-pytorch keeps none
         return ("momentum_buffer",) if config.get("momentum", 0.0) != 0 else ()
 
 
@@ -342,7 +352,23 @@ SGDW_INFO = OptimizerInfo(
     default_decay="decoupled",
 )
 
-OPTIMIZERS: tuple[OptimizerInfo, ...] = (ADAM_INFO, ADAMW_INFO, SGD_INFO, SGDW_INFO)
+LION_INFO = OptimizerInfo(
+    name="Lion",
+    onepass_cls=onepass.Lion,
+    torch_cls=None,
+    configs=(
+        {"lr": 1e-2},
+        {"lr": 1e-2, "weight_decay": 0.1},
+        {"lr": 1e-2, "maximize": True},
+        {"lr": 1e-2, "betas": (0.95, 0.98)},
+        {"lr": 1e-2, "weight_decay": 0.5, "decay": "independent"},
+        {"lr": 1e-2, "weight_decay": 0.1, "decay": "l2", "maximize": True},
+    ),
+    family="lion",
+    default_decay="decoupled",
+)
+
+OPTIMIZERS: tuple[OptimizerInfo, ...] = (ADAM_INFO, ADAMW_INFO, SGD_INFO, SGDW_INFO, LION_INFO)
 
 
 def config_id(config: Config) -> str:
@@ -526,6 +552,19 @@ class ReferenceRun:
             maximize=bool(config.get("maximize", False)),
         )
 
+    def _lion_scalars(self, lr: float, config: Config) -> LionScalars:
+        beta1, beta2 = config.get("betas", (0.9, 0.99))
+        wd = float(config.get("weight_decay", 0.0))
+        return LionScalars(
+            lr=lr,
+            beta1=float(beta1),
+            beta2=float(beta2),
+            weight_decay=wd if self.decay == "l2" else 0.0,
+            decay_coefficient=self._decay_coefficient(wd),
+            l2_decay=self.decay == "l2" and wd != 0.0,
+            maximize=bool(config.get("maximize", False)),
+        )
+
     def step(self, grads: Sequence[torch.Tensor | None], lr: float) -> None:
         for t, g in zip(self.tensors, grads, strict=True):
             if g is None:
@@ -546,6 +585,11 @@ class ReferenceRun:
                     t.step,
                     s,
                 )
+            elif self.info.family == "lion":
+                ls = self._lion_scalars(lr, self.config)
+                if not t.slots:
+                    t.slots = {"exp_avg": torch.zeros_like(t.param)}
+                lion_reference(t.param, g, t.slots["exp_avg"], ls)
             else:
                 s = self._sgd_scalars(lr, self.config)
                 first = False

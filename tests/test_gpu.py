@@ -19,6 +19,7 @@ from onepass._engine import cuda_kernels_built, triton_error
 from helpers import (
     ADAMW_INFO,
     DTYPES,
+    LION_INFO,
     OPTIMIZERS,
     SGD_INFO,
     SGDW_INFO,
@@ -136,7 +137,7 @@ def test_more_than_2_31_elements(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("info", [ADAMW_INFO, SGD_INFO, SGDW_INFO], ids=lambda i: i.name)
+@pytest.mark.parametrize("info", [ADAMW_INFO, SGD_INFO, SGDW_INFO, LION_INFO], ids=lambda i: i.name)
 def test_found_inf_skips_everything(info: OptimizerInfo, backend: str) -> None:
     params = _cuda_params(torch.float32)
     kwargs = {"lr": 0.1, "momentum": 0.9} if info.family == "sgd" else {"lr": 0.1}

@@ -116,6 +116,33 @@ def test_opcheck_sgd(dtype: torch.dtype, momentum: float, scaled: bool, found_in
     _check(torch.ops.onepass.sgd_.default, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("l2_decay", [False, True], ids=["decoupled", "l2"])
+@pytest.mark.parametrize(
+    ("scaled", "found_inf"), [(False, 0.0), (True, 0.0), (True, 1.0)], ids=["plain", "amp", "inf"]
+)
+def test_opcheck_lion(dtype: torch.dtype, l2_decay: bool, scaled: bool, found_inf: float) -> None:
+    params, grads, offsets = _bucket(dtype)
+    grad_scale, inf = _amp(scaled, found_inf)
+    args = (
+        params,
+        grads,
+        torch.randn(64).to(dtype),  # exp_avg
+        torch.tensor([2.0, 0.0, 1.0, 4.0]),  # step (the engine's count; Lion does not read it)
+        offsets,
+        grad_scale,
+        inf,
+        torch.tensor(1e-4, dtype=torch.float64),  # lr
+        0.9,  # beta1
+        0.99,  # beta2
+        0.1 if l2_decay else 0.0,  # weight_decay (L2)
+        0.0 if l2_decay else 0.1,  # decay_coefficient (decoupled)
+        not l2_decay,  # maximize
+        l2_decay,
+    )
+    _check(torch.ops.onepass.lion_.default, args)
+
+
 def test_op_mutates_only_what_it_declares() -> None:
     """The step counts advance only for tensors with a grad; found_inf leaves everything alone."""
     params, grads, offsets = _bucket(torch.float32)

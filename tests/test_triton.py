@@ -26,7 +26,14 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 import onepass  # noqa: E402
-from onepass.algorithms import AdamScalars, SgdScalars, adam_reference, sgd_reference  # noqa: E402
+from onepass.algorithms import (  # noqa: E402
+    AdamScalars,
+    LionScalars,
+    SgdScalars,
+    adam_reference,
+    lion_reference,
+    sgd_reference,
+)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
@@ -54,7 +61,8 @@ def _ref_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class Reference:
-    """Copies of the params stepped by ``adam_reference`` / ``sgd_reference`` with their own
+    """Copies of the params stepped by ``adam_reference`` / ``sgd_reference`` /
+    ``lion_reference`` with their own
     per-tensor step counts and state."""
 
     def __init__(self, family: str, params: list[torch.Tensor], dtype: torch.dtype) -> None:
@@ -85,6 +93,11 @@ class Reference:
                     s,
                     scale,
                 )
+            elif self.family == "lion":
+                ls = LionScalars.from_group(group)
+                if not slots:
+                    slots["exp_avg"] = torch.zeros_like(p)
+                lion_reference(p, g, slots["exp_avg"], ls, scale)
             else:
                 s = SgdScalars.from_group(group)
                 first = s.momentum != 0 and not slots
@@ -207,10 +220,36 @@ SGD_CASES = {
         backend="triton",
     ),
 }
+LION_CASES = {
+    "lion": lambda ps: onepass.Lion(ps, lr=1e-2, backend="triton"),
+    "lion-decoupled-betas": lambda ps: onepass.Lion(
+        ps, lr=1e-2, betas=(0.95, 0.98), weight_decay=0.1, backend="triton"
+    ),
+    "lion-l2-maximize": lambda ps: onepass.Lion(
+        ps, lr=1e-2, weight_decay=0.1, decay="l2", maximize=True, backend="triton"
+    ),
+    "lion-independent": lambda ps: onepass.Lion(
+        ps, lr=1e-2, weight_decay=0.5, decay="independent", backend="triton"
+    ),
+}
 CASES = [("adam", name, make) for name, make in ADAM_CASES.items()]
 CASES += [("sgd", name, make) for name, make in SGD_CASES.items()]
-#: Every case in float32; one Adam and one SGD case in each other dtype.
-NARROW = ("adam-l2-amsgrad-maximize", "adamw-independent-amsgrad", "sgd-nesterov-maximize")
+CASES += [("lion", name, make) for name, make in LION_CASES.items()]
+#: Every case in float32; a few Adam, SGD and Lion cases in each other dtype.
+NARROW = (
+    "adam-l2-amsgrad-maximize",
+    "adamw-independent-amsgrad",
+    "sgd-nesterov-maximize",
+    "lion-l2-maximize",
+)
+
+
+#: One case per family for the AMP tests.
+AMP_CASES = {
+    "adam": ADAM_CASES["adam-l2-amsgrad-maximize"],
+    "sgd": SGD_CASES["sgd-momentum-dampening"],
+    "lion": LION_CASES["lion-l2-maximize"],
+}
 
 
 def _cases() -> Iterator[Any]:
@@ -248,8 +287,12 @@ def test_multi_tile_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     from onepass.triton_kernels import common
 
     monkeypatch.setattr(common, "BLOCK", 1024)
-    for family, name in (("adam", "adam-l2-amsgrad-maximize"), ("sgd", "sgd-momentum-dampening")):
-        make = {**ADAM_CASES, **SGD_CASES}[name]
+    for family, name in (
+        ("adam", "adam-l2-amsgrad-maximize"),
+        ("sgd", "sgd-momentum-dampening"),
+        ("lion", "lion-decoupled-betas"),
+    ):
+        make = {**ADAM_CASES, **SGD_CASES, **LION_CASES}[name]
         _run(make, family, torch.float32, sizes=(1, 1500, 4096, 9000))
 
 
@@ -298,25 +341,17 @@ def test_writes_stay_in_bounds(monkeypatch: pytest.MonkeyPatch, shift: int, bloc
         assert bool((buffer[~used] == 0).all()), f"{name}: a write into the padding"
 
 
-@pytest.mark.parametrize("family", ["adam", "sgd"])
+@pytest.mark.parametrize("family", list(AMP_CASES))
 def test_grad_scale_unscales(family: str) -> None:
     """GradScaler-style grad_scale: g / scale in the kernel, read from the device."""
-    make = (
-        ADAM_CASES["adam-l2-amsgrad-maximize"]
-        if family == "adam"
-        else SGD_CASES["sgd-momentum-dampening"]
-    )
+    make = AMP_CASES[family]
     _run(make, family, torch.float32, sizes=(7, 300), scale=1024.0)
 
 
-@pytest.mark.parametrize("family", ["adam", "sgd"])
+@pytest.mark.parametrize("family", list(AMP_CASES))
 def test_found_inf_skips_everything(family: str) -> None:
     """found_inf != 0: params, state and step counts stay bitwise as they were."""
-    make = (
-        ADAM_CASES["adam-l2-amsgrad-maximize"]
-        if family == "adam"
-        else SGD_CASES["sgd-momentum-dampening"]
-    )
+    make = AMP_CASES[family]
     params = _params(torch.float32, (5, 4100))
     optimizer = make(params)
     for step in (1, 2):

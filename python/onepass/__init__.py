@@ -10,7 +10,7 @@ from onepass._ops import (
     native_available,
     set_cpu_capability,
 )
-from onepass.optim import SGD, SGDW, Adam, AdamW, FusedOptimizer
+from onepass.optim import SGD, SGDW, Adam, AdamW, FusedOptimizer, Lion
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "FusedOptimizer",
+    "Lion",
     "cpu_capabilities",
     "cpu_capability",
     "native_available",

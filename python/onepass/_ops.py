@@ -55,3 +55,7 @@ if NATIVE_ERROR is None:
     @torch.library.register_fake("onepass::sgd_")
     def _sgd_fake(*args: object, **kwargs: object) -> None:
         return None
+
+    @torch.library.register_fake("onepass::lion_")
+    def _lion_fake(*args: object, **kwargs: object) -> None:
+        return None
