@@ -58,12 +58,24 @@ class Run:
         self.scaler.update()
 
 
+class _UnscaledOutsideLion(onepass.Lion):
+    """Lion's peer (torch.optim has none): the reference backend, with the GradScaler unscaling
+    the grads and skipping the step from outside, as it does for torch's for-loop optimizers."""
+
+    _step_supports_amp_scaling = False
+
+    def __init__(self, params: Any, fused: bool = False, **kwargs: Any) -> None:
+        super().__init__(params, backend="reference", **kwargs)  # `fused` means nothing here
+
+
 ADAMW = {"lr": 1e-2, "amsgrad": True}
 SGD = {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}
+LION = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1}
 #: (onepass class, torch class, kwargs) by name
 OPTIMIZERS: dict[str, tuple[type[onepass.FusedOptimizer], Any, dict[str, Any]]] = {
     "AdamW": (onepass.AdamW, torch.optim.AdamW, ADAMW),
     "SGD": (onepass.SGD, torch.optim.SGD, SGD),
+    "Lion": (onepass.Lion, _UnscaledOutsideLion, LION),
 }
 
 

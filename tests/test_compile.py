@@ -26,8 +26,9 @@ pytestmark = pytest.mark.skipif(not onepass.native_available(), reason="onepass.
         lambda ps, lr: onepass.AdamW(ps, lr=lr, weight_decay=0.1, amsgrad=True),
         lambda ps, lr: onepass.Adam(ps, lr=lr, weight_decay=0.1, decay="independent"),
         lambda ps, lr: onepass.SGD(ps, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.01),
+        lambda ps, lr: onepass.Lion(ps, lr=lr, weight_decay=0.1, maximize=True),
     ],
-    ids=["AdamW", "Adam-independent", "SGD"],
+    ids=["AdamW", "Adam-independent", "SGD", "Lion"],
 )
 def test_compiled_step_matches_eager_without_recompiling(make) -> None:
     torch._dynamo.reset()

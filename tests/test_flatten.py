@@ -42,8 +42,12 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> No
             lambda ps: onepass.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, flatten=True),
             lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
         ),
+        (  # no torch.optim Lion: the peer is the reference backend, per tensor
+            lambda ps: onepass.Lion(ps, lr=1e-2, weight_decay=0.1, flatten=True),
+            lambda ps: onepass.Lion(ps, lr=1e-2, weight_decay=0.1, backend="reference"),
+        ),
     ],
-    ids=["adamw", "sgd"],
+    ids=["adamw", "sgd", "lion"],
 )
 def test_flatten_matches_torch_with_zeroed_grads(
     make: Callable[..., torch.optim.Optimizer], make_torch: Callable[..., torch.optim.Optimizer]
