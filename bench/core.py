@@ -79,6 +79,15 @@ ALGORITHMS: Mapping[str, Algorithm] = {
         torch.optim.SGD,
         {"lr": 1e-4, "momentum": 0.9, "weight_decay": 1e-2},
     ),
+    # Lion has no torch.optim twin either: its peer is SGD with momentum (fixed here, Lion takes
+    # no such argument), the same traffic: param, grad and one state slot read; param and the
+    # slot written. The params differ by design (max abs dp is not a check here).
+    "lion": Algorithm(
+        "Lion wd=0.1 (peer: torch SGD momentum=0.9)",
+        onepass.Lion,
+        partial(torch.optim.SGD, momentum=0.9),
+        {"lr": 1e-4, "weight_decay": 0.1},
+    ),
 }
 
 
