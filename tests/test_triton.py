@@ -439,9 +439,14 @@ _COMPILE_CHECK = textwrap.dedent(
     from triton.compiler import ASTSource
     from onepass.triton_kernels.adam import adam_kernel
     from onepass.triton_kernels.sgd import sgd_kernel
+    from onepass.triton_kernels.lion import lion_kernel
 
     NAMES = {tl.float32: "fp32", tl.float64: "fp64", tl.bfloat16: "bf16", tl.float16: "fp16"}
-    FLAGS = {adam_kernel: ("AMSGRAD", "L2_DECAY"), sgd_kernel: ("MOMENTUM", "NESTEROV", "L2_DECAY")}
+    FLAGS = {
+        adam_kernel: ("AMSGRAD", "L2_DECAY"),
+        sgd_kernel: ("MOMENTUM", "NESTEROV", "L2_DECAY"),
+        lion_kernel: ("L2_DECAY",),
+    }
     VARIANTS = [(dtype, True) for dtype in NAMES] + [(tl.float32, False), (tl.bfloat16, False)]
     for dtype, on in VARIANTS:  # every flag on; then every flag off
         opmath = tl.float64 if dtype == tl.float64 else tl.float32
@@ -467,7 +472,7 @@ _COMPILE_CHECK = textwrap.dedent(
             source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
             ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
             vector = "ld.global.v2" if dtype == tl.float64 else "ld.global.v4"
-            arrays = 5 if kernel is adam_kernel else 3  # p, g and the state slots
+            arrays = 5 if kernel is adam_kernel else 3  # p, g and the state slots (SGD, Lion: 1)
             assert not on or ptx.count(vector) >= arrays, (kernel, dtype, "unvectorized tiles")
             for approx in ("sqrt.approx", "div.approx", "div.full", "rcp.approx"):
                 assert approx not in ptx, (kernel, dtype, approx)
@@ -487,4 +492,4 @@ def test_compiles_for_sm90() -> None:
         [sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" ok") == 12
+    assert result.stdout.count(" ok") == 18  # 3 kernels x 6 variants
