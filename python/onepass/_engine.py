@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from onepass import _ops
+from onepass.algorithms.base import scalar_slot_dtype
 
 if TYPE_CHECKING:
     from onepass.algorithms.base import AlgorithmSpec
@@ -105,6 +106,7 @@ class Bucket:
         names: list[str],
         slots: tuple[str, ...],
         backend: str,
+        scalar_slots: tuple[str, ...] = (),
     ) -> None:
         self.params = params
         self.names = names  # "param_groups[g]['params'][i]", for error messages
@@ -120,8 +122,15 @@ class Bucket:
         self.offsets = torch.tensor(offsets, dtype=torch.int64)
         self._offsets = offsets
         self.total = total
+        # Per-tensor scalar slots (one element per tensor, indexed like ``step``) live beside the
+        # elementwise ones, on the params' device so a GPU reduce kernel can write them.
+        self.scalar_slots = tuple(name for name in slots if name in scalar_slots)
+        scalar_dtype = scalar_slot_dtype(self.dtype)
         self.buffers = {
-            name: torch.zeros(total, dtype=self.dtype, device=self.device) for name in slots
+            name: torch.zeros(len(params), dtype=scalar_dtype, device=self.device)
+            if name in self.scalar_slots
+            else torch.zeros(total, dtype=self.dtype, device=self.device)
+            for name in slots
         }
         # Per-tensor step counts (bias corrections are per tensor: a param whose grad was None
         # did not advance). On the host for the CPU backends; on the params' device for the GPU
@@ -166,7 +175,9 @@ class Bucket:
     def flat_step(self) -> FlatBucket | None:
         """The whole bucket as one segment, if it is flattened, every grad is still its view and
         every tensor has taken the same number of steps; else None (the per-tensor path)."""
-        if self.flat_view is None or not self.uniform_steps:
+        if self.flat_view is None or not self.uniform_steps or self.scalar_slots:
+            # Per-tensor scalars need per-tensor segments: one flat segment would reduce the
+            # whole bucket into one norm.
             return None
         if not all(map(operator.is_, map(_grad_of, self.params), self.grad_views)):
             return None
@@ -197,7 +208,10 @@ class Bucket:
     def slot_views(self, i: int) -> dict[str, torch.Tensor]:
         p, start = self.params[i], self._offsets[i]
         return {
-            name: buf[start : start + p.numel()].view(p.shape) for name, buf in self.buffers.items()
+            name: buf[i]
+            if name in self.scalar_slots
+            else buf[start : start + p.numel()].view(p.shape)
+            for name, buf in self.buffers.items()
         }
 
 
@@ -340,9 +354,18 @@ class _GroupPlan:
         self.buckets: list[Bucket] = []
         for (device, _), (params, names) in keyed.items():
             backend = resolve_backend(group["backend"], device)
+            if backend not in engine.spec.launchers:
+                # An algorithm that some backend does not implement yet: "auto" falls back to
+                # the reference (correct everywhere, just slower); an explicit request fails.
+                if group["backend"] != "auto":
+                    raise RuntimeError(
+                        f"onepass: backend={backend!r} is not implemented for "
+                        f"{engine.spec.name}; use backend='auto' or 'reference'"
+                    )
+                backend = "reference"
             if group.get("capturable"):
                 _make_capturable(group, names[0], device, backend)
-            bucket = Bucket(params, names, slots, backend)
+            bucket = Bucket(params, names, slots, backend, engine.spec.scalar_slots)
             _adopt_state(engine, bucket)
             if flatten:
                 bucket.flatten()

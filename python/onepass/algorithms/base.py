@@ -65,6 +65,12 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def scalar_slot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a per-tensor scalar slot for params of ``dtype``: the opmath dtype, since a
+    scalar costs nothing to keep precise and a bf16 layer norm would lose 3 digits per step."""
+    return opmath_dtype(dtype)
+
+
 #: A backend launcher steps one bucket: (bucket, grads, group, grad_scale, found_inf) -> None.
 Launcher = Callable[..., None]
 
@@ -87,6 +93,9 @@ class AlgorithmSpec:
         reduction: the reductions the update needs: "none", "per_tensor", "per_row" or "global".
         reference: the pure-torch oracle; runs in float64 on float64 tensors.
         launchers: the backends that implement it, by name.
+        scalar_slots: the slots that hold one scalar per tensor (NovoGrad's layer-wise second
+            moment) instead of one value per element; the engine keeps them in float32 (float64
+            for float64 params) and shows them as 0-d tensors in ``optimizer.state[p]``.
     """
 
     name: str
@@ -98,3 +107,4 @@ class AlgorithmSpec:
     reference: Callable[..., None]
     reduction: str = "none"
     launchers: dict[str, Launcher] = field(default_factory=dict)
+    scalar_slots: tuple[str, ...] = ()

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from onepass._engine import BACKENDS, Engine, resolve_backend
 from onepass._state import TrackedState
-from onepass.algorithms.base import DECAY_MODES, AlgorithmSpec, scalar
+from onepass.algorithms.base import DECAY_MODES, AlgorithmSpec, scalar, scalar_slot_dtype
 
 
 class FusedOptimizer(Optimizer):
@@ -140,7 +140,25 @@ class FusedOptimizer(Optimizer):
         """
         self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)
+        self._restore_scalar_slots(state_dict)
         self._engine.invalidate()
+
+    def _restore_scalar_slots(self, state_dict: Mapping[str, Any]) -> None:
+        """torch.optim's load casts every floating state tensor to its param's dtype; per-tensor
+        scalar slots are kept in the opmath dtype (a bf16 second moment would lose precision on
+        every resume), so they are put back from the saved values, on the param's device."""
+        if not self.spec.scalar_slots:
+            return
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        by_id = dict(zip(saved_ids, params, strict=True))
+        for saved_id, entry in state_dict["state"].items():
+            p = by_id[saved_id]
+            for key in self.spec.scalar_slots:
+                value = entry.get(key)
+                if isinstance(value, torch.Tensor) and p in self.state:
+                    dtype = scalar_slot_dtype(p.dtype)
+                    self.state[p][key] = value.detach().to(p.device, dtype).reshape(()).clone()
 
     def _check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         groups, saved_groups = self.param_groups, state_dict.get("param_groups")
@@ -172,6 +190,16 @@ class FusedOptimizer(Optimizer):
                         f"slot (expected {sorted(known)})"
                     )
                 if key == "step" or value is None:
+                    continue
+                if key in self.spec.scalar_slots:
+                    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                        shape = (
+                            tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+                        )
+                        raise ValueError(
+                            f"onepass: state_dict slot {key!r} of {name} has shape {shape}, "
+                            "expected one value per tensor (0-d or 1 element)"
+                        )
                     continue
                 if not isinstance(value, torch.Tensor) or value.shape != p.shape:
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
