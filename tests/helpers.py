@@ -20,11 +20,14 @@ import onepass
 from onepass.algorithms import (
     AdamScalars,
     LionScalars,
+    NovoGradScalars,
     SgdScalars,
     adam_reference,
     lion_reference,
+    novograd_reference,
     sgd_reference,
 )
+from onepass.algorithms.base import scalar_slot_dtype
 
 # ------------------------------------------------------------------------------------------------
 # Tolerances (DESIGN.md, numerics)
@@ -262,7 +265,7 @@ class OptimizerInfo:
     onepass_cls: type[onepass.FusedOptimizer]
     torch_cls: type[torch.optim.Optimizer] | None
     configs: tuple[Config, ...]
-    family: str  # "adam", "sgd" or "lion"
+    family: str  # "adam", "sgd", "lion" or "novograd"
     default_decay: str
     default_weight_decay: float = 0.0
 
@@ -283,6 +286,9 @@ class OptimizerInfo:
             return (*base, "max_exp_avg_sq") if config.get("amsgrad") else base
         if self.family == "lion":
             return ("exp_avg",)  # no "step": lion-pytorch keeps none
+        if self.family == "novograd":
+            base = ("step", "exp_avg", "exp_avg_sq")
+            return (*base, "max_exp_avg_sq") if config.get("amsgrad") else base
         return ("momentum_buffer",) if config.get("momentum", 0.0) != 0 else ()
 
 
@@ -368,7 +374,35 @@ LION_INFO = OptimizerInfo(
     default_decay="decoupled",
 )
 
-OPTIMIZERS: tuple[OptimizerInfo, ...] = (ADAM_INFO, ADAMW_INFO, SGD_INFO, SGDW_INFO, LION_INFO)
+NOVOGRAD_INFO = OptimizerInfo(
+    name="NovoGrad",
+    onepass_cls=onepass.NovoGrad,
+    torch_cls=None,
+    configs=(
+        {"lr": 1e-2},
+        {"lr": 1e-2, "weight_decay": 0.1},
+        {"lr": 1e-2, "grad_averaging": True},
+        {"lr": 1e-2, "amsgrad": True},
+        {"lr": 1e-2, "maximize": True},
+    ),
+    family="novograd",
+    default_decay="l2",
+)
+
+OPTIMIZERS: tuple[OptimizerInfo, ...] = (
+    ADAM_INFO,
+    ADAMW_INFO,
+    SGD_INFO,
+    SGDW_INFO,
+    LION_INFO,
+    NOVOGRAD_INFO,
+)
+
+
+def skip_unless_implemented(info: OptimizerInfo, backend: str) -> None:
+    """Skips a test of a backend the algorithm does not implement (yet)."""
+    if backend not in info.onepass_cls.spec.launchers:
+        pytest.skip(f"{info.name} has no {backend!r} backend")
 
 
 def config_id(config: Config) -> str:
@@ -565,6 +599,19 @@ class ReferenceRun:
             maximize=bool(config.get("maximize", False)),
         )
 
+    def _novograd_scalars(self, lr: float, config: Config) -> NovoGradScalars:
+        beta1, beta2 = config.get("betas", (0.95, 0.98))
+        return NovoGradScalars(
+            lr=lr,
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(config.get("eps", 1e-8)),
+            weight_decay=float(config.get("weight_decay", 0.0)),
+            grad_averaging=bool(config.get("grad_averaging", False)),
+            amsgrad=bool(config.get("amsgrad", False)),
+            maximize=bool(config.get("maximize", False)),
+        )
+
     def step(self, grads: Sequence[torch.Tensor | None], lr: float) -> None:
         for t, g in zip(self.tensors, grads, strict=True):
             if g is None:
@@ -584,6 +631,22 @@ class ReferenceRun:
                     t.slots.get("max_exp_avg_sq"),
                     t.step,
                     s,
+                )
+            elif self.info.family == "novograd":
+                ns = self._novograd_scalars(lr, self.config)
+                if not t.slots:
+                    scalar_dtype = scalar_slot_dtype(t.param.dtype)
+                    t.slots = {"exp_avg": torch.zeros_like(t.param)}
+                    for name in ("exp_avg_sq", "max_exp_avg_sq")[: 1 + ns.amsgrad]:
+                        t.slots[name] = torch.zeros((), dtype=scalar_dtype)
+                novograd_reference(
+                    t.param,
+                    g,
+                    t.slots["exp_avg"],
+                    t.slots["exp_avg_sq"],
+                    t.slots.get("max_exp_avg_sq"),
+                    t.step,
+                    ns,
                 )
             elif self.info.family == "lion":
                 ls = self._lion_scalars(lr, self.config)
@@ -628,7 +691,9 @@ class ReferenceRun:
                 if name == "step":
                     assert float(value) == t.step, f"param {i}: step {float(value)} != {t.step}"
                     continue
-                assert value.dtype == p.dtype, f"state[{i}][{name!r}] has dtype {value.dtype}"
+                scalar_slot = name in self.info.onepass_cls.spec.scalar_slots
+                expected_dtype = scalar_slot_dtype(p.dtype) if scalar_slot else p.dtype
+                assert value.dtype == expected_dtype, f"state[{i}][{name!r}] has {value.dtype}"
                 triples.append((f"state[{i}][{name!r}]", value, t.slots[name]))
         assert_all_close(triples, rtol, atol, ulps)
 

@@ -28,6 +28,7 @@ from helpers import (
     assert_verbose_allclose,
     config_id,
     dtype_id,
+    skip_unless_implemented,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -86,6 +87,8 @@ def test_gpu_matches_reference(
 def test_cuda_and_triton_agree(info: OptimizerInfo, config: Config) -> None:
     if not cuda_kernels_built() or triton_error() is not None:
         pytest.skip("needs both GPU backends")
+    skip_unless_implemented(info, "cuda")
+    skip_unless_implemented(info, "triton")
     results = []
     for backend in ("cuda", "triton"):
         torch.manual_seed(3)

@@ -55,6 +55,7 @@ from helpers import (
     optimizer_cases,
     reference_dtype,
     set_grads,
+    skip_unless_implemented,
 )
 
 STEPS = 7
@@ -76,6 +77,7 @@ def check_against_reference(
     steps: int = STEPS,
     none_pattern: bool = True,
 ) -> torch.optim.Optimizer:
+    skip_unless_implemented(info, backend)
     rtol, atol = TOLERANCES[dtype]
     lockstep = dtype in LOW_PRECISION
     optimizer = info.onepass_cls(params, **config, backend=backend)
@@ -230,6 +232,7 @@ def test_capabilities_agree(info: OptimizerInfo, config: Config, dtype: torch.dt
     result), within one storage ulp: free-running low-precision runs drift apart by whole ulps for
     the reason given in this module's docstring.
     """
+    skip_unless_implemented(info, "cpu")
     capabilities = CAPABILITIES
     params = make_params(dtype, sizes=(0, 1, 7, 15, 16, 17, 33, 4097))
     optimizer = info.onepass_cls(params, **config, backend="cpu")

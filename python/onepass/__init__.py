@@ -10,7 +10,7 @@ from onepass._ops import (
     native_available,
     set_cpu_capability,
 )
-from onepass.optim import SGD, SGDW, Adam, AdamW, FusedOptimizer, Lion
+from onepass.optim import SGD, SGDW, Adam, AdamW, FusedOptimizer, Lion, NovoGrad
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "AdamW",
     "FusedOptimizer",
     "Lion",
+    "NovoGrad",
     "cpu_capabilities",
     "cpu_capability",
     "native_available",

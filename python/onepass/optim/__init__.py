@@ -3,6 +3,7 @@
 from onepass.optim.adam import Adam, AdamW
 from onepass.optim.base import FusedOptimizer
 from onepass.optim.lion import Lion
+from onepass.optim.novograd import NovoGrad
 from onepass.optim.sgd import SGD, SGDW
 
-__all__ = ["SGD", "SGDW", "Adam", "AdamW", "FusedOptimizer", "Lion"]
+__all__ = ["SGD", "SGDW", "Adam", "AdamW", "FusedOptimizer", "Lion", "NovoGrad"]
