@@ -126,10 +126,15 @@ using SgdEager = void (*)(at::TensorList, const EagerGrads&, const std::optional
 using LionEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor, const Tensor&,
                            const std::optional<Tensor>&, const std::optional<Tensor>&,
                            const Tensor&, double, double, double, double, bool, bool);
+using NovoGradEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor,
+                               const std::optional<Tensor>&, Tensor, const Tensor&,
+                               const std::optional<Tensor>&, const std::optional<Tensor>&,
+                               const Tensor&, double, double, double, double, bool, bool, bool);
 struct EagerOps {
   AdamEager adam = nullptr;
   SgdEager sgd = nullptr;
   LionEager lion = nullptr;
+  NovoGradEager novograd = nullptr;
 };
 inline EagerOps& eager_ops(c10::DeviceType device) {
   static EagerOps cpu, cuda;
@@ -145,6 +150,18 @@ inline void check_state(const Tensor& buf, const char* name, const Table& t, at:
               buf.scalar_type(), ", expected ", t.dtype);
   TORCH_CHECK(buf.is_contiguous() && buf.numel() >= t.needed_state, "onepass: state '", name,
               "' must be a contiguous buffer of at least ", t.needed_state, " elements");
+}
+
+// A per-tensor scalar state buffer (NovoGrad's second moment): one element per param of the
+// bucket, float32 (float64 for float64 params), contiguous, on the launch's device.
+inline void check_scalar_state(const Tensor& buf, const char* name, const Table& t, int64_t n,
+                               at::Device device) {
+  const at::ScalarType dtype = t.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(buf.device() == device, "onepass: state '", name, "' must be on ", device);
+  TORCH_CHECK(buf.scalar_type() == dtype, "onepass: state '", name, "' has dtype ",
+              buf.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(buf.is_contiguous() && buf.numel() == n, "onepass: state '", name,
+              "' must be a contiguous buffer of ", n, " elements (one per param)");
 }
 
 // The AMP scalars: a one-element float32 tensor on the launch's device, or absent.

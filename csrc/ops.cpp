@@ -171,6 +171,67 @@ void lion_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor 
   finish(t, step);
 }
 
+template <class Grads>
+void novograd_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor exp_avg_sq,
+                  const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
+                  const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
+                  const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
+                  double beta2, double eps, double weight_decay, bool grad_averaging,
+                  bool amsgrad, bool maximize) {
+  Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
+                              /*host_steps=*/true);
+  const double lr_value = read_lr(lr);
+  glue::check_state(exp_avg, "exp_avg", t, at::kCPU);
+  const int64_t n = static_cast<int64_t>(params.size());
+  glue::check_scalar_state(exp_avg_sq, "exp_avg_sq", t, n, at::kCPU);
+  TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "onepass: amsgrad needs max_exp_avg_sq");
+  if (amsgrad) glue::check_scalar_state(*max_exp_avg_sq, "max_exp_avg_sq", t, n, at::kCPU);
+  const Amp amp = read_amp(grad_scale, found_inf, maximize);
+  if (amp.skip) return;  // GradScaler found an inf/nan: params, state and steps stay as they are
+
+  std::vector<double> partial_sums(t.chunks.size(), 0.0);
+  std::vector<double> denoms(t.segments.size(), 0.0);
+  cpu::NovoGradLaunch launch{};
+  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.segments = t.segments.data();
+  launch.chunks = t.chunks.data();
+  launch.exp_avg = exp_avg.data_ptr();
+  launch.partial_sums = partial_sums.data();
+  launch.denoms = denoms.data();
+  launch.hyper = NovoGradHyper{lr_value, beta1, beta2, eps, weight_decay, amp.grad_scale,
+                               grad_averaging};
+  // Pass 1: per-chunk sums of squares, in parallel.
+  const auto reduce = cpu::kernels().novograd_reduce;
+  run_chunks(t, [&](int64_t b, int64_t e) { reduce(launch, b, e); });
+  // Per tensor, in chunk order: deterministic whatever the thread split.
+  std::vector<double> sums(t.segments.size(), 0.0);
+  for (size_t c = 0; c < t.chunks.size(); ++c) sums[t.chunks[c].segment] += partial_sums[c];
+  std::vector<int64_t> segment_of(n, -1);
+  for (size_t k = 0; k < t.segments.size(); ++k) segment_of[t.segments[k].index] = int64_t(k);
+  // The scalar step of every tensor with a grad, zero-size ones included (their v decays).
+  const float* steps = step.data_ptr<float>();
+  const auto scalar_step = [&]<class V>() {
+    V* v = exp_avg_sq.data_ptr<V>();
+    V* v_max = amsgrad ? max_exp_avg_sq->data_ptr<V>() : nullptr;
+    for (const int64_t i : t.stepped) {
+      const int64_t k = segment_of[i];
+      const double denom = novograd_second_moment<V>(
+          k >= 0 ? sums[k] : 0.0, double(steps[i]) + 1.0, launch.hyper, amsgrad, v[i],
+          amsgrad ? v_max + i : nullptr);
+      if (k >= 0) denoms[k] = denom;
+    }
+  };
+  if (t.dtype == at::kDouble) {
+    scalar_step.template operator()<double>();
+  } else {
+    scalar_step.template operator()<float>();
+  }
+  // Pass 2: the elementwise update.
+  const auto kernel = cpu::kernels().novograd;
+  run_chunks(t, [&](int64_t b, int64_t e) { kernel(launch, b, e); });
+  finish(t, step);
+}
+
 std::string cpu_capability() { return cpu::kernels().name; }
 
 std::vector<std::string> cpu_capabilities() {
@@ -203,6 +264,11 @@ TORCH_LIBRARY(onepass, m) {
       "Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, Tensor lr, float beta1, "
       "float beta2, float weight_decay, float decay_coefficient, bool maximize, "
       "bool l2_decay) -> ()");
+  m.def(
+      "novograd_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) exp_avg, "
+      "Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, Tensor(e!) step, Tensor state_offsets, "
+      "Tensor? grad_scale, Tensor? found_inf, Tensor lr, float beta1, float beta2, float eps, "
+      "float weight_decay, bool grad_averaging, bool amsgrad, bool maximize) -> ()");
   m.def("cpu_capability() -> str", &onepass::cpu_capability);
   m.def("cpu_capabilities() -> str[]", &onepass::cpu_capabilities);
   m.def("set_cpu_capability(str name) -> ()", &onepass::set_cpu_capability);
@@ -212,6 +278,7 @@ TORCH_LIBRARY_IMPL(onepass, CPU, m) {
   m.impl("adam_", &onepass::adam_cpu<onepass::glue::OptionalTensorList>);
   m.impl("sgd_", &onepass::sgd_cpu<onepass::glue::OptionalTensorList>);
   m.impl("lion_", &onepass::lion_cpu<onepass::glue::OptionalTensorList>);
+  m.impl("novograd_", &onepass::novograd_cpu<onepass::glue::OptionalTensorList>);
 }
 
 // Eager entry points for Python (see glue::EagerOps): the same implementations as the operators,
@@ -224,6 +291,7 @@ const bool kCpuEagerRegistered = [] {
   ops.adam = &onepass::adam_cpu<onepass::glue::EagerGrads>;
   ops.sgd = &onepass::sgd_cpu<onepass::glue::EagerGrads>;
   ops.lion = &onepass::lion_cpu<onepass::glue::EagerGrads>;
+  ops.novograd = &onepass::novograd_cpu<onepass::glue::EagerGrads>;
   return true;
 }();
 
@@ -280,4 +348,17 @@ PYBIND11_MODULE(_C, m) {
            weight_decay, decay_coefficient, maximize, l2_decay);
       },
       "torch.ops.onepass.lion_ without the dispatcher (eager calls only)");
+  m.def(
+      "novograd_",
+      [](const std::vector<at::Tensor>& params, const EagerGrads& grads, at::Tensor exp_avg,
+         at::Tensor exp_avg_sq, const Opt& max_exp_avg_sq, at::Tensor step,
+         const at::Tensor& state_offsets, const Opt& grad_scale, const Opt& found_inf,
+         const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
+         bool grad_averaging, bool amsgrad, bool maximize) {
+        const auto fn = eager_kernel(&onepass::glue::EagerOps::novograd, exp_avg);
+        py::gil_scoped_release no_gil;
+        fn(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_offsets, grad_scale,
+           found_inf, lr, beta1, beta2, eps, weight_decay, grad_averaging, amsgrad, maximize);
+      },
+      "torch.ops.onepass.novograd_ without the dispatcher (eager calls only)");
 }

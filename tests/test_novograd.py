@@ -13,11 +13,19 @@ from typing import Any
 
 import pytest
 import torch
+from test_numerics import check_against_reference
 
 import onepass
 
 from helpers import NOVOGRAD_INFO as INFO
-from helpers import all_backends, config_id, make_grads, make_params, skip_unless_implemented
+from helpers import (
+    all_backends,
+    config_id,
+    make_grads,
+    make_params,
+    needs_native,
+    skip_unless_implemented,
+)
 
 STEPS = 7
 
@@ -238,3 +246,29 @@ def test_rejects_a_state_dict_with_a_non_scalar_second_moment() -> None:
     saved["state"] = {0: {"step": 1, "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}}
     with pytest.raises(ValueError, match="one value per tensor"):
         optimizer.load_state_dict(saved)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_multi_chunk_tensors_match_and_do_not_depend_on_threads(dtype: torch.dtype) -> None:
+    """Tensors of several 2^15-element chunks (the reduce pass's partial sums are combined per
+    tensor): against the reference, and bitwise the same on 1 thread and on every thread."""
+    sizes = (3 * (1 << 15) + 5, 70_000, 7)
+    params = [torch.randn(n).to(dtype).requires_grad_() for n in sizes]
+    check_against_reference(INFO, {"lr": 1e-2, "amsgrad": True}, "cpu", dtype, params)
+    results = []
+    threads = torch.get_num_threads()
+    for count in (1, max(2, threads)):
+        torch.set_num_threads(count)
+        try:
+            torch.manual_seed(5)
+            ps = [torch.randn(n).to(dtype).requires_grad_() for n in sizes]
+            optimizer = onepass.NovoGrad(ps, lr=1e-2, backend="cpu")
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn_like(p)
+                optimizer.step()
+            results.append([*ps, *(optimizer.state[p]["exp_avg_sq"] for p in ps)])
+        finally:
+            torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -162,3 +162,56 @@ def test_op_mutates_only_what_it_declares() -> None:
     assert step.tolist() == [3.0, 1.0, 2.0, 4.0]
     assert not torch.equal(params[1], before[1]) and torch.equal(params[3], before[3])
     assert not params[1].is_contiguous()  # written back through the view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize(("scaled", "found_inf"), [(False, 0.0), (True, 0.0), (True, 1.0)])
+def test_opcheck_novograd(
+    dtype: torch.dtype, amsgrad: bool, scaled: bool, found_inf: float
+) -> None:
+    params, grads, offsets = _bucket(dtype)
+    grad_scale, inf = _amp(scaled, found_inf)
+    scalar_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    args = (
+        params,
+        grads,
+        torch.randn(64).to(dtype),  # exp_avg
+        torch.rand(4, dtype=scalar_dtype),  # exp_avg_sq: one per tensor
+        torch.rand(4, dtype=scalar_dtype) if amsgrad else None,  # max_exp_avg_sq
+        torch.tensor([2.0, 0.0, 1.0, 4.0]),  # step: tensor 1 takes its first step
+        offsets,
+        grad_scale,
+        inf,
+        torch.tensor(1e-3, dtype=torch.float64),  # lr
+        0.95,  # beta1
+        0.98,  # beta2
+        1e-8,  # eps
+        0.1,  # weight_decay
+        amsgrad,  # grad_averaging (varied with amsgrad)
+        amsgrad,
+        not amsgrad,  # maximize
+    )
+    _check(torch.ops.onepass.novograd_.default, args)
+
+
+def test_novograd_op_mutates_only_what_it_declares() -> None:
+    """Tensors without a grad keep their param, exp_avg slice, scalar second moment and step; the
+    zero-size tensor with a grad advances and its second moment decays (its norm is 0)."""
+    params, grads, offsets = _bucket(torch.float32)
+    exp_avg = torch.zeros(64)
+    exp_avg_sq = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    step = torch.tensor([2.0, 0.0, 1.0, 4.0])
+    before = [p.clone() for p in params]
+    torch.ops.onepass.novograd_(
+        params, grads, exp_avg, exp_avg_sq, None, step, offsets, None, None,
+        torch.tensor(1e-2), 0.95, 0.98, 1e-8, 0.0, False, False, False,
+    )  # fmt: skip
+    assert step.tolist() == [3.0, 1.0, 2.0, 4.0]
+    assert torch.equal(params[3], before[3]) and exp_avg_sq[3] == 4.0
+    assert exp_avg_sq[2] == torch.tensor(0.98 * 3.0, dtype=torch.float32)
+    g1 = grads[1]
+    assert g1 is not None
+    assert exp_avg_sq[1] == torch.tensor(float(g1.double().square().sum()), dtype=torch.float32)
+    assert not torch.equal(params[1], before[1]) and not params[1].is_contiguous()
+    assert torch.count_nonzero(exp_avg[48:]) == 0

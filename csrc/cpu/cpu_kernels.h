@@ -41,12 +41,27 @@ struct LionLaunch {
   bool l2_decay;
 };
 
+// NovoGrad runs two passes over the same table: novograd_reduce writes one partial sum of
+// squares per chunk (summed per tensor in chunk order by the glue, so the result does not depend
+// on the thread split), then novograd updates each chunk with its tensor's denominator.
+struct NovoGradLaunch {
+  DType dtype;
+  const Segment* segments;
+  const Chunk* chunks;
+  void* exp_avg;
+  double* partial_sums;  // one per chunk: sum of g^2 in double (reduce pass output)
+  const double* denoms;  // one per segment: sqrt(v) + eps (update pass input)
+  NovoGradHyper hyper;
+};
+
 // One instruction-set build of the kernels. Each processes chunks [begin, end) of its launch.
 struct KernelSet {
   const char* name;
   void (*adam)(const AdamLaunch&, int64_t begin, int64_t end);
   void (*sgd)(const SgdLaunch&, int64_t begin, int64_t end);
   void (*lion)(const LionLaunch&, int64_t begin, int64_t end);
+  void (*novograd_reduce)(const NovoGradLaunch&, int64_t begin, int64_t end);
+  void (*novograd)(const NovoGradLaunch&, int64_t begin, int64_t end);
 };
 
 // Chosen once at first use: the widest set this CPU runs, or ONEPASS_CPU_CAPABILITY

@@ -152,6 +152,54 @@ void lion_typed(const cpu::LionLaunch& L, int64_t begin, int64_t end) {
   L.l2_decay ? lion_chunks<S, true>(L, begin, end) : lion_chunks<S, false>(L, begin, end);
 }
 
+// Sum of squares of each chunk's gradient, in double whatever the storage: four independent
+// accumulators in a fixed order (every build gives the same bits: no reassociation).
+template <class S>
+void novograd_reduce_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk& chunk = L.chunks[c];
+    const S* g = static_cast<const S*>(L.segments[chunk.segment].grad) + chunk.begin;
+    const int64_t n = chunk.end - chunk.begin;
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      for (int k = 0; k < 4; ++k) {
+        const double x = static_cast<double>(to_opmath(g[i + k]));
+        acc[k] += x * x;
+      }
+    }
+    for (; i < n; ++i) {
+      const double x = static_cast<double>(to_opmath(g[i]));
+      acc[0] += x * x;
+    }
+    L.partial_sums[c] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
+}
+
+template <class S>
+void novograd_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
+  using O = opmath_t<S>;
+  using VT = typename VecFor<S>::type;
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk& chunk = L.chunks[c];
+    const Segment& seg = L.segments[chunk.segment];
+    const double denom = L.denoms[chunk.segment];
+    const BothConsts<NovoGradConsts, S> consts{NovoGradConsts<VT>::make(L.hyper, denom),
+                                               NovoGradConsts<O>::make(L.hyper, denom)};
+    S* const state[1] = {static_cast<S*>(L.exp_avg) + seg.state_offset + chunk.begin};
+    S* const param = static_cast<S*>(seg.param) + chunk.begin;
+    const S* const grad = static_cast<const S*>(seg.grad) + chunk.begin;
+    const int64_t n = chunk.end - chunk.begin;
+    auto step = [&]<bool kFirst>() {
+      for_each_element<S, 1>(param, grad, state, n, [&](auto& p, auto g, auto* s) {
+        using T = std::remove_reference_t<decltype(p)>;
+        novograd_update<kFirst>(p, g, s[0], consts.template get<T>());
+      });
+    };
+    seg.step == 1.0 ? step.template operator()<true>() : step.template operator()<false>();
+  }
+}
+
 template <class S>
 void adam_typed(const cpu::AdamLaunch& L, int64_t begin, int64_t end) {
   if (L.amsgrad) {
@@ -187,6 +235,14 @@ inline void sgd_entry(const cpu::SgdLaunch& L, int64_t begin, int64_t end) {
 
 inline void lion_entry(const cpu::LionLaunch& L, int64_t begin, int64_t end) {
   dispatch_dtype(L.dtype, [&]<class S>() { lion_typed<S>(L, begin, end); });
+}
+
+inline void novograd_reduce_entry(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
+  dispatch_dtype(L.dtype, [&]<class S>() { novograd_reduce_typed<S>(L, begin, end); });
+}
+
+inline void novograd_entry(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
+  dispatch_dtype(L.dtype, [&]<class S>() { novograd_typed<S>(L, begin, end); });
 }
 
 }  // namespace ONEPASS_CAPABILITY

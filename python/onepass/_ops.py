@@ -59,3 +59,7 @@ if NATIVE_ERROR is None:
     @torch.library.register_fake("onepass::lion_")
     def _lion_fake(*args: object, **kwargs: object) -> None:
         return None
+
+    @torch.library.register_fake("onepass::novograd_")
+    def _novograd_fake(*args: object, **kwargs: object) -> None:
+        return None

@@ -153,6 +153,46 @@ void test_lion_vs_paper() {
   CHECK(op_sign(-3.0) == -1.0 && op_sign(0.25f) == 1.0f && op_sign(-0.0) == 0.0, "op_sign");
 }
 
+// novograd_second_moment + novograd_update against the rule in long double over 7 steps of a
+// 3-element tensor: v = ||g||^2 at t = 1, then beta2-averaged; amsgrad's running max; m = u at
+// t = 1, then beta1 * m + s * u; maximize (grad_scale -1) and decay inside the momentum.
+void test_novograd_vs_rule() {
+  const double grads[7][3] = {{0.3, -1.2, 0.01}, {2.5, -0.4, 0.9},  {-0.05, 0.2, 0.7},
+                              {1.5, 1.1, -0.3},  {0.02, 0.03, -0.01}, {-2.0, 0.4, 0.4},
+                              {0.6, -0.6, 0.1}};
+  for (const bool averaging : {false, true}) {
+    for (const bool amsgrad : {false, true}) {
+      const NovoGradHyper h{1e-2, 0.95, 0.5, 1e-8, 0.1, -1.0, averaging};
+      double p[3] = {0.7, -0.2, 1.3}, m[3] = {0, 0, 0}, v = 0.0, vmax = 0.0;
+      long double rp[3] = {0.7L, -0.2L, 1.3L}, rm[3] = {0, 0, 0}, rv = 0.0L, rvmax = 0.0L;
+      for (int t = 1; t <= 7; ++t) {
+        double sum_sq = 0.0;
+        for (double g : grads[t - 1]) sum_sq += g * g;
+        const double denom = novograd_second_moment<double>(sum_sq, t, h, amsgrad, v, &vmax);
+        const auto c = NovoGradConsts<double>::make(h, denom);
+        for (int i = 0; i < 3; ++i) {
+          t == 1 ? novograd_update<true>(p[i], grads[t - 1][i], m[i], c)
+                 : novograd_update<false>(p[i], grads[t - 1][i], m[i], c);
+        }
+        long double n = 0.0L;
+        for (double g : grads[t - 1]) n += (long double)g * g;
+        rv = t == 1 ? n : 0.5L * rv + 0.5L * n;
+        rvmax = rvmax > rv ? rvmax : rv;
+        const long double rden = sqrtl(amsgrad ? rvmax : rv) + 1e-8L;
+        for (int i = 0; i < 3; ++i) {
+          const long double u = -(long double)grads[t - 1][i] / rden + 0.1L * rp[i];
+          rm[i] = t == 1 ? u : 0.95L * rm[i] + (averaging ? 0.05L : 1.0L) * u;
+          rp[i] -= 1e-2L * rm[i];
+          CHECK(close(p[i], double(rp[i]), 1e-12, 1e-15), "novograd avg=%d ams=%d t=%d p[%d]",
+                averaging, amsgrad, t, i);
+          CHECK(close(m[i], double(rm[i]), 1e-12, 1e-15), "novograd m t=%d", t);
+        }
+        CHECK(close(v, double(rv), 1e-13, 0.0), "novograd v t=%d: %.17g vs %.17Lg", t, v, rv);
+      }
+    }
+  }
+}
+
 // Every instruction-set build gives the scalar build's results (up to float rounding order).
 template <class S>
 void test_kernel_sets(DType dtype, double rtol) {
@@ -166,6 +206,7 @@ void test_kernel_sets(DType dtype, double rtol) {
     std::vector<S> p0(n), g(n), m0(n), v0(n), vm0(n);
     fill(p0, false), fill(g, false), fill(m0, false), fill(v0, true), fill(vm0, true);
     std::vector<std::vector<S>> results;
+    double novograd_sum = 0.0;
     for (int64_t k = 0; k < cpu::capability_count(); ++k) {
       std::vector<S> p = p0, m = m0, v = v0, vm = vm0;
       Segment seg{p.data(), g.data(), 0, n, 0, 3.0};
@@ -189,6 +230,25 @@ void test_kernel_sets(DType dtype, double rtol) {
       cpu::kernels().lion(LL, 0, 1);
       results.back().insert(results.back().end(), lp.begin(), lp.end());
       results.back().insert(results.back().end(), lm.begin(), lm.end());
+      // NovoGrad: the reduce pass (the same bits in every build: a scalar double loop), then
+      // the update with a first-step and a later-step segment.
+      for (const double step : {1.0, 4.0}) {
+        std::vector<S> np = p0, nm = m0;
+        Segment nseg{np.data(), g.data(), 0, n, 0, step};
+        double partial = -1.0, denom = 0.0;
+        cpu::NovoGradLaunch NL{dtype,   &nseg,  &chunk,
+                               nm.data(), &partial, &denom,
+                               NovoGradHyper{1e-2, 0.95, 0.98, 1e-8, 0.1, 1.0, true}};
+        cpu::kernels().novograd_reduce(NL, 0, 1);
+        if (k == 0) novograd_sum = partial;
+        CHECK(partial == novograd_sum, "%s n=%ld: novograd sum %.17g vs scalar %.17g",
+              cpu::capability_name(k), long(n), partial, novograd_sum);
+        double v = 0.5;
+        denom = novograd_second_moment<double>(partial, step, NL.hyper, false, v, nullptr);
+        cpu::kernels().novograd(NL, 0, 1);
+        results.back().insert(results.back().end(), np.begin(), np.end());
+        results.back().insert(results.back().end(), nm.begin(), nm.end());
+      }
     }
     for (size_t k = 1; k < results.size(); ++k) {
       for (size_t i = 0; i < results[0].size(); ++i) {
@@ -207,6 +267,7 @@ int main() {
   test_half();
   test_math_vs_torch();
   test_lion_vs_paper();
+  test_novograd_vs_rule();
   test_kernel_sets<float>(DType::kFloat32, 2e-6);
   test_kernel_sets<double>(DType::kFloat64, 1e-14);
   test_kernel_sets<bf16_t>(DType::kBFloat16, 8e-3);

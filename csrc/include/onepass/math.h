@@ -35,6 +35,16 @@ struct LionHyper {
   double grad_scale;         // -1 for maximize, times 1/amp_scale under a GradScaler
 };
 
+struct NovoGradHyper {
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;    // inside the momentum: u = g / denom + weight_decay * p (the paper's)
+  double grad_scale;      // -1 for maximize, times 1/amp_scale under a GradScaler
+  bool grad_averaging;    // m = beta1 * m + (1 - beta1) * u instead of beta1 * m + u
+};
+
 struct SgdHyper {
   double lr;
   double momentum;
@@ -178,6 +188,62 @@ ONEPASS_HD ONEPASS_INLINE void lion_update(T& param, T grad, T& exp_avg, const L
   const T direction = c.beta1 * exp_avg + c.one_minus_beta1 * grad;
   param = param - c.lr * op_sign(direction);
   exp_avg = c.beta2 * exp_avg + c.one_minus_beta2 * grad;
+}
+
+// ---------------------------------------------------------------------------------------------
+// NovoGrad (Ginsburg et al., 2019): one second moment per tensor, no bias correction
+// ---------------------------------------------------------------------------------------------
+
+// The per-tensor scalar step, once per tensor with a grad (on the host for the CPU kernels), in
+// double: sum_sq is sum(g^2) of the raw grad. Updates the stored second moment (and its running
+// max with amsgrad; NaN-propagating as torch.maximum) and returns the denominator
+// sqrt(v) + eps, v the STORED value (rounded to V), so a resumed run continues bitwise. V is the
+// scalar slots' storage: float for 16/32-bit params, double for float64.
+template <class V>
+ONEPASS_HD ONEPASS_INLINE double novograd_second_moment(double sum_sq, double step,
+                                                       const NovoGradHyper& h, bool amsgrad,
+                                                       V& exp_avg_sq, V* max_exp_avg_sq) {
+  const double n = sum_sq * (h.grad_scale * h.grad_scale);  // the unscaled grad's norm^2
+  // t == 1 is the tensor's own first step: v starts at ||g||^2 (no bias correction needed).
+  const double v = step == 1.0 ? n : h.beta2 * double(exp_avg_sq) + (1.0 - h.beta2) * n;
+  exp_avg_sq = V(v);
+  V used = exp_avg_sq;
+  if (amsgrad) {
+    *max_exp_avg_sq = op_max(*max_exp_avg_sq, exp_avg_sq);
+    used = *max_exp_avg_sq;
+  }
+  return op_sqrt(double(used)) + h.eps;
+}
+
+template <class T>
+struct NovoGradConsts {
+  T lr, beta1, update_scale, weight_decay, denom, grad_scale;
+
+  // `denom` is the tensor's sqrt(v) + eps (novograd_second_moment), rounded to the opmath type.
+  ONEPASS_HD static NovoGradConsts make(const NovoGradHyper& h, double denom) {
+    NovoGradConsts c;
+    c.lr = T(h.lr);
+    c.beta1 = T(h.beta1);
+    c.update_scale = T(h.grad_averaging ? 1.0 - h.beta1 : 1.0);
+    c.weight_decay = T(h.weight_decay);
+    c.denom = T(denom);
+    c.grad_scale = T(h.grad_scale);
+    return c;
+  }
+};
+
+// kFirst: the tensor's first step, m = u (the old exp_avg is not read: the paper's m_1).
+template <bool kFirst, class T>
+ONEPASS_HD ONEPASS_INLINE void novograd_update(T& param, T grad, T& exp_avg,
+                                               const NovoGradConsts<T>& c) {
+  grad = grad * c.grad_scale;  // maximize and AMP unscale
+  const T u = grad / c.denom + c.weight_decay * param;
+  if constexpr (kFirst) {
+    exp_avg = u;
+  } else {
+    exp_avg = c.beta1 * exp_avg + c.update_scale * u;
+  }
+  param = param - c.lr * exp_avg;
 }
 
 }  // namespace ONEPASS_CAPABILITY

@@ -198,5 +198,5 @@ NOVOGRAD = AlgorithmSpec(
     reference=novograd_reference,
     reduction="per_tensor",
     scalar_slots=("exp_avg_sq", "max_exp_avg_sq"),
-    launchers={"reference": _reference_launch},
+    launchers={"reference": _reference_launch, "cpu": _native_launch},
 )
