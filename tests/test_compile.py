@@ -27,8 +27,9 @@ pytestmark = pytest.mark.skipif(not onepass.native_available(), reason="onepass.
         lambda ps, lr: onepass.Adam(ps, lr=lr, weight_decay=0.1, decay="independent"),
         lambda ps, lr: onepass.SGD(ps, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.01),
         lambda ps, lr: onepass.Lion(ps, lr=lr, weight_decay=0.1, maximize=True),
+        lambda ps, lr: onepass.NovoGrad(ps, lr=lr, weight_decay=0.1, amsgrad=True),
     ],
-    ids=["AdamW", "Adam-independent", "SGD", "Lion"],
+    ids=["AdamW", "Adam-independent", "SGD", "Lion", "NovoGrad"],
 )
 def test_compiled_step_matches_eager_without_recompiling(make) -> None:
     torch._dynamo.reset()
