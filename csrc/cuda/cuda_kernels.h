@@ -67,8 +67,27 @@ struct LionLaunch {
   bool l2_decay;
 };
 
+// NovoGrad: three kernels on one stream, no host sync. (1) one block per chunk writes the chunk's
+// sum of g^2 (double) to partial_sums; (2) one thread per tensor with a grad sums its chunks in
+// order (deterministic), updates its scalar second moment and writes its denominator to
+// denoms; (3) one block per chunk updates the elements with its tensor's denominator.
+struct NovoGradLaunch {
+  DType dtype;
+  DeviceTable table;
+  StepState steps;
+  void* exp_avg;
+  void* exp_avg_sq;      // one per tensor: float (double for float64 params)
+  void* max_exp_avg_sq;  // only with amsgrad
+  double* partial_sums;  // device scratch: one per chunk
+  double* denoms;        // device scratch: one per segment
+  int64_t num_segments;
+  NovoGradHyper hyper;
+  bool amsgrad;
+};
+
 cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream);
 cudaError_t launch_sgd(const SgdLaunch& launch, cudaStream_t stream);
 cudaError_t launch_lion(const LionLaunch& launch, cudaStream_t stream);
+cudaError_t launch_novograd(const NovoGradLaunch& launch, cudaStream_t stream);
 
 }  // namespace onepass::cuda

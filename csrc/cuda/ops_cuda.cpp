@@ -204,6 +204,50 @@ void lion_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor
   glue::write_back(t);
 }
 
+template <class Grads>
+void novograd_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor exp_avg_sq,
+                   const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
+                   const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
+                   const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
+                   double beta2, double eps, double weight_decay, bool grad_averaging,
+                   bool amsgrad, bool maximize) {
+  const at::Device device = exp_avg.device();
+  TORCH_CHECK(device.is_cuda(), "onepass: the CUDA novograd_ needs CUDA state buffers");
+  const c10::cuda::CUDAGuard guard(device);
+  Table t = glue::build_table(params, grads, step, state_offsets, device,
+                              cuda::kChunkElements, /*host_steps=*/false);
+  const int64_t n = static_cast<int64_t>(params.size());
+  glue::check_state(exp_avg, "exp_avg", t, device);
+  glue::check_scalar_state(exp_avg_sq, "exp_avg_sq", t, n, device);
+  TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "onepass: amsgrad needs max_exp_avg_sq");
+  if (amsgrad) glue::check_scalar_state(*max_exp_avg_sq, "max_exp_avg_sq", t, n, device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  cuda::NovoGradLaunch launch{};
+  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.table = device_tables().get(exp_avg.data_ptr(), t, device, stream);
+  double host_lr = 0.0;
+  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
+  launch.exp_avg = exp_avg.data_ptr();
+  launch.exp_avg_sq = exp_avg_sq.data_ptr();
+  launch.max_exp_avg_sq = amsgrad ? max_exp_avg_sq->data_ptr() : nullptr;
+  // Device scratch for the per-chunk partial sums and the per-segment denominators (the caching
+  // allocator's, stream-ordered: freed when this call returns, reused only after the kernels).
+  const int64_t num_chunks = static_cast<int64_t>(t.chunks.size());
+  launch.num_segments = static_cast<int64_t>(t.segments.size());
+  Tensor scratch = at::empty({std::max<int64_t>(num_chunks + launch.num_segments, 1)},
+                             exp_avg.options().dtype(at::kDouble));
+  launch.partial_sums = scratch.data_ptr<double>();
+  launch.denoms = launch.partial_sums + num_chunks;
+  launch.hyper = NovoGradHyper{host_lr, beta1, beta2, eps, weight_decay, maximize ? -1.0 : 1.0,
+                               grad_averaging};
+  launch.amsgrad = amsgrad;
+  const cudaError_t err = cuda::launch_novograd(launch, stream);
+  TORCH_CHECK(err == cudaSuccess, "onepass: novograd_ kernel launch failed: ",
+              cudaGetErrorString(err));
+  glue::write_back(t);
+}
+
 }  // namespace
 }  // namespace onepass
 
@@ -213,6 +257,7 @@ const bool kCudaEagerRegistered = [] {
   ops.adam = &onepass::adam_cuda<onepass::glue::EagerGrads>;
   ops.sgd = &onepass::sgd_cuda<onepass::glue::EagerGrads>;
   ops.lion = &onepass::lion_cuda<onepass::glue::EagerGrads>;
+  ops.novograd = &onepass::novograd_cuda<onepass::glue::EagerGrads>;
   return true;
 }();
 }  // namespace
@@ -221,4 +266,5 @@ TORCH_LIBRARY_IMPL(onepass, CUDA, m) {
   m.impl("adam_", &onepass::adam_cuda<onepass::glue::OptionalTensorList>);
   m.impl("sgd_", &onepass::sgd_cuda<onepass::glue::OptionalTensorList>);
   m.impl("lion_", &onepass::lion_cuda<onepass::glue::OptionalTensorList>);
+  m.impl("novograd_", &onepass::novograd_cuda<onepass::glue::OptionalTensorList>);
 }

@@ -1,4 +1,4 @@
-// CUDA kernels of Adam/AdamW, SGD/SGDW and Lion: the tensor-table walk of multi_tensor.cuh around the
+// CUDA kernels of Adam/AdamW, SGD/SGDW, Lion and NovoGrad: the tensor-table walk of multi_tensor.cuh around the
 // per-element math of onepass/math.h. Includes only CUDA and csrc/include headers (no torch), so
 // `nvcc -c` compile-checks it on a machine with no GPU.
 #include "multi_tensor.cuh"
@@ -100,6 +100,91 @@ __global__ void __launch_bounds__(kThreads) lion_kernel(LionLaunch L) {
                          [&](O& p, O g, O* s) { lion_update<kL2Decay>(p, g, s[0], c); });
 }
 
+// NovoGrad pass 1: the chunk's sum of squares in double, reduced in a fixed tree order.
+template <class S>
+__global__ void __launch_bounds__(kThreads) novograd_reduce_kernel(NovoGradLaunch L) {
+  if (skip_step(L.steps)) return;
+  const Chunk chunk = L.table.chunks[blockIdx.x];
+  const S* grad = static_cast<const S*>(L.table.segments[chunk.segment].grad) + chunk.begin;
+  const int64_t n = chunk.end - chunk.begin;
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const double x = double(to_opmath(grad[i]));
+    acc += x * x;
+  }
+  __shared__ double partial[kThreads];
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width /= 2) {
+    if (int(threadIdx.x) < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) L.partial_sums[blockIdx.x] = partial[0];
+}
+
+// NovoGrad pass 2: one thread per tensor with a grad (zero-size ones too: their v decays).
+// Segments are sorted by bucket index and chunks by segment (glue::build_table), so both are
+// found by binary search in the device table: no extra upload.
+template <class V>
+__global__ void novograd_scalar_kernel(NovoGradLaunch L) {
+  if (skip_step(L.steps)) return;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= L.table.num_stepped) return;
+  const int64_t b = L.table.stepped[i];
+  int64_t lo = 0, hi = L.num_segments;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (L.table.segments[mid].index < b) lo = mid + 1; else hi = mid;
+  }
+  const bool has_segment = lo < L.num_segments && L.table.segments[lo].index == b;
+  double sum = 0.0;
+  if (has_segment) {
+    int64_t c_lo = 0, c_hi = L.table.num_chunks;
+    while (c_lo < c_hi) {
+      const int64_t mid = (c_lo + c_hi) / 2;
+      if (L.table.chunks[mid].segment < lo) c_lo = mid + 1; else c_hi = mid;
+    }
+    for (int64_t c = c_lo; c < L.table.num_chunks && L.table.chunks[c].segment == lo; ++c) {
+      sum += L.partial_sums[c];
+    }
+  }
+  NovoGradHyper h = L.hyper;
+  h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
+  V* v = static_cast<V*>(L.exp_avg_sq);
+  V* v_max = L.amsgrad ? static_cast<V*>(L.max_exp_avg_sq) + b : nullptr;
+  const double denom = novograd_second_moment<V>(sum, double(L.steps.step[b]) + 1.0, h,
+                                                 L.amsgrad, v[b], v_max);
+  if (has_segment) L.denoms[lo] = denom;
+}
+
+// NovoGrad pass 3: the elementwise update with the tensor's denominator.
+template <class S, bool kFirst>
+__device__ __forceinline__ void novograd_chunk(const NovoGradLaunch& L, const Chunk& chunk,
+                                               const Segment& seg,
+                                               const NovoGradConsts<opmath_t<S>>& c) {
+  using O = opmath_t<S>;
+  S* const state[1] = {static_cast<S*>(L.exp_avg) + seg.state_offset + chunk.begin};
+  for_each_element<S, 1>(static_cast<S*>(seg.param) + chunk.begin,
+                         static_cast<const S*>(seg.grad) + chunk.begin, state,
+                         chunk.end - chunk.begin,
+                         [&](O& p, O g, O* s) { novograd_update<kFirst>(p, g, s[0], c); });
+}
+
+template <class S>
+__global__ void __launch_bounds__(kThreads) novograd_kernel(NovoGradLaunch L) {
+  using O = opmath_t<S>;
+  if (skip_step(L.steps)) return;
+  const Chunk chunk = L.table.chunks[blockIdx.x];
+  const Segment seg = L.table.segments[chunk.segment];
+  NovoGradHyper h = L.hyper;
+  h.lr = step_lr(h.lr, L.steps);
+  h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
+  const NovoGradConsts<O> c = NovoGradConsts<O>::make(h, L.denoms[chunk.segment]);
+  // The step counts advance after this kernel: 0 here is the tensor's first step.
+  L.steps.step[seg.index] == 0.0f ? novograd_chunk<S, true>(L, chunk, seg, c)
+                                  : novograd_chunk<S, false>(L, chunk, seg, c);
+}
+
 template <class Fn>
 void dispatch_dtype(DType dtype, const Fn& fn) {
   switch (dtype) {
@@ -161,6 +246,35 @@ cudaError_t launch_lion(const LionLaunch& L, cudaStream_t stream) {
       using S = decltype(tag);
       L.l2_decay ? lion_kernel<S, true><<<grid, kThreads, 0, stream>>>(L)
                  : lion_kernel<S, false><<<grid, kThreads, 0, stream>>>(L);
+    });
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return finish(L.table, L.steps, stream);
+}
+
+cudaError_t launch_novograd(const NovoGradLaunch& L, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(L.table.num_chunks));
+  if (L.table.num_chunks > 0) {
+    dispatch_dtype(L.dtype, [&](auto tag) {
+      using S = decltype(tag);
+      novograd_reduce_kernel<S><<<grid, kThreads, 0, stream>>>(L);
+    });
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (L.table.num_stepped > 0) {
+    const int threads = 256;
+    const unsigned blocks = unsigned((L.table.num_stepped + threads - 1) / threads);
+    L.dtype == DType::kFloat64 ? novograd_scalar_kernel<double><<<blocks, threads, 0, stream>>>(L)
+                               : novograd_scalar_kernel<float><<<blocks, threads, 0, stream>>>(L);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (L.table.num_chunks > 0) {
+    dispatch_dtype(L.dtype, [&](auto tag) {
+      using S = decltype(tag);
+      novograd_kernel<S><<<grid, kThreads, 0, stream>>>(L);
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
