@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+# tests/test_triton.py runs the Triton kernels interpreted on CPU tensors when there is no GPU.
+# The interpreter must be chosen before triton is first imported (Triton's own jit'd library
+# functions, tl.sum among them, are created then), and another test module may import it first.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import onepass
 

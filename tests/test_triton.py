@@ -29,9 +29,11 @@ import onepass  # noqa: E402
 from onepass.algorithms import (  # noqa: E402
     AdamScalars,
     LionScalars,
+    NovoGradScalars,
     SgdScalars,
     adam_reference,
     lion_reference,
+    novograd_reference,
     sgd_reference,
 )
 
@@ -93,6 +95,23 @@ class Reference:
                     s,
                     scale,
                 )
+            elif self.family == "novograd":
+                ns = NovoGradScalars.from_group(group)
+                if not slots:
+                    scalar = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    slots["exp_avg"] = torch.zeros_like(p)
+                    for name in ("exp_avg_sq", "max_exp_avg_sq")[: 1 + ns.amsgrad]:
+                        slots[name] = torch.zeros((), dtype=scalar)
+                novograd_reference(
+                    p,
+                    g,
+                    slots["exp_avg"],
+                    slots["exp_avg_sq"],
+                    slots.get("max_exp_avg_sq"),
+                    self.steps[i],
+                    ns,
+                    scale,
+                )
             elif self.family == "lion":
                 ls = LionScalars.from_group(group)
                 if not slots:
@@ -116,12 +135,13 @@ class Reference:
             if self.steps[i] == 0:
                 assert not entry, f"param {i} never had a grad but has state {sorted(entry)}"
                 continue
-            expected = set(self.slots[i]) | ({"step"} if self.family == "adam" else set())
+            with_step = self.family in ("adam", "novograd")
+            expected = set(self.slots[i]) | ({"step"} if with_step else set())
             assert set(entry) == expected, f"param {i}: state {sorted(entry)}"
             for name, value in self.slots[i].items():
-                assert entry[name].dtype == dtype
+                assert entry[name].dtype == value.dtype or value.dtype == torch.float64
                 _close(entry[name], value, rtol, atol, f"state[{i}][{name!r}]")
-            if self.family == "adam":
+            if with_step:
                 assert entry["step"].dtype == torch.float32
                 assert float(entry["step"]) == self.steps[i], f"param {i}: step"
 
@@ -232,15 +252,29 @@ LION_CASES = {
         ps, lr=1e-2, weight_decay=0.5, decay="independent", backend="triton"
     ),
 }
+NOVOGRAD_CASES = {
+    "novograd": lambda ps: onepass.NovoGrad(ps, lr=1e-2, backend="triton"),
+    "novograd-wd-averaging-amsgrad-maximize": lambda ps: onepass.NovoGrad(
+        ps,
+        lr=1e-2,
+        weight_decay=0.1,
+        grad_averaging=True,
+        amsgrad=True,
+        maximize=True,
+        backend="triton",
+    ),
+}
 CASES = [("adam", name, make) for name, make in ADAM_CASES.items()]
 CASES += [("sgd", name, make) for name, make in SGD_CASES.items()]
 CASES += [("lion", name, make) for name, make in LION_CASES.items()]
+CASES += [("novograd", name, make) for name, make in NOVOGRAD_CASES.items()]
 #: Every case in float32; a few Adam, SGD and Lion cases in each other dtype.
 NARROW = (
     "adam-l2-amsgrad-maximize",
     "adamw-independent-amsgrad",
     "sgd-nesterov-maximize",
     "lion-l2-maximize",
+    "novograd-wd-averaging-amsgrad-maximize",
 )
 
 
@@ -249,6 +283,7 @@ AMP_CASES = {
     "adam": ADAM_CASES["adam-l2-amsgrad-maximize"],
     "sgd": SGD_CASES["sgd-momentum-dampening"],
     "lion": LION_CASES["lion-l2-maximize"],
+    "novograd": NOVOGRAD_CASES["novograd-wd-averaging-amsgrad-maximize"],
 }
 
 
@@ -291,8 +326,9 @@ def test_multi_tile_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
         ("adam", "adam-l2-amsgrad-maximize"),
         ("sgd", "sgd-momentum-dampening"),
         ("lion", "lion-decoupled-betas"),
+        ("novograd", "novograd-wd-averaging-amsgrad-maximize"),
     ):
-        make = {**ADAM_CASES, **SGD_CASES, **LION_CASES}[name]
+        make = {**ADAM_CASES, **SGD_CASES, **LION_CASES, **NOVOGRAD_CASES}[name]
         _run(make, family, torch.float32, sizes=(1, 1500, 4096, 9000))
 
 
@@ -493,3 +529,73 @@ def test_compiles_for_sm90() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(" ok") == 18  # 3 kernels x 6 variants
+
+
+_NOVOGRAD_COMPILE_CHECK = textwrap.dedent(
+    """
+    import inspect
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from onepass.triton_kernels.novograd import novograd_kernel, novograd_reduce_kernel
+
+    NAMES = {tl.float32: "fp32", tl.float64: "fp64", tl.bfloat16: "bf16", tl.float16: "fp16"}
+    for dtype in NAMES:
+        for on in (True, False):
+            opmath = tl.float64 if dtype == tl.float64 else tl.float32
+            for kernel in (novograd_reduce_kernel, novograd_kernel):
+                constexprs = dict(DTYPE=dtype, HAS_GRAD_SCALE=on, HAS_FOUND_INF=on, ALIGNED=on,
+                                  BLOCK=1024, CHUNK=4096)
+                names = list(inspect.signature(kernel.fn).parameters)
+                if "OPMATH" in names:
+                    constexprs["OPMATH"] = opmath
+                if "SCALAR" in names:
+                    constexprs.update(SCALAR=opmath, AMSGRAD=on)
+                signature, attrs = {}, {}
+                for i, name in enumerate(names):
+                    if name in constexprs:
+                        signature[name] = "constexpr"
+                    elif name in ("segments", "chunks"):
+                        signature[name] = "*i64"
+                    elif name == "done_ptr":
+                        signature[name] = "*i32"
+                    elif name in ("step_ptr", "grad_scale_ptr", "found_inf_ptr"):
+                        signature[name] = "*fp32"
+                    elif name in ("partial_ptr", "denom_ptr"):
+                        signature[name] = "*fp64"
+                    elif name in ("exp_avg_sq_ptr", "max_exp_avg_sq_ptr"):
+                        signature[name] = "*" + NAMES[opmath]
+                    elif name.endswith("_ptr"):
+                        signature[name] = "*" + NAMES[dtype]
+                    else:
+                        signature[name] = "i64"
+                    if signature[name].startswith("*"):
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                source = ASTSource(
+                    fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs
+                )
+                ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+                for approx in ("sqrt.approx", "div.approx", "div.full", "rcp.approx"):
+                    assert approx not in ptx, (kernel, dtype, approx)
+                assert "atom.global.gpu.acq_rel.add" in ptx and "bar.sync" in ptx
+                if kernel is novograd_kernel and on:
+                    vector = "ld.global.v2" if dtype == tl.float64 else "ld.global.v4"
+                    assert ptx.count(vector) >= 3, (dtype, "unvectorized tiles")
+                print(kernel.fn.__name__, NAMES[dtype], on, "ok")
+    """
+)
+
+
+def test_novograd_compiles_for_sm90() -> None:
+    """Both NovoGrad kernels compile to sm_90 PTX in every dtype, flags on and off: IEEE division
+    and square root, the per-segment atomic and barrier, vector tiles in the update."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _NOVOGRAD_COMPILE_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -188,6 +188,13 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
+def _triton_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+    # Imported here: `import onepass` must work without triton installed.
+    from onepass.triton_kernels.novograd import launch
+
+    launch(bucket, grads, group, grad_scale, found_inf)
+
+
 NOVOGRAD = AlgorithmSpec(
     name="novograd",
     slots=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
@@ -198,7 +205,10 @@ NOVOGRAD = AlgorithmSpec(
     reference=novograd_reference,
     reduction="per_tensor",
     scalar_slots=("exp_avg_sq", "max_exp_avg_sq"),
-    # No Triton kernel yet: backend="auto" on CUDA without the native CUDA build falls back to
-    # the reference (the engine), an explicit backend="triton" is refused.
-    launchers={"reference": _reference_launch, "cpu": _native_launch, "cuda": _native_launch},
+    launchers={
+        "reference": _reference_launch,
+        "cpu": _native_launch,
+        "cuda": _native_launch,
+        "triton": _triton_launch,
+    },
 )
