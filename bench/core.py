@@ -96,6 +96,14 @@ ALGORITHMS: Mapping[str, Algorithm] = {
         partial(torch.optim.SGD, momentum=0.9),
         {"lr": 1e-4, "weight_decay": 0.1},
     ),
+    # NovoGrad's peer is also SGD with momentum: the same elementwise traffic plus NovoGrad's
+    # second read of the grad (its per-tensor norm pass), which the spec's bytes model counts.
+    "novograd": Algorithm(
+        "NovoGrad wd=0.1 (peer: torch SGD momentum=0.9)",
+        onepass.NovoGrad,
+        partial(torch.optim.SGD, momentum=0.9),
+        {"lr": 1e-4, "weight_decay": 0.1},
+    ),
 }
 
 
