@@ -19,10 +19,12 @@ import torch
 import onepass
 from onepass.algorithms import (
     AdamScalars,
+    FAdamScalars,
     LionScalars,
     NovoGradScalars,
     SgdScalars,
     adam_reference,
+    fadam_reference,
     lion_reference,
     novograd_reference,
     sgd_reference,
@@ -265,7 +267,7 @@ class OptimizerInfo:
     onepass_cls: type[onepass.FusedOptimizer]
     torch_cls: type[torch.optim.Optimizer] | None
     configs: tuple[Config, ...]
-    family: str  # "adam", "sgd", "lion" or "novograd"
+    family: str  # "adam", "sgd", "lion", "novograd" or "fadam"
     default_decay: str
     default_weight_decay: float = 0.0
 
@@ -286,6 +288,8 @@ class OptimizerInfo:
             return (*base, "max_exp_avg_sq") if config.get("amsgrad") else base
         if self.family == "lion":
             return ("exp_avg",)  # no "step": lion-pytorch keeps none
+        if self.family == "fadam":
+            return ("step", "fim", "momentum")
         if self.family == "novograd":
             base = ("step", "exp_avg", "exp_avg_sq")
             return (*base, "max_exp_avg_sq") if config.get("amsgrad") else base
@@ -389,6 +393,22 @@ NOVOGRAD_INFO = OptimizerInfo(
     default_decay="l2",
 )
 
+FADAM_INFO = OptimizerInfo(
+    name="FAdam",
+    onepass_cls=onepass.FAdam,
+    torch_cls=None,
+    configs=(
+        {"lr": 1e-2},
+        {"lr": 1e-2, "weight_decay": 0.0},
+        {"lr": 1e-2, "clip": 0.5},
+        {"lr": 1e-2, "p": 0.25},
+        {"lr": 1e-2, "maximize": True},
+    ),
+    family="fadam",
+    default_decay="l2",
+    default_weight_decay=0.1,
+)
+
 OPTIMIZERS: tuple[OptimizerInfo, ...] = (
     ADAM_INFO,
     ADAMW_INFO,
@@ -396,6 +416,7 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
     SGDW_INFO,
     LION_INFO,
     NOVOGRAD_INFO,
+    FADAM_INFO,
 )
 
 
@@ -612,6 +633,19 @@ class ReferenceRun:
             maximize=bool(config.get("maximize", False)),
         )
 
+    def _fadam_scalars(self, lr: float, config: Config) -> FAdamScalars:
+        beta1, beta2 = config.get("betas", (0.9, 0.999))
+        return FAdamScalars(
+            lr=lr,
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(config.get("eps", 1e-8)),
+            clip=float(config.get("clip", 1.0)),
+            p=float(config.get("p", 0.5)),
+            weight_decay=float(config.get("weight_decay", self.info.default_weight_decay)),
+            maximize=bool(config.get("maximize", False)),
+        )
+
     def step(self, grads: Sequence[torch.Tensor | None], lr: float) -> None:
         for t, g in zip(self.tensors, grads, strict=True):
             if g is None:
@@ -648,6 +682,11 @@ class ReferenceRun:
                     t.step,
                     ns,
                 )
+            elif self.info.family == "fadam":
+                fs = self._fadam_scalars(lr, self.config)
+                if not t.slots:
+                    t.slots = {n: torch.zeros_like(t.param) for n in ("fim", "momentum")}
+                fadam_reference(t.param, g, t.slots["fim"], t.slots["momentum"], t.step, fs)
             elif self.info.family == "lion":
                 ls = self._lion_scalars(lr, self.config)
                 if not t.slots:

@@ -10,7 +10,7 @@ from onepass._ops import (
     native_available,
     set_cpu_capability,
 )
-from onepass.optim import SGD, SGDW, Adam, AdamW, FusedOptimizer, Lion, NovoGrad
+from onepass.optim import SGD, SGDW, Adam, AdamW, FAdam, FusedOptimizer, Lion, NovoGrad
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "SGDW",
     "Adam",
     "AdamW",
+    "FAdam",
     "FusedOptimizer",
     "Lion",
     "NovoGrad",

@@ -107,8 +107,12 @@ class Bucket:
         slots: tuple[str, ...],
         backend: str,
         scalar_slots: tuple[str, ...] = (),
+        per_tensor: bool = False,
     ) -> None:
         self.params = params
+        # The update needs per-tensor reductions (NovoGrad's norm, FAdam's RMS values): never one
+        # flat segment for the whole bucket.
+        self.per_tensor = per_tensor or bool(scalar_slots)
         self.names = names  # "param_groups[g]['params'][i]", for error messages
         self.slots = slots
         self.backend = backend
@@ -175,8 +179,8 @@ class Bucket:
     def flat_step(self) -> FlatBucket | None:
         """The whole bucket as one segment, if it is flattened, every grad is still its view and
         every tensor has taken the same number of steps; else None (the per-tensor path)."""
-        if self.flat_view is None or not self.uniform_steps or self.scalar_slots:
-            # Per-tensor scalars need per-tensor segments: one flat segment would reduce the
+        if self.flat_view is None or not self.uniform_steps or self.per_tensor:
+            # Per-tensor reductions need per-tensor segments: one flat segment would reduce the
             # whole bucket into one norm.
             return None
         if not all(map(operator.is_, map(_grad_of, self.params), self.grad_views)):
@@ -365,7 +369,14 @@ class _GroupPlan:
                 backend = "reference"
             if group.get("capturable"):
                 _make_capturable(group, names[0], device, backend)
-            bucket = Bucket(params, names, slots, backend, engine.spec.scalar_slots)
+            bucket = Bucket(
+                params,
+                names,
+                slots,
+                backend,
+                engine.spec.scalar_slots,
+                per_tensor=engine.spec.reduction == "per_tensor",
+            )
             _adopt_state(engine, bucket)
             if flatten:
                 bucket.flatten()

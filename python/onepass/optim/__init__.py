@@ -2,8 +2,9 @@
 
 from onepass.optim.adam import Adam, AdamW
 from onepass.optim.base import FusedOptimizer
+from onepass.optim.fadam import FAdam
 from onepass.optim.lion import Lion
 from onepass.optim.novograd import NovoGrad
 from onepass.optim.sgd import SGD, SGDW
 
-__all__ = ["SGD", "SGDW", "Adam", "AdamW", "FusedOptimizer", "Lion", "NovoGrad"]
+__all__ = ["SGD", "SGDW", "Adam", "AdamW", "FAdam", "FusedOptimizer", "Lion", "NovoGrad"]
