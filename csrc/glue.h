@@ -130,11 +130,16 @@ using NovoGradEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor
                                const std::optional<Tensor>&, Tensor, const Tensor&,
                                const std::optional<Tensor>&, const std::optional<Tensor>&,
                                const Tensor&, double, double, double, double, bool, bool, bool);
+using FAdamEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor, Tensor,
+                            const Tensor&, const std::optional<Tensor>&,
+                            const std::optional<Tensor>&, const Tensor&, double, double, double,
+                            double, double, double, bool);
 struct EagerOps {
   AdamEager adam = nullptr;
   SgdEager sgd = nullptr;
   LionEager lion = nullptr;
   NovoGradEager novograd = nullptr;
+  FAdamEager fadam = nullptr;
 };
 inline EagerOps& eager_ops(c10::DeviceType device) {
   static EagerOps cpu, cuda;

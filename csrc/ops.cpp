@@ -232,6 +232,63 @@ void novograd_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Ten
   finish(t, step);
 }
 
+template <class Grads>
+void fadam_cpu(at::TensorList params, const Grads& grads, Tensor fim, Tensor momentum, Tensor step,
+               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
+               const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
+               double beta2, double eps, double clip, double p, double weight_decay,
+               bool maximize) {
+  Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
+                              /*host_steps=*/true);
+  const double lr_value = read_lr(lr);
+  glue::check_state(fim, "fim", t, at::kCPU);
+  glue::check_state(momentum, "momentum", t, at::kCPU);
+  const Amp amp = read_amp(grad_scale, found_inf, maximize);
+  if (amp.skip) return;  // GradScaler found an inf/nan: params, state and steps stay as they are
+
+  const size_t n_segments = t.segments.size();
+  std::vector<double> partial_sums(2 * t.chunks.size(), 0.0);
+  std::vector<cpu::FAdamSegment> scalars(n_segments, cpu::FAdamSegment{0.0, 1.0, 1.0});
+  cpu::FAdamLaunch launch{};
+  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.segments = t.segments.data();
+  launch.chunks = t.chunks.data();
+  launch.fim = fim.data_ptr();
+  launch.momentum = momentum.data_ptr();
+  launch.partial_sums = partial_sums.data();
+  launch.scalars = scalars.data();
+  launch.hyper = FAdamHyper{lr_value, beta1, beta2, eps, clip, p, weight_decay, amp.grad_scale};
+  // Per tensor, in chunk order: deterministic whatever the thread split.
+  const auto combine = [&](std::vector<double>& first, std::vector<double>& second) {
+    first.assign(n_segments, 0.0);
+    second.assign(n_segments, 0.0);
+    for (size_t c = 0; c < t.chunks.size(); ++c) {
+      first[t.chunks[c].segment] += partial_sums[2 * c];
+      second[t.chunks[c].segment] += partial_sums[2 * c + 1];
+    }
+  };
+  std::vector<double> sums_a, sums_b;
+  // Pass 1: sums of g^2, then eps_t per tensor.
+  const auto reduce = cpu::kernels().fadam_reduce;
+  run_chunks(t, [&](int64_t b, int64_t e) { reduce(launch, b, e); });
+  combine(sums_a, sums_b);
+  for (size_t k = 0; k < n_segments; ++k) {
+    scalars[k].eps_t = fadam_eps_t(sums_a[k], t.segments[k].numel, launch.hyper);
+  }
+  // Pass 2: sums of gn^2 and wn^2 with the new den (F not written yet), then the clip divisors.
+  const auto norms = cpu::kernels().fadam_norms;
+  run_chunks(t, [&](int64_t b, int64_t e) { norms(launch, b, e); });
+  combine(sums_a, sums_b);
+  for (size_t k = 0; k < n_segments; ++k) {
+    scalars[k].gn_divisor = fadam_clip_divisor(sums_a[k], t.segments[k].numel, clip);
+    scalars[k].wn_divisor = fadam_clip_divisor(sums_b[k], t.segments[k].numel, clip);
+  }
+  // Pass 3: F, momentum and the param.
+  const auto kernel = cpu::kernels().fadam;
+  run_chunks(t, [&](int64_t b, int64_t e) { kernel(launch, b, e); });
+  finish(t, step);
+}
+
 std::string cpu_capability() { return cpu::kernels().name; }
 
 std::vector<std::string> cpu_capabilities() {
@@ -269,6 +326,11 @@ TORCH_LIBRARY(onepass, m) {
       "Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, Tensor(e!) step, Tensor state_offsets, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool grad_averaging, bool amsgrad, bool maximize) -> ()");
+  m.def(
+      "fadam_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) fim, Tensor(c!) momentum, "
+      "Tensor(d!) step, Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, Tensor lr, "
+      "float beta1, float beta2, float eps, float clip, float p, float weight_decay, "
+      "bool maximize) -> ()");
   m.def("cpu_capability() -> str", &onepass::cpu_capability);
   m.def("cpu_capabilities() -> str[]", &onepass::cpu_capabilities);
   m.def("set_cpu_capability(str name) -> ()", &onepass::set_cpu_capability);
@@ -279,6 +341,7 @@ TORCH_LIBRARY_IMPL(onepass, CPU, m) {
   m.impl("sgd_", &onepass::sgd_cpu<onepass::glue::OptionalTensorList>);
   m.impl("lion_", &onepass::lion_cpu<onepass::glue::OptionalTensorList>);
   m.impl("novograd_", &onepass::novograd_cpu<onepass::glue::OptionalTensorList>);
+  m.impl("fadam_", &onepass::fadam_cpu<onepass::glue::OptionalTensorList>);
 }
 
 // Eager entry points for Python (see glue::EagerOps): the same implementations as the operators,
@@ -292,6 +355,7 @@ const bool kCpuEagerRegistered = [] {
   ops.sgd = &onepass::sgd_cpu<onepass::glue::EagerGrads>;
   ops.lion = &onepass::lion_cpu<onepass::glue::EagerGrads>;
   ops.novograd = &onepass::novograd_cpu<onepass::glue::EagerGrads>;
+  ops.fadam = &onepass::fadam_cpu<onepass::glue::EagerGrads>;
   return true;
 }();
 
@@ -361,4 +425,16 @@ PYBIND11_MODULE(_C, m) {
            found_inf, lr, beta1, beta2, eps, weight_decay, grad_averaging, amsgrad, maximize);
       },
       "torch.ops.onepass.novograd_ without the dispatcher (eager calls only)");
+  m.def(
+      "fadam_",
+      [](const std::vector<at::Tensor>& params, const EagerGrads& grads, at::Tensor fim,
+         at::Tensor momentum, at::Tensor step, const at::Tensor& state_offsets,
+         const Opt& grad_scale, const Opt& found_inf, const at::Tensor& lr, double beta1,
+         double beta2, double eps, double clip, double p, double weight_decay, bool maximize) {
+        const auto fn = eager_kernel(&onepass::glue::EagerOps::fadam, fim);
+        py::gil_scoped_release no_gil;
+        fn(params, grads, fim, momentum, step, state_offsets, grad_scale, found_inf, lr, beta1,
+           beta2, eps, clip, p, weight_decay, maximize);
+      },
+      "torch.ops.onepass.fadam_ without the dispatcher (eager calls only)");
 }

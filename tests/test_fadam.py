@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_numerics import check_against_reference
 
 import onepass
 
@@ -21,6 +22,7 @@ from helpers import (
     config_id,
     make_grads,
     make_params,
+    needs_native,
     skip_unless_implemented,
 )
 
@@ -253,3 +255,29 @@ def test_flatten_steps_per_tensor() -> None:
     for p, q in zip(params, twins, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(flat.state[p]["momentum"], plain.state[q]["momentum"])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_multi_chunk_tensors_match_and_do_not_depend_on_threads(dtype: torch.dtype) -> None:
+    """Tensors of several 2^15-element chunks (each pass's partial sums are combined per tensor):
+    against the reference, and bitwise the same on 1 thread and on every thread."""
+    sizes = (3 * (1 << 15) + 5, 70_000, 7)
+    params = [torch.randn(n).to(dtype).requires_grad_() for n in sizes]
+    check_against_reference(INFO, {"lr": 1e-2, "clip": 0.5}, "cpu", dtype, params)
+    results = []
+    threads = torch.get_num_threads()
+    for count in (1, max(2, threads)):
+        torch.set_num_threads(count)
+        try:
+            torch.manual_seed(5)
+            ps = [torch.randn(n).to(dtype).requires_grad_() for n in sizes]
+            optimizer = onepass.FAdam(ps, lr=1e-2, backend="cpu")
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn_like(p)
+                optimizer.step()
+            results.append([*ps, *(optimizer.state[p]["fim"] for p in ps)])
+        finally:
+            torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -215,3 +215,48 @@ def test_novograd_op_mutates_only_what_it_declares() -> None:
     assert exp_avg_sq[1] == torch.tensor(float(g1.double().square().sum()), dtype=torch.float32)
     assert not torch.equal(params[1], before[1]) and not params[1].is_contiguous()
     assert torch.count_nonzero(exp_avg[48:]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize(("scaled", "found_inf"), [(False, 0.0), (True, 0.0), (True, 1.0)])
+def test_opcheck_fadam(dtype: torch.dtype, maximize: bool, scaled: bool, found_inf: float) -> None:
+    params, grads, offsets = _bucket(dtype)
+    grad_scale, inf = _amp(scaled, found_inf)
+    args = (
+        params,
+        grads,
+        torch.rand(64).to(dtype),  # fim (non-negative)
+        torch.randn(64).to(dtype),  # momentum
+        torch.tensor([2.0, 0.0, 1.0, 4.0]),  # step: tensor 1 takes its first step
+        offsets,
+        grad_scale,
+        inf,
+        torch.tensor(1e-3, dtype=torch.float64),  # lr
+        0.9,  # beta1
+        0.999,  # beta2
+        1e-8,  # eps
+        0.5,  # clip
+        0.25 if maximize else 0.5,  # p
+        0.1,  # weight_decay
+        maximize,
+    )
+    _check(torch.ops.onepass.fadam_.default, args)
+
+
+def test_fadam_op_mutates_only_what_it_declares() -> None:
+    """Tensors without a grad keep their param, state slices and step; the zero-size tensor with
+    a grad advances; a first step sets F = g^2."""
+    params, grads, offsets = _bucket(torch.float32)
+    fim = torch.zeros(64)
+    momentum = torch.zeros(64)
+    step = torch.tensor([2.0, 0.0, 1.0, 4.0])
+    before = [p.clone() for p in params]
+    torch.ops.onepass.fadam_(
+        params, grads, fim, momentum, step, offsets, None, None,
+        torch.tensor(1e-2), 0.9, 0.999, 1e-8, 1.0, 0.5, 0.1, False,
+    )  # fmt: skip
+    assert step.tolist() == [3.0, 1.0, 2.0, 4.0]
+    assert torch.equal(params[3], before[3])
+    assert not torch.equal(params[1], before[1]) and not params[1].is_contiguous()
+    assert torch.count_nonzero(fim[48:]) == 0 and torch.count_nonzero(momentum[48:]) == 0

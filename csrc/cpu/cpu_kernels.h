@@ -54,6 +54,27 @@ struct NovoGradLaunch {
   NovoGradHyper hyper;
 };
 
+// FAdam runs three passes over the same table: fadam_reduce writes each chunk's sum of raw g^2;
+// fadam_norms (F read only) each chunk's sums of gn^2 and wn^2 with the tensor's new den; fadam
+// recomputes F and den, writes F, momentum and the param. Partial sums are combined per tensor in
+// chunk order by the glue (deterministic whatever the thread split).
+struct FAdamSegment {
+  double eps_t;       // eps * min(1, RMS(g))
+  double gn_divisor;  // max(1, RMS(gn) / clip), for the last pass
+  double wn_divisor;  // max(1, RMS(wn) / clip)
+};
+
+struct FAdamLaunch {
+  DType dtype;
+  const Segment* segments;
+  const Chunk* chunks;
+  void* fim;
+  void* momentum;
+  double* partial_sums;          // 2 per chunk: [sum g^2, unused] (reduce) / [gn^2, wn^2] (norms)
+  const FAdamSegment* scalars;   // one per segment
+  FAdamHyper hyper;
+};
+
 // One instruction-set build of the kernels. Each processes chunks [begin, end) of its launch.
 struct KernelSet {
   const char* name;
@@ -62,6 +83,9 @@ struct KernelSet {
   void (*lion)(const LionLaunch&, int64_t begin, int64_t end);
   void (*novograd_reduce)(const NovoGradLaunch&, int64_t begin, int64_t end);
   void (*novograd)(const NovoGradLaunch&, int64_t begin, int64_t end);
+  void (*fadam_reduce)(const FAdamLaunch&, int64_t begin, int64_t end);
+  void (*fadam_norms)(const FAdamLaunch&, int64_t begin, int64_t end);
+  void (*fadam)(const FAdamLaunch&, int64_t begin, int64_t end);
 };
 
 // Chosen once at first use: the widest set this CPU runs, or ONEPASS_CPU_CAPABILITY

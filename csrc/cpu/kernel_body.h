@@ -200,6 +200,83 @@ void novograd_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
   }
 }
 
+// FAdam: plain element loops in opmath (F^p has no SIMD pow here; the compiler vectorizes what it
+// can), one double accumulator per quantity per chunk, in element order.
+template <class S>
+void fadam_reduce_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk& chunk = L.chunks[c];
+    const S* g = static_cast<const S*>(L.segments[chunk.segment].grad) + chunk.begin;
+    const int64_t n = chunk.end - chunk.begin;
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      for (int k = 0; k < 4; ++k) {
+        const double x = static_cast<double>(to_opmath(g[i + k]));
+        acc[k] += x * x;
+      }
+    }
+    for (; i < n; ++i) {
+      const double x = static_cast<double>(to_opmath(g[i]));
+      acc[0] += x * x;
+    }
+    L.partial_sums[2 * c] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    L.partial_sums[2 * c + 1] = 0.0;
+  }
+}
+
+template <class S>
+FAdamConsts<opmath_t<S>> fadam_consts(const cpu::FAdamLaunch& L, int64_t segment) {
+  const cpu::FAdamSegment& k = L.scalars[segment];
+  return FAdamConsts<opmath_t<S>>::make(L.hyper, L.segments[segment].step, k.eps_t,
+                                        k.gn_divisor, k.wn_divisor);
+}
+
+template <class S>
+void fadam_norms_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+  using O = opmath_t<S>;
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk& chunk = L.chunks[c];
+    const Segment& seg = L.segments[chunk.segment];
+    const FAdamConsts<O> consts = fadam_consts<S>(L, chunk.segment);
+    const S* const param = static_cast<const S*>(seg.param) + chunk.begin;
+    const S* const grad = static_cast<const S*>(seg.grad) + chunk.begin;
+    const S* const fim = static_cast<const S*>(L.fim) + seg.state_offset + chunk.begin;
+    const int64_t n = chunk.end - chunk.begin;
+    double gn_sq = 0.0, wn_sq = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      O gn, wn;
+      fadam_norms<O>(to_opmath(param[i]), to_opmath(grad[i]), to_opmath(fim[i]), consts, gn, wn);
+      gn_sq += double(gn) * double(gn);
+      wn_sq += double(wn) * double(wn);
+    }
+    L.partial_sums[2 * c] = gn_sq;
+    L.partial_sums[2 * c + 1] = wn_sq;
+  }
+}
+
+template <class S>
+void fadam_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+  using O = opmath_t<S>;
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk& chunk = L.chunks[c];
+    const Segment& seg = L.segments[chunk.segment];
+    const FAdamConsts<O> consts = fadam_consts<S>(L, chunk.segment);
+    S* const param = static_cast<S*>(seg.param) + chunk.begin;
+    const S* const grad = static_cast<const S*>(seg.grad) + chunk.begin;
+    S* const fim = static_cast<S*>(L.fim) + seg.state_offset + chunk.begin;
+    S* const momentum = static_cast<S*>(L.momentum) + seg.state_offset + chunk.begin;
+    const int64_t n = chunk.end - chunk.begin;
+    for (int64_t i = 0; i < n; ++i) {
+      O p = to_opmath(param[i]), f = to_opmath(fim[i]), m = to_opmath(momentum[i]);
+      fadam_update<O>(p, to_opmath(grad[i]), f, m, consts);
+      param[i] = from_opmath<S>(p);
+      fim[i] = from_opmath<S>(f);
+      momentum[i] = from_opmath<S>(m);
+    }
+  }
+}
+
 template <class S>
 void adam_typed(const cpu::AdamLaunch& L, int64_t begin, int64_t end) {
   if (L.amsgrad) {
@@ -239,6 +316,18 @@ inline void lion_entry(const cpu::LionLaunch& L, int64_t begin, int64_t end) {
 
 inline void novograd_reduce_entry(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
   dispatch_dtype(L.dtype, [&]<class S>() { novograd_reduce_typed<S>(L, begin, end); });
+}
+
+inline void fadam_reduce_entry(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+  dispatch_dtype(L.dtype, [&]<class S>() { fadam_reduce_typed<S>(L, begin, end); });
+}
+
+inline void fadam_norms_entry(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+  dispatch_dtype(L.dtype, [&]<class S>() { fadam_norms_typed<S>(L, begin, end); });
+}
+
+inline void fadam_entry(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+  dispatch_dtype(L.dtype, [&]<class S>() { fadam_typed<S>(L, begin, end); });
 }
 
 inline void novograd_entry(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {

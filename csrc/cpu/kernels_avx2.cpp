@@ -16,11 +16,15 @@ namespace onepass::cpu::avx2 {
 const KernelSet kKernels{"avx2", &onepass::cap_avx2::adam_entry, &onepass::cap_avx2::sgd_entry,
                            &onepass::cap_avx2::lion_entry,
                            &onepass::cap_avx2::novograd_reduce_entry,
-                           &onepass::cap_avx2::novograd_entry};
+                           &onepass::cap_avx2::novograd_entry,
+                           &onepass::cap_avx2::fadam_reduce_entry,
+                           &onepass::cap_avx2::fadam_norms_entry,
+                           &onepass::cap_avx2::fadam_entry};
 }
 #else
 #include "cpu_kernels.h"
 namespace onepass::cpu::avx2 {
-const KernelSet kKernels{"avx2", nullptr, nullptr, nullptr, nullptr, nullptr};  // not an x86-64 build
+const KernelSet kKernels{"avx2", nullptr, nullptr, nullptr, nullptr, nullptr,
+                           nullptr, nullptr, nullptr};  // not an x86-64 build
 }
 #endif

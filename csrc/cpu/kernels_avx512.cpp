@@ -18,11 +18,15 @@ namespace onepass::cpu::avx512 {
 const KernelSet kKernels{"avx512", &onepass::cap_avx512::adam_entry, &onepass::cap_avx512::sgd_entry,
                            &onepass::cap_avx512::lion_entry,
                            &onepass::cap_avx512::novograd_reduce_entry,
-                           &onepass::cap_avx512::novograd_entry};
+                           &onepass::cap_avx512::novograd_entry,
+                           &onepass::cap_avx512::fadam_reduce_entry,
+                           &onepass::cap_avx512::fadam_norms_entry,
+                           &onepass::cap_avx512::fadam_entry};
 }
 #else
 #include "cpu_kernels.h"
 namespace onepass::cpu::avx512 {
-const KernelSet kKernels{"avx512", nullptr, nullptr, nullptr, nullptr, nullptr};  // not an x86-64 build
+const KernelSet kKernels{"avx512", nullptr, nullptr, nullptr, nullptr, nullptr,
+                           nullptr, nullptr, nullptr};  // not an x86-64 build
 }
 #endif

@@ -8,5 +8,8 @@ namespace onepass::cpu::scalar {
 const KernelSet kKernels{"scalar", &onepass::cap_scalar::adam_entry, &onepass::cap_scalar::sgd_entry,
                            &onepass::cap_scalar::lion_entry,
                            &onepass::cap_scalar::novograd_reduce_entry,
-                           &onepass::cap_scalar::novograd_entry};
+                           &onepass::cap_scalar::novograd_entry,
+                           &onepass::cap_scalar::fadam_reduce_entry,
+                           &onepass::cap_scalar::fadam_norms_entry,
+                           &onepass::cap_scalar::fadam_entry};
 }

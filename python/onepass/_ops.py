@@ -63,3 +63,7 @@ if NATIVE_ERROR is None:
     @torch.library.register_fake("onepass::novograd_")
     def _novograd_fake(*args: object, **kwargs: object) -> None:
         return None
+
+    @torch.library.register_fake("onepass::fadam_")
+    def _fadam_fake(*args: object, **kwargs: object) -> None:
+        return None

@@ -193,6 +193,59 @@ void test_novograd_vs_rule() {
   }
 }
 
+// The fadam_* functions against the rule in long double over 7 steps of a 3-element tensor:
+// b2t-averaged F (F = g^2 at t = 1), eps_t from RMS(g), both clips active (clip 0.5), p 0.5 and
+// 0.25, maximize (grad_scale -1).
+void test_fadam_vs_rule() {
+  const double grads[7][3] = {{0.3, -1.2, 0.01}, {2.5, -0.4, 0.9},  {-0.05, 0.2, 0.7},
+                              {1.5, 1.1, -0.3},  {0.02, 0.03, -0.01}, {-2.0, 0.4, 0.4},
+                              {0.6, -0.6, 0.1}};
+  for (const double power : {0.5, 0.25}) {
+    const FAdamHyper h{1e-2, 0.9, 0.8, 1e-3, 0.5, power, 0.1, -1.0};
+    double p[3] = {0.7, -0.2, 1.3}, f[3] = {0, 0, 0}, m[3] = {0, 0, 0};
+    long double rp[3] = {0.7L, -0.2L, 1.3L}, rf[3] = {0, 0, 0}, rm[3] = {0, 0, 0};
+    for (int t = 1; t <= 7; ++t) {
+      const double* g = grads[t - 1];
+      double sum_sq = 0.0;
+      for (int i = 0; i < 3; ++i) sum_sq += g[i] * g[i];
+      const double eps_t = fadam_eps_t(sum_sq, 3, h);
+      auto c = FAdamConsts<double>::make(h, t, eps_t, 1.0, 1.0);
+      double gn_sq = 0.0, wn_sq = 0.0;
+      for (int i = 0; i < 3; ++i) {
+        double gn, wn;
+        fadam_norms<double>(p[i], g[i], f[i], c, gn, wn);
+        gn_sq += gn * gn, wn_sq += wn * wn;
+      }
+      c = FAdamConsts<double>::make(h, t, eps_t, fadam_clip_divisor(gn_sq, 3, 0.5),
+                                    fadam_clip_divisor(wn_sq, 3, 0.5));
+      for (int i = 0; i < 3; ++i) fadam_update<double>(p[i], g[i], f[i], m[i], c);
+      // The rule, in long double.
+      const long double b2 = 0.8L;
+      const long double b2t = b2 * (1 - powl(b2, t - 1)) / (1 - powl(b2, t));
+      long double rg[3], den[3], gn[3], wn[3], g2 = 0, gn2 = 0, wn2 = 0;
+      for (int i = 0; i < 3; ++i) rg[i] = -(long double)g[i], g2 += rg[i] * rg[i];
+      const long double rms_g = sqrtl(g2 / 3);
+      const long double reps = 1e-3L * (rms_g < 1 ? rms_g : 1);
+      for (int i = 0; i < 3; ++i) {
+        rf[i] = b2t * rf[i] + (1 - b2t) * rg[i] * rg[i];
+        den[i] = powl(rf[i], (long double)power) + reps;
+        gn[i] = rg[i] / den[i], wn[i] = rp[i] / den[i];
+        gn2 += gn[i] * gn[i], wn2 += wn[i] * wn[i];
+      }
+      const long double gdiv = fmaxl(1, sqrtl(gn2 / 3) / 0.5L), wdiv = fmaxl(1, sqrtl(wn2 / 3) / 0.5L);
+      if (t == 1) CHECK(gdiv > 1 && wdiv > 1, "fadam: the clips are not active at t=1");
+      for (int i = 0; i < 3; ++i) {
+        rm[i] = 0.9L * rm[i] + 0.1L * (gn[i] / gdiv);
+        rp[i] -= 1e-2L * (rm[i] + 0.1L * (wn[i] / wdiv));
+        CHECK(close(p[i], double(rp[i]), 1e-12, 1e-15), "fadam p=%g t=%d p[%d]: %.17g vs %.17Lg",
+              power, t, i, p[i], rp[i]);
+        CHECK(close(m[i], double(rm[i]), 1e-12, 1e-15), "fadam m t=%d", t);
+        CHECK(close(f[i], double(rf[i]), 1e-12, 1e-15), "fadam F t=%d", t);
+      }
+    }
+  }
+}
+
 // Every instruction-set build gives the scalar build's results (up to float rounding order).
 template <class S>
 void test_kernel_sets(DType dtype, double rtol) {
@@ -249,6 +302,25 @@ void test_kernel_sets(DType dtype, double rtol) {
         results.back().insert(results.back().end(), np.begin(), np.end());
         results.back().insert(results.back().end(), nm.begin(), nm.end());
       }
+      // FAdam: the three passes with the host scalars between, a first and a later step.
+      for (const double step : {1.0, 4.0}) {
+        std::vector<S> fp = p0, ff = v0, fm = m0;
+        Segment fseg{fp.data(), g.data(), 0, n, 0, step};
+        double partial[2] = {-1.0, -1.0};
+        cpu::FAdamSegment scalars{0.0, 1.0, 1.0};
+        cpu::FAdamLaunch FL{dtype,   &fseg,    &chunk,
+                            ff.data(), fm.data(), partial,
+                            &scalars, FAdamHyper{1e-2, 0.9, 0.999, 1e-8, 0.5, 0.5, 0.1, 1.0}};
+        cpu::kernels().fadam_reduce(FL, 0, 1);
+        scalars.eps_t = fadam_eps_t(partial[0], n, FL.hyper);
+        cpu::kernels().fadam_norms(FL, 0, 1);
+        scalars.gn_divisor = fadam_clip_divisor(partial[0], n, 0.5);
+        scalars.wn_divisor = fadam_clip_divisor(partial[1], n, 0.5);
+        cpu::kernels().fadam(FL, 0, 1);
+        results.back().insert(results.back().end(), fp.begin(), fp.end());
+        results.back().insert(results.back().end(), ff.begin(), ff.end());
+        results.back().insert(results.back().end(), fm.begin(), fm.end());
+      }
     }
     for (size_t k = 1; k < results.size(); ++k) {
       for (size_t i = 0; i < results[0].size(); ++i) {
@@ -268,6 +340,7 @@ int main() {
   test_math_vs_torch();
   test_lion_vs_paper();
   test_novograd_vs_rule();
+  test_fadam_vs_rule();
   test_kernel_sets<float>(DType::kFloat32, 2e-6);
   test_kernel_sets<double>(DType::kFloat64, 1e-14);
   test_kernel_sets<bf16_t>(DType::kBFloat16, 8e-3);

@@ -246,5 +246,103 @@ ONEPASS_HD ONEPASS_INLINE void novograd_update(T& param, T grad, T& exp_avg,
   param = param - c.lr * exp_avg;
 }
 
+// ---------------------------------------------------------------------------------------------
+// FAdam (Hwang, 2024, Alg. 1): per-tensor RMS reductions between three passes
+// ---------------------------------------------------------------------------------------------
+
+struct FAdamHyper {
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double clip;
+  double p;             // den = F^p + eps_t
+  double weight_decay;  // p -= lr * (m + weight_decay * wn)
+  double grad_scale;    // -1 for maximize, times 1/amp_scale under a GradScaler
+};
+
+// b2 * (1 - b2^(t-1)) / (1 - b2^t): the decay of F at the tensor's step t (0 at t = 1).
+ONEPASS_HD ONEPASS_INLINE double fadam_beta2_t(double beta2, double step) {
+  return beta2 * (1.0 - pow(beta2, step - 1.0)) / (1.0 - pow(beta2, step));
+}
+
+// max(1, RMS / clip) from a tensor's sum of squares (an empty tensor: 1, nothing to scale).
+ONEPASS_HD ONEPASS_INLINE double fadam_clip_divisor(double sum_sq, int64_t numel, double clip) {
+  const double rms = numel > 0 ? sqrt(sum_sq / double(numel)) : 0.0;
+  return op_max(1.0, rms / clip);
+}
+
+// eps * min(1, RMS(g)), from the raw grad's sum of squares and the grad scale.
+ONEPASS_HD ONEPASS_INLINE double fadam_eps_t(double raw_sum_sq, int64_t numel,
+                                             const FAdamHyper& h) {
+  const double sum_sq = raw_sum_sq * (h.grad_scale * h.grad_scale);
+  const double rms = numel > 0 ? sqrt(sum_sq / double(numel)) : 0.0;
+  return h.eps * (rms < 1.0 ? rms : 1.0);
+}
+
+ONEPASS_HD ONEPASS_INLINE float op_pow(float x, float y) { return powf(x, y); }
+ONEPASS_HD ONEPASS_INLINE double op_pow(double x, double y) { return pow(x, y); }
+
+template <class T>
+struct FAdamConsts {
+  T lr, beta1, one_minus_beta1, beta2_t, one_minus_beta2_t, eps_t, power, weight_decay,
+      grad_scale, gn_divisor, wn_divisor;
+  bool sqrt_power;  // p == 0.5: F^p is sqrt(F) (as torch's pow does for 0.5)
+
+  // Per tensor: its step t, eps_t and (for the last pass) the two clip divisors.
+  ONEPASS_HD static FAdamConsts make(const FAdamHyper& h, double step, double eps_t,
+                                     double gn_divisor, double wn_divisor) {
+    FAdamConsts c;
+    const double b2t = fadam_beta2_t(h.beta2, step);
+    c.lr = T(h.lr);
+    c.beta1 = T(h.beta1);
+    c.one_minus_beta1 = T(1.0 - h.beta1);
+    c.beta2_t = T(b2t);
+    c.one_minus_beta2_t = T(1.0 - b2t);
+    c.eps_t = T(eps_t);
+    c.power = T(h.p);
+    c.weight_decay = T(h.weight_decay);
+    c.grad_scale = T(h.grad_scale);
+    c.gn_divisor = T(gn_divisor);
+    c.wn_divisor = T(wn_divisor);
+    c.sqrt_power = h.p == 0.5;
+    return c;
+  }
+};
+
+// The new F and den = F^p + eps_t of one element (grad already unscaled and signed).
+template <class T>
+ONEPASS_HD ONEPASS_INLINE T fadam_den(T fim, T grad, const FAdamConsts<T>& c, T& new_fim) {
+  new_fim = c.beta2_t * fim + c.one_minus_beta2_t * grad * grad;
+  const T fp = c.sqrt_power ? op_sqrt(new_fim) : op_pow(new_fim, c.power);
+  return fp + c.eps_t;
+}
+
+// Pass 2 of one element: gn = g / den and wn = param / den, for their per-tensor sums of squares.
+template <class T>
+ONEPASS_HD ONEPASS_INLINE void fadam_norms(T param, T grad, T fim, const FAdamConsts<T>& c,
+                                           T& gn, T& wn) {
+  grad = grad * c.grad_scale;  // maximize and AMP unscale
+  T new_fim;
+  const T den = fadam_den(fim, grad, c, new_fim);
+  gn = grad / den;
+  wn = param / den;
+}
+
+// Pass 3 of one element: F, the clipped natural gradient's momentum and the param.
+template <class T>
+ONEPASS_HD ONEPASS_INLINE void fadam_update(T& param, T grad, T& fim, T& momentum,
+                                            const FAdamConsts<T>& c) {
+  grad = grad * c.grad_scale;
+  T new_fim;
+  const T den = fadam_den(fim, grad, c, new_fim);
+  fim = new_fim;
+  const T gn = grad / den / c.gn_divisor;
+  momentum = c.beta1 * momentum + c.one_minus_beta1 * gn;
+  const T wn = param / den / c.wn_divisor;
+  param = param - c.lr * (momentum + c.weight_decay * wn);
+}
+
+
 }  // namespace ONEPASS_CAPABILITY
 }  // namespace onepass

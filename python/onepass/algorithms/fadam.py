@@ -13,9 +13,13 @@ advance) and g the unscaled, maximize-signed gradient; RMS(x) = sqrt(mean(x^2)) 
     wn = param / den;  wn /= max(1, RMS(wn) / clip)
     param = param - lr * (m + wd * wn)
 
-Three passes over each tensor: the sum of g^2 (then eps_t), the update of F with the sums of gn^2
-and wn^2 (then the two clip factors), then the update of m and the param. The per-tensor scalars
-run in float64 (sums accumulated in float64), the elementwise math in the opmath dtype.
+Three passes over each tensor: the sum of g^2 (then eps_t), the sums of gn^2 and wn^2 with the new
+den (then the two clip divisors), then the update of F, m and the param. The native CPU op
+(``fadam_``) reads F in the second pass without writing it and recomputes the new F and den in the
+third, where it writes F: the den of the last pass is then exactly the one the sums were taken
+with, also for bf16/fp16 storage (writing F in pass 2 would round it to the storage dtype before
+pass 3 reads it back). The per-tensor scalars run in float64 (sums accumulated in float64), the
+elementwise math in the opmath dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from onepass._ops import native_op
 from onepass.algorithms.base import (
     AlgorithmSpec,
     Group,
@@ -165,6 +170,28 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         )
 
 
+def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+    s = FAdamScalars.from_group(group, lr=0.0)
+    native_op("fadam_")(
+        bucket.params,
+        grads,
+        bucket.buffers["fim"],
+        bucket.buffers["momentum"],
+        bucket.step,
+        bucket.offsets,
+        grad_scale,
+        found_inf,
+        bucket.lr_tensor(group["lr"]),
+        s.beta1,
+        s.beta2,
+        s.eps,
+        s.clip,
+        s.p,
+        s.weight_decay,
+        s.maximize,
+    )
+
+
 FADAM = AlgorithmSpec(
     name="fadam",
     slots=("fim", "momentum"),
@@ -174,5 +201,5 @@ FADAM = AlgorithmSpec(
     bytes_per_element=_bytes_per_element,
     reference=fadam_reference,
     reduction="per_tensor",
-    launchers={"reference": _reference_launch},
+    launchers={"reference": _reference_launch, "cpu": _native_launch},
 )
