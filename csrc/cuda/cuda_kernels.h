@@ -85,9 +85,28 @@ struct NovoGradLaunch {
   bool amsgrad;
 };
 
+// FAdam: five kernels on one stream, no host sync. (1) one block per chunk writes the chunk's sum
+// of g^2; (2) one thread per segment sums its chunks in order and writes eps_t; (3) one block per
+// chunk writes its sums of gn^2 and wn^2 (F read, not written); (4) one thread per segment writes
+// the two clip divisors; (5) one block per chunk updates F, momentum and the param.
+struct FAdamLaunch {
+  DType dtype;
+  DeviceTable table;
+  StepState steps;
+  void* fim;
+  void* momentum;
+  double* partial_sums;  // device scratch: two per chunk
+  double* eps_t;         // device scratch: one per segment
+  double* gn_divisor;    // one per segment
+  double* wn_divisor;    // one per segment
+  int64_t num_segments;
+  FAdamHyper hyper;
+};
+
 cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream);
 cudaError_t launch_sgd(const SgdLaunch& launch, cudaStream_t stream);
 cudaError_t launch_lion(const LionLaunch& launch, cudaStream_t stream);
 cudaError_t launch_novograd(const NovoGradLaunch& launch, cudaStream_t stream);
+cudaError_t launch_fadam(const FAdamLaunch& launch, cudaStream_t stream);
 
 }  // namespace onepass::cuda

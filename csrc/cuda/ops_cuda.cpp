@@ -248,6 +248,46 @@ void novograd_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Te
   glue::write_back(t);
 }
 
+template <class Grads>
+void fadam_cuda(at::TensorList params, const Grads& grads, Tensor fim, Tensor momentum,
+                Tensor step, const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
+                const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
+                double beta2, double eps, double clip, double p, double weight_decay,
+                bool maximize) {
+  const at::Device device = fim.device();
+  TORCH_CHECK(device.is_cuda(), "onepass: the CUDA fadam_ needs CUDA state buffers");
+  const c10::cuda::CUDAGuard guard(device);
+  Table t = glue::build_table(params, grads, step, state_offsets, device,
+                              cuda::kChunkElements, /*host_steps=*/false);
+  glue::check_state(fim, "fim", t, device);
+  glue::check_state(momentum, "momentum", t, device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  cuda::FAdamLaunch launch{};
+  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.table = device_tables().get(fim.data_ptr(), t, device, stream);
+  double host_lr = 0.0;
+  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
+  launch.fim = fim.data_ptr();
+  launch.momentum = momentum.data_ptr();
+  // Device scratch (the caching allocator's, stream-ordered): two partial sums per chunk, three
+  // scalars per segment.
+  const int64_t num_chunks = static_cast<int64_t>(t.chunks.size());
+  launch.num_segments = static_cast<int64_t>(t.segments.size());
+  Tensor scratch = at::empty({std::max<int64_t>(2 * num_chunks + 3 * launch.num_segments, 1)},
+                             fim.options().dtype(at::kDouble));
+  launch.partial_sums = scratch.data_ptr<double>();
+  launch.eps_t = launch.partial_sums + 2 * num_chunks;
+  launch.gn_divisor = launch.eps_t + launch.num_segments;
+  launch.wn_divisor = launch.gn_divisor + launch.num_segments;
+  launch.hyper = FAdamHyper{host_lr, beta1, beta2, eps, clip, p, weight_decay,
+                            maximize ? -1.0 : 1.0};
+  const cudaError_t err = cuda::launch_fadam(launch, stream);
+  TORCH_CHECK(err == cudaSuccess, "onepass: fadam_ kernel launch failed: ",
+              cudaGetErrorString(err));
+  glue::write_back(t);
+}
+
 }  // namespace
 }  // namespace onepass
 
@@ -258,6 +298,7 @@ const bool kCudaEagerRegistered = [] {
   ops.sgd = &onepass::sgd_cuda<onepass::glue::EagerGrads>;
   ops.lion = &onepass::lion_cuda<onepass::glue::EagerGrads>;
   ops.novograd = &onepass::novograd_cuda<onepass::glue::EagerGrads>;
+  ops.fadam = &onepass::fadam_cuda<onepass::glue::EagerGrads>;
   return true;
 }();
 }  // namespace
@@ -267,4 +308,5 @@ TORCH_LIBRARY_IMPL(onepass, CUDA, m) {
   m.impl("sgd_", &onepass::sgd_cuda<onepass::glue::OptionalTensorList>);
   m.impl("lion_", &onepass::lion_cuda<onepass::glue::OptionalTensorList>);
   m.impl("novograd_", &onepass::novograd_cuda<onepass::glue::OptionalTensorList>);
+  m.impl("fadam_", &onepass::fadam_cuda<onepass::glue::OptionalTensorList>);
 }

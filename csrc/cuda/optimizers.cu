@@ -185,6 +185,130 @@ __global__ void __launch_bounds__(kThreads) novograd_kernel(NovoGradLaunch L) {
                                   : novograd_chunk<S, false>(L, chunk, seg, c);
 }
 
+// FAdam. Reduces two doubles over the block in a fixed tree order; thread 0 holds the sums.
+__device__ __forceinline__ void block_sum2(double& a, double& b) {
+  __shared__ double pa[kThreads], pb[kThreads];
+  pa[threadIdx.x] = a;
+  pb[threadIdx.x] = b;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width /= 2) {
+    if (int(threadIdx.x) < width) {
+      pa[threadIdx.x] += pa[threadIdx.x + width];
+      pb[threadIdx.x] += pb[threadIdx.x + width];
+    }
+    __syncthreads();
+  }
+  a = pa[0];
+  b = pb[0];
+}
+
+// The first chunk of segment k (chunks are sorted by segment).
+__device__ __forceinline__ int64_t first_chunk(const DeviceTable& table, int64_t k) {
+  int64_t lo = 0, hi = table.num_chunks;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (table.chunks[mid].segment < k) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+__device__ __forceinline__ FAdamHyper fadam_hyper(const FAdamLaunch& L) {
+  FAdamHyper h = L.hyper;
+  h.lr = step_lr(h.lr, L.steps);
+  h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
+  return h;
+}
+
+// Pass 1: the chunk's sum of raw g^2.
+template <class S>
+__global__ void __launch_bounds__(kThreads) fadam_reduce_kernel(FAdamLaunch L) {
+  if (skip_step(L.steps)) return;
+  const Chunk chunk = L.table.chunks[blockIdx.x];
+  const S* grad = static_cast<const S*>(L.table.segments[chunk.segment].grad) + chunk.begin;
+  const int64_t n = chunk.end - chunk.begin;
+  double acc = 0.0, unused = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const double x = double(to_opmath(grad[i]));
+    acc += x * x;
+  }
+  block_sum2(acc, unused);
+  if (threadIdx.x == 0) L.partial_sums[2 * blockIdx.x] = acc;
+}
+
+// Pass 1 -> 2 (kClip false): eps_t per segment; pass 2 -> 3 (kClip true): the clip divisors.
+template <bool kClip>
+__global__ void fadam_scalar_kernel(FAdamLaunch L) {
+  if (skip_step(L.steps)) return;
+  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= L.num_segments) return;
+  double a = 0.0, b = 0.0;
+  for (int64_t c = first_chunk(L.table, k); c < L.table.num_chunks && L.table.chunks[c].segment == k;
+       ++c) {
+    a += L.partial_sums[2 * c];
+    b += L.partial_sums[2 * c + 1];
+  }
+  const int64_t numel = L.table.segments[k].numel;
+  if constexpr (kClip) {
+    L.gn_divisor[k] = fadam_clip_divisor(a, numel, L.hyper.clip);
+    L.wn_divisor[k] = fadam_clip_divisor(b, numel, L.hyper.clip);
+  } else {
+    L.eps_t[k] = fadam_eps_t(a, numel, fadam_hyper(L));
+    L.gn_divisor[k] = 1.0;
+    L.wn_divisor[k] = 1.0;
+  }
+}
+
+template <class S>
+__device__ __forceinline__ FAdamConsts<opmath_t<S>> fadam_consts(const FAdamLaunch& L,
+                                                                 int64_t k) {
+  const Segment& seg = L.table.segments[k];
+  // The step counts advance after the last kernel: t is the stored count + 1.
+  return FAdamConsts<opmath_t<S>>::make(fadam_hyper(L), double(L.steps.step[seg.index]) + 1.0,
+                                        L.eps_t[k], L.gn_divisor[k], L.wn_divisor[k]);
+}
+
+// Pass 2: the chunk's sums of gn^2 and wn^2 with the tensor's new den.
+template <class S>
+__global__ void __launch_bounds__(kThreads) fadam_norms_kernel(FAdamLaunch L) {
+  using O = opmath_t<S>;
+  if (skip_step(L.steps)) return;
+  const Chunk chunk = L.table.chunks[blockIdx.x];
+  const Segment seg = L.table.segments[chunk.segment];
+  const FAdamConsts<O> c = fadam_consts<S>(L, chunk.segment);
+  const S* param = static_cast<const S*>(seg.param) + chunk.begin;
+  const S* grad = static_cast<const S*>(seg.grad) + chunk.begin;
+  const S* fim = static_cast<const S*>(L.fim) + seg.state_offset + chunk.begin;
+  const int64_t n = chunk.end - chunk.begin;
+  double gn_sq = 0.0, wn_sq = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    O gn, wn;
+    fadam_norms<O>(to_opmath(param[i]), to_opmath(grad[i]), to_opmath(fim[i]), c, gn, wn);
+    gn_sq += double(gn) * double(gn);
+    wn_sq += double(wn) * double(wn);
+  }
+  block_sum2(gn_sq, wn_sq);
+  if (threadIdx.x == 0) {
+    L.partial_sums[2 * blockIdx.x] = gn_sq;
+    L.partial_sums[2 * blockIdx.x + 1] = wn_sq;
+  }
+}
+
+// Pass 3: F, momentum and the param.
+template <class S>
+__global__ void __launch_bounds__(kThreads) fadam_kernel(FAdamLaunch L) {
+  using O = opmath_t<S>;
+  if (skip_step(L.steps)) return;
+  const Chunk chunk = L.table.chunks[blockIdx.x];
+  const Segment seg = L.table.segments[chunk.segment];
+  const FAdamConsts<O> c = fadam_consts<S>(L, chunk.segment);
+  const int64_t at = seg.state_offset + chunk.begin;
+  S* const state[2] = {static_cast<S*>(L.fim) + at, static_cast<S*>(L.momentum) + at};
+  for_each_element<S, 2>(static_cast<S*>(seg.param) + chunk.begin,
+                         static_cast<const S*>(seg.grad) + chunk.begin, state,
+                         chunk.end - chunk.begin,
+                         [&](O& p, O g, O* s) { fadam_update<O>(p, g, s[0], s[1], c); });
+}
+
 template <class Fn>
 void dispatch_dtype(DType dtype, const Fn& fn) {
   switch (dtype) {
@@ -278,6 +402,35 @@ cudaError_t launch_novograd(const NovoGradLaunch& L, cudaStream_t stream) {
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
+  }
+  return finish(L.table, L.steps, stream);
+}
+
+cudaError_t launch_fadam(const FAdamLaunch& L, cudaStream_t stream) {
+  if (L.table.num_chunks > 0) {
+    const dim3 grid(static_cast<unsigned>(L.table.num_chunks));
+    const int threads = 256;
+    const unsigned seg_blocks = unsigned((L.num_segments + threads - 1) / threads);
+    cudaError_t err = cudaSuccess;
+    dispatch_dtype(L.dtype, [&](auto tag) {
+      using S = decltype(tag);
+      fadam_reduce_kernel<S><<<grid, kThreads, 0, stream>>>(L);
+    });
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    fadam_scalar_kernel<false><<<seg_blocks, threads, 0, stream>>>(L);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    dispatch_dtype(L.dtype, [&](auto tag) {
+      using S = decltype(tag);
+      fadam_norms_kernel<S><<<grid, kThreads, 0, stream>>>(L);
+    });
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    fadam_scalar_kernel<true><<<seg_blocks, threads, 0, stream>>>(L);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    dispatch_dtype(L.dtype, [&](auto tag) {
+      using S = decltype(tag);
+      fadam_kernel<S><<<grid, kThreads, 0, stream>>>(L);
+    });
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   return finish(L.table, L.steps, stream);
 }

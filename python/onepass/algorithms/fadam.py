@@ -201,5 +201,7 @@ FADAM = AlgorithmSpec(
     bytes_per_element=_bytes_per_element,
     reference=fadam_reference,
     reduction="per_tensor",
-    launchers={"reference": _reference_launch, "cpu": _native_launch},
+    # No Triton kernel yet: backend="auto" on CUDA without the native CUDA build falls back to
+    # the reference (the engine), an explicit backend="triton" is refused.
+    launchers={"reference": _reference_launch, "cpu": _native_launch, "cuda": _native_launch},
 )
