@@ -104,6 +104,14 @@ ALGORITHMS: Mapping[str, Algorithm] = {
         partial(torch.optim.SGD, momentum=0.9),
         {"lr": 1e-4, "weight_decay": 0.1},
     ),
+    # FAdam keeps Adam's two param-sized slots; its peer is torch Adam (FAdam has no torch
+    # class). It reads the grad three times and param / F twice (three passes: the bytes model).
+    "fadam": Algorithm(
+        "FAdam wd=0.1 (peer: torch Adam)",
+        onepass.FAdam,
+        torch.optim.Adam,
+        {"lr": 1e-4, "weight_decay": 0.1},
+    ),
 }
 
 

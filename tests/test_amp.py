@@ -77,16 +77,27 @@ class _UnscaledOutsideNovoGrad(onepass.NovoGrad):
         super().__init__(params, backend="reference", **kwargs)
 
 
+class _UnscaledOutsideFAdam(onepass.FAdam):
+    """FAdam's peer, as Lion's: the reference backend unscaled from outside."""
+
+    _step_supports_amp_scaling = False
+
+    def __init__(self, params: Any, fused: bool = False, **kwargs: Any) -> None:
+        super().__init__(params, backend="reference", **kwargs)
+
+
 ADAMW = {"lr": 1e-2, "amsgrad": True}
 SGD = {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}
 LION = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1}
 NOVOGRAD = {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True, "grad_averaging": True}
+FADAM = {"lr": 1e-2, "weight_decay": 0.1, "clip": 0.5}
 #: (onepass class, torch class, kwargs) by name
 OPTIMIZERS: dict[str, tuple[type[onepass.FusedOptimizer], Any, dict[str, Any]]] = {
     "AdamW": (onepass.AdamW, torch.optim.AdamW, ADAMW),
     "SGD": (onepass.SGD, torch.optim.SGD, SGD),
     "Lion": (onepass.Lion, _UnscaledOutsideLion, LION),
     "NovoGrad": (onepass.NovoGrad, _UnscaledOutsideNovoGrad, NOVOGRAD),
+    "FAdam": (onepass.FAdam, _UnscaledOutsideFAdam, FADAM),
 }
 
 

@@ -28,8 +28,9 @@ pytestmark = pytest.mark.skipif(not onepass.native_available(), reason="onepass.
         lambda ps, lr: onepass.SGD(ps, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.01),
         lambda ps, lr: onepass.Lion(ps, lr=lr, weight_decay=0.1, maximize=True),
         lambda ps, lr: onepass.NovoGrad(ps, lr=lr, weight_decay=0.1, amsgrad=True),
+        lambda ps, lr: onepass.FAdam(ps, lr=lr, clip=0.5, p=0.25),
     ],
-    ids=["AdamW", "Adam-independent", "SGD", "Lion", "NovoGrad"],
+    ids=["AdamW", "Adam-independent", "SGD", "Lion", "NovoGrad", "FAdam"],
 )
 def test_compiled_step_matches_eager_without_recompiling(make) -> None:
     torch._dynamo.reset()

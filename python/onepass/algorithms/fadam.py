@@ -145,8 +145,8 @@ def _active_slots(group: Group) -> tuple[str, ...]:
 
 
 def _bytes_per_element(group: Group, itemsize: int) -> int:
-    """Three passes: read g; read param, g, F, write F; read param, g, F, m, write param and m."""
-    return itemsize * (1 + 4 + 6)
+    """Three passes: read g; read param, g and F; read param, g, F and m, write param, F and m."""
+    return itemsize * (1 + 3 + 7)
 
 
 def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
