@@ -28,10 +28,12 @@ triton = pytest.importorskip("triton")
 import onepass  # noqa: E402
 from onepass.algorithms import (  # noqa: E402
     AdamScalars,
+    FAdamScalars,
     LionScalars,
     NovoGradScalars,
     SgdScalars,
     adam_reference,
+    fadam_reference,
     lion_reference,
     novograd_reference,
     sgd_reference,
@@ -112,6 +114,13 @@ class Reference:
                     ns,
                     scale,
                 )
+            elif self.family == "fadam":
+                fs = FAdamScalars.from_group(group)
+                if not slots:
+                    slots.update({n: torch.zeros_like(p) for n in ("fim", "momentum")})
+                fadam_reference(
+                    p, g, slots["fim"], slots["momentum"], self.steps[i], fs, scale
+                )  # fmt: skip
             elif self.family == "lion":
                 ls = LionScalars.from_group(group)
                 if not slots:
@@ -135,7 +144,7 @@ class Reference:
             if self.steps[i] == 0:
                 assert not entry, f"param {i} never had a grad but has state {sorted(entry)}"
                 continue
-            with_step = self.family in ("adam", "novograd")
+            with_step = self.family in ("adam", "novograd", "fadam")
             expected = set(self.slots[i]) | ({"step"} if with_step else set())
             assert set(entry) == expected, f"param {i}: state {sorted(entry)}"
             for name, value in self.slots[i].items():
@@ -264,10 +273,17 @@ NOVOGRAD_CASES = {
         backend="triton",
     ),
 }
+FADAM_CASES = {
+    "fadam": lambda ps: onepass.FAdam(ps, lr=1e-2, backend="triton"),
+    "fadam-clip-p-maximize": lambda ps: onepass.FAdam(
+        ps, lr=1e-2, clip=0.5, p=0.25, weight_decay=0.2, maximize=True, backend="triton"
+    ),
+}
 CASES = [("adam", name, make) for name, make in ADAM_CASES.items()]
 CASES += [("sgd", name, make) for name, make in SGD_CASES.items()]
 CASES += [("lion", name, make) for name, make in LION_CASES.items()]
 CASES += [("novograd", name, make) for name, make in NOVOGRAD_CASES.items()]
+CASES += [("fadam", name, make) for name, make in FADAM_CASES.items()]
 #: Every case in float32; a few Adam, SGD and Lion cases in each other dtype.
 NARROW = (
     "adam-l2-amsgrad-maximize",
@@ -275,6 +291,7 @@ NARROW = (
     "sgd-nesterov-maximize",
     "lion-l2-maximize",
     "novograd-wd-averaging-amsgrad-maximize",
+    "fadam-clip-p-maximize",
 )
 
 
@@ -284,6 +301,7 @@ AMP_CASES = {
     "sgd": SGD_CASES["sgd-momentum-dampening"],
     "lion": LION_CASES["lion-l2-maximize"],
     "novograd": NOVOGRAD_CASES["novograd-wd-averaging-amsgrad-maximize"],
+    "fadam": FADAM_CASES["fadam-clip-p-maximize"],
 }
 
 
@@ -327,8 +345,9 @@ def test_multi_tile_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
         ("sgd", "sgd-momentum-dampening"),
         ("lion", "lion-decoupled-betas"),
         ("novograd", "novograd-wd-averaging-amsgrad-maximize"),
+        ("fadam", "fadam-clip-p-maximize"),
     ):
-        make = {**ADAM_CASES, **SGD_CASES, **LION_CASES, **NOVOGRAD_CASES}[name]
+        make = {**ADAM_CASES, **SGD_CASES, **LION_CASES, **NOVOGRAD_CASES, **FADAM_CASES}[name]
         _run(make, family, torch.float32, sizes=(1, 1500, 4096, 9000))
 
 
@@ -599,3 +618,67 @@ def test_novograd_compiles_for_sm90() -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+_FADAM_COMPILE_CHECK = textwrap.dedent(
+    """
+    import inspect
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from onepass.triton_kernels.fadam import fadam_kernel, fadam_norms_kernel, fadam_reduce_kernel
+
+    NAMES = {tl.float32: "fp32", tl.float64: "fp64", tl.bfloat16: "bf16", tl.float16: "fp16"}
+    for dtype in NAMES:
+        for on in (True, False):
+            opmath = tl.float64 if dtype == tl.float64 else tl.float32
+            for kernel in (fadam_reduce_kernel, fadam_norms_kernel, fadam_kernel):
+                constexprs = dict(DTYPE=dtype, HAS_GRAD_SCALE=on, HAS_FOUND_INF=on, ALIGNED=on,
+                                  BLOCK=1024, CHUNK=4096)
+                names = list(inspect.signature(kernel.fn).parameters)
+                if "OPMATH" in names:
+                    constexprs.update(OPMATH=opmath, SQRT_POWER=on)
+                signature, attrs = {}, {}
+                for i, name in enumerate(names):
+                    if name in constexprs:
+                        signature[name] = "constexpr"
+                    elif name in ("segments", "chunks"):
+                        signature[name] = "*i64"
+                    elif name == "done_ptr":
+                        signature[name] = "*i32"
+                    elif name in ("step_ptr", "grad_scale_ptr", "found_inf_ptr"):
+                        signature[name] = "*fp32"
+                    elif name in ("partial_ptr", "scalars_ptr"):
+                        signature[name] = "*fp64"
+                    elif name.endswith("_ptr"):
+                        signature[name] = "*" + NAMES[dtype]
+                    else:
+                        signature[name] = "i64"
+                    if signature[name].startswith("*"):
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                source = ASTSource(
+                    fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs
+                )
+                ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+                for approx in ("sqrt.approx.f32", "div.approx.f32", "div.full.f32"):
+                    assert approx not in ptx, (kernel, dtype, approx)
+                assert "atom.global.gpu.acq_rel.add" in ptx and "bar.sync" in ptx
+                print(kernel.fn.__name__, NAMES[dtype], on, "ok")
+    """
+)
+
+
+def test_fadam_compiles_for_sm90() -> None:
+    """The three FAdam kernels compile to sm_90 PTX in every dtype, flags on and off (p = 0.5 and
+    the general power): IEEE fp32 division and square root, the per-segment atomic and barrier."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _FADAM_COMPILE_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" ok") == 24  # 3 kernels x 8 variants

@@ -192,6 +192,13 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
+def _triton_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+    # Imported here: `import onepass` must work without triton installed.
+    from onepass.triton_kernels.fadam import launch
+
+    launch(bucket, grads, group, grad_scale, found_inf)
+
+
 FADAM = AlgorithmSpec(
     name="fadam",
     slots=("fim", "momentum"),
@@ -201,7 +208,10 @@ FADAM = AlgorithmSpec(
     bytes_per_element=_bytes_per_element,
     reference=fadam_reference,
     reduction="per_tensor",
-    # No Triton kernel yet: backend="auto" on CUDA without the native CUDA build falls back to
-    # the reference (the engine), an explicit backend="triton" is refused.
-    launchers={"reference": _reference_launch, "cpu": _native_launch, "cuda": _native_launch},
+    launchers={
+        "reference": _reference_launch,
+        "cpu": _native_launch,
+        "cuda": _native_launch,
+        "triton": _triton_launch,
+    },
 )
