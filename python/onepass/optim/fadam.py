@@ -34,9 +34,15 @@ class FAdam(FusedOptimizer):
     reductions (sums of squares accumulated in float64); the elementwise math runs in float32 for
     bf16/fp16/fp32 params (float64 for float64).
 
-    Notes and deviations: the rule above is followed exactly as stated in Algorithm 1; the
-    paper's reference code was not checked against it here. An empty tensor has RMS 0 (nothing to
-    update). ``maximize``, GradScaler (grads unscaled before every reduction; an inf/nan skips the
+    Notes and deviations: the rule above is Algorithm 1 as stated; no code by the paper's author
+    was found to check it against. One version of a widely used community port
+    (lessw2020/FAdam_PyTorch, ``fadam.py``) differs: its eps_t is ``min(eps, eps2 * RMS(g))``
+    with a second ``eps2=1e-3``; its clip divisor is ``max(1, RMS) / clip`` (which also scales
+    updates UP when clip > 1 and RMS <= 1) instead of ``max(1, RMS / clip)``; it initializes F to
+    ones and rebinds ``fim`` without storing it, so its stored F stays at ones and each step uses
+    ``b2t * 1 + (1 - b2t) * g^2``; defaults eps=1e-7, weight_decay=0.01. onepass follows the
+    paper. An empty tensor has RMS 0 (nothing to update). ``maximize``, GradScaler (grads
+    unscaled before every reduction; an inf/nan skips the
     whole step, step counts included) and ``backend``/``flatten`` are onepass additions
     (``flatten=True`` keeps the params in one buffer, but the step stays per tensor).
     Checks: lr >= 0, eps >= 0, 0 <= betas < 1, clip > 0, 0 < p <= 1, weight_decay >= 0.
