@@ -19,8 +19,9 @@ from onepass.algorithms.base import (
     decay_coefficient,
     elementwise_bytes,
     opmath_dtype,
-    reference_amp_scale,
+    reference_steps,
     scalar,
+    triton_launcher,
 )
 
 
@@ -129,24 +130,22 @@ def _active_slots(group: Group) -> tuple[str, ...]:
 
 def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     s = AdamScalars.from_group(group)
-    scale = reference_amp_scale(grad_scale, found_inf)
-    if scale is None:
-        return  # GradScaler found an inf/nan: params, state and steps stay as they are
-    for i, g in enumerate(grads):
-        if g is None:
-            continue
-        slots = bucket.slot_views(i)
-        bucket.step[i] += 1
+
+    def step_one(
+        i: int, g: torch.Tensor, slots: dict[str, torch.Tensor], t: int, scale: float
+    ) -> None:
         adam_reference(
             bucket.params[i],
             g,
             slots["exp_avg"],
             slots["exp_avg_sq"],
             slots.get("max_exp_avg_sq"),
-            int(bucket.step[i]),
+            t,
             s,
             scale,
         )
+
+    reference_steps(bucket, grads, grad_scale, found_inf, step_one)
 
 
 def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
@@ -173,13 +172,6 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
-def _triton_launch(bucket, grads, group, grad_scale, found_inf) -> None:
-    # Imported here: `import onepass` must work without triton installed.
-    from onepass.triton_kernels.adam import launch
-
-    launch(bucket, grads, group, grad_scale, found_inf)
-
-
 ADAM = AlgorithmSpec(
     name="adam",
     slots=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
@@ -192,6 +184,6 @@ ADAM = AlgorithmSpec(
         "reference": _reference_launch,
         "cpu": _native_launch,
         "cuda": _native_launch,
-        "triton": _triton_launch,
+        "triton": triton_launcher("adam"),
     },
 )

@@ -60,6 +60,42 @@ def reference_amp_scale(
     return 1.0 if grad_scale is None else float(grad_scale)
 
 
+#: One tensor's reference step: (index in the bucket, grad, its slot views, its step count after
+#: this step, the AMP scale its grad carries).
+TensorStep = Callable[[int, torch.Tensor, dict[str, torch.Tensor], int, float], None]
+
+
+def reference_steps(
+    bucket: Any,
+    grads: list[torch.Tensor | None],
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    step_one: TensorStep,
+) -> None:
+    """The reference backend's loop, shared by every elementwise spec: skip the whole step when
+    GradScaler found an inf/nan, else advance and step each tensor that has a grad."""
+    scale = reference_amp_scale(grad_scale, found_inf)
+    if scale is None:
+        return  # params, state and steps stay as they are
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        bucket.step[i] += 1
+        step_one(i, g, bucket.slot_views(i), int(bucket.step[i]), scale)
+
+
+def triton_launcher(module: str) -> Launcher:
+    """The "triton" launcher of a spec: ``onepass.triton_kernels.<module>.launch``, imported at
+    the first launch (``import onepass`` must work without triton installed)."""
+
+    def launch(*args: Any) -> None:
+        import importlib
+
+        importlib.import_module(f"onepass.triton_kernels.{module}").launch(*args)
+
+    return launch
+
+
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """Math runs in float64 for float64 storage and in float32 for everything narrower."""
     return torch.float64 if dtype == torch.float64 else torch.float32

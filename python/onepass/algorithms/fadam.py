@@ -34,8 +34,9 @@ from onepass.algorithms.base import (
     AlgorithmSpec,
     Group,
     opmath_dtype,
-    reference_amp_scale,
+    reference_steps,
     scalar,
+    triton_launcher,
 )
 
 
@@ -151,23 +152,13 @@ def _bytes_per_element(group: Group, itemsize: int) -> int:
 
 def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     s = FAdamScalars.from_group(group)
-    scale = reference_amp_scale(grad_scale, found_inf)
-    if scale is None:
-        return  # GradScaler found an inf/nan: params, state and steps stay as they are
-    for i, g in enumerate(grads):
-        if g is None:
-            continue
-        slots = bucket.slot_views(i)
-        bucket.step[i] += 1
-        fadam_reference(
-            bucket.params[i],
-            g,
-            slots["fim"],
-            slots["momentum"],
-            int(bucket.step[i]),
-            s,
-            scale,
-        )
+
+    def step_one(
+        i: int, g: torch.Tensor, slots: dict[str, torch.Tensor], t: int, scale: float
+    ) -> None:
+        fadam_reference(bucket.params[i], g, slots["fim"], slots["momentum"], t, s, scale)
+
+    reference_steps(bucket, grads, grad_scale, found_inf, step_one)
 
 
 def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
@@ -192,13 +183,6 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
-def _triton_launch(bucket, grads, group, grad_scale, found_inf) -> None:
-    # Imported here: `import onepass` must work without triton installed.
-    from onepass.triton_kernels.fadam import launch
-
-    launch(bucket, grads, group, grad_scale, found_inf)
-
-
 FADAM = AlgorithmSpec(
     name="fadam",
     slots=("fim", "momentum"),
@@ -212,6 +196,6 @@ FADAM = AlgorithmSpec(
         "reference": _reference_launch,
         "cpu": _native_launch,
         "cuda": _native_launch,
-        "triton": _triton_launch,
+        "triton": triton_launcher("fadam"),
     },
 )

@@ -26,8 +26,9 @@ from onepass.algorithms.base import (
     decay_coefficient,
     elementwise_bytes,
     opmath_dtype,
-    reference_amp_scale,
+    reference_steps,
     scalar,
+    triton_launcher,
 )
 
 
@@ -111,14 +112,14 @@ def _active_slots(group: Group) -> tuple[str, ...]:
 
 def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     s = LionScalars.from_group(group)
-    scale = reference_amp_scale(grad_scale, found_inf)
-    if scale is None:
-        return  # GradScaler found an inf/nan: params and state stay as they are
-    for i, g in enumerate(grads):
-        if g is None:
-            continue
-        bucket.step[i] += 1  # the engine's own count; Lion's math never reads it
-        lion_reference(bucket.params[i], g, bucket.slot_views(i)["exp_avg"], s, scale)
+
+    def step_one(
+        i: int, g: torch.Tensor, slots: dict[str, torch.Tensor], t: int, scale: float
+    ) -> None:
+        # the engine counts Lion's steps too; its math never reads them
+        lion_reference(bucket.params[i], g, slots["exp_avg"], s, scale)
+
+    reference_steps(bucket, grads, grad_scale, found_inf, step_one)
 
 
 def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
@@ -141,13 +142,6 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
-def _triton_launch(bucket, grads, group, grad_scale, found_inf) -> None:
-    # Imported here: `import onepass` must work without triton installed.
-    from onepass.triton_kernels.lion import launch
-
-    launch(bucket, grads, group, grad_scale, found_inf)
-
-
 LION = AlgorithmSpec(
     name="lion",
     slots=("exp_avg",),
@@ -160,6 +154,6 @@ LION = AlgorithmSpec(
         "reference": _reference_launch,
         "cpu": _native_launch,
         "cuda": _native_launch,
-        "triton": _triton_launch,
+        "triton": triton_launcher("lion"),
     },
 )

@@ -33,8 +33,9 @@ from onepass.algorithms.base import (
     AlgorithmSpec,
     Group,
     opmath_dtype,
-    reference_amp_scale,
+    reference_steps,
     scalar,
+    triton_launcher,
 )
 
 
@@ -145,24 +146,22 @@ def _bytes_per_element(group: Group, itemsize: int) -> int:
 
 def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     s = NovoGradScalars.from_group(group)
-    scale = reference_amp_scale(grad_scale, found_inf)
-    if scale is None:
-        return  # GradScaler found an inf/nan: params, state and steps stay as they are
-    for i, g in enumerate(grads):
-        if g is None:
-            continue
-        slots = bucket.slot_views(i)
-        bucket.step[i] += 1
+
+    def step_one(
+        i: int, g: torch.Tensor, slots: dict[str, torch.Tensor], t: int, scale: float
+    ) -> None:
         novograd_reference(
             bucket.params[i],
             g,
             slots["exp_avg"],
             slots["exp_avg_sq"],
             slots.get("max_exp_avg_sq"),
-            int(bucket.step[i]),
+            t,
             s,
             scale,
         )
+
+    reference_steps(bucket, grads, grad_scale, found_inf, step_one)
 
 
 def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
@@ -188,13 +187,6 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
-def _triton_launch(bucket, grads, group, grad_scale, found_inf) -> None:
-    # Imported here: `import onepass` must work without triton installed.
-    from onepass.triton_kernels.novograd import launch
-
-    launch(bucket, grads, group, grad_scale, found_inf)
-
-
 NOVOGRAD = AlgorithmSpec(
     name="novograd",
     slots=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
@@ -209,6 +201,6 @@ NOVOGRAD = AlgorithmSpec(
         "reference": _reference_launch,
         "cpu": _native_launch,
         "cuda": _native_launch,
-        "triton": _triton_launch,
+        "triton": triton_launcher("novograd"),
     },
 )

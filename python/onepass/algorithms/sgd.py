@@ -18,8 +18,9 @@ from onepass.algorithms.base import (
     decay_coefficient,
     elementwise_bytes,
     opmath_dtype,
-    reference_amp_scale,
+    reference_steps,
     scalar,
+    triton_launcher,
 )
 
 
@@ -107,17 +108,14 @@ def _active_slots(group: Group) -> tuple[str, ...]:
 
 def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     s = SgdScalars.from_group(group)
-    scale = reference_amp_scale(grad_scale, found_inf)
-    if scale is None:
-        return  # GradScaler found an inf/nan: params, state and steps stay as they are
-    for i, g in enumerate(grads):
-        if g is None:
-            continue
-        bucket.step[i] += 1
-        first = int(bucket.step[i]) == 1
-        sgd_reference(
-            bucket.params[i], g, bucket.slot_views(i).get("momentum_buffer"), first, s, scale
-        )
+
+    def step_one(
+        i: int, g: torch.Tensor, slots: dict[str, torch.Tensor], t: int, scale: float
+    ) -> None:
+        # a tensor's first step with momentum starts its buffer from the gradient
+        sgd_reference(bucket.params[i], g, slots.get("momentum_buffer"), t == 1, s, scale)
+
+    reference_steps(bucket, grads, grad_scale, found_inf, step_one)
 
 
 def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
@@ -141,13 +139,6 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
-def _triton_launch(bucket, grads, group, grad_scale, found_inf) -> None:
-    # Imported here: `import onepass` must work without triton installed.
-    from onepass.triton_kernels.sgd import launch
-
-    launch(bucket, grads, group, grad_scale, found_inf)
-
-
 SGD_SPEC = AlgorithmSpec(
     name="sgd",
     slots=("momentum_buffer",),
@@ -160,6 +151,6 @@ SGD_SPEC = AlgorithmSpec(
         "reference": _reference_launch,
         "cpu": _native_launch,
         "cuda": _native_launch,
-        "triton": _triton_launch,
+        "triton": triton_launcher("sgd"),
     },
 )
