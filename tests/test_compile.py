@@ -14,10 +14,22 @@ import torch
 import torch._dynamo.testing
 
 import onepass
+from onepass._engine import cuda_kernels_built
 
 from helpers import assert_verbose_allclose
 
 pytestmark = pytest.mark.skipif(not onepass.native_available(), reason="onepass._C not built")
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available() or not cuda_kernels_built(),
+            reason="needs a GPU and onepass._C built with CUDA kernels",
+        ),
+    ),
+]
 
 
 @pytest.mark.parametrize(
@@ -32,13 +44,15 @@ pytestmark = pytest.mark.skipif(not onepass.native_available(), reason="onepass.
     ],
     ids=["AdamW", "Adam-independent", "SGD", "Lion", "NovoGrad", "FAdam"],
 )
-def test_compiled_step_matches_eager_without_recompiling(make) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_step_matches_eager_without_recompiling(make, device: str) -> None:
+    """On CUDA the lr tensor lives on the GPU (as torch.optim's fused steps want it there)."""
     torch._dynamo.reset()
     shapes = [(5, 3), (7,), (1,), (0,), (33,)]
-    ours = [torch.randn(s).requires_grad_() for s in shapes]
+    ours = [torch.randn(s, device=device).requires_grad_() for s in shapes]
     eager = [p.detach().clone().requires_grad_() for p in ours]
-    opt = make(ours, torch.tensor(0.01))
-    ref = make(eager, torch.tensor(0.01))
+    opt = make(ours, torch.tensor(0.01, device=device))
+    ref = make(eager, torch.tensor(0.01, device=device))
     counter = torch._dynamo.testing.CompileCounter()
 
     @torch.compile(fullgraph=True, backend=counter)
