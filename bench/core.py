@@ -222,26 +222,58 @@ def plan_memory(
 
 
 class Timer:
-    """Times one call in ms: wall clock on the CPU; CUDA events from an idle GPU on CUDA."""
+    """Times one call: ``(ms, host_ms)``.
+
+    On the CPU both are the wall-clock time of the call. On CUDA a sleep kernel queued ahead of
+    the call keeps the GPU busy while the host enqueues the step, as in training, where the host
+    runs ahead of the GPU; CUDA events then time the kernels alone. ``ms`` is the larger of that
+    and ``host_ms``, the host's time in the call: the step's cost in steady state, where neither
+    side can take less (many small tensors make the host the bound).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"no timer for device {device}")
+        self._host_ms: dict[int, float] = {}  # last host time of each callable: the next sleep
+        self._cycles_per_ms = self._calibrate() if device.type == "cuda" else 0.0
 
-    def __call__(self, fn: Callable[[], object]) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return float(start.elapsed_time(end))
-        if self.device.type != "cpu":
-            raise ValueError(f"no timer for device {self.device}")
-        t0 = time.perf_counter()
+    def _calibrate(self) -> float:
+        cycles = 10_000_000
+        for _ in range(2):  # the first call may include the kernel's load
+            ms = self._events(lambda: torch.cuda._sleep(cycles))
+        return cycles / max(ms, 1e-3)
+
+    @staticmethod
+    def _events(fn: Callable[[], object]) -> float:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+
+    def __call__(self, fn: Callable[[], object]) -> tuple[float, float]:
+        if self.device.type == "cpu":
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+            return ms, ms
+        torch.cuda.synchronize(self.device)
+        ahead_ms = 1.5 * self._host_ms.get(id(fn), 1.0) + 0.05
+        torch.cuda._sleep(int(ahead_ms * self._cycles_per_ms))
+        host_ms = 0.0
+
+        def call() -> None:
+            nonlocal host_ms
+            t0 = time.perf_counter()
+            fn()
+            host_ms = (time.perf_counter() - t0) * 1e3
+
+        device_ms = self._events(call)
+        self._host_ms[id(fn)] = host_ms
+        return max(device_ms, host_ms), host_ms
 
 
 @dataclass
@@ -253,6 +285,7 @@ class GroupResult:
     dtype: torch.dtype
     model: BytesModel
     times_ms: dict[str, list[float]]  # candidates, then the two roofline probes
+    host_ms: dict[str, list[float]]  # the host's time in each call (Timer)
     max_abs_diff: dict[str, float]  # each candidate's params vs torch fused's after the run
     grads_shared: bool
     warmup: int
@@ -274,13 +307,15 @@ def interleave(
     schedule: Schedule,
     timer: Timer,
     log: Callable[[str], None],
-) -> dict[str, list[float]]:
-    """Times one call of every task per round, the order rotating by one each round.
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Times one call of every task per round, the order rotating by one each round: per task
+    the times and the host times (Timer).
 
     Warm-up rounds are timed but dropped. The garbage collector is off while timing.
     """
     names = list(tasks)
     times: dict[str, list[float]] = {name: [] for name in names}
+    host: dict[str, list[float]] = {name: [] for name in names}
     gc.collect()
     gc_enabled = gc.isenabled()
     gc.disable()
@@ -291,9 +326,10 @@ def interleave(
                 start = time.perf_counter()
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
-                ms = timer(tasks[name])
+                ms, host_ms = timer(tasks[name])
                 if r >= schedule.warmup:
                     times[name].append(ms)
+                    host[name].append(host_ms)
             timed = r + 1 - schedule.warmup
             elapsed = time.perf_counter() - start
             if r == schedule.warmup - 1:
@@ -304,7 +340,7 @@ def interleave(
         if gc_enabled:
             gc.enable()
     log(f"  timed {timed} rounds in {elapsed:.1f} s")
-    return times
+    return times, host
 
 
 def _make_params(
@@ -339,11 +375,12 @@ def _build_and_time(
     schedule: Schedule,
     log: Callable[[str], None],
     arrays: int,
-) -> tuple[dict[str, list[float]], dict[str, float]]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
     """Gives every candidate its own params, grads (unless shared) and state, then times them
     and the roofline probes interleaved; all of it is freed when this returns.
 
-    Returns the per-round times and each candidate's largest param difference to torch fused.
+    Returns the per-round times and host times, and each candidate's largest param difference
+    to torch fused.
     """
     t0 = time.perf_counter()
     first_params: list[torch.Tensor] | None = None
@@ -379,7 +416,7 @@ def _build_and_time(
         ]
     )
     log(f"  setup {time.perf_counter() - t0:.1f} s")
-    times = interleave(tasks, schedule, Timer(device), log)
+    times, host = interleave(tasks, schedule, Timer(device), log)
     del tasks, steps, scratch  # room for the comparison's temporaries
     # Every candidate took the same steps from the same params and grads: they should agree.
     diffs = {}
@@ -389,7 +426,7 @@ def _build_and_time(
                 float((p - q).abs_().max())
                 for p, q in zip(params, params_of[BASELINE], strict=True)
             )
-    return times, diffs
+    return times, host, diffs
 
 
 def run_group(
@@ -432,12 +469,12 @@ def run_group(
         return None
     share_grads, need = plan
     log(f"  ~{need / 1e9:.1f} GB{', grads shared' if share_grads else ''}")
-    times, diffs = _build_and_time(
+    times, host, diffs = _build_and_time(
         shapes, cands, device, dtype, share_grads, schedule, log, model.arrays
     )
     gc.collect()  # onepass optimizers hold reference cycles (optimizer <-> engine)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return GroupResult(
-        shapes, algorithm_key, dtype, model, times, diffs, share_grads, schedule.warmup
+        shapes, algorithm_key, dtype, model, times, host, diffs, share_grads, schedule.warmup
     )

@@ -8,9 +8,10 @@
 #   bench/gpu_check.sh OUT_DIR
 #
 # OUT_DIR gets: env.txt (card, driver, versions), build.log, tests-*.log (pytest -rA summaries),
-# bench.log and main/latest.{md,csv,png} (AdamW, SGD, SGDW fp32 on every shape list), family.log
-# and family/latest.* (Lion, NovoGrad, FAdam). Copy the tables into bench/GPU_RESULTS.md with the
-# card and date.
+# sweep.log (the CUDA kernels alone at several launch shapes, bench/cuda_sweep.cu), main.log and
+# main/latest.{md,csv,png} (AdamW, SGD, SGDW fp32 on every shape list), bf16.log and bf16/latest.*
+# (AdamW in bf16), family.log and family/latest.* (Lion, NovoGrad, FAdam). Copy the tables into
+# bench/GPU_RESULTS.md with the card and date.
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -34,6 +35,20 @@ export PYTHONUNBUFFERED=1
   git log -1 --format='onepass %h %s' 2>/dev/null
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
+
+# The launch-constant sweep (bench/cuda_sweep.cu: the CUDA kernels alone against a device copy),
+# built in the background while the extension builds: "ILP THREADS CHUNK_LOG2 STREAMING".
+SWEEP=("2 512 16 0" "4 512 16 0" "2 256 16 0" "4 256 16 0" "2 512 14 0" "2 512 18 0"
+       "2 512 16 1" "4 256 16 1")
+mkdir -p "$out/sweep"
+for v in "${SWEEP[@]}"; do
+  read -r ilp threads chunk streaming <<< "$v"
+  name="i${ilp}_t${threads}_c${chunk}_s${streaming}"
+  nvcc -O3 -std=c++20 -arch=sm_90 -Icsrc/include -Icsrc -DONEPASS_CUDA_ILP="$ilp" \
+    -DONEPASS_CUDA_THREADS="$threads" -DONEPASS_CUDA_CHUNK_LOG2="$chunk" \
+    -DONEPASS_CUDA_STREAMING="$streaming" bench/cuda_sweep.cu csrc/cuda/optimizers.cu \
+    -o "$out/sweep/$name" > "$out/sweep/$name.log" 2>&1 &
+done
 
 elapsed "build (sm_90, CUDA kernels required)"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} ONEPASS_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
@@ -70,17 +85,33 @@ bench() {  # bench NAME TIME_LIMIT BENCH_ARGS...
   [ $rc -eq 0 ] || { tail -30 "$out/$name.log"; failed+=("bench-$name rc=$rc"); }
 }
 
+wait  # the sweep's builds
+elapsed "sweep: the CUDA kernels alone vs a device copy"
+for v in "${SWEEP[@]}"; do
+  read -r ilp threads chunk streaming <<< "$v"
+  name="i${ilp}_t${threads}_c${chunk}_s${streaming}"
+  if [ -x "$out/sweep/$name" ]; then
+    timeout 60 "$out/sweep/$name" >> "$out/sweep.log" 2>&1 || echo "$name failed" >> "$out/sweep.log"
+  else
+    { echo "$name did not build:"; tail -5 "$out/sweep/$name.log"; } >> "$out/sweep.log"
+  fi
+done
+cat "$out/sweep.log"
+rm -rf "$out/sweep"
+
 # What only a GPU shows first: > 2^31 elements, found_inf, CUDA graphs, no host sync,
 # torch.compile on CUDA.
 tests special 150 tests/test_gpu.py tests/test_compile.py -k "not matches_reference and not agree"
 # The main job: onepass cuda / triton vs torch.optim fused / foreach / for-loop, fp32.
 bench main 200 --budget 4 --rounds 12
-# The weight-decay family (its peers are torch's SGD / Adam with the same traffic).
-bench family 90 --algorithms lion novograd fadam --shapes gpt2-small many-small one-big \
-  --budget 3 --rounds 10
 # Every algorithm and option against the float64 reference, both backends, every dtype; the
 # Triton tests compiled. Several processes: most of the time is Triton compiling kernels.
 tests reference 200 -n 8 tests/test_gpu.py tests/test_triton.py -k "matches_reference or agree or not test_gpu"
-
+# bf16 params, grads and state (AdamW; torch fused steps bf16 too).
+bench bf16 60 --dtype bfloat16 --algorithms adamw --shapes gpt2-small one-big --budget 2 \
+  --rounds 10
+# The weight-decay family (its peers are torch's SGD / Adam with the same traffic).
+bench family 90 --algorithms lion novograd fadam --shapes gpt2-small many-small one-big \
+  --budget 3 --rounds 10
 elapsed "done${failed:+: failed: ${failed[*]}}"
 [ ${#failed[@]} -eq 0 ]

@@ -520,9 +520,9 @@ def make_grads(
             grads.append(None)
             continue
         if p.dim() == 2 and not p.is_contiguous():
-            g = torch.randn(p.shape[1], p.shape[0]).to(p.dtype).t()
+            g = torch.randn(p.shape[1], p.shape[0]).to(p.device, p.dtype).t()
         else:
-            g = torch.randn(p.shape).to(p.dtype)
+            g = torch.randn(p.shape).to(p.device, p.dtype)
         grads.append(g)
     return grads
 

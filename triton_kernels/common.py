@@ -277,7 +277,11 @@ def _build(
     start = (torch.arange(num_chunks) - first_chunk[row_of_chunk]) * CHUNK
     chunks = torch.stack([row_of_chunk, start], dim=1)
     host = torch.cat([segments.reshape(-1), chunks.reshape(-1)])
-    device = host.to(bucket.device)
+    if bucket.device.type == "cuda":
+        # From pinned memory, asynchronously: a pageable copy would sync the host with the GPU
+        # (grads reallocated by backward change the table every step).
+        host = host.pin_memory()
+    device = host.to(bucket.device, non_blocking=True)
     n = segments.numel()
     return Table(
         key=key,

@@ -11,10 +11,19 @@
 
 namespace onepass::cuda {
 
+// The launch shape. Macros so that bench/cuda_sweep.cu can time other values without editing
+// this file; the defaults are the ones it measured fastest (bench/GPU_RESULTS.md).
+#ifndef ONEPASS_CUDA_CHUNK_LOG2
+#define ONEPASS_CUDA_CHUNK_LOG2 16
+#endif
+#ifndef ONEPASS_CUDA_THREADS
+#define ONEPASS_CUDA_THREADS 512
+#endif
+
 // Elements per thread block: big enough to amortise the block's set-up, small enough that a
 // bucket of one large tensor still fills every SM several times over.
-constexpr int64_t kChunkElements = int64_t(1) << 16;
-constexpr int kThreads = 512;
+constexpr int64_t kChunkElements = int64_t(1) << ONEPASS_CUDA_CHUNK_LOG2;
+constexpr int kThreads = ONEPASS_CUDA_THREADS;
 
 // The device-resident tensor table of one launch (see onepass/table.h).
 struct DeviceTable {

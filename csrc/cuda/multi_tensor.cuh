@@ -6,12 +6,21 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "cuda_kernels.h"
 
 namespace onepass::cuda {
 
-constexpr int kIlp = 2;  // vectors per thread per iteration, loaded before any is computed
+#ifndef ONEPASS_CUDA_ILP
+#define ONEPASS_CUDA_ILP 2
+#endif
+// Streaming cache hints (ld/st .cs, evict first) on the vector path: every byte is touched once.
+#ifndef ONEPASS_CUDA_STREAMING
+#define ONEPASS_CUDA_STREAMING 0
+#endif
+
+constexpr int kIlp = ONEPASS_CUDA_ILP;  // vectors per thread per iteration, all loaded first
 
 template <class S>
 struct alignas(16) Pack {
@@ -21,6 +30,29 @@ struct alignas(16) Pack {
 
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+template <class S>
+__device__ __forceinline__ Pack<S> load_pack(const S* base, int64_t i) {
+#if ONEPASS_CUDA_STREAMING
+  const int4 raw = __ldcs(reinterpret_cast<const int4*>(base) + i);
+  Pack<S> out;
+  memcpy(&out, &raw, sizeof(out));
+  return out;
+#else
+  return reinterpret_cast<const Pack<S>*>(base)[i];
+#endif
+}
+
+template <class S>
+__device__ __forceinline__ void store_pack(S* base, int64_t i, const Pack<S>& value) {
+#if ONEPASS_CUDA_STREAMING
+  int4 raw;
+  memcpy(&raw, &value, sizeof(raw));
+  __stcs(reinterpret_cast<int4*>(base) + i, raw);
+#else
+  reinterpret_cast<Pack<S>*>(base)[i] = value;
+#endif
 }
 
 // Applies fn(p, g, s) to every element of one chunk: p the param, g the gradient, s[k] the k-th
@@ -45,10 +77,10 @@ __device__ __forceinline__ void for_each_element(S* __restrict__ param,
       for (int u = 0; u < kIlp; ++u) {
         const int64_t i = base + int64_t(u) * blockDim.x;
         if (i < packs) {
-          p[u] = reinterpret_cast<const Pack<S>*>(param)[i];
-          g[u] = reinterpret_cast<const Pack<S>*>(grad)[i];
+          p[u] = load_pack(param, i);
+          g[u] = load_pack(grad, i);
 #pragma unroll
-          for (int k = 0; k < kSlots; ++k) s[u][k] = reinterpret_cast<const Pack<S>*>(state[k])[i];
+          for (int k = 0; k < kSlots; ++k) s[u][k] = load_pack(state[k], i);
         }
       }
 #pragma unroll
@@ -66,9 +98,9 @@ __device__ __forceinline__ void for_each_element(S* __restrict__ param,
 #pragma unroll
           for (int k = 0; k < kSlots; ++k) s[u][k].v[e] = from_opmath<S>(so[k]);
         }
-        reinterpret_cast<Pack<S>*>(param)[i] = p[u];
+        store_pack(param, i, p[u]);
 #pragma unroll
-        for (int k = 0; k < kSlots; ++k) reinterpret_cast<Pack<S>*>(state[k])[i] = s[u][k];
+        for (int k = 0; k < kSlots; ++k) store_pack(state[k], i, s[u][k]);
       }
     }
     done = packs * V;

@@ -45,12 +45,15 @@ def triton_error() -> str | None:
     return None
 
 
-@functools.cache
+# Read once at import: torch.compile cannot trace the dispatcher query (it returns a bool).
+_CUDA_KERNELS_BUILT = _ops.native_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "onepass::adam_", "CUDA"
+)
+
+
 def cuda_kernels_built() -> bool:
     """Whether onepass._C registered CUDA kernels (built with a CUDA torch and nvcc)."""
-    return _ops.native_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "onepass::adam_", "CUDA"
-    )
+    return _CUDA_KERNELS_BUILT
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:

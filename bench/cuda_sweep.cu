@@ -1,0 +1,138 @@
+// Times the CUDA kernels alone (no torch, no Python, no host work between launches) against a
+// device-to-device copy of as many bytes, to choose the launch constants of csrc/cuda: build it
+// with other ONEPASS_CUDA_* macros (cuda_kernels.h, multi_tensor.cuh) and compare. bench/gpu_check.sh
+// builds and runs several variants.
+//
+//   nvcc -O3 -std=c++20 -arch=sm_90 -Icsrc/include -Icsrc [-DONEPASS_CUDA_ILP=4 ...] \
+//     bench/cuda_sweep.cu csrc/cuda/optimizers.cu -o cuda_sweep && ./cuda_sweep [NUMEL...]
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "cuda/multi_tensor.cuh"  // the launch constants, whichever macros set them
+
+using namespace onepass;
+using namespace onepass::cuda;
+
+#define CHECK(call)                                                                        \
+  do {                                                                                     \
+    const cudaError_t err_ = (call);                                                       \
+    if (err_ != cudaSuccess) {                                                             \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call,                    \
+                   cudaGetErrorString(err_));                                              \
+      std::exit(1);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+namespace {
+
+constexpr int kWarmup = 3;
+constexpr int kIters = 20;
+
+float* device_floats(int64_t n, float value) {
+  float* p = nullptr;
+  CHECK(cudaMalloc(&p, n * sizeof(float)));
+  std::vector<float> host(1 << 20, value);
+  for (int64_t at = 0; at < n; at += int64_t(host.size())) {
+    const int64_t count = n - at < int64_t(host.size()) ? n - at : int64_t(host.size());
+    CHECK(cudaMemcpy(p + at, host.data(), count * sizeof(float), cudaMemcpyHostToDevice));
+  }
+  return p;
+}
+
+// Milliseconds per call of fn, by CUDA events around kIters back-to-back calls.
+template <class Fn>
+float time_ms(const Fn& fn) {
+  for (int i = 0; i < kWarmup; ++i) fn();
+  cudaEvent_t start, end;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&end));
+  CHECK(cudaEventRecord(start));
+  for (int i = 0; i < kIters; ++i) fn();
+  CHECK(cudaEventRecord(end));
+  CHECK(cudaEventSynchronize(end));
+  float ms = 0;
+  CHECK(cudaEventElapsedTime(&ms, start, end));
+  CHECK(cudaEventDestroy(start));
+  CHECK(cudaEventDestroy(end));
+  return ms / kIters;
+}
+
+void run(int64_t n) {
+  float* param = device_floats(n, 0.5f);
+  float* grad = device_floats(n, 0.01f);
+  float* m = device_floats(n, 0.0f);
+  float* v = device_floats(n, 0.0f);
+  float* copy_from = device_floats(2 * n, 1.0f);
+  float* copy_to = device_floats(2 * n, 0.0f);
+  float* step = device_floats(1, 0.0f);
+
+  // One tensor of n elements: one segment, one chunk per block.
+  const Segment segment{param, grad, 0, n, 0, 1.0};
+  std::vector<Chunk> chunks;
+  for (int64_t begin = 0; begin < n; begin += kChunkElements) {
+    chunks.push_back({0, begin, begin + kChunkElements < n ? begin + kChunkElements : n});
+  }
+  Segment* d_segments = nullptr;
+  Chunk* d_chunks = nullptr;
+  int64_t* d_stepped = nullptr;
+  const int64_t stepped = 0;
+  CHECK(cudaMalloc(&d_segments, sizeof(Segment)));
+  CHECK(cudaMalloc(&d_chunks, chunks.size() * sizeof(Chunk)));
+  CHECK(cudaMalloc(&d_stepped, sizeof(int64_t)));
+  CHECK(cudaMemcpy(d_segments, &segment, sizeof(Segment), cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(d_chunks, chunks.data(), chunks.size() * sizeof(Chunk), cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(d_stepped, &stepped, sizeof(int64_t), cudaMemcpyHostToDevice));
+  const DeviceTable table{d_segments, d_chunks, d_stepped, int64_t(chunks.size()), 1};
+  const StepState steps{step, nullptr, nullptr, nullptr, false};
+
+  AdamLaunch adam{};
+  adam.dtype = DType::kFloat32;
+  adam.table = table;
+  adam.steps = steps;
+  adam.exp_avg = m;
+  adam.exp_avg_sq = v;
+  adam.hyper = AdamHyper{1e-4, 0.9, 0.999, 1e-8, 0.01, 0.01, 1.0};
+  SgdLaunch sgd{};
+  sgd.dtype = DType::kFloat32;
+  sgd.table = table;
+  sgd.steps = steps;
+  sgd.momentum_buffer = m;
+  sgd.hyper = SgdHyper{1e-4, 0.9, 0.0, 0.01, 0.01, 1.0};  // SGDW: decoupled decay
+  sgd.momentum = true;
+
+  const double gb = double(n) * sizeof(float) / 1e9;
+  const float copy_ms = time_ms([&] {
+    CHECK(cudaMemcpyAsync(copy_to, copy_from, 2 * n * sizeof(float), cudaMemcpyDeviceToDevice));
+  });
+  const double copy_gbps = 4 * gb / (copy_ms * 1e-3);  // 2n floats read and 2n written
+  const float adam_ms = time_ms([&] { CHECK(launch_adam(adam, nullptr)); });
+  const float sgd_ms = time_ms([&] { CHECK(launch_sgd(sgd, nullptr)); });
+  const double adam_gbps = 7 * gb / (adam_ms * 1e-3);  // p, m, v read and written; g read
+  const double sgd_gbps = 5 * gb / (sgd_ms * 1e-3);    // p, buf read and written; g read
+  std::printf(
+      "ilp=%d threads=%d chunk=2^%d streaming=%d numel=%lld | copy %.1f GB/s | AdamW %.3f ms "
+      "%.1f GB/s %.1f%% | SGDW %.3f ms %.1f GB/s %.1f%%\n",
+      ONEPASS_CUDA_ILP, ONEPASS_CUDA_THREADS, ONEPASS_CUDA_CHUNK_LOG2, ONEPASS_CUDA_STREAMING,
+      static_cast<long long>(n), copy_gbps, adam_ms, adam_gbps, 100 * adam_gbps / copy_gbps,
+      sgd_ms, sgd_gbps, 100 * sgd_gbps / copy_gbps);
+  for (void* p : {static_cast<void*>(param), static_cast<void*>(grad), static_cast<void*>(m),
+                  static_cast<void*>(v), static_cast<void*>(copy_from), static_cast<void*>(copy_to),
+                  static_cast<void*>(step), static_cast<void*>(d_segments),
+                  static_cast<void*>(d_chunks), static_cast<void*>(d_stepped)}) {
+    CHECK(cudaFree(p));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    run(int64_t(1) << 26);  // one-big
+    run(int64_t(1) << 28);
+  }
+  for (int i = 1; i < argc; ++i) run(std::atoll(argv[i]));
+  return 0;
+}
