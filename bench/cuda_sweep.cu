@@ -3,7 +3,7 @@
 // with other ONEPASS_CUDA_* macros (cuda_kernels.h, multi_tensor.cuh) and compare. bench/gpu_check.sh
 // builds and runs several variants.
 //
-//   nvcc -O3 -std=c++20 -arch=sm_90 -Icsrc/include -Icsrc [-DONEPASS_CUDA_ILP=4 ...] \
+//   nvcc -O3 -std=c++20 --fmad=false -arch=sm_90 -Icsrc/include -Icsrc [-DONEPASS_CUDA_ILP=4 ...] \
 //     bench/cuda_sweep.cu csrc/cuda/optimizers.cu -o cuda_sweep && ./cuda_sweep [NUMEL...]
 #include <cuda_runtime.h>
 

@@ -12,6 +12,10 @@
 # main/latest.{md,csv,png} (AdamW, SGD, SGDW fp32 on every shape list), bf16.log and bf16/latest.*
 # (AdamW in bf16), family.log and family/latest.* (Lion, NovoGrad, FAdam). Copy the tables into
 # bench/GPU_RESULTS.md with the card and date.
+#
+# For a short re-check: GPU_CHECK_PHASES (default "special reference main bf16 family") picks
+# phases, GPU_CHECK_SWEEP ("ILP THREADS CHUNK_LOG2 STREAMING;...") the sweep's variants, and
+# GPU_CHECK_BUDGET (default 4) the main bench's seconds per group.
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -38,13 +42,14 @@ cat "$out/env.txt"
 
 # The launch-constant sweep (bench/cuda_sweep.cu: the CUDA kernels alone against a device copy),
 # built in the background while the extension builds: "ILP THREADS CHUNK_LOG2 STREAMING".
-SWEEP=("2 512 16 0" "4 512 16 0" "2 256 16 0" "4 256 16 0" "2 512 14 0" "2 512 18 0"
-       "2 512 16 1" "4 256 16 1")
+SWEEP=("2 512 14 0" "4 512 14 0" "2 512 16 0" "4 512 16 0" "2 256 14 0" "2 512 12 0"
+       "2 512 14 1" "4 256 16 1")
+if [ -n "${GPU_CHECK_SWEEP:-}" ]; then IFS=';' read -r -a SWEEP <<< "$GPU_CHECK_SWEEP"; fi
 mkdir -p "$out/sweep"
 for v in "${SWEEP[@]}"; do
   read -r ilp threads chunk streaming <<< "$v"
   name="i${ilp}_t${threads}_c${chunk}_s${streaming}"
-  nvcc -O3 -std=c++20 -arch=sm_90 -Icsrc/include -Icsrc -DONEPASS_CUDA_ILP="$ilp" \
+  nvcc -O3 -std=c++20 --fmad=false -arch=sm_90 -Icsrc/include -Icsrc -DONEPASS_CUDA_ILP="$ilp" \
     -DONEPASS_CUDA_THREADS="$threads" -DONEPASS_CUDA_CHUNK_LOG2="$chunk" \
     -DONEPASS_CUDA_STREAMING="$streaming" bench/cuda_sweep.cu csrc/cuda/optimizers.cu \
     -o "$out/sweep/$name" > "$out/sweep/$name.log" 2>&1 &
@@ -60,7 +65,9 @@ fi
 python3 -c "import onepass; from onepass._engine import cuda_kernels_built; print('cuda kernels:', cuda_kernels_built())" | tee -a "$out/env.txt"
 
 # One pytest process per phase, so that a crashed context (an illegal address) ends only its own.
+phases=" ${GPU_CHECK_PHASES:-special reference main bf16 family} "
 tests() {  # tests NAME TIME_LIMIT PYTEST_ARGS...
+  [[ "$phases" == *" $1 "* ]] || return 0
   local name=$1 seconds
   seconds=$(limit "$2")
   shift 2
@@ -74,6 +81,7 @@ tests() {  # tests NAME TIME_LIMIT PYTEST_ARGS...
 }
 
 bench() {  # bench NAME TIME_LIMIT BENCH_ARGS...
+  [[ "$phases" == *" $1 "* ]] || return 0
   local name=$1 seconds
   seconds=$(limit "$2")
   shift 2
@@ -102,11 +110,11 @@ rm -rf "$out/sweep"
 # What only a GPU shows first: > 2^31 elements, found_inf, CUDA graphs, no host sync,
 # torch.compile on CUDA.
 tests special 150 tests/test_gpu.py tests/test_compile.py -k "not matches_reference and not agree"
-# The main job: onepass cuda / triton vs torch.optim fused / foreach / for-loop, fp32.
-bench main 200 --budget 4 --rounds 12
 # Every algorithm and option against the float64 reference, both backends, every dtype; the
 # Triton tests compiled. Several processes: most of the time is Triton compiling kernels.
 tests reference 200 -n 8 tests/test_gpu.py tests/test_triton.py -k "matches_reference or agree or not test_gpu"
+# The main job: onepass cuda / triton vs torch.optim fused / foreach / for-loop, fp32.
+bench main 200 --budget "${GPU_CHECK_BUDGET:-4}" --rounds 12
 # bf16 params, grads and state (AdamW; torch fused steps bf16 too).
 bench bf16 60 --dtype bfloat16 --algorithms adamw --shapes gpt2-small one-big --budget 2 \
   --rounds 10

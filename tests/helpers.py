@@ -569,7 +569,8 @@ class ReferenceRun:
         self.config = config
         self.decay = info.decay(config)
         self.initial_lr = float(config["lr"])
-        self.tensors = [RefTensor(p.detach().to(dtype).clone()) for p in params]
+        # On the CPU whatever the params' device: one oracle for every backend.
+        self.tensors = [RefTensor(p.detach().to("cpu", dtype).clone()) for p in params]
 
     def _adam_scalars(self, lr: float, config: Config) -> AdamScalars:
         beta1, beta2 = config.get("betas", (0.9, 0.999))
@@ -650,7 +651,7 @@ class ReferenceRun:
         for t, g in zip(self.tensors, grads, strict=True):
             if g is None:
                 continue
-            g = g.to(t.param.dtype)
+            g = g.to("cpu", t.param.dtype)
             t.step += 1
             if self.info.family == "adam":
                 s = self._adam_scalars(lr, self.config)
@@ -717,7 +718,7 @@ class ReferenceRun:
         triples: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         slots = self.info.slots(self.config)
         for i, (p, t) in enumerate(zip(params, self.tensors, strict=True)):
-            triples.append((f"param {i} {tuple(p.shape)}", p, t.param))
+            triples.append((f"param {i} {tuple(p.shape)}", p.detach().cpu(), t.param))
             if t.step == 0:
                 assert p not in optimizer.state or not optimizer.state[p], (
                     f"param {i} never had a grad but has state {list(optimizer.state[p])}"
@@ -733,7 +734,7 @@ class ReferenceRun:
                 scalar_slot = name in self.info.onepass_cls.spec.scalar_slots
                 expected_dtype = scalar_slot_dtype(p.dtype) if scalar_slot else p.dtype
                 assert value.dtype == expected_dtype, f"state[{i}][{name!r}] has {value.dtype}"
-                triples.append((f"state[{i}][{name!r}]", value, t.slots[name]))
+                triples.append((f"state[{i}][{name!r}]", value.detach().cpu(), t.slots[name]))
         assert_all_close(triples, rtol, atol, ulps)
 
     def sync(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> None:

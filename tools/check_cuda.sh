@@ -19,7 +19,7 @@ cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
 for cu in csrc/cuda/*.cu; do
   echo "check_cuda: nvcc -c $cu (sm_80, sm_90)"
   nvcc -c "$cu" -o "$out/$(basename "$cu").o" -std=c++20 -O3 -Icsrc/include -Icsrc \
-    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+    --fmad=false -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 done
 torch_includes=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
 python_includes=$(python3 -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])")

@@ -57,6 +57,11 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK = 4096
 BLOCK = CHUNK if INTERPRETED else 1024
 NUM_WARPS = 4
+#: Launch options of every kernel. No fused multiply-add contraction: each product and sum is
+#: rounded as the reference and the other backends round it (a contraction can move a result
+#: that cancels to ~0 across zero, Lion's sign, or a low-precision store across a rounding
+#: boundary); the steps are memory-bound, so the FMAs would not make them faster.
+LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 #: int64 fields of a segment row: param, grad, numel, state offset, step index, programs.
 SEGMENT_FIELDS = 6
 

@@ -294,7 +294,7 @@ def launch(
         "ALIGNED": table.aligned,
         "BLOCK": common.BLOCK,
         "CHUNK": common.CHUNK,
-        "num_warps": common.NUM_WARPS,
+        **common.LAUNCH_OPTIONS,
     }
     fadam_reduce_kernel[grid](
         table.segments, table.chunks, table.done, partial, scalars, scale_arg, inf_arg,

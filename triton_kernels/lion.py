@@ -300,6 +300,6 @@ def launch(
         ALIGNED=table.aligned,
         BLOCK=common.BLOCK,
         CHUNK=common.CHUNK,
-        num_warps=common.NUM_WARPS,
+        **common.LAUNCH_OPTIONS,
     )
     prepared.finish()

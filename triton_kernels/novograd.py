@@ -238,7 +238,7 @@ def launch(
         "ALIGNED": table.aligned,
         "BLOCK": common.BLOCK,
         "CHUNK": common.CHUNK,
-        "num_warps": common.NUM_WARPS,
+        **common.LAUNCH_OPTIONS,
     }
     novograd_reduce_kernel[grid](
         table.segments,

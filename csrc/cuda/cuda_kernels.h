@@ -14,7 +14,7 @@ namespace onepass::cuda {
 // The launch shape. Macros so that bench/cuda_sweep.cu can time other values without editing
 // this file; the defaults are the ones it measured fastest (bench/GPU_RESULTS.md).
 #ifndef ONEPASS_CUDA_CHUNK_LOG2
-#define ONEPASS_CUDA_CHUNK_LOG2 16
+#define ONEPASS_CUDA_CHUNK_LOG2 14
 #endif
 #ifndef ONEPASS_CUDA_THREADS
 #define ONEPASS_CUDA_THREADS 512
