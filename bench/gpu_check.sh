@@ -111,8 +111,9 @@ rm -rf "$out/sweep"
 # torch.compile on CUDA.
 tests special 150 tests/test_gpu.py tests/test_compile.py -k "not matches_reference and not agree"
 # Every algorithm and option against the float64 reference, both backends, every dtype; the
-# Triton tests compiled. Several processes: most of the time is Triton compiling kernels.
-tests reference 200 -n 8 tests/test_gpu.py tests/test_triton.py -k "matches_reference or agree or not test_gpu"
+# Triton tests compiled. Several processes: most of the time is Triton compiling kernels and the
+# float64 reference on the CPU (2 threads per process, so that 8 do not oversubscribe the cores).
+OMP_NUM_THREADS=2 tests reference 200 -n 8 tests/test_gpu.py tests/test_triton.py -k "matches_reference or agree or not test_gpu"
 # The main job: onepass cuda / triton vs torch.optim fused / foreach / for-loop, fp32.
 bench main 200 --budget "${GPU_CHECK_BUDGET:-4}" --rounds 12
 # bf16 params, grads and state (AdamW; torch fused steps bf16 too).

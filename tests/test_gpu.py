@@ -52,7 +52,7 @@ GPU_BACKENDS = [
 def _cuda_params(dtype: torch.dtype) -> list[torch.Tensor]:
     """Odd sizes, a transposed (non-contiguous) matrix, a frozen param, and a zero-size tensor
     at the end of the list (a bug once suppressed the last launch in PyTorch)."""
-    sizes = (1, 7, 4097, (1 << 20) + 3)
+    sizes = (1, 7, 4097, (1 << 17) + 3)  # the last: many chunks on both backends
     params = [torch.randn(n, device="cuda").to(dtype).requires_grad_() for n in sizes]
     params.append(torch.randn(9, 5, device="cuda").to(dtype).t().requires_grad_())
     params.append(torch.randn(6, device="cuda").to(dtype))  # frozen
@@ -230,9 +230,13 @@ def test_grad_scaler_step_makes_no_host_sync(backend: str) -> None:
     assert float(optimizer.state[next(model.parameters())]["step"]) == 3
 
 
-def test_auto_picks_a_gpu_backend() -> None:
-    param = torch.randn(5, device="cuda", requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_auto_picks_the_measured_gpu_backend(dtype: torch.dtype) -> None:
+    param = torch.randn(5, device="cuda", dtype=dtype, requires_grad=True)
     param.grad = torch.randn_like(param)
     optimizer = onepass.AdamW([param])
     optimizer.step()
-    assert optimizer._engine.plans[0].buckets[0].backend in ("cuda", "triton")
+    want = onepass._engine.auto_gpu_backend(
+        "adam", dtype, False, cuda_kernels_built(), triton_error() is None
+    )
+    assert optimizer._engine.plans[0].buckets[0].backend == want

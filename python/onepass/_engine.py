@@ -56,19 +56,47 @@ def cuda_kernels_built() -> bool:
     return _CUDA_KERNELS_BUILT
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """The backend that steps tensors on ``device``; raises if ``requested`` cannot."""
+#: Elementwise algorithms whose low-precision (bf16/fp16) steps Triton runs faster than the CUDA
+#: kernels: AdamW bf16 on an H200 ran at 90% of copy bandwidth in Triton and 71% in CUDA on
+#: one-big (bench/GPU_RESULTS.md, 2026-11-27); SGD and Lion share the CUDA kernels' bf16
+#: load/store path. In fp32 the two are within 2% of each other on large tensors, and CUDA
+#: is 1.4x faster on many small tensors (less host work per step) and 2x on NovoGrad and FAdam,
+#: whose reductions the CUDA backend runs better.
+TRITON_FASTER_LOW_PRECISION = ("adam", "sgd", "lion")
+
+
+def auto_gpu_backend(
+    algorithm: str, dtype: torch.dtype | None, capturable: bool, cuda: bool, triton: bool
+) -> str | None:
+    """backend="auto" on a GPU: the faster GPU backend as measured (see
+    TRITON_FASTER_LOW_PRECISION) of those available (``cuda``, ``triton``); CUDA when the step
+    must be capturable (the Triton launcher reads the lr on the host). None when neither runs."""
+    if cuda and triton and not capturable:
+        low = dtype in (torch.bfloat16, torch.float16)
+        return "triton" if low and algorithm in TRITON_FASTER_LOW_PRECISION else "cuda"
+    if cuda:
+        return "cuda"
+    return "triton" if triton else None
+
+
+def resolve_backend(
+    requested: str,
+    device: torch.device,
+    algorithm: str = "",
+    dtype: torch.dtype | None = None,
+    capturable: bool = False,
+) -> str:
+    """The backend that steps ``algorithm``'s ``dtype`` tensors on ``device``; raises if
+    ``requested`` cannot."""
     if requested == "auto":
         if device.type == "cpu" and _ops.native_available():
             return "cpu"
         if device.type == "cuda":
-            # The faster GPU backend as measured (bench/gpu_check.sh); until a GPU run has been
-            # recorded in bench/GPU_RESULTS.md, the native CUDA kernels where they were built.
-            if cuda_kernels_built():
-                return "cuda"
             interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-            if not interpreted and triton_error() is None:
-                return "triton"
+            triton = not interpreted and triton_error() is None
+            chosen = auto_gpu_backend(algorithm, dtype, capturable, cuda_kernels_built(), triton)
+            if chosen is not None:
+                return chosen
         return "reference"
     if requested == "cpu":
         if not _ops.native_available():
@@ -359,8 +387,16 @@ class _GroupPlan:
             members[0].append(p)
             members[1].append(name)
         self.buckets: list[Bucket] = []
-        for (device, _), (params, names) in keyed.items():
-            backend = resolve_backend(group["backend"], device)
+        for (device, dtype), (params, names) in keyed.items():
+            backend = resolve_backend(
+                group["backend"],
+                device,
+                engine.spec.name,
+                dtype,
+                # Dynamo shows every group of a compiled optimizer as capturable: compiled steps
+                # get the CUDA kernels too (custom ops that read the lr on the device).
+                bool(group.get("capturable")),
+            )
             if backend not in engine.spec.launchers:
                 # An algorithm that some backend does not implement yet: "auto" falls back to
                 # the reference (correct everywhere, just slower); an explicit request fails.
