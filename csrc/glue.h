@@ -126,6 +126,9 @@ using SgdEager = void (*)(at::TensorList, const EagerGrads&, const std::optional
 using LionEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor, const Tensor&,
                            const std::optional<Tensor>&, const std::optional<Tensor>&,
                            const Tensor&, double, double, double, double, bool, bool);
+using MuonMomentumEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor,
+                                   const Tensor&, const std::optional<Tensor>&,
+                                   const std::optional<Tensor>&, double, bool);
 using NovoGradEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor,
                                const std::optional<Tensor>&, Tensor, const Tensor&,
                                const std::optional<Tensor>&, const std::optional<Tensor>&,
@@ -138,6 +141,7 @@ struct EagerOps {
   AdamEager adam = nullptr;
   SgdEager sgd = nullptr;
   LionEager lion = nullptr;
+  MuonMomentumEager muon_momentum = nullptr;
   NovoGradEager novograd = nullptr;
   FAdamEager fadam = nullptr;
 };

@@ -171,6 +171,29 @@ void lion_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor 
   finish(t, step);
 }
 
+// Muon's momentum pass: `updates` are the tensors' slices of the update workspace (written).
+template <class Grads>
+void muon_momentum_cpu(at::TensorList updates, const Grads& grads, Tensor momentum_buffer,
+                       Tensor step, const Tensor& state_offsets,
+                       const std::optional<Tensor>& grad_scale,
+                       const std::optional<Tensor>& found_inf, double momentum, bool nesterov) {
+  Table t = glue::build_table(updates, grads, step, state_offsets, at::kCPU, kChunkElements,
+                              /*host_steps=*/true);
+  glue::check_state(momentum_buffer, "momentum_buffer", t, at::kCPU);
+  const Amp amp = read_amp(grad_scale, found_inf, /*maximize=*/false);
+  if (amp.skip) return;  // GradScaler found an inf/nan: the state and steps stay as they are
+  cpu::MuonLaunch launch{};
+  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.segments = t.segments.data();
+  launch.chunks = t.chunks.data();
+  launch.momentum_buffer = momentum_buffer.data_ptr();
+  launch.hyper = MuonHyper{momentum, amp.grad_scale};
+  launch.nesterov = nesterov;
+  const auto kernel = cpu::kernels().muon_momentum;
+  run_chunks(t, [&](int64_t b, int64_t e) { kernel(launch, b, e); });
+  finish(t, step);
+}
+
 template <class Grads>
 void novograd_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor exp_avg_sq,
                   const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
@@ -322,6 +345,10 @@ TORCH_LIBRARY(onepass, m) {
       "float beta2, float weight_decay, float decay_coefficient, bool maximize, "
       "bool l2_decay) -> ()");
   m.def(
+      "muon_momentum_(Tensor(a!)[] updates, Tensor?[] grads, Tensor(b!) momentum_buffer, "
+      "Tensor(e!) step, Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, "
+      "float momentum, bool nesterov) -> ()");
+  m.def(
       "novograd_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) exp_avg, "
       "Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, Tensor(e!) step, Tensor state_offsets, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor lr, float beta1, float beta2, float eps, "
@@ -340,6 +367,7 @@ TORCH_LIBRARY_IMPL(onepass, CPU, m) {
   m.impl("adam_", &onepass::adam_cpu<onepass::glue::OptionalTensorList>);
   m.impl("sgd_", &onepass::sgd_cpu<onepass::glue::OptionalTensorList>);
   m.impl("lion_", &onepass::lion_cpu<onepass::glue::OptionalTensorList>);
+  m.impl("muon_momentum_", &onepass::muon_momentum_cpu<onepass::glue::OptionalTensorList>);
   m.impl("novograd_", &onepass::novograd_cpu<onepass::glue::OptionalTensorList>);
   m.impl("fadam_", &onepass::fadam_cpu<onepass::glue::OptionalTensorList>);
 }
@@ -354,6 +382,7 @@ const bool kCpuEagerRegistered = [] {
   ops.adam = &onepass::adam_cpu<onepass::glue::EagerGrads>;
   ops.sgd = &onepass::sgd_cpu<onepass::glue::EagerGrads>;
   ops.lion = &onepass::lion_cpu<onepass::glue::EagerGrads>;
+  ops.muon_momentum = &onepass::muon_momentum_cpu<onepass::glue::EagerGrads>;
   ops.novograd = &onepass::novograd_cpu<onepass::glue::EagerGrads>;
   ops.fadam = &onepass::fadam_cpu<onepass::glue::EagerGrads>;
   return true;
@@ -412,6 +441,17 @@ PYBIND11_MODULE(_C, m) {
            weight_decay, decay_coefficient, maximize, l2_decay);
       },
       "torch.ops.onepass.lion_ without the dispatcher (eager calls only)");
+  m.def(
+      "muon_momentum_",
+      [](const std::vector<at::Tensor>& updates, const EagerGrads& grads,
+         at::Tensor momentum_buffer, at::Tensor step, const at::Tensor& state_offsets,
+         const Opt& grad_scale, const Opt& found_inf, double momentum, bool nesterov) {
+        const auto fn = eager_kernel(&onepass::glue::EagerOps::muon_momentum, momentum_buffer);
+        py::gil_scoped_release no_gil;
+        fn(updates, grads, momentum_buffer, step, state_offsets, grad_scale, found_inf, momentum,
+           nesterov);
+      },
+      "torch.ops.onepass.muon_momentum_ without the dispatcher (eager calls only)");
   m.def(
       "novograd_",
       [](const std::vector<at::Tensor>& params, const EagerGrads& grads, at::Tensor exp_avg,

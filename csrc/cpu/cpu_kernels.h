@@ -41,6 +41,17 @@ struct LionLaunch {
   bool l2_decay;
 };
 
+// Muon's momentum pass: the table's "param" of each segment is the tensor's slice of the update
+// workspace (written, not read), its grad the gradient; momentum_buffer is the state slot.
+struct MuonLaunch {
+  DType dtype;
+  const Segment* segments;
+  const Chunk* chunks;
+  void* momentum_buffer;
+  MuonHyper hyper;
+  bool nesterov;
+};
+
 // NovoGrad runs two passes over the same table: novograd_reduce writes one partial sum of
 // squares per chunk (summed per tensor in chunk order by the glue, so the result does not depend
 // on the thread split), then novograd updates each chunk with its tensor's denominator.
@@ -81,6 +92,7 @@ struct KernelSet {
   void (*adam)(const AdamLaunch&, int64_t begin, int64_t end);
   void (*sgd)(const SgdLaunch&, int64_t begin, int64_t end);
   void (*lion)(const LionLaunch&, int64_t begin, int64_t end);
+  void (*muon_momentum)(const MuonLaunch&, int64_t begin, int64_t end);
   void (*novograd_reduce)(const NovoGradLaunch&, int64_t begin, int64_t end);
   void (*novograd)(const NovoGradLaunch&, int64_t begin, int64_t end);
   void (*fadam_reduce)(const FAdamLaunch&, int64_t begin, int64_t end);

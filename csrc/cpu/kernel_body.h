@@ -152,6 +152,32 @@ void lion_typed(const cpu::LionLaunch& L, int64_t begin, int64_t end) {
   L.l2_decay ? lion_chunks<S, true>(L, begin, end) : lion_chunks<S, false>(L, begin, end);
 }
 
+template <class S, bool kNesterov>
+void muon_momentum_chunks(const cpu::MuonLaunch& L, int64_t begin, int64_t end) {
+  using O = opmath_t<S>;
+  using VT = typename VecFor<S>::type;
+  const BothConsts<MuonConsts, S> consts{MuonConsts<VT>::make(L.hyper),
+                                         MuonConsts<O>::make(L.hyper)};
+  for (int64_t c = begin; c < end; ++c) {
+    const Chunk& chunk = L.chunks[c];
+    const Segment& seg = L.segments[chunk.segment];
+    S* const state[1] = {static_cast<S*>(L.momentum_buffer) + seg.state_offset + chunk.begin};
+    // The update workspace rides in the param's place: read (its old value is unused), written.
+    for_each_element<S, 1>(
+        static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
+        state, chunk.end - chunk.begin, [&](auto& update, auto g, auto* s) {
+          using T = std::remove_reference_t<decltype(update)>;
+          muon_momentum<kNesterov>(update, g, s[0], consts.template get<T>());
+        });
+  }
+}
+
+template <class S>
+void muon_momentum_typed(const cpu::MuonLaunch& L, int64_t begin, int64_t end) {
+  L.nesterov ? muon_momentum_chunks<S, true>(L, begin, end)
+             : muon_momentum_chunks<S, false>(L, begin, end);
+}
+
 // Sum of squares of each chunk's gradient, in double whatever the storage: four independent
 // accumulators in a fixed order (every build gives the same bits: no reassociation).
 template <class S>
@@ -312,6 +338,10 @@ inline void sgd_entry(const cpu::SgdLaunch& L, int64_t begin, int64_t end) {
 
 inline void lion_entry(const cpu::LionLaunch& L, int64_t begin, int64_t end) {
   dispatch_dtype(L.dtype, [&]<class S>() { lion_typed<S>(L, begin, end); });
+}
+
+inline void muon_momentum_entry(const cpu::MuonLaunch& L, int64_t begin, int64_t end) {
+  dispatch_dtype(L.dtype, [&]<class S>() { muon_momentum_typed<S>(L, begin, end); });
 }
 
 inline void novograd_reduce_entry(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {

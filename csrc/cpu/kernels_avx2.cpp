@@ -15,6 +15,7 @@
 namespace onepass::cpu::avx2 {
 const KernelSet kKernels{"avx2", &onepass::cap_avx2::adam_entry, &onepass::cap_avx2::sgd_entry,
                            &onepass::cap_avx2::lion_entry,
+                           &onepass::cap_avx2::muon_momentum_entry,
                            &onepass::cap_avx2::novograd_reduce_entry,
                            &onepass::cap_avx2::novograd_entry,
                            &onepass::cap_avx2::fadam_reduce_entry,

@@ -17,6 +17,7 @@
 namespace onepass::cpu::avx512 {
 const KernelSet kKernels{"avx512", &onepass::cap_avx512::adam_entry, &onepass::cap_avx512::sgd_entry,
                            &onepass::cap_avx512::lion_entry,
+                           &onepass::cap_avx512::muon_momentum_entry,
                            &onepass::cap_avx512::novograd_reduce_entry,
                            &onepass::cap_avx512::novograd_entry,
                            &onepass::cap_avx512::fadam_reduce_entry,

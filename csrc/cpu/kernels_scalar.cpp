@@ -7,6 +7,7 @@
 namespace onepass::cpu::scalar {
 const KernelSet kKernels{"scalar", &onepass::cap_scalar::adam_entry, &onepass::cap_scalar::sgd_entry,
                            &onepass::cap_scalar::lion_entry,
+                           &onepass::cap_scalar::muon_momentum_entry,
                            &onepass::cap_scalar::novograd_reduce_entry,
                            &onepass::cap_scalar::novograd_entry,
                            &onepass::cap_scalar::fadam_reduce_entry,

@@ -76,6 +76,16 @@ struct LionLaunch {
   bool l2_decay;
 };
 
+// Muon's momentum pass: each segment's "param" is its slice of the update workspace (written).
+struct MuonLaunch {
+  DType dtype;
+  DeviceTable table;
+  StepState steps;
+  void* momentum_buffer;
+  MuonHyper hyper;
+  bool nesterov;
+};
+
 // NovoGrad: three kernels on one stream, no host sync. (1) one block per chunk writes the chunk's
 // sum of g^2 (double) to partial_sums; (2) one thread per tensor with a grad sums its chunks in
 // order (deterministic), updates its scalar second moment and writes its denominator to
@@ -115,6 +125,7 @@ struct FAdamLaunch {
 cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream);
 cudaError_t launch_sgd(const SgdLaunch& launch, cudaStream_t stream);
 cudaError_t launch_lion(const LionLaunch& launch, cudaStream_t stream);
+cudaError_t launch_muon_momentum(const MuonLaunch& launch, cudaStream_t stream);
 cudaError_t launch_novograd(const NovoGradLaunch& launch, cudaStream_t stream);
 cudaError_t launch_fadam(const FAdamLaunch& launch, cudaStream_t stream);
 

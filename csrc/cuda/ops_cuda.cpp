@@ -205,6 +205,38 @@ void lion_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor
 }
 
 template <class Grads>
+void muon_momentum_cuda(at::TensorList updates, const Grads& grads, Tensor momentum_buffer,
+                        Tensor step, const Tensor& state_offsets,
+                        const std::optional<Tensor>& grad_scale,
+                        const std::optional<Tensor>& found_inf, double momentum,
+                        bool nesterov) {
+  const at::Device device = momentum_buffer.device();
+  TORCH_CHECK(device.is_cuda(), "onepass: the CUDA muon_momentum_ needs a CUDA state buffer");
+  const c10::cuda::CUDAGuard guard(device);
+  Table t = glue::build_table(updates, grads, step, state_offsets, device,
+                              cuda::kChunkElements, /*host_steps=*/false);
+  glue::check_state(momentum_buffer, "momentum_buffer", t, device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  cuda::MuonLaunch launch{};
+  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.table = device_tables().get(momentum_buffer.data_ptr(), t, device, stream);
+  glue::check_amp_scalar(grad_scale, "grad_scale", device);
+  glue::check_amp_scalar(found_inf, "found_inf", device);
+  launch.steps = cuda::StepState{step.data_ptr<float>(),
+                                 grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr,
+                                 found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr,
+                                 /*lr=*/nullptr, false};  // the pass takes no lr
+  launch.momentum_buffer = momentum_buffer.data_ptr();
+  launch.hyper = MuonHyper{momentum, 1.0};
+  launch.nesterov = nesterov;
+  const cudaError_t err = cuda::launch_muon_momentum(launch, stream);
+  TORCH_CHECK(err == cudaSuccess, "onepass: muon_momentum_ kernel launch failed: ",
+              cudaGetErrorString(err));
+  glue::write_back(t);
+}
+
+template <class Grads>
 void novograd_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor exp_avg_sq,
                    const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
                    const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
@@ -297,6 +329,7 @@ const bool kCudaEagerRegistered = [] {
   ops.adam = &onepass::adam_cuda<onepass::glue::EagerGrads>;
   ops.sgd = &onepass::sgd_cuda<onepass::glue::EagerGrads>;
   ops.lion = &onepass::lion_cuda<onepass::glue::EagerGrads>;
+  ops.muon_momentum = &onepass::muon_momentum_cuda<onepass::glue::EagerGrads>;
   ops.novograd = &onepass::novograd_cuda<onepass::glue::EagerGrads>;
   ops.fadam = &onepass::fadam_cuda<onepass::glue::EagerGrads>;
   return true;
@@ -307,6 +340,7 @@ TORCH_LIBRARY_IMPL(onepass, CUDA, m) {
   m.impl("adam_", &onepass::adam_cuda<onepass::glue::OptionalTensorList>);
   m.impl("sgd_", &onepass::sgd_cuda<onepass::glue::OptionalTensorList>);
   m.impl("lion_", &onepass::lion_cuda<onepass::glue::OptionalTensorList>);
+  m.impl("muon_momentum_", &onepass::muon_momentum_cuda<onepass::glue::OptionalTensorList>);
   m.impl("novograd_", &onepass::novograd_cuda<onepass::glue::OptionalTensorList>);
   m.impl("fadam_", &onepass::fadam_cuda<onepass::glue::OptionalTensorList>);
 }

@@ -100,6 +100,23 @@ __global__ void __launch_bounds__(kThreads) lion_kernel(LionLaunch L) {
                          [&](O& p, O g, O* s) { lion_update<kL2Decay>(p, g, s[0], c); });
 }
 
+template <class S, bool kNesterov>
+__global__ void __launch_bounds__(kThreads) muon_momentum_kernel(MuonLaunch L) {
+  using O = opmath_t<S>;
+  if (skip_step(L.steps)) return;
+  const Chunk chunk = L.table.chunks[blockIdx.x];
+  const Segment seg = L.table.segments[chunk.segment];
+  MuonHyper h = L.hyper;
+  h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
+  const MuonConsts<O> c = MuonConsts<O>::make(h);
+  S* const state[1] = {static_cast<S*>(L.momentum_buffer) + seg.state_offset + chunk.begin};
+  // The update workspace rides in the param's place (see MuonLaunch).
+  for_each_element<S, 1>(static_cast<S*>(seg.param) + chunk.begin,
+                         static_cast<const S*>(seg.grad) + chunk.begin, state,
+                         chunk.end - chunk.begin,
+                         [&](O& u, O g, O* s) { muon_momentum<kNesterov>(u, g, s[0], c); });
+}
+
 // NovoGrad pass 1: the chunk's sum of squares in double, reduced in a fixed tree order.
 template <class S>
 __global__ void __launch_bounds__(kThreads) novograd_reduce_kernel(NovoGradLaunch L) {
@@ -370,6 +387,20 @@ cudaError_t launch_lion(const LionLaunch& L, cudaStream_t stream) {
       using S = decltype(tag);
       L.l2_decay ? lion_kernel<S, true><<<grid, kThreads, 0, stream>>>(L)
                  : lion_kernel<S, false><<<grid, kThreads, 0, stream>>>(L);
+    });
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return finish(L.table, L.steps, stream);
+}
+
+cudaError_t launch_muon_momentum(const MuonLaunch& L, cudaStream_t stream) {
+  if (L.table.num_chunks > 0) {
+    const dim3 grid(static_cast<unsigned>(L.table.num_chunks));
+    dispatch_dtype(L.dtype, [&](auto tag) {
+      using S = decltype(tag);
+      L.nesterov ? muon_momentum_kernel<S, true><<<grid, kThreads, 0, stream>>>(L)
+                 : muon_momentum_kernel<S, false><<<grid, kThreads, 0, stream>>>(L);
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;

@@ -10,7 +10,7 @@ from onepass._ops import (
     native_available,
     set_cpu_capability,
 )
-from onepass.optim import SGD, SGDW, Adam, AdamW, FAdam, FusedOptimizer, Lion, NovoGrad
+from onepass.optim import SGD, SGDW, Adam, AdamW, FAdam, FusedOptimizer, Lion, Muon, NovoGrad
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "FAdam",
     "FusedOptimizer",
     "Lion",
+    "Muon",
     "NovoGrad",
     "cpu_capabilities",
     "cpu_capability",

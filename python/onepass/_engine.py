@@ -309,7 +309,7 @@ class Engine:
         while len(self.plans) <= index:
             self.plans.append(None)
         plan = self.plans[index]
-        slots = self.spec.active_slots(group)
+        slots = self.spec.for_group(group).active_slots(group)
         if plan is None or plan.stale(group, slots):
             plan = _GroupPlan(self, index, group, slots)
             self.plans[index] = plan
@@ -339,7 +339,8 @@ class Engine:
             for _, bucket, grads in work:
                 _check_grads(bucket, grads)
         for group, bucket, grads in work:
-            launch: Callable[..., None] = self.spec.launchers[bucket.backend]
+            spec = self.spec.for_group(group)
+            launch: Callable[..., None] = spec.launchers[bucket.backend]
             try:
                 launch(bucket, grads, group, grad_scale, found_inf)
             except RuntimeError:
@@ -352,10 +353,7 @@ class Engine:
             elif bucket.flat_param is not None and any(g is None for g in grads):
                 bucket.uniform_steps = False  # the tensors without a grad did not advance
             if not all(bucket.exposed):
-                self._expose(bucket, grads)
-
-    def _expose(self, bucket: Bucket, grads: list[torch.Tensor | None]) -> None:
-        bucket.expose(self.optimizer.state, self.spec.step_in_state, grads)
+                bucket.expose(self.optimizer.state, spec.step_in_state, grads)
 
 
 class _GroupPlan:
@@ -364,6 +362,7 @@ class _GroupPlan:
     def __init__(
         self, engine: Engine, index: int, group: dict[str, Any], slots: tuple[str, ...]
     ) -> None:
+        spec = engine.spec.for_group(group)
         self.params = list(group["params"])
         self.slots = slots
         self.backend_request = group["backend"]
@@ -391,19 +390,19 @@ class _GroupPlan:
             backend = resolve_backend(
                 group["backend"],
                 device,
-                engine.spec.name,
+                spec.name,
                 dtype,
                 # Dynamo shows every group of a compiled optimizer as capturable: compiled steps
                 # get the CUDA kernels too (custom ops that read the lr on the device).
                 bool(group.get("capturable")),
             )
-            if backend not in engine.spec.launchers:
+            if backend not in spec.launchers:
                 # An algorithm that some backend does not implement yet: "auto" falls back to
                 # the reference (correct everywhere, just slower); an explicit request fails.
                 if group["backend"] != "auto":
                     raise RuntimeError(
                         f"onepass: backend={backend!r} is not implemented for "
-                        f"{engine.spec.name}; use backend='auto' or 'reference'"
+                        f"{spec.name}; use backend='auto' or 'reference'"
                     )
                 backend = "reference"
             if group.get("capturable"):
@@ -413,10 +412,10 @@ class _GroupPlan:
                 names,
                 slots,
                 backend,
-                engine.spec.scalar_slots,
-                per_tensor=engine.spec.reduction == "per_tensor",
+                spec.scalar_slots,
+                per_tensor=spec.reduction == "per_tensor",
             )
-            _adopt_state(engine, bucket)
+            _adopt_state(engine, bucket, spec)
             if flatten:
                 bucket.flatten()
             self.buckets.append(bucket)
@@ -447,7 +446,7 @@ def _make_capturable(group: dict[str, Any], name: str, device: torch.device, bac
         group["lr"] = torch.as_tensor(lr, dtype=torch.float64).to(device)
 
 
-def _adopt_state(engine: Engine, bucket: Bucket) -> None:
+def _adopt_state(engine: Engine, bucket: Bucket, spec: AlgorithmSpec) -> None:
     """Copies existing ``optimizer.state`` (loaded, or from an older bucket) into the bucket."""
     state = engine.optimizer.state
     for i, p in enumerate(bucket.params):
@@ -465,7 +464,7 @@ def _adopt_state(engine: Engine, bucket: Bucket) -> None:
             # No step in this algorithm's state (SGD): a momentum buffer means it has stepped.
             bucket.step[i] = 1.0 if isinstance(entry.get("momentum_buffer"), torch.Tensor) else 0.0
         new_entry: dict[str, Any] = {}
-        if engine.spec.step_in_state:
+        if spec.step_in_state:
             new_entry["step"] = bucket.step[i]
         new_entry.update(views)
         state.put(p, new_entry)

@@ -60,6 +60,10 @@ if NATIVE_ERROR is None:
     def _lion_fake(*args: object, **kwargs: object) -> None:
         return None
 
+    @torch.library.register_fake("onepass::muon_momentum_")
+    def _muon_momentum_fake(*args: object, **kwargs: object) -> None:
+        return None
+
     @torch.library.register_fake("onepass::novograd_")
     def _novograd_fake(*args: object, **kwargs: object) -> None:
         return None

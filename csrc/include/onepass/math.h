@@ -35,6 +35,13 @@ struct LionHyper {
   double grad_scale;         // -1 for maximize, times 1/amp_scale under a GradScaler
 };
 
+// Muon's momentum pass (the work before Newton-Schulz), torch.optim.Muon's lerps:
+// buf = lerp(buf, g, 1 - momentum); update = lerp(g, buf, momentum) with nesterov, else buf.
+struct MuonHyper {
+  double momentum;
+  double grad_scale;  // times 1/amp_scale under a GradScaler
+};
+
 struct NovoGradHyper {
   double lr;
   double beta1;
@@ -188,6 +195,52 @@ ONEPASS_HD ONEPASS_INLINE void lion_update(T& param, T grad, T& exp_avg, const L
   const T direction = c.beta1 * exp_avg + c.one_minus_beta1 * grad;
   param = param - c.lr * op_sign(direction);
   exp_avg = c.beta2 * exp_avg + c.one_minus_beta2 * grad;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Muon (Jordan et al., 2024; Liu et al., 2025): the momentum pass before Newton-Schulz
+// ---------------------------------------------------------------------------------------------
+
+// torch.lerp's two formulas: from the start for |weight| < 0.5, from the end otherwise (each is
+// exact at its own end); the choice depends on the host weight only, so it is made once.
+template <class T>
+struct Lerp {
+  T weight, one_minus_weight;
+  bool from_start;
+
+  ONEPASS_HD static Lerp make(double w) {
+    Lerp l;
+    l.weight = T(w);
+    // torch casts the weight to opmath first, then subtracts in opmath
+    l.one_minus_weight = T(1) - T(w);
+    l.from_start = w < 0.5 && w > -0.5;
+    return l;
+  }
+  ONEPASS_HD ONEPASS_INLINE T operator()(T start, T end) const {
+    return from_start ? start + weight * (end - start) : end - (end - start) * one_minus_weight;
+  }
+};
+
+template <class T>
+struct MuonConsts {
+  Lerp<T> to_grad;       // buf.lerp_(g, 1 - momentum)
+  Lerp<T> to_momentum;   // g.lerp(buf, momentum), Nesterov's look-ahead
+  T grad_scale;
+
+  ONEPASS_HD static MuonConsts make(const MuonHyper& h) {
+    MuonConsts c;
+    c.to_grad = Lerp<T>::make(1.0 - h.momentum);
+    c.to_momentum = Lerp<T>::make(h.momentum);
+    c.grad_scale = T(h.grad_scale);
+    return c;
+  }
+};
+
+template <bool kNesterov, class T>
+ONEPASS_HD ONEPASS_INLINE void muon_momentum(T& update, T grad, T& buf, const MuonConsts<T>& c) {
+  grad = grad * c.grad_scale;  // AMP unscale
+  buf = c.to_grad(buf, grad);
+  update = kNesterov ? c.to_momentum(grad, buf) : buf;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from onepass.algorithms.adam import ADAM, AdamScalars, adam_reference
 from onepass.algorithms.base import AlgorithmSpec
 from onepass.algorithms.fadam import FADAM, FAdamScalars, fadam_reference
 from onepass.algorithms.lion import LION, LionScalars, lion_reference
+from onepass.algorithms.muon import MUON, MuonScalars, muon_reference
 from onepass.algorithms.novograd import NOVOGRAD, NovoGradScalars, novograd_reference
 from onepass.algorithms.sgd import SGD_SPEC, SgdScalars, sgd_reference
 
@@ -11,17 +12,20 @@ __all__ = [
     "ADAM",
     "FADAM",
     "LION",
+    "MUON",
     "NOVOGRAD",
     "SGD_SPEC",
     "AdamScalars",
     "AlgorithmSpec",
     "FAdamScalars",
     "LionScalars",
+    "MuonScalars",
     "NovoGradScalars",
     "SgdScalars",
     "adam_reference",
     "fadam_reference",
     "lion_reference",
+    "muon_reference",
     "novograd_reference",
     "sgd_reference",
 ]

@@ -132,6 +132,8 @@ class AlgorithmSpec:
         scalar_slots: the slots that hold one scalar per tensor (NovoGrad's layer-wise second
             moment) instead of one value per element; the engine keeps them in float32 (float64
             for float64 params) and shows them as 0-d tensors in ``optimizer.state[p]``.
+        group_spec: for an optimizer that runs a different algorithm per param group (Muon's
+            AdamW groups), the spec of a group; None: this spec for every group.
     """
 
     name: str
@@ -144,3 +146,8 @@ class AlgorithmSpec:
     reduction: str = "none"
     launchers: dict[str, Launcher] = field(default_factory=dict)
     scalar_slots: tuple[str, ...] = ()
+    group_spec: Callable[[Group], AlgorithmSpec] | None = None
+
+    def for_group(self, group: Group) -> AlgorithmSpec:
+        """The spec that steps ``group``."""
+        return self if self.group_spec is None else self.group_spec(group)

@@ -1,0 +1,375 @@
+"""Muon (Jordan et al., 2024; Liu et al., 2025, "Muon is scalable for LLM training"): spec,
+pure-torch reference and the three-stage native step.
+
+For each matrix with a gradient (torch.optim.Muon's step; a conv weight is flattened to
+``(out, in * kh * kw)``)::
+
+    buf = lerp(buf, g, 1 - momentum)              # momentum_buffer
+    u = lerp(g, buf, momentum) if nesterov else buf
+    X = u / max(||u||_F, eps) in ns_dtype, transposed if rows > cols
+    ns_steps times: A = X X^T;  B = b A + c A A;  X = a X + B X
+    p = p * (1 - lr * wd)                         # the unadjusted lr
+    p = p - lr' * X (transposed back)             # lr' = lr * ratio(A, B), adjust_lr_fn
+
+The native step (backends cpu, triton, cuda) is three stages per bucket: one fused multi-tensor
+pass for the momentum (kernel ``muon_momentum``: reads g and buf, writes buf and u into an update
+workspace laid out by matrix shape); Newton-Schulz on torch matmuls, every same-shape matrix of the
+bucket in one batched matmul chain, with the cast to ``ns_dtype`` folded into the normalisation
+and lr' / lr folded into the last iteration; and one fused pass for decay and update (the SGD
+kernel without momentum, decoupled decay, the orthogonalised update as its gradient).
+
+Params that are not matrices, and groups with ``use_muon=False``, are stepped by AdamW (the ADAM
+spec) in the same optimizer: see :class:`onepass.Muon`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from onepass._ops import native_op
+from onepass.algorithms.adam import ADAM
+from onepass.algorithms.base import (
+    AlgorithmSpec,
+    Group,
+    opmath_dtype,
+    reference_amp_scale,
+    scalar,
+    triton_launcher,
+)
+from onepass.algorithms.sgd import SGD_SPEC
+
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+def default_ns_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on GPUs (torch.optim.Muon's choice: tensor cores); float32 on the CPU, where bf16
+    matmuls are several times slower than float32 ones (bench: ``--algorithms muon``)."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """The 2-D view Newton-Schulz works on: a conv weight (out, in, kh, kw) -> (out, in*kh*kw)."""
+    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+
+
+def lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
+    """lr' / lr for a (rows, cols) matrix: torch.optim.Muon's ``_adjust_lr``."""
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return 1.0
+
+
+@dataclass(frozen=True)
+class MuonScalars:
+    """The runtime scalars of one step of one param group."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    nesterov: bool
+    ns_coefficients: tuple[float, float, float]
+    eps: float
+    ns_steps: int
+    adjust_lr_fn: str | None
+    ns_dtype: torch.dtype | None  # None: default_ns_dtype of the params' device
+
+    @classmethod
+    def from_group(cls, group: Group, lr: float | None = None) -> MuonScalars:
+        a, b, c = group["ns_coefficients"]
+        return cls(
+            lr=scalar(group["lr"]) if lr is None else lr,
+            weight_decay=scalar(group["weight_decay"]),
+            momentum=scalar(group["momentum"]),
+            nesterov=bool(group["nesterov"]),
+            ns_coefficients=(float(a), float(b), float(c)),
+            eps=float(group["eps"]),
+            ns_steps=int(group["ns_steps"]),
+            adjust_lr_fn=group["adjust_lr_fn"],
+            ns_dtype=group.get("ns_dtype"),
+        )
+
+
+def newton_schulz(
+    x: torch.Tensor,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of torch.optim.Muon on one matrix (rows, cols) or a
+    batch (n, rows, cols) of same-shape matrices; returns ``scale`` times the result in ``dtype``
+    (``scale`` folded into the last iteration). Wide matrices are iterated as they are, tall ones
+    transposed (X X^T is then the smaller Gram matrix); the result has ``x``'s shape."""
+    a, b, c = coefficients
+    tall = x.shape[-2] > x.shape[-1]
+    # A copy in dtype, whatever x's dtype: the normalisation below works in place.
+    ortho = x.to(dtype, copy=True)
+    if tall:
+        ortho = ortho.mT
+    norm = torch.linalg.vector_norm(ortho, dim=(-2, -1), keepdim=True)
+    ortho = ortho.div_(norm.clamp_(min=eps))
+    batched = ortho.dim() == 3
+    mm = torch.bmm if batched else torch.mm
+    addmm = torch.baddbmm if batched else torch.addmm
+    for i in range(steps):
+        gram = mm(ortho, ortho.mT)
+        gram_update = addmm(gram, gram, gram, beta=b, alpha=c)
+        last = i == steps - 1 and scale != 1.0
+        ortho = addmm(
+            ortho, gram_update, ortho, beta=a * scale if last else a, alpha=scale if last else 1
+        )
+    if steps == 0 and scale != 1.0:
+        ortho = ortho * scale
+    return ortho.mT if tall else ortho
+
+
+@torch.no_grad()
+def muon_reference(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    s: MuonScalars,
+    grad_scale: float = 1.0,
+) -> None:
+    """One Muon step of one tensor, in place: torch.optim.Muon's ``_single_tensor_muon`` for a
+    2-D param (a conv weight flattened), with ``ns_dtype`` for its bfloat16. ``grad_scale`` is the
+    AMP loss scale the gradient still carries."""
+    g = grad if grad_scale == 1.0 else grad / grad_scale
+    momentum_buffer.lerp_(g, 1 - s.momentum)
+    update = g.lerp(momentum_buffer, s.momentum) if s.nesterov else momentum_buffer
+    dtype = s.ns_dtype or default_ns_dtype(param.device)
+    if param.dtype == torch.float64 and s.ns_dtype is None:
+        dtype = torch.float64  # the float64 oracle orthogonalises in float64 too
+    matrix = as_matrix(update)
+    ortho = newton_schulz(matrix, s.ns_coefficients, s.ns_steps, s.eps, dtype)
+    ratio = lr_ratio(s.adjust_lr_fn, *matrix.shape)
+    param.mul_(1 - s.lr * s.weight_decay)
+    param.add_(ortho.reshape(param.shape), alpha=-s.lr * ratio)
+
+
+def _check_group(group: Group) -> None:
+    """torch.optim.Muon's checks and messages (Muon groups only; AdamW groups: ADAM's)."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not scalar(lr) >= 0.0:
+        raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+    if not scalar(group["momentum"]) >= 0.0:
+        raise ValueError(f"momentum should be >= 0 but is: {group['momentum']}")
+    if not scalar(group["weight_decay"]) >= 0.0:
+        raise ValueError(f"weight decay should be >= 0 but is: {group['weight_decay']}")
+    if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+        raise ValueError(f"Adjust learning rate function {group['adjust_lr_fn']} is not supported")
+    if not 0 <= int(group["ns_steps"]) < 100:
+        raise ValueError("Number of steps must be less than 100 for computational efficiency")
+    if len(group["ns_coefficients"]) != 3:
+        raise ValueError("Coefficients must be a tuple of exactly 3 values")
+    ns_dtype = group.get("ns_dtype")
+    if ns_dtype is not None and ns_dtype not in (torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"ns_dtype must be bfloat16, float32, float64 or None, not {ns_dtype}")
+
+
+def _active_slots(group: Group) -> tuple[str, ...]:
+    return ("momentum_buffer",)
+
+
+def _bytes_per_element(group: Group, itemsize: int) -> int:
+    """The two fused passes: g, buf read, buf and the update written; then p and the update
+    read, p written. Newton-Schulz's matmuls are compute, not counted here."""
+    return itemsize * (4 + 3)
+
+
+def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+    scale = reference_amp_scale(grad_scale, found_inf)
+    if scale is None:
+        return
+    s = MuonScalars.from_group(group)
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        bucket.step[i] += 1
+        muon_reference(bucket.params[i], g, bucket.slot_views(i)["momentum_buffer"], s, scale)
+
+
+class _BucketView:
+    """What a launcher reads of a bucket, with other params, steps or buffers: the momentum
+    pass steps the update workspace in the params' place; the final pass keeps its own step
+    counts (the bucket's count Muon's steps once). Its own table cache (the tables differ)."""
+
+    def __init__(
+        self,
+        bucket: Any,
+        params: Sequence[torch.Tensor],
+        step: torch.Tensor,
+        buffers: dict[str, torch.Tensor],
+    ) -> None:
+        self.params = list(params)
+        self.step = step
+        self.buffers = buffers
+        self.offsets = bucket.offsets
+        self.device = bucket.device
+        self.dtype = bucket.dtype
+        self.table_cache: dict[str, Any] = {}
+        self.lr_tensor = bucket.lr_tensor
+
+
+@dataclass
+class _ShapeGroup:
+    indices: list[int]  # bucket positions of these matrices
+    stack: torch.Tensor  # (n, rows, cols) view of the update workspace
+    rows: int
+    cols: int
+
+
+class _Workspace:
+    """Per bucket: the update buffer (matrices of one shape contiguous, so each shape is one
+    batched Newton-Schulz), the views the two passes take, and the bucket views."""
+
+    def __init__(self, bucket: Any) -> None:
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(bucket.params):
+            rows, cols = as_matrix(p).shape
+            by_shape.setdefault((rows, cols), []).append(i)
+        total = sum(p.numel() for p in bucket.params)
+        self.buffer = torch.zeros(total, dtype=bucket.dtype, device=bucket.device)
+        self.views: list[torch.Tensor] = [torch.empty(0)] * len(bucket.params)
+        self.groups: list[_ShapeGroup] = []
+        offset = 0
+        for (rows, cols), indices in by_shape.items():
+            n = len(indices) * rows * cols
+            stack = self.buffer[offset : offset + n].view(len(indices), rows, cols)
+            for k, i in enumerate(indices):
+                self.views[i] = stack[k].view(bucket.params[i].shape)
+            self.groups.append(_ShapeGroup(indices, stack, rows, cols))
+            offset += n
+        self.momentum_pass = _BucketView(
+            bucket, self.views, bucket.step, {"momentum_buffer": bucket.buffers["momentum_buffer"]}
+        )
+        self.update_pass = _BucketView(bucket, bucket.params, torch.zeros_like(bucket.step), {})
+
+
+def _orthogonalize(work: _Workspace, grads: list[torch.Tensor | None], s: MuonScalars) -> None:
+    """Newton-Schulz of every matrix with a grad, one batched chain per shape, written back into
+    the update workspace (in the params' dtype), lr'/lr folded in."""
+    dtype = s.ns_dtype or default_ns_dtype(work.buffer.device)
+    for group in work.groups:
+        stepped = [k for k, i in enumerate(group.indices) if grads[i] is not None]
+        if not stepped:
+            continue
+        ratio = lr_ratio(s.adjust_lr_fn, group.rows, group.cols)
+        if len(stepped) == len(group.indices):
+            group.stack.copy_(
+                newton_schulz(group.stack, s.ns_coefficients, s.ns_steps, s.eps, dtype, ratio)
+            )
+        else:  # some matrices have no grad this step: orthogonalise only the others
+            index = torch.tensor(stepped, device=group.stack.device)
+            ortho = newton_schulz(
+                group.stack.index_select(0, index), s.ns_coefficients, s.ns_steps, s.eps, dtype,
+                ratio,
+            )  # fmt: skip
+            group.stack.index_copy_(0, index, ortho.to(group.stack.dtype))
+
+
+def _native_step(momentum_launcher: Any, final_launcher: Any) -> Any:
+    def launch(bucket, grads, group, grad_scale, found_inf) -> None:
+        work = bucket.table_cache.get("muon")
+        if work is None:
+            work = bucket.table_cache["muon"] = _Workspace(bucket)
+        s = MuonScalars.from_group(group, lr=0.0)
+        # 1. momentum and Nesterov look-ahead: one pass, the update into the workspace
+        momentum_launcher(work.momentum_pass, grads, group, grad_scale, found_inf)
+        # 2. Newton-Schulz (no host sync: after an inf the workspace is stale, step 3 skips)
+        _orthogonalize(work, grads, s)
+        # 3. p = p * (1 - lr*wd) - lr * (ratio * O): SGD without momentum, decoupled decay
+        final_group = {
+            "lr": group["lr"],
+            "momentum": 0.0,
+            "dampening": 0.0,
+            "weight_decay": group["weight_decay"],
+            "nesterov": False,
+            "maximize": False,
+            "decay": "decoupled",
+        }
+        updates = [None if g is None else work.views[i] for i, g in enumerate(grads)]
+        final_launcher(work.update_pass, updates, final_group, None, found_inf)
+
+    return launch
+
+
+def _native_momentum(bucket, grads, group, grad_scale, found_inf) -> None:
+    native_op("muon_momentum_")(
+        bucket.params,
+        grads,
+        bucket.buffers["momentum_buffer"],
+        bucket.step,
+        bucket.offsets,
+        grad_scale,
+        found_inf,
+        scalar(group["momentum"]),
+        bool(group["nesterov"]),
+    )
+
+
+_native = _native_step(_native_momentum, SGD_SPEC.launchers["cpu"])
+
+#: The matrices of a Muon group.
+MUON_MATRICES = AlgorithmSpec(
+    name="muon",
+    slots=("momentum_buffer",),
+    active_slots=_active_slots,
+    step_in_state=False,  # torch.optim.Muon keeps none
+    check_group=_check_group,
+    bytes_per_element=_bytes_per_element,
+    reference=muon_reference,
+    # Newton-Schulz works per matrix: never one flat segment (flatten=True keeps the buffers).
+    reduction="per_tensor",
+    launchers={
+        "reference": _reference_launch,
+        "cpu": _native,
+        "cuda": _native,
+        "triton": _native_step(triton_launcher("muon"), SGD_SPEC.launchers["triton"]),
+    },
+)
+
+
+def _group_spec(group: Group) -> AlgorithmSpec:
+    return MUON_MATRICES if group["use_muon"] else ADAM
+
+
+def _check_any_group(group: Group) -> None:
+    _group_spec(group).check_group(group)
+
+
+#: onepass.Muon: Muon for the matrices of ``use_muon`` groups, AdamW (the ADAM spec, with the
+#: group's ``betas`` / ``eps`` set from ``adamw_betas`` / ``adamw_eps``) for every other param.
+MUON = AlgorithmSpec(
+    name="muon",
+    slots=("momentum_buffer", "exp_avg", "exp_avg_sq"),
+    active_slots=lambda group: _group_spec(group).active_slots(group),
+    step_in_state=False,
+    check_group=_check_any_group,
+    bytes_per_element=lambda group, itemsize: _group_spec(group).bytes_per_element(group, itemsize),
+    reference=muon_reference,
+    launchers=dict(MUON_MATRICES.launchers),
+    group_spec=_group_spec,
+)
+
+__all__ = [
+    "MUON",
+    "MUON_MATRICES",
+    "MuonScalars",
+    "as_matrix",
+    "default_ns_dtype",
+    "lr_ratio",
+    "muon_reference",
+    "newton_schulz",
+    "opmath_dtype",
+]

@@ -1,0 +1,115 @@
+"""onepass.Muon: Muon for the matrices, AdamW for the rest, in one optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from onepass.algorithms.muon import MUON
+from onepass.optim.base import FusedOptimizer
+
+DEFAULT_NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
+
+
+class Muon(FusedOptimizer):
+    r"""Muon, MomentUm Orthogonalized by Newton-Schulz (Jordan et al., 2024), with the decoupled
+    decay and update scaling of Moonlight (Liu et al., 2025, "Muon is scalable for LLM training").
+
+    The arguments, defaults and results of ``torch.optim.Muon`` for 2-D params, whose
+    checkpoints load both ways (state ``momentum_buffer``). For each matrix with a gradient::
+
+        buf = lerp(buf, g, 1 - momentum)
+        u = lerp(g, buf, momentum) if nesterov else buf
+        O = NS(u)        # ns_steps quintic Newton-Schulz iterations (ns_coefficients) in
+                         # ns_dtype on u / max(||u||_F, eps), transposed when rows > cols
+        p = p * (1 - lr * weight_decay)
+        p = p - lr' * O  # lr' = lr * sqrt(max(1, rows/cols)) ("original", None), or
+                         # lr * 0.2 * sqrt(max(rows, cols)) ("match_rms_adamw")
+
+    Beyond torch.optim.Muon:
+
+    - Params that are not matrices (biases, norms), and every param of a group with
+      ``use_muon=False`` (embeddings and output heads, as Moonlight trains them), are stepped
+      by fused AdamW in the same optimizer: the group's lr and weight_decay, ``adamw_betas``
+      (default (0.9, 0.95), Moonlight's) and ``adamw_eps``; state ``step``, ``exp_avg``,
+      ``exp_avg_sq``. Each group given is split into its Muon part (``use_muon=True``) and its
+      AdamW part, so ``param_groups`` shows both.
+    - Conv weights (4-D) are flattened to (out, in * kh * kw) for Newton-Schulz and lr'.
+    - ``ns_dtype``: the Newton-Schulz dtype; None picks bfloat16 on GPUs (torch's choice) and
+      float32 on the CPU, where bf16 matmuls are slower (bench, ``--algorithms muon``).
+    - Every same-shape matrix of a bucket is orthogonalised together in batched matmuls; the
+      momentum pass before and the decay + scaled update after are one fused multi-tensor pass
+      each (onepass.algorithms.muon).
+
+    ``backend`` and ``flatten`` are as in :class:`onepass.Adam`; GradScaler steps unscale in the
+    momentum pass and skip on inf/nan with no host sync.
+    """
+
+    spec = MUON
+    #: Keys a torch.optim.Muon state_dict lacks, filled in when one is loaded.
+    torch_keys: Mapping[str, Any] = {
+        "use_muon": True,
+        "ns_dtype": None,
+        "adamw_betas": (0.9, 0.95),
+        "adamw_eps": 1e-8,
+        "decay": "decoupled",
+    }
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = DEFAULT_NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        ns_dtype: torch.dtype | None = None,
+        backend: str = "auto",
+        flatten: bool = False,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_coefficients": ns_coefficients,
+            "eps": eps,
+            "ns_steps": ns_steps,
+            "adjust_lr_fn": adjust_lr_fn,
+            "use_muon": True,
+            "adamw_betas": adamw_betas,
+            "adamw_eps": adamw_eps,
+            "ns_dtype": ns_dtype,
+            "decay": "decoupled",
+            "backend": backend,
+            "flatten": flatten,
+        }
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds the group's matrices as a Muon group and its other params (all of them with
+        ``use_muon=False``) as an AdamW group."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        use_muon = bool(param_group.get("use_muon", self.defaults["use_muon"]))
+        is_matrix = [use_muon and isinstance(p, torch.Tensor) and p.dim() >= 2 for p in params]
+        for muon_part in (True, False):
+            part = [p for p, m in zip(params, is_matrix, strict=True) if m == muon_part]
+            if not part and (muon_part or any(is_matrix)):
+                continue  # an empty group only where the caller gave one
+            group = {**param_group, "params": part, "use_muon": muon_part}
+            if not muon_part:  # AdamW's keys, as the ADAM spec reads them
+                group["betas"] = group.get("adamw_betas", self.defaults["adamw_betas"])
+                group["eps"] = group.get("adamw_eps", self.defaults["adamw_eps"])
+                group.setdefault("amsgrad", False)
+                group.setdefault("maximize", False)
+                group["decay"] = "decoupled"
+            super().add_param_group(group)
