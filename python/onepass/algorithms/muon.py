@@ -52,6 +52,16 @@ def default_ns_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
+def resolve_ns_dtype(
+    ns_dtype: torch.dtype | None, param_dtype: torch.dtype, device: torch.device
+) -> torch.dtype:
+    """The Newton-Schulz dtype: the group's, or by default float64 for float64 params (the
+    oracle's precision) and default_ns_dtype otherwise."""
+    if ns_dtype is not None:
+        return ns_dtype
+    return torch.float64 if param_dtype == torch.float64 else default_ns_dtype(device)
+
+
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     """The 2-D view Newton-Schulz works on: a conv weight (out, in, kh, kw) -> (out, in*kh*kw)."""
     return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
@@ -145,9 +155,7 @@ def muon_reference(
     g = grad if grad_scale == 1.0 else grad / grad_scale
     momentum_buffer.lerp_(g, 1 - s.momentum)
     update = g.lerp(momentum_buffer, s.momentum) if s.nesterov else momentum_buffer
-    dtype = s.ns_dtype or default_ns_dtype(param.device)
-    if param.dtype == torch.float64 and s.ns_dtype is None:
-        dtype = torch.float64  # the float64 oracle orthogonalises in float64 too
+    dtype = resolve_ns_dtype(s.ns_dtype, param.dtype, param.device)
     matrix = as_matrix(update)
     ortho = newton_schulz(matrix, s.ns_coefficients, s.ns_steps, s.eps, dtype)
     ratio = lr_ratio(s.adjust_lr_fn, *matrix.shape)
@@ -259,7 +267,7 @@ class _Workspace:
 def _orthogonalize(work: _Workspace, grads: list[torch.Tensor | None], s: MuonScalars) -> None:
     """Newton-Schulz of every matrix with a grad, one batched chain per shape, written back into
     the update workspace (in the params' dtype), lr'/lr folded in."""
-    dtype = s.ns_dtype or default_ns_dtype(work.buffer.device)
+    dtype = resolve_ns_dtype(s.ns_dtype, work.buffer.dtype, work.buffer.device)
     for group in work.groups:
         stepped = [k for k, i in enumerate(group.indices) if grads[i] is not None]
         if not stepped:

@@ -94,6 +94,16 @@ class Muon(FusedOptimizer):
         }
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A torch.optim.Muon checkpoint has none of onepass's keys: those keep this optimizer's
+        # values (an ns_dtype chosen at construction survives loading torch's state_dict).
+        defaults = state.get("defaults", getattr(self, "defaults", {}))
+        for group in state.get("param_groups", []):
+            for key in self.torch_keys:
+                if key in defaults:
+                    group.setdefault(key, defaults[key])
+        super().__setstate__(state)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds the group's matrices as a Muon group and its other params (all of them with
         ``use_muon=False``) as an AdamW group."""

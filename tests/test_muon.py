@@ -1,0 +1,298 @@
+"""onepass.Muon: the reference equals torch.optim.Muon; every backend this machine runs (the CPU
+kernels of each instruction set, Triton under the interpreter) matches the reference over 7 steps
+on matrices of odd shapes (wide, tall, 1x1, same-shape batches, a conv weight), with None grads
+and a frozen param; the AdamW part equals torch.optim.AdamW with Moonlight's betas; checkpoints
+load both ways with torch.optim.Muon; GradScaler unscales and skips; bad input is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+import onepass
+from onepass.algorithms.muon import lr_ratio, newton_schulz
+
+from helpers import all_backends, config_id
+
+STEPS = 7
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+#: Matrices: wide, tall, square, 1x1, a same-shape pair (one batched Newton-Schulz), a conv
+#: weight; then the AdamW part: a bias, a zero-size vector, and a frozen param last.
+SHAPES: list[tuple[int, ...]] = [
+    (17, 33),
+    (40, 9),
+    (16, 16),
+    (1, 1),
+    (8, 24),
+    (8, 24),
+    (6, 3, 3, 3),
+    (33,),
+    (0,),
+    (5, 5),  # frozen
+]
+
+
+def _params(dtype: torch.dtype) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    params = [torch.randn(s, dtype=torch.float64).to(dtype).requires_grad_() for s in SHAPES]
+    params[-1].requires_grad_(False)
+    return params
+
+
+def _grads(params: list[torch.Tensor]) -> list[list[torch.Tensor | None]]:
+    """Per step: random grads; the second matrix of the pair has none on steps 2 and 4, the
+    bias none on step 3 (a tensor without a grad is left as it is)."""
+    torch.manual_seed(1)
+    steps = []
+    for step in range(STEPS):
+        grads: list[torch.Tensor | None] = []
+        for i, p in enumerate(params):
+            skip = (i == 5 and step in (1, 3)) or (i == 7 and step == 2)
+            if not p.requires_grad or skip:
+                grads.append(None)
+            else:
+                grads.append(torch.randn(p.shape, dtype=torch.float64).to(p.dtype))
+        steps.append(grads)
+    return steps
+
+
+def _run(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[list[Any]]) -> None:
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.25 * s))
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+        schedule.step()
+
+
+CONFIGS: list[dict[str, Any]] = [
+    {},
+    {"nesterov": False, "weight_decay": 0.0},
+    {"adjust_lr_fn": "match_rms_adamw", "momentum": 0.9},
+    {"ns_steps": 3, "ns_coefficients": (2.0, -1.5, 0.5), "adjust_lr_fn": "original"},
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_reference_equals_torch_muon(config: dict[str, Any]) -> None:
+    """On 2-D params, with torch's bfloat16 Newton-Schulz, the reference is torch.optim.Muon."""
+    params = [p for p in _params(torch.float32) if p.dim() == 2 and p.requires_grad]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    grads = [g[: len(params)] for g in _grads(_params(torch.float32))]
+    ours = onepass.Muon(params, lr=0.02, ns_dtype=torch.bfloat16, backend="reference", **config)
+    theirs = torch.optim.Muon(twins, lr=0.02, **config)
+    _run(ours, params, grads)
+    _run(theirs, twins, grads)
+    for i, (p, q) in enumerate(zip(params, twins, strict=True)):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, i=i: f"param {i}: {m}")
+        torch.testing.assert_close(
+            ours.state[p]["momentum_buffer"], theirs.state[q]["momentum_buffer"], rtol=0, atol=0
+        )
+
+
+def test_newton_schulz_batches_and_transposes() -> None:
+    """A batch of tall matrices gives what each matrix gives alone (float64), and the result
+    is near-orthogonal: its singular values lie in torch's (0.5, 1.5) band."""
+    torch.manual_seed(2)
+    batch = torch.randn(3, 20, 7, dtype=torch.float64)
+    coefficients = (3.4445, -4.775, 2.0315)
+    together = newton_schulz(batch, coefficients, 5, 1e-7, torch.float64, scale=2.0)
+    for k in range(3):
+        alone = newton_schulz(batch[k], coefficients, 5, 1e-7, torch.float64)
+        torch.testing.assert_close(together[k], 2.0 * alone, rtol=1e-12, atol=1e-12)
+    singular = torch.linalg.svdvals(together[0] / 2.0)
+    assert bool((singular > 0.5).all() and (singular < 1.5).all()), singular
+
+
+def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    # Batched vs per-matrix matmuls round differently; bfloat16 params also round the update
+    # workspace (the native path stores lr'/lr * O in the param dtype before the final pass).
+    return {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 2e-6)}.get(dtype, (2e-2, 2e-2))
+
+
+def _check_backend(backend: str, dtype: torch.dtype, config: dict[str, Any]) -> None:
+    params = _params(dtype)
+    twins = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+    grads = _grads(params)
+    kwargs = {"lr": 0.02, "weight_decay": 0.1, **config}
+    ours = onepass.Muon(params, backend=backend, **kwargs)
+    reference = onepass.Muon(twins, backend="reference", **kwargs)
+    _run(ours, params, grads)
+    _run(reference, twins, grads)
+    rtol, atol = _tolerance(dtype)
+    for i, (p, q) in enumerate(zip(params, twins, strict=True)):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m, i=i: f"param {i}: {m}")
+        assert set(ours.state.get(p, {})) == set(reference.state.get(q, {})), i
+        for name, value in reference.state.get(q, {}).items():
+            what = f"{name} {i}"
+            torch.testing.assert_close(
+                ours.state[p][name], value, rtol=rtol, atol=atol, msg=lambda m, w=what: f"{w}: {m}"
+            )
+    assert not params[-1].requires_grad and params[-1] not in ours.state
+
+
+@pytest.mark.parametrize("backend", all_backends(), ids=lambda b: b.id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", CONFIGS[:3], ids=config_id)
+def test_cpu_backends_match_the_reference(
+    backend: Any, dtype: torch.dtype, config: dict[str, Any]
+) -> None:
+    if backend.capability is not None:
+        onepass.set_cpu_capability(backend.capability)
+    _check_backend(backend.name, dtype, config)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_triton_matches_the_reference(dtype: torch.dtype) -> None:
+    _check_backend("triton", dtype, {"nesterov": True, "adjust_lr_fn": "match_rms_adamw"})
+
+
+def test_groups_split_into_muon_and_adamw() -> None:
+    """Matrices of a use_muon group run Muon; its vectors, and every param of a use_muon=False
+    group, run AdamW with adamw_betas / adamw_eps, the group's lr and weight decay: the same
+    steps as torch.optim.AdamW."""
+    torch.manual_seed(3)
+    matrix = torch.randn(6, 4, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    embedding = torch.randn(10, 4, requires_grad=True)
+    opt = onepass.Muon(
+        [{"params": [matrix, bias]}, {"params": [embedding], "use_muon": False, "lr": 0.01}],
+        lr=0.02,
+        weight_decay=0.1,
+        adamw_betas=(0.8, 0.9),
+        adamw_eps=1e-6,
+    )
+    assert [(g["use_muon"], len(g["params"])) for g in opt.param_groups] == [
+        (True, 1),
+        (False, 1),
+        (False, 1),
+    ]
+    twins = [bias.detach().clone().requires_grad_(), embedding.detach().clone().requires_grad_()]
+    adamw = torch.optim.AdamW(
+        [{"params": [twins[0]]}, {"params": [twins[1]], "lr": 0.01}],
+        lr=0.02,
+        betas=(0.8, 0.9),
+        eps=1e-6,
+        weight_decay=0.1,
+    )
+    for _ in range(STEPS):
+        for p, q in ((bias, twins[0]), (embedding, twins[1])):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        matrix.grad = torch.randn_like(matrix)
+        opt.step()
+        adamw.step()
+    for p, q in zip((bias, embedding), twins, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(opt.state[matrix]) == {"momentum_buffer"}
+
+
+def test_conv_weights_are_flattened() -> None:
+    """A (out, in, kh, kw) weight steps as its (out, in*kh*kw) matrix, with that matrix's lr'."""
+    torch.manual_seed(4)
+    conv = torch.randn(8, 3, 3, 3, requires_grad=True)
+    flat = conv.detach().reshape(8, 27).clone().requires_grad_()
+    ours = onepass.Muon(
+        [conv],
+        lr=0.05,
+        ns_dtype=torch.bfloat16,
+        adjust_lr_fn="match_rms_adamw",
+        backend="reference",
+    )
+    theirs = torch.optim.Muon([flat], lr=0.05, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        conv.grad = torch.randn_like(conv)
+        flat.grad = conv.grad.reshape(8, 27).clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(conv.detach().reshape(8, 27), flat, rtol=1e-5, atol=1e-6)
+    assert lr_ratio("match_rms_adamw", 8, 27) == pytest.approx(0.2 * 27**0.5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_checkpoints_load_both_ways_with_torch_muon(backend: str) -> None:
+    if backend == "cpu" and not onepass.native_available():
+        pytest.skip("onepass._C not built")
+    torch.manual_seed(5)
+    params = [torch.randn(12, 7, requires_grad=True), torch.randn(7, 12, requires_grad=True)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
+
+    def steps(opt: torch.optim.Optimizer, ps: list[torch.Tensor], which: range) -> None:
+        for k in which:
+            for p, g in zip(ps, grads[k], strict=True):
+                p.grad = g.clone()
+            opt.step()
+
+    # torch -> onepass: two torch steps, two onepass steps; against four torch steps
+    whole = [p.detach().clone().requires_grad_() for p in params]
+    torch_whole = torch.optim.Muon(whole, lr=0.02)
+    steps(torch_whole, whole, range(4))
+    mine = [p.detach().clone().requires_grad_() for p in params]
+    first = torch.optim.Muon(mine, lr=0.02)
+    steps(first, mine, range(2))
+    second = onepass.Muon(mine, lr=1.0, ns_dtype=torch.bfloat16, backend=backend)
+    second.load_state_dict(first.state_dict())
+    assert second.param_groups[0]["use_muon"] and second.param_groups[0]["lr"] == 0.02
+    steps(second, mine, range(2, 4))
+    # The native path's bfloat16 Newton-Schulz is batched and carries lr'/lr: bf16 rounding
+    tol = {"rtol": 1e-5, "atol": 1e-6} if backend == "reference" else {"rtol": 2e-3, "atol": 5e-4}
+    for p, q in zip(mine, whole, strict=True):
+        torch.testing.assert_close(p, q, **tol)
+    # onepass -> torch: the state is torch's (momentum_buffer only) and continues there
+    back = torch.optim.Muon(mine, lr=1.0)
+    back.load_state_dict(second.state_dict())
+    for p in mine:
+        assert set(back.state[p]) == {"momentum_buffer"}
+        torch.testing.assert_close(
+            back.state[p]["momentum_buffer"], second.state[p]["momentum_buffer"]
+        )
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_grad_scaler_unscales_and_skips(backend: str) -> None:
+    if backend == "cpu" and not onepass.native_available():
+        pytest.skip("onepass._C not built")
+    torch.manual_seed(6)
+    params = [torch.randn(9, 5, requires_grad=True), torch.randn(5, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    scaled = onepass.Muon(params, lr=0.02, backend=backend)
+    plain = onepass.Muon(twins, lr=0.02, backend=backend)
+    for p, q in zip(params, twins, strict=True):
+        q.grad = torch.randn_like(q)
+        p.grad = q.grad * 1024.0
+    scaled.grad_scale = torch.tensor(1024.0)
+    scaled.found_inf = torch.tensor(0.0)
+    scaled.step()
+    plain.step()
+    for p, q in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    before = [p.detach().clone() for p in params]
+    state = {id(p): {k: v.clone() for k, v in scaled.state[p].items()} for p in params}
+    scaled.found_inf = torch.tensor(1.0)
+    scaled.step()
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p, b)
+        for k, v in scaled.state[p].items():
+            assert torch.equal(v, state[id(p)][k]), k
+
+
+def test_rejects_bad_hyperparameters() -> None:
+    p = torch.zeros(3, 3, requires_grad=True)
+    for kwargs, message in [
+        ({"lr": -1.0}, "Learning rate should be >= 0"),
+        ({"momentum": -0.1}, "momentum should be >= 0"),
+        ({"weight_decay": -0.1}, "weight decay should be >= 0"),
+        ({"adjust_lr_fn": "bogus"}, "Adjust learning rate function bogus is not supported"),
+        ({"ns_steps": 100}, "Number of steps must be less than 100"),
+        ({"ns_coefficients": (1.0, 2.0)}, "exactly 3 values"),
+        ({"ns_dtype": torch.float16}, "ns_dtype"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            onepass.Muon([p], **kwargs)
