@@ -71,6 +71,14 @@ class Algorithm:
     onepass_cls: Callable[..., onepass.FusedOptimizer]
     torch_cls: Callable[..., torch.optim.Optimizer]
     hyper: Mapping[str, Any] = field(default_factory=dict)
+    #: torch's implementations to time (a class without fused / foreach: {"plain": {}})
+    torch_modes: Mapping[str, Mapping[str, bool]] = field(default_factory=lambda: TORCH_MODES)
+    #: the candidate speedups are relative to
+    baseline: str = "torch fused"
+    #: the shape lists it runs on by default (None: the run's)
+    shapes: tuple[str, ...] | None = None
+    #: whether to time flatten=True too (pointless where the step is per tensor anyway)
+    flatten_variant: bool = True
 
 
 # lr is small so that thousands of steps on fixed random grads stay finite.
@@ -112,6 +120,17 @@ ALGORITHMS: Mapping[str, Algorithm] = {
         torch.optim.Adam,
         {"lr": 1e-4, "weight_decay": 0.1},
     ),
+    # Muon's peer is torch.optim.Muon (no fused / foreach variants) on the matrices it steps.
+    "muon": Algorithm(
+        "Muon (peer: torch.optim.Muon)",
+        onepass.Muon,
+        torch.optim.Muon,
+        {"lr": 2e-2, "weight_decay": 0.1},
+        torch_modes={"muon": {}},
+        baseline="torch muon",
+        shapes=("gpt2-small-matrices",),
+        flatten_variant=False,
+    ),
 }
 
 
@@ -123,7 +142,7 @@ class Candidate:
 
 def _why_not(make: OptimizerFactory, device: torch.device, dtype: torch.dtype) -> str | None:
     """None when this optimizer steps a small tensor of this device and dtype, else why not."""
-    p = torch.zeros(64, device=device, dtype=dtype, requires_grad=True)
+    p = torch.zeros(8, 8, device=device, dtype=dtype, requires_grad=True)  # Muon needs a matrix
     p.grad = torch.ones_like(p)
     try:
         make([p]).step()
@@ -151,12 +170,12 @@ def candidates(
     named: list[tuple[str, OptimizerFactory]] = []
     for b in backends:
         named.append((f"onepass {b}", partial(algorithm.onepass_cls, **algorithm.hyper, backend=b)))
-        if b != "reference":  # flatten=True: params and grads in flat buffers, one segment
+        if b != "reference" and algorithm.flatten_variant:  # flatten=True: one flat segment
             flat = partial(algorithm.onepass_cls, **algorithm.hyper, backend=b, flatten=True)
             named.append((f"onepass {b} flatten", flat))
     named += [
         (f"torch {mode}", partial(algorithm.torch_cls, **algorithm.hyper, **flags))
-        for mode, flags in TORCH_MODES.items()
+        for mode, flags in algorithm.torch_modes.items()
     ]
     found = []
     for name, make in named:
@@ -181,7 +200,7 @@ class BytesModel:
 
 
 def bytes_model(algorithm: Algorithm, device: torch.device, dtype: torch.dtype) -> BytesModel:
-    probe = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+    probe = torch.zeros(1, 1, device=device, dtype=dtype, requires_grad=True)
     opt = algorithm.onepass_cls([probe], **algorithm.hyper, backend="reference")
     group = opt.param_groups[0]
     itemsize = probe.element_size()
@@ -375,6 +394,7 @@ def _build_and_time(
     schedule: Schedule,
     log: Callable[[str], None],
     arrays: int,
+    baseline: str,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
     """Gives every candidate its own params, grads (unless shared) and state, then times them
     and the roofline probes interleaved; all of it is freed when this returns.
@@ -420,11 +440,11 @@ def _build_and_time(
     del tasks, steps, scratch  # room for the comparison's temporaries
     # Every candidate took the same steps from the same params and grads: they should agree.
     diffs = {}
-    if BASELINE in params_of:
+    if baseline in params_of:
         for name, params in params_of.items():
             diffs[name] = max(
                 float((p - q).abs_().max())
-                for p, q in zip(params, params_of[BASELINE], strict=True)
+                for p, q in zip(params, params_of[baseline], strict=True)
             )
     return times, host, diffs
 
@@ -470,7 +490,7 @@ def run_group(
     share_grads, need = plan
     log(f"  ~{need / 1e9:.1f} GB{', grads shared' if share_grads else ''}")
     times, host, diffs = _build_and_time(
-        shapes, cands, device, dtype, share_grads, schedule, log, model.arrays
+        shapes, cands, device, dtype, share_grads, schedule, log, model.arrays, algorithm.baseline
     )
     gc.collect()  # onepass optimizers hold reference cycles (optimizer <-> engine)
     if device.type == "cuda":

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import onepass
-from bench.core import ALGORITHMS, BASELINE, ROOFLINE_COPY, ROOFLINE_SCALE, GroupResult
+from bench.core import ALGORITHMS, ROOFLINE_COPY, ROOFLINE_SCALE, GroupResult
 
 #: The issues' bars for every native onepass backend, on every shape list: at least torch fused's
 #: speed, and a share of the same-run roofline: on the CPU 85% of the faster probe (copy or
@@ -139,7 +139,7 @@ def rows(group: GroupResult, env: Env) -> list[Row]:
     copy_gbps = gbps(2 * (probe_bytes // 2), statistics.median(times[ROOFLINE_COPY]))
     scale_gbps = gbps(2 * probe_bytes, statistics.median(times[ROOFLINE_SCALE]))
     roofline = copy_gbps if env.device.startswith("cuda") else max(copy_gbps, scale_gbps)
-    baseline = times.get(BASELINE)
+    baseline = times.get(ALGORITHMS[group.algorithm].baseline)
     out = []
     for name, ts in times.items():
         if name in (ROOFLINE_COPY, ROOFLINE_SCALE):
@@ -228,9 +228,9 @@ def markdown(all_rows: Sequence[Row], env: Env, command: str, load: str) -> str:
         f"{roofline_name(env.device)} (read + written) over as many param-sized "
         "arrays as the step touches (param, grad, state), "
         "timed in the same rounds; % roofline = roofline time / measured time. "
-        "vs fused = median over rounds of torch fused's time / the candidate's time in the "
-        "same round (> 1 is faster than torch fused). "
-        "max abs dp: the largest difference of a param to torch fused's after the run (every "
+        "vs torch fused = median over rounds of torch fused's time (Muon: torch.optim.Muon's) / "
+        "the candidate's time in the same round (> 1 is faster). "
+        "max abs dp: the largest difference of a param to that baseline's after the run (every "
         "candidate took the same steps from the same params and grads).",
         "",
         "| shapes | algorithm | candidate | dtype | rounds | ms/step median [p10, p90] "
@@ -269,7 +269,7 @@ def targets(all_rows: Sequence[Row]) -> list[str]:
     ]
     for r in rows_:
         if r.speedup_vs_fused is None or r.speedup_p10 is None:
-            fast = "no torch fused to compare with"
+            fast = "no torch baseline to compare with"
         elif r.speedup_p10 >= TARGET_SPEEDUP:
             fast = "met"
         elif r.speedup_vs_fused >= TARGET_SPEEDUP:

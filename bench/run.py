@@ -101,23 +101,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     rows: list[report.Row] = []
-    for name in shapes:
-        shape_list = load_shape_list(name)
-        for algorithm in algorithms:
-            group = run_group(
-                shape_list,
-                algorithm,
-                device,
-                dtype,
-                Schedule(args.rounds, args.warmup, args.budget),
-                args.include_reference,
-                log,
-            )
-            if group is None:
-                continue
-            for row in report.rows(group, env):
-                rows.append(row)
-                log(report.progress_line(row))
+    # Shape lists outer, algorithms inner; an algorithm with shape lists of its own (Muon: the
+    # matrices it steps) runs on those after the others, unless --shapes names the lists.
+    plan = [(name, a) for name in shapes for a in algorithms if ALGORITHMS[a].shapes is None]
+    plan += [
+        (name, a)
+        for a in algorithms
+        if ALGORITHMS[a].shapes is not None
+        for name in (args.shapes or ALGORITHMS[a].shapes or ())
+    ]
+    for name, algorithm in plan:
+        group = run_group(
+            load_shape_list(name),
+            algorithm,
+            device,
+            dtype,
+            Schedule(args.rounds, args.warmup, args.budget),
+            args.include_reference,
+            log,
+        )
+        if group is None:
+            continue
+        for row in report.rows(group, env):
+            rows.append(row)
+            log(report.progress_line(row))
     if not rows:
         log("bench: nothing ran")
         return 1

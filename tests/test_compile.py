@@ -41,8 +41,9 @@ DEVICES = [
         lambda ps, lr: onepass.Lion(ps, lr=lr, weight_decay=0.1, maximize=True),
         lambda ps, lr: onepass.NovoGrad(ps, lr=lr, weight_decay=0.1, amsgrad=True),
         lambda ps, lr: onepass.FAdam(ps, lr=lr, clip=0.5, p=0.25),
+        lambda ps, lr: onepass.Muon(ps, lr=lr, ns_dtype=torch.float32),
     ],
-    ids=["AdamW", "Adam-independent", "SGD", "Lion", "NovoGrad", "FAdam"],
+    ids=["AdamW", "Adam-independent", "SGD", "Lion", "NovoGrad", "FAdam", "Muon"],
 )
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_step_matches_eager_without_recompiling(make, device: str) -> None:
@@ -70,7 +71,8 @@ def test_compiled_step_matches_eager_without_recompiling(make, device: str) -> N
         compiled_step()
         ref.step()
         for o in (opt, ref):
-            o.param_groups[0]["lr"].mul_(0.7)
+            for group in o.param_groups:  # Muon has an AdamW group too, with its own lr
+                group["lr"].mul_(0.7)
         # The first call compiles; the second sees state that now exists; lr changes after that
         # (every step) must not compile again.
         assert counter.frame_count <= 2, f"recompiled at step {step}"

@@ -116,15 +116,19 @@ def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def _check_backend(backend: str, dtype: torch.dtype, config: dict[str, Any]) -> None:
+    """Newton-Schulz in float32 (float64 for float64 params) unless the config says otherwise:
+    the default depends on the CPU (bf16 where it multiplies bf16 natively)."""
     params = _params(dtype)
     twins = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
     grads = _grads(params)
-    kwargs = {"lr": 0.02, "weight_decay": 0.1, **config}
+    ns_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    kwargs = {"lr": 0.02, "weight_decay": 0.1, "ns_dtype": ns_dtype, **config}
     ours = onepass.Muon(params, backend=backend, **kwargs)
     reference = onepass.Muon(twins, backend="reference", **kwargs)
     _run(ours, params, grads)
     _run(reference, twins, grads)
-    rtol, atol = _tolerance(dtype)
+    # the looser of the params' dtype's and the Newton-Schulz dtype's tolerances
+    rtol, atol = map(max, zip(_tolerance(dtype), _tolerance(kwargs["ns_dtype"]), strict=True))
     for i, (p, q) in enumerate(zip(params, twins, strict=True)):
         torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m, i=i: f"param {i}: {m}")
         assert set(ours.state.get(p, {})) == set(reference.state.get(q, {})), i
@@ -137,7 +141,9 @@ def _check_backend(backend: str, dtype: torch.dtype, config: dict[str, Any]) -> 
 
 
 @pytest.mark.parametrize("backend", all_backends(), ids=lambda b: b.id)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str
+)
 @pytest.mark.parametrize("config", CONFIGS[:3], ids=config_id)
 def test_cpu_backends_match_the_reference(
     backend: Any, dtype: torch.dtype, config: dict[str, Any]
@@ -147,8 +153,18 @@ def test_cpu_backends_match_the_reference(
     _check_backend(backend.name, dtype, config)
 
 
+@pytest.mark.parametrize("backend", all_backends(), ids=lambda b: b.id)
+def test_bf16_newton_schulz_matches_the_reference(backend: Any) -> None:
+    """torch.optim.Muon's bfloat16 Newton-Schulz: batched here, per matrix in the reference."""
+    if backend.capability is not None:
+        onepass.set_cpu_capability(backend.capability)
+    _check_backend(backend.name, torch.float32, {"ns_dtype": torch.bfloat16})
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str
+)
 def test_triton_matches_the_reference(dtype: torch.dtype) -> None:
     _check_backend("triton", dtype, {"nesterov": True, "adjust_lr_fn": "match_rms_adamw"})
 
@@ -296,3 +312,13 @@ def test_rejects_bad_hyperparameters() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             onepass.Muon([p], **kwargs)
+
+
+def test_a_split_group_gets_its_own_tensor_lr() -> None:
+    """A scheduler that updates each group's tensor lr in place must not update it twice."""
+    lr = torch.tensor(0.02)
+    opt = onepass.Muon(
+        [torch.randn(4, 4, requires_grad=True), torch.randn(4, requires_grad=True)], lr=lr
+    )
+    muon_lr, adamw_lr = (group["lr"] for group in opt.param_groups)
+    assert muon_lr is lr and adamw_lr is not lr and float(adamw_lr) == float(lr)

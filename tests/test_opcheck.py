@@ -143,6 +143,31 @@ def test_opcheck_lion(dtype: torch.dtype, l2_decay: bool, scaled: bool, found_in
     _check(torch.ops.onepass.lion_.default, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize(
+    ("scaled", "found_inf"), [(False, 0.0), (True, 0.0), (True, 1.0)], ids=["plain", "amp", "inf"]
+)
+def test_opcheck_muon_momentum(
+    dtype: torch.dtype, nesterov: bool, scaled: bool, found_inf: float
+) -> None:
+    """Muon's momentum pass: the "params" are the update workspace's slices (written)."""
+    updates, grads, offsets = _bucket(dtype)
+    grad_scale, inf = _amp(scaled, found_inf)
+    args = (
+        updates,
+        grads,
+        torch.randn(64).to(dtype),  # momentum_buffer
+        torch.tensor([2.0, 0.0, 1.0, 4.0]),  # step
+        offsets,
+        grad_scale,
+        inf,
+        0.95,  # momentum
+        nesterov,
+    )
+    _check(torch.ops.onepass.muon_momentum_.default, args)
+
+
 def test_op_mutates_only_what_it_declares() -> None:
     """The step counts advance only for tensors with a grad; found_inf leaves everything alone."""
     params, grads, offsets = _bucket(torch.float32)

@@ -46,10 +46,23 @@ from onepass.algorithms.sgd import SGD_SPEC
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
 
+def _cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), where oneDNN's
+    bf16 matmul beats float32 (1.7x on an AVX512-BF16 EPYC); elsewhere it converts and is slower."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+#: Read once at import (torch.compile cannot trace the CPU feature queries).
+CPU_HAS_BF16_MATMUL = _cpu_has_bf16_matmul()
+
+
 def default_ns_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs (torch.optim.Muon's choice: tensor cores); float32 on the CPU, where bf16
-    matmuls are several times slower than float32 ones (bench: ``--algorithms muon``)."""
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+    """The default Newton-Schulz dtype: bfloat16 (torch.optim.Muon's) on GPUs and on CPUs with
+    native bf16 matmuls; float32 on other CPUs, where bf16 matmuls are emulated and slower."""
+    if device.type == "cpu" and not CPU_HAS_BF16_MATMUL:
+        return torch.float32
+    return torch.bfloat16
 
 
 def resolve_ns_dtype(
@@ -226,7 +239,10 @@ class _BucketView:
         self.device = bucket.device
         self.dtype = bucket.dtype
         self.table_cache: dict[str, Any] = {}
-        self.lr_tensor = bucket.lr_tensor
+        self._bucket = bucket
+
+    def lr_tensor(self, lr: float | torch.Tensor) -> torch.Tensor:
+        return self._bucket.lr_tensor(lr)
 
 
 @dataclass

@@ -37,8 +37,9 @@ class Muon(FusedOptimizer):
       ``exp_avg_sq``. Each group given is split into its Muon part (``use_muon=True``) and its
       AdamW part, so ``param_groups`` shows both.
     - Conv weights (4-D) are flattened to (out, in * kh * kw) for Newton-Schulz and lr'.
-    - ``ns_dtype``: the Newton-Schulz dtype; None picks bfloat16 on GPUs (torch's choice) and
-      float32 on the CPU, where bf16 matmuls are slower (bench, ``--algorithms muon``).
+    - ``ns_dtype``: the Newton-Schulz dtype; None picks bfloat16 (torch's choice) on GPUs and on
+      CPUs with native bf16 matmuls (AVX512-BF16, AMX), float32 on other CPUs, where bf16
+      matmuls are emulated and slower; float64 for float64 params.
     - Every same-shape matrix of a bucket is orthogonalised together in batched matmuls; the
       momentum pass before and the decay + scaled update after are one fused multi-tensor pass
       each (onepass.algorithms.muon).
@@ -116,6 +117,9 @@ class Muon(FusedOptimizer):
             if not part and (muon_part or any(is_matrix)):
                 continue  # an empty group only where the caller gave one
             group = {**param_group, "params": part, "use_muon": muon_part}
+            lr = group.get("lr", self.defaults["lr"])
+            if not muon_part and any(is_matrix) and isinstance(lr, torch.Tensor):
+                group["lr"] = lr.clone()  # its own: a scheduler updates each group's lr in place
             if not muon_part:  # AdamW's keys, as the ADAM spec reads them
                 group["betas"] = group.get("adamw_betas", self.defaults["adamw_betas"])
                 group["eps"] = group.get("adamw_eps", self.defaults["adamw_eps"])
