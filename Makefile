@@ -6,6 +6,8 @@ PYTHON ?= python3
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -q setuptools wheel pytest ruff matplotlib
+	@# The peers the bench compares Lion, NovoGrad and FAdam with (pure Python; torch is kept).
+	$(PYTHON) -m pip install -q lion-pytorch pytorch-optimizer
 	@# Triton for the Triton backend (its tests run on the CPU under TRITON_INTERPRET=1); a torch
 	@# with CUDA pins its own triton, which is kept.
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install -q triton

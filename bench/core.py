@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -79,6 +80,9 @@ class Algorithm:
     shapes: tuple[str, ...] | None = None
     #: whether to time flatten=True too (pointless where the step is per tensor anyway)
     flatten_variant: bool = True
+    #: the implementations a user would pick instead: (candidate name, "module:Class", its
+    #: hyperparameters), imported when timed (installed by `make install`; skipped if absent)
+    peers: tuple[tuple[str, str, Mapping[str, Any]], ...] = ()
 
 
 # lr is small so that thousands of steps on fixed random grads stay finite.
@@ -99,26 +103,42 @@ ALGORITHMS: Mapping[str, Algorithm] = {
     # no such argument), the same traffic: param, grad and one state slot read; param and the
     # slot written. The params differ by design (max abs dp is not a check here).
     "lion": Algorithm(
-        "Lion wd=0.1 (peer: torch SGD momentum=0.9)",
+        "Lion wd=0.1 (peer: lion-pytorch)",
         onepass.Lion,
         partial(torch.optim.SGD, momentum=0.9),
         {"lr": 1e-4, "weight_decay": 0.1},
+        baseline="lion-pytorch",
+        peers=(
+            (
+                "lion-pytorch",
+                "lion_pytorch:Lion",
+                {"lr": 1e-4, "weight_decay": 0.1, "decoupled_weight_decay": False},
+            ),
+        ),
     ),
     # NovoGrad's peer is also SGD with momentum: the same elementwise traffic plus NovoGrad's
     # second read of the grad (its per-tensor norm pass), which the spec's bytes model counts.
     "novograd": Algorithm(
-        "NovoGrad wd=0.1 (peer: torch SGD momentum=0.9)",
+        "NovoGrad wd=0.1 (peer: pytorch-optimizer)",
         onepass.NovoGrad,
         partial(torch.optim.SGD, momentum=0.9),
         {"lr": 1e-4, "weight_decay": 0.1},
+        baseline="pytorch-optimizer",
+        peers=(
+            ("pytorch-optimizer", "pytorch_optimizer:NovoGrad", {"lr": 1e-4, "weight_decay": 0.1}),
+        ),
     ),
     # FAdam keeps Adam's two param-sized slots; its peer is torch Adam (FAdam has no torch
     # class). It reads the grad three times and param / F twice (three passes: the bytes model).
     "fadam": Algorithm(
-        "FAdam wd=0.1 (peer: torch Adam)",
+        "FAdam wd=0.1 (peer: pytorch-optimizer)",
         onepass.FAdam,
         torch.optim.Adam,
         {"lr": 1e-4, "weight_decay": 0.1},
+        baseline="pytorch-optimizer",
+        peers=(
+            ("pytorch-optimizer", "pytorch_optimizer:FAdam", {"lr": 1e-4, "weight_decay": 0.1}),
+        ),
     ),
     # Muon's peer is torch.optim.Muon (no fused / foreach variants) on the matrices it steps.
     "muon": Algorithm(
@@ -173,6 +193,14 @@ def candidates(
         if b != "reference" and algorithm.flatten_variant:  # flatten=True: one flat segment
             flat = partial(algorithm.onepass_cls, **algorithm.hyper, backend=b, flatten=True)
             named.append((f"onepass {b} flatten", flat))
+    for name, target, hyper in algorithm.peers:
+        module, _, cls_name = target.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except ImportError as error:
+            log(f"  {name}: not timed, {error} (make install installs it)")
+            continue
+        named.append((name, partial(cls, **hyper)))
     named += [
         (f"torch {mode}", partial(algorithm.torch_cls, **algorithm.hyper, **flags))
         for mode, flags in algorithm.torch_modes.items()
