@@ -211,10 +211,15 @@ def test_capturable_cuda_graph_replays_with_a_changing_lr() -> None:
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_grad_scaler_step_makes_no_host_sync(backend: str) -> None:
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["unscale", "unscale-clip"])
+def test_grad_scaler_step_makes_no_host_sync(backend: str, max_grad_norm: float | None) -> None:
+    """GradScaler's unscale and skip, and with max_grad_norm the global norm and the clip, all
+    stay on the device."""
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
     model.cuda()
-    optimizer = onepass.AdamW(model.parameters(), lr=1e-3, backend=backend)
+    optimizer = onepass.AdamW(
+        model.parameters(), lr=1e-3, backend=backend, max_grad_norm=max_grad_norm
+    )
     scaler = torch.amp.GradScaler("cuda")
     x = torch.randn(16, 64, device="cuda")
     for step in range(3):

@@ -73,6 +73,7 @@ class Adam(FusedOptimizer):
         decay: str | None = None,
         backend: str = "auto",
         flatten: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         if decay is None:
             decay = "decoupled" if decoupled_weight_decay else "l2"
@@ -91,6 +92,7 @@ class Adam(FusedOptimizer):
             "decay": decay,
             "backend": backend,
             "flatten": flatten,
+            "max_grad_norm": max_grad_norm,
         }
         super().__init__(params, defaults)
 
@@ -124,6 +126,7 @@ class AdamW(Adam):
         decay: str = "decoupled",
         backend: str = "auto",
         flatten: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -140,6 +143,7 @@ class AdamW(Adam):
             decay=decay,
             backend=backend,
             flatten=flatten,
+            max_grad_norm=max_grad_norm,
         )
 
     def _decay_from_torch(self, group: Mapping[str, Any]) -> str:

@@ -26,6 +26,16 @@ class FusedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        # Optimizer-wide (the norm is global), so not a group key.
+        max_grad_norm = defaults.pop("max_grad_norm", None)
+        if max_grad_norm is not None and not float(max_grad_norm) > 0.0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0)")
+        self.max_grad_norm: float | None = None if max_grad_norm is None else float(max_grad_norm)
+        #: After each step with clipping: the global grad norm (unscaled), and whether the step
+        #: was skipped (a non-finite norm, or GradScaler's found_inf). Device tensors: no sync.
+        self.grad_norm: torch.Tensor | None = None
+        self.step_skipped: torch.Tensor | None = None
+        self._pending_clip: tuple[float, torch.Tensor] | None = None
         if defaults.get("differentiable"):
             raise ValueError("onepass: differentiable=True is not supported (use torch.optim)")
         if defaults["decay"] not in DECAY_MODES:
@@ -130,8 +140,66 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._engine.step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        clip = self._clip_for_this_step()
+        if clip is not None:
+            grad_scale, found_inf = self._fold_clip(*clip, grad_scale, found_inf)
+        self._engine.step(grad_scale, found_inf)
         return loss
+
+    # -- whole-step fusion: GradScaler unscale + global-norm clipping + the step, one pass --------
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ over this optimizer's params, fused into the next step:
+        returns the total norm of the grads as they are now (as torch's does), and the next
+        ``step()`` multiplies every grad by ``min(1, max_norm / (norm + 1e-6))`` inside its
+        update pass instead of rewriting the grads here. Under a GradScaler call it before
+        ``scaler.step(opt)`` without ``scaler.unscale_(opt)``: the step divides the norm by the
+        scale. The step reports in ``grad_norm`` / ``step_skipped`` as with ``max_grad_norm``."""
+        norm = self._total_norm(norm_type, error_if_nonfinite)
+        self._pending_clip = (float(max_norm), norm)
+        return norm
+
+    def _clip_for_this_step(self) -> tuple[float, torch.Tensor] | None:
+        if self._pending_clip is not None:
+            clip, self._pending_clip = self._pending_clip, None
+            return clip
+        if self.max_grad_norm is None:
+            return None
+        return self.max_grad_norm, self._total_norm(2.0, False)
+
+    def _total_norm(self, norm_type: float, error_if_nonfinite: bool) -> torch.Tensor:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        # torch's own reduction (per-tensor norms in one multi-tensor launch per device and
+        # dtype, then their norm): the same total as torch.nn.utils.clip_grad_norm_
+        return torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
+
+    def _fold_clip(
+        self,
+        max_norm: float,
+        norm: torch.Tensor,
+        grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clip coefficient folded into the AMP scalars the kernels already read on the
+        device: grads are multiplied by 1 / grad_scale, so grad_scale becomes scale / coef; a
+        non-finite norm raises found_inf. No host sync, no pass writing the grads."""
+        norm = norm.float()
+        if grad_scale is not None:
+            norm = norm / grad_scale.to(norm.device)  # the grads carry the loss scale
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        scale = coef.reciprocal() if grad_scale is None else grad_scale.to(norm.device) / coef
+        skip = (~torch.isfinite(norm)).float()
+        if found_inf is not None:
+            skip = torch.maximum(skip, found_inf.to(norm.device).float())
+        self.grad_norm = norm
+        self.step_skipped = skip > 0
+        return scale.reshape(()), skip.reshape(())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state_dict of this class or of the torch.optim class it replaces.

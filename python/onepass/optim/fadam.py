@@ -64,6 +64,7 @@ class FAdam(FusedOptimizer):
         maximize: bool = False,
         backend: str = "auto",
         flatten: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -78,5 +79,6 @@ class FAdam(FusedOptimizer):
             "decay": "l2",
             "backend": backend,
             "flatten": flatten,
+            "max_grad_norm": max_grad_norm,
         }
         super().__init__(params, defaults)

@@ -47,6 +47,7 @@ class Lion(FusedOptimizer):
         decay: str = "decoupled",
         backend: str = "auto",
         flatten: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -56,5 +57,6 @@ class Lion(FusedOptimizer):
             "decay": decay,
             "backend": backend,
             "flatten": flatten,
+            "max_grad_norm": max_grad_norm,
         }
         super().__init__(params, defaults)

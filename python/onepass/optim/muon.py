@@ -75,6 +75,7 @@ class Muon(FusedOptimizer):
         ns_dtype: torch.dtype | None = None,
         backend: str = "auto",
         flatten: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -92,6 +93,7 @@ class Muon(FusedOptimizer):
             "decay": "decoupled",
             "backend": backend,
             "flatten": flatten,
+            "max_grad_norm": max_grad_norm,
         }
         super().__init__(params, defaults)
 

@@ -59,6 +59,7 @@ class NovoGrad(FusedOptimizer):
         maximize: bool = False,
         backend: str = "auto",
         flatten: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -73,5 +74,6 @@ class NovoGrad(FusedOptimizer):
             "decay": "l2",
             "backend": backend,
             "flatten": flatten,
+            "max_grad_norm": max_grad_norm,
         }
         super().__init__(params, defaults)

@@ -55,6 +55,7 @@ class SGD(FusedOptimizer):
         decay: str = "l2",
         backend: str = "auto",
         flatten: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -69,6 +70,7 @@ class SGD(FusedOptimizer):
             "decay": decay,
             "backend": backend,
             "flatten": flatten,
+            "max_grad_norm": max_grad_norm,
         }
         super().__init__(params, defaults)
 
@@ -95,6 +97,7 @@ class SGDW(SGD):
         decay: str = "decoupled",
         backend: str = "auto",
         flatten: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -110,4 +113,5 @@ class SGDW(SGD):
             decay=decay,
             backend=backend,
             flatten=flatten,
+            max_grad_norm=max_grad_norm,
         )

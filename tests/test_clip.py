@@ -1,0 +1,164 @@
+"""Whole-step fusion: ``max_grad_norm=`` and ``onepass.clip_grad_norm_`` fold GradScaler's unscale
+and the global-norm clip into the step's own pass. The results equal the composition users write
+today (``scaler.unscale_`` + ``torch.nn.utils.clip_grad_norm_`` + step) on every optimizer and
+every backend this machine runs; a non-finite norm skips the step; the grads are not rewritten.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import onepass
+
+from helpers import BACKEND_NAMES
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = BACKEND_NAMES + (["triton"] if INTERPRETED else [])
+
+#: Every optimizer, with a config whose step reads the grad in every way it can (momentum,
+#: per-tensor norms, sign, Newton-Schulz).
+MAKERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "AdamW": lambda ps, **kw: onepass.AdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "Adam": lambda ps, **kw: onepass.Adam(ps, lr=1e-2, weight_decay=0.1, amsgrad=True, **kw),
+    "SGD": lambda ps, **kw: onepass.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, **kw),
+    "SGDW": lambda ps, **kw: onepass.SGDW(ps, lr=0.1, momentum=0.9, weight_decay=0.1, **kw),
+    "Lion": lambda ps, **kw: onepass.Lion(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "NovoGrad": lambda ps, **kw: onepass.NovoGrad(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "FAdam": lambda ps, **kw: onepass.FAdam(ps, lr=1e-2, **kw),
+    "Muon": lambda ps, **kw: onepass.Muon(ps, lr=2e-2, ns_dtype=torch.float32, **kw),
+}
+STEPS = 5
+MAX_NORM = 2.0
+
+
+def _params() -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    shapes = [(37,), (9, 5), (4097,), (6, 6)]
+    return [torch.randn(s, dtype=torch.float64).float().requires_grad_() for s in shapes]
+
+
+def _grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    """Norms around MAX_NORM: some steps clip, some do not."""
+    torch.manual_seed(100 + step)
+    scale = 0.005 if step % 2 else 0.05
+    return [torch.randn(p.shape) * scale for p in params]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_max_grad_norm_equals_clip_then_step(name: str, backend: str) -> None:
+    make = MAKERS[name]
+    ours = _params()
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    fused = make(ours, backend=backend, max_grad_norm=MAX_NORM)
+    plain = make(theirs, backend=backend)
+    for step in range(STEPS):
+        grads = _grads(ours, step)
+        for p, q, g in zip(ours, theirs, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        norm = torch.nn.utils.clip_grad_norm_(theirs, MAX_NORM)
+        plain.step()
+        assert fused.grad_norm is not None and fused.step_skipped is not None
+        torch.testing.assert_close(fused.grad_norm, norm, rtol=1e-6, atol=0)
+        assert not bool(fused.step_skipped)
+        for p, g in zip(ours, grads, strict=True):
+            assert torch.equal(p.grad, g), "the fused step rewrote a grad"
+    for i, (p, q) in enumerate(zip(ours, theirs, strict=True)):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6, msg=lambda m, i=i: f"{i}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_unscale_clip_and_skip_equal_the_torch_composition(backend: str) -> None:
+    """scaler.step(onepass.AdamW(max_grad_norm=...)) against scaler.unscale_ + clip_grad_norm_ +
+    scaler.step(torch.optim.AdamW), through a step with an inf grad (skipped by both, the scale
+    backs off the same way)."""
+    ours = _params()
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    fused = onepass.AdamW(ours, lr=1e-2, weight_decay=0.1, backend=backend, max_grad_norm=MAX_NORM)
+    reference = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1)
+    our_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    their_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(STEPS):
+        grads = _grads(ours, step)
+        if step == 2:
+            grads[1][0, 0] = float("inf")
+        # scaler.scale(loss).backward() leaves the grads multiplied by the scale
+        our_scale = float(our_scaler.scale(torch.tensor(1.0)))
+        their_scale = float(their_scaler.scale(torch.tensor(1.0)))
+        for p, q, g in zip(ours, theirs, grads, strict=True):
+            p.grad, q.grad = g * our_scale, g * their_scale
+        our_scaler.step(fused)
+        our_scaler.update()
+        their_scaler.unscale_(reference)
+        torch.nn.utils.clip_grad_norm_(theirs, MAX_NORM)
+        their_scaler.step(reference)
+        their_scaler.update()
+        assert bool(fused.step_skipped) == (step == 2)
+        assert our_scaler.get_scale() == their_scaler.get_scale()
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_non_finite_norm_skips_the_step(backend: str) -> None:
+    params = _params()
+    opt = onepass.SGD(params, lr=0.1, momentum=0.9, backend=backend, max_grad_norm=1.0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    params[0].grad[3] = float("nan")
+    opt.step()
+    assert bool(opt.step_skipped) and not bool(torch.isfinite(opt.grad_norm))
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p, b)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state[id(p)][k]), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_clip_grad_norm_defers_the_scaling_to_the_step(backend: str, norm_type: float) -> None:
+    """onepass.clip_grad_norm_(opt, ...) returns torch's norm and leaves the grads alone; the next
+    step applies the clip (once: the step after it does not)."""
+    ours = _params()
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    fused = onepass.Lion(ours, lr=1e-2, backend=backend)
+    plain = onepass.Lion(theirs, lr=1e-2, backend=backend)
+    fused_adam = onepass.AdamW([torch.zeros(3, requires_grad=True)])
+    assert fused_adam.max_grad_norm is None
+    for step in range(3):
+        grads = _grads(ours, step)
+        for p, q, g in zip(ours, theirs, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        if step < 2:
+            norm = onepass.clip_grad_norm_(fused, 0.1, norm_type)
+            expected = torch.nn.utils.clip_grad_norm_(theirs, 0.1, norm_type)
+            torch.testing.assert_close(norm, expected)
+            assert all(torch.equal(p.grad, g) for p, g in zip(ours, grads, strict=True))
+        fused.step()
+        plain.step()
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_max_grad_norm_must_be_positive() -> None:
+    p = torch.zeros(3, requires_grad=True)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            onepass.AdamW([p], max_grad_norm=bad)
+
+
+def test_max_grad_norm_is_not_a_group_key(tmp_path: Any) -> None:
+    """Optimizer-wide (the norm is global): not in param_groups, so state_dicts stay torch's."""
+    p = torch.zeros(3, requires_grad=True)
+    opt = onepass.AdamW([p], max_grad_norm=1.0)
+    assert "max_grad_norm" not in opt.param_groups[0]
+    torch.optim.AdamW([p]).load_state_dict(opt.state_dict())
