@@ -6,6 +6,7 @@ import gc
 import importlib
 import json
 import time
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -64,6 +65,52 @@ def load_shape_list(name: str) -> ShapeList:
     return ShapeList(data["name"], data["description"], numel, len(shapes), shapes)
 
 
+Stepper = Callable[[torch.optim.Optimizer, list[torch.Tensor]], Callable[[], object]]
+
+#: The clip of the full-step rows: big enough that gradient noise of unit variance clips.
+MAX_GRAD_NORM = 1.0
+
+
+def _amp_scaler(
+    params: list[torch.Tensor], cls: type[torch.amp.GradScaler] = torch.amp.GradScaler
+) -> torch.amp.GradScaler:
+    """A GradScaler held at scale 1 (growth never due): unscale_ then divides by 1 in every
+    timed round, the same work, and the grads stay as they are."""
+    device = params[0].device.type
+    return cls(device, init_scale=1.0, growth_interval=1 << 30)
+
+
+def fused_full_step(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> Callable[[], None]:
+    """onepass: onepass.GradScaler's step of an opt with max_grad_norm: the norm's read of the
+    grads (found_inf comes from it), then unscale, clip and step in one pass."""
+    scaler = _amp_scaler(params, onepass.GradScaler)
+    one = torch.ones((), device=params[0].device)
+
+    def step() -> None:
+        scaler.scale(one)
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
+def composed_full_step(
+    opt: torch.optim.Optimizer, params: list[torch.Tensor]
+) -> Callable[[], None]:
+    """What users write today: scaler.unscale_, clip_grad_norm_(foreach), scaler.step."""
+    scaler = _amp_scaler(params)
+    one = torch.ones((), device=params[0].device)
+
+    def step() -> None:
+        scaler.scale(one)
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM, foreach=True)
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
 @dataclass(frozen=True)
 class Algorithm:
     """One algorithm as both libraries spell it, with the hyperparameters of the bench."""
@@ -83,6 +130,11 @@ class Algorithm:
     #: the implementations a user would pick instead: (candidate name, "module:Class", its
     #: hyperparameters), imported when timed (installed by `make install`; skipped if absent)
     peers: tuple[tuple[str, str, Mapping[str, Any]], ...] = ()
+    #: what one timed call does with each optimizer (None: ``optimizer.step``): (onepass's,
+    #: torch's), each given the optimizer and its params
+    steppers: tuple[Stepper, Stepper] | None = None
+    #: bytes per element beyond the update pass's (the reads of a gradient norm, say)
+    extra_bytes_per_element: int = 0
 
 
 # lr is small so that thousands of steps on fixed random grads stay finite.
@@ -140,6 +192,15 @@ ALGORITHMS: Mapping[str, Algorithm] = {
             ("pytorch-optimizer", "pytorch_optimizer:FAdam", {"lr": 1e-4, "weight_decay": 0.1}),
         ),
     ),
+    # The full step of AMP training: GradScaler unscale + global-norm clip + AdamW.
+    "adamw-clip": Algorithm(
+        f"AdamW + GradScaler + clip {MAX_GRAD_NORM}",
+        partial(onepass.AdamW, max_grad_norm=MAX_GRAD_NORM),
+        torch.optim.AdamW,
+        {"lr": 1e-4},
+        steppers=(fused_full_step, composed_full_step),
+        extra_bytes_per_element=4,  # the norm's read of the grads
+    ),
     # Muon's peer is torch.optim.Muon (no fused / foreach variants) on the matrices it steps.
     "muon": Algorithm(
         "Muon (peer: torch.optim.Muon)",
@@ -187,7 +248,7 @@ def candidates(
     ]
     if include_reference:
         backends.append("reference")
-    named: list[tuple[str, OptimizerFactory]] = []
+    named: list[tuple[str, Callable[[list[torch.Tensor]], Any]]] = []
     for b in backends:
         named.append((f"onepass {b}", partial(algorithm.onepass_cls, **algorithm.hyper, backend=b)))
         if b != "reference" and algorithm.flatten_variant:  # flatten=True: one flat segment
@@ -205,6 +266,11 @@ def candidates(
         (f"torch {mode}", partial(algorithm.torch_cls, **algorithm.hyper, **flags))
         for mode, flags in algorithm.torch_modes.items()
     ]
+    if algorithm.steppers is not None:  # time the algorithm's stepper, not optimizer.step
+        named = [
+            (name, _stepping(make, algorithm.steppers[0 if name.startswith("onepass") else 1]))
+            for name, make in named
+        ]
     found = []
     for name, make in named:
         why = _why_not(make, device, dtype)
@@ -213,6 +279,15 @@ def candidates(
         else:
             log(f"  {name}: not timed, {why}")
     return found
+
+
+def _stepping(make: Callable[[list[torch.Tensor]], Any], stepper: Stepper) -> OptimizerFactory:
+    """A factory whose product's ``step`` is ``stepper`` around the optimizer ``make`` builds."""
+
+    def build(params: list[torch.Tensor]) -> Any:
+        return types.SimpleNamespace(step=stepper(make(params), params))
+
+    return build
 
 
 @dataclass(frozen=True)
@@ -233,7 +308,8 @@ def bytes_model(algorithm: Algorithm, device: torch.device, dtype: torch.dtype) 
     group = opt.param_groups[0]
     itemsize = probe.element_size()
     return BytesModel(
-        opt.spec.bytes_per_element(group, itemsize), len(opt.spec.active_slots(group))
+        opt.spec.bytes_per_element(group, itemsize) + algorithm.extra_bytes_per_element,
+        len(opt.spec.active_slots(group)),
     )
 
 

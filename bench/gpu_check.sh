@@ -11,10 +11,11 @@
 # sweep.log (the CUDA kernels alone at several launch shapes, bench/cuda_sweep.cu), main.log and
 # main/latest.{md,csv,png} (AdamW, SGD, SGDW fp32 on every shape list), bf16.log and bf16/latest.*
 # (AdamW in bf16), family.log and family/latest.* (Lion, NovoGrad, FAdam), muon.log and
-# muon/latest.* (Muon vs torch.optim.Muon). Copy the tables into
+# muon/latest.* (Muon vs torch.optim.Muon), clip.log and clip/latest.* (the full AMP step).
+# Copy the tables into
 # bench/GPU_RESULTS.md with the card and date.
 #
-# For a short re-check: GPU_CHECK_PHASES (default "special reference main bf16 family muon") picks
+# For a short re-check: GPU_CHECK_PHASES (default "special reference main bf16 family muon clip") picks
 # phases, GPU_CHECK_SWEEP ("ILP THREADS CHUNK_LOG2 STREAMING;...") the sweep's variants, and
 # GPU_CHECK_BUDGET (default 4) the main bench's seconds per group.
 set -uo pipefail
@@ -66,7 +67,7 @@ fi
 python3 -c "import onepass; from onepass._engine import cuda_kernels_built; print('cuda kernels:', cuda_kernels_built())" | tee -a "$out/env.txt"
 
 # One pytest process per phase, so that a crashed context (an illegal address) ends only its own.
-phases=" ${GPU_CHECK_PHASES:-special reference main bf16 family muon} "
+phases=" ${GPU_CHECK_PHASES:-special reference main bf16 family muon clip} "
 tests() {  # tests NAME TIME_LIMIT PYTEST_ARGS...
   [[ "$phases" == *" $1 "* ]] || return 0
   local name=$1 seconds
@@ -125,5 +126,7 @@ bench bf16 60 --dtype bfloat16 --algorithms adamw --shapes gpt2-small one-big --
 bench family 90 --algorithms lion novograd fadam --shapes gpt2-small many-small one-big \
   --budget 3 --rounds 10
 bench muon 60 --algorithms muon --budget 3 --rounds 10
+# The full AMP step: onepass.GradScaler + max_grad_norm vs unscale_ + clip_grad_norm_ + fused.
+bench clip 60 --algorithms adamw-clip --shapes gpt2-small one-big many-small --budget 3
 elapsed "done${failed:+: failed: ${failed[*]}}"
 [ ${#failed[@]} -eq 0 ]

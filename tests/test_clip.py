@@ -74,16 +74,20 @@ def test_max_grad_norm_equals_clip_then_step(name: str, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grad_scaler_unscale_clip_and_skip_equal_the_torch_composition(backend: str) -> None:
+@pytest.mark.parametrize("scaler_cls", [torch.amp.GradScaler, onepass.GradScaler])
+def test_grad_scaler_unscale_clip_and_skip_equal_the_torch_composition(
+    backend: str, scaler_cls: type[torch.amp.GradScaler]
+) -> None:
     """scaler.step(onepass.AdamW(max_grad_norm=...)) against scaler.unscale_ + clip_grad_norm_ +
     scaler.step(torch.optim.AdamW), through a step with an inf grad (skipped by both, the scale
-    backs off the same way)."""
+    backs off the same way), with torch's GradScaler and with onepass's (found_inf from the
+    norm: no inf check of its own)."""
     ours = _params()
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     fused = onepass.AdamW(ours, lr=1e-2, weight_decay=0.1, backend=backend, max_grad_norm=MAX_NORM)
     reference = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1)
-    our_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    their_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    our_scaler = scaler_cls("cpu", init_scale=1024.0, growth_interval=2)
+    their_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
     for step in range(STEPS):
         grads = _grads(ours, step)
         if step == 2:
@@ -100,7 +104,7 @@ def test_grad_scaler_unscale_clip_and_skip_equal_the_torch_composition(backend: 
         their_scaler.step(reference)
         their_scaler.update()
         assert bool(fused.step_skipped) == (step == 2)
-        assert our_scaler.get_scale() == their_scaler.get_scale()
+        assert our_scaler.get_scale() == their_scaler.get_scale(), step
     for p, q in zip(ours, theirs, strict=True):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
 
@@ -162,3 +166,27 @@ def test_max_grad_norm_is_not_a_group_key(tmp_path: Any) -> None:
     opt = onepass.AdamW([p], max_grad_norm=1.0)
     assert "max_grad_norm" not in opt.param_groups[0]
     torch.optim.AdamW([p]).load_state_dict(opt.state_dict())
+
+
+def test_onepass_grad_scaler_skips_its_own_inf_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a clipping onepass optimizer the grads are read for the norm only: torch's inf check
+    (which rewrites every grad) never runs; without clipping it does, as in torch."""
+    calls: list[int] = []
+    original = torch._amp_foreach_non_finite_check_and_unscale_
+
+    def counting(*args: Any) -> None:
+        calls.append(1)
+        original(*args)
+
+    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", counting)
+    params = _params()
+    for clip, expected in ((MAX_NORM, 0), (None, 1)):
+        calls.clear()
+        opt = onepass.AdamW(params, lr=1e-2, max_grad_norm=clip)
+        scaler = onepass.GradScaler("cpu")
+        scaler.scale(torch.tensor(1.0))
+        for p in params:
+            p.grad = torch.randn_like(p)
+        scaler.step(opt)
+        scaler.update()
+        assert len(calls) == expected, clip

@@ -12,6 +12,7 @@ from onepass._ops import (
     native_available,
     set_cpu_capability,
 )
+from onepass.amp import GradScaler
 from onepass.optim import SGD, SGDW, Adam, AdamW, FAdam, FusedOptimizer, Lion, Muon, NovoGrad
 
 
@@ -36,6 +37,7 @@ __all__ = [
     "AdamW",
     "FAdam",
     "FusedOptimizer",
+    "GradScaler",
     "Lion",
     "Muon",
     "NovoGrad",

@@ -163,6 +163,19 @@ class FusedOptimizer(Optimizer):
         self._pending_clip = (float(max_norm), norm)
         return norm
 
+    def clips_next_step(self) -> bool:
+        """Whether the next step clips (max_grad_norm, or clip_grad_norm_ since the last step)."""
+        return self._pending_clip is not None or self.max_grad_norm is not None
+
+    def norm_for_next_step(self) -> torch.Tensor:
+        """The total grad norm the next step clips with, computed now if it is not yet (once:
+        onepass.GradScaler reads it for found_inf, the step then reuses it)."""
+        if self._pending_clip is None:
+            if self.max_grad_norm is None:
+                raise RuntimeError("onepass: this optimizer does not clip (no max_grad_norm)")
+            self._pending_clip = (self.max_grad_norm, self._total_norm(2.0, False))
+        return self._pending_clip[1]
+
     def _clip_for_this_step(self) -> tuple[float, torch.Tensor] | None:
         if self._pending_clip is not None:
             clip, self._pending_clip = self._pending_clip, None
