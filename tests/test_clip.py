@@ -190,3 +190,15 @@ def test_onepass_grad_scaler_skips_its_own_inf_check(monkeypatch: pytest.MonkeyP
         scaler.step(opt)
         scaler.update()
         assert len(calls) == expected, clip
+
+
+def test_max_grad_norm_survives_pickling_and_state_dict_loads() -> None:
+    import copy
+    import pickle
+
+    p = torch.zeros(3, requires_grad=True)
+    opt = onepass.AdamW([p], max_grad_norm=0.5)
+    assert copy.deepcopy(opt).max_grad_norm == 0.5
+    assert pickle.loads(pickle.dumps(opt)).max_grad_norm == 0.5
+    opt.load_state_dict(torch.optim.AdamW([p]).state_dict())
+    assert opt.max_grad_norm == 0.5

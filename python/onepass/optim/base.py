@@ -89,10 +89,17 @@ class FusedOptimizer(Optimizer):
         state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
         return state_dict
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["max_grad_norm"] = self.max_grad_norm  # torch's keeps only its own fields
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         tensors = state.pop("state", {})
         super().__setstate__(state)
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.grad_norm, self.step_skipped, self._pending_clip = None, None, None
         self.state = tensors
         for group in self.param_groups:
             for key, value in self.torch_keys.items():
