@@ -294,7 +294,10 @@ def _orthogonalize(work: _Workspace, grads: list[torch.Tensor | None], s: MuonSc
                 newton_schulz(group.stack, s.ns_coefficients, s.ns_steps, s.eps, dtype, ratio)
             )
         else:  # some matrices have no grad this step: orthogonalise only the others
-            index = torch.tensor(stepped, device=group.stack.device)
+            index = torch.tensor(stepped)
+            if group.stack.device.type == "cuda":  # pinned, asynchronous: no host sync
+                index = index.pin_memory()
+            index = index.to(group.stack.device, non_blocking=True)
             ortho = newton_schulz(
                 group.stack.index_select(0, index), s.ns_coefficients, s.ns_steps, s.eps, dtype,
                 ratio,
