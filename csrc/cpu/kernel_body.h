@@ -281,25 +281,26 @@ void fadam_norms_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
   }
 }
 
+// Pass 3, vectorised (the update's math is elementwise; F^p is a SIMD sqrt for the paper's p=0.5).
 template <class S>
 void fadam_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
   using O = opmath_t<S>;
+  using VT = typename VecFor<S>::type;
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
     const Segment& seg = L.segments[chunk.segment];
-    const FAdamConsts<O> consts = fadam_consts<S>(L, chunk.segment);
-    S* const param = static_cast<S*>(seg.param) + chunk.begin;
-    const S* const grad = static_cast<const S*>(seg.grad) + chunk.begin;
-    S* const fim = static_cast<S*>(L.fim) + seg.state_offset + chunk.begin;
-    S* const momentum = static_cast<S*>(L.momentum) + seg.state_offset + chunk.begin;
-    const int64_t n = chunk.end - chunk.begin;
-    for (int64_t i = 0; i < n; ++i) {
-      O p = to_opmath(param[i]), f = to_opmath(fim[i]), m = to_opmath(momentum[i]);
-      fadam_update<O>(p, to_opmath(grad[i]), f, m, consts);
-      param[i] = from_opmath<S>(p);
-      fim[i] = from_opmath<S>(f);
-      momentum[i] = from_opmath<S>(m);
-    }
+    const cpu::FAdamSegment& k = L.scalars[chunk.segment];
+    const BothConsts<FAdamConsts, S> consts{
+        FAdamConsts<VT>::make(L.hyper, seg.step, k.eps_t, k.gn_divisor, k.wn_divisor),
+        FAdamConsts<O>::make(L.hyper, seg.step, k.eps_t, k.gn_divisor, k.wn_divisor)};
+    const int64_t at = seg.state_offset + chunk.begin;
+    S* const state[2] = {static_cast<S*>(L.fim) + at, static_cast<S*>(L.momentum) + at};
+    for_each_element<S, 2>(
+        static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
+        state, chunk.end - chunk.begin, [&](auto& p, auto g, auto* s) {
+          using T = std::remove_reference_t<decltype(p)>;
+          fadam_update<T>(p, g, s[0], s[1], consts.template get<T>());
+        });
   }
 }
 
