@@ -322,3 +322,43 @@ def test_a_split_group_gets_its_own_tensor_lr() -> None:
     )
     muon_lr, adamw_lr = (group["lr"] for group in opt.param_groups)
     assert muon_lr is lr and adamw_lr is not lr and float(adamw_lr) == float(lr)
+
+
+def test_add_param_group_and_flatten() -> None:
+    """A group added later is split like the first; flatten=True steps the same as without."""
+    torch.manual_seed(7)
+    shapes = [(12, 5), (5,), (12, 5), (3, 3)]
+    params = [torch.randn(s, requires_grad=True) for s in shapes]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    kwargs = {"lr": 0.02, "ns_dtype": torch.float32}
+    flat = onepass.Muon(params[:2], flatten=True, **kwargs)
+    flat.add_param_group({"params": params[2:], "lr": 0.01})
+    plain = onepass.Muon(twins[:2], **kwargs)
+    plain.add_param_group({"params": twins[2:], "lr": 0.01})
+    assert [(g["use_muon"], len(g["params"])) for g in flat.param_groups] == [
+        (True, 1),
+        (False, 1),
+        (True, 2),
+    ]
+    for _ in range(4):
+        for p, q in zip(params, twins, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        flat.step()
+        plain.step()
+    for p, q in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_use_muon_false_steps_matrices_with_adamw() -> None:
+    matrix = torch.randn(6, 4, requires_grad=True)
+    twin = matrix.detach().clone().requires_grad_()
+    ours = onepass.Muon([{"params": [matrix], "use_muon": False}], lr=0.01, weight_decay=0.1)
+    theirs = torch.optim.AdamW([twin], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for _ in range(3):
+        matrix.grad = torch.randn_like(matrix)
+        twin.grad = matrix.grad.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(matrix, twin, rtol=1e-6, atol=1e-7)
+    assert set(ours.state[matrix]) == {"step", "exp_avg", "exp_avg_sq"}
