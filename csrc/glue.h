@@ -118,25 +118,26 @@ using AdamEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor,
                            const std::optional<Tensor>&, Tensor, const Tensor&,
                            const std::optional<Tensor>&, const std::optional<Tensor>&,
                            const Tensor&, double, double, double, double, double, bool, bool,
-                           bool);
+                           bool, int64_t);
 using SgdEager = void (*)(at::TensorList, const EagerGrads&, const std::optional<Tensor>&, Tensor,
                           const Tensor&, const std::optional<Tensor>&,
                           const std::optional<Tensor>&, const Tensor&, double, double, double,
-                          double, bool, bool, bool);
+                          double, bool, bool, bool, int64_t);
 using LionEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor, const Tensor&,
                            const std::optional<Tensor>&, const std::optional<Tensor>&,
-                           const Tensor&, double, double, double, double, bool, bool);
+                           const Tensor&, double, double, double, double, bool, bool, int64_t);
 using MuonMomentumEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor,
                                    const Tensor&, const std::optional<Tensor>&,
                                    const std::optional<Tensor>&, double, bool);
 using NovoGradEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor,
                                const std::optional<Tensor>&, Tensor, const Tensor&,
                                const std::optional<Tensor>&, const std::optional<Tensor>&,
-                               const Tensor&, double, double, double, double, bool, bool, bool);
+                               const Tensor&, double, double, double, double, bool, bool, bool,
+                               int64_t);
 using FAdamEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor, Tensor,
                             const Tensor&, const std::optional<Tensor>&,
                             const std::optional<Tensor>&, const Tensor&, double, double, double,
-                            double, double, double, bool);
+                            double, double, double, bool, int64_t);
 struct EagerOps {
   AdamEager adam = nullptr;
   SgdEager sgd = nullptr;

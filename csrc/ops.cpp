@@ -87,7 +87,7 @@ void adam_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg,
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
               const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
               double beta2, double eps, double weight_decay, double decay_coefficient,
-              bool amsgrad, bool maximize, bool l2_decay) {
+              bool amsgrad, bool maximize, bool l2_decay, int64_t sr_seed) {
   Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
   const double lr_value = read_lr(lr);
@@ -105,6 +105,7 @@ void adam_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg,
   launch.exp_avg = exp_avg.data_ptr();
   launch.exp_avg_sq = exp_avg_sq.data_ptr();
   launch.max_exp_avg_sq = amsgrad ? max_exp_avg_sq->data_ptr() : nullptr;
+  launch.sr_seed = sr_seed;
   launch.hyper = AdamHyper{lr_value, beta1, beta2, eps, weight_decay, decay_coefficient,
                            amp.grad_scale};
   launch.amsgrad = amsgrad;
@@ -120,7 +121,7 @@ void sgd_cpu(at::TensorList params, const Grads& grads,
              const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
              const std::optional<Tensor>& found_inf, const Tensor& lr, double momentum,
              double dampening, double weight_decay, double decay_coefficient, bool nesterov,
-             bool maximize, bool l2_decay) {
+             bool maximize, bool l2_decay, int64_t sr_seed) {
   Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
   const double lr_value = read_lr(lr);
@@ -136,6 +137,7 @@ void sgd_cpu(at::TensorList params, const Grads& grads,
   launch.segments = t.segments.data();
   launch.chunks = t.chunks.data();
   launch.momentum_buffer = has_momentum ? momentum_buffer->data_ptr() : nullptr;
+  launch.sr_seed = sr_seed;
   launch.hyper = SgdHyper{lr_value, momentum, dampening, weight_decay, decay_coefficient,
                           amp.grad_scale};
   launch.momentum = has_momentum;
@@ -151,7 +153,7 @@ void lion_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor 
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
               const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
               double beta2, double weight_decay, double decay_coefficient, bool maximize,
-              bool l2_decay) {
+              bool l2_decay, int64_t sr_seed) {
   Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
   const double lr_value = read_lr(lr);
@@ -163,6 +165,7 @@ void lion_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor 
   launch.segments = t.segments.data();
   launch.chunks = t.chunks.data();
   launch.exp_avg = exp_avg.data_ptr();
+  launch.sr_seed = sr_seed;
   launch.hyper = LionHyper{lr_value, beta1, beta2, weight_decay, decay_coefficient,
                            amp.grad_scale};
   launch.l2_decay = l2_decay;
@@ -200,7 +203,7 @@ void novograd_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Ten
                   const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                   const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                   double beta2, double eps, double weight_decay, bool grad_averaging,
-                  bool amsgrad, bool maximize) {
+                  bool amsgrad, bool maximize, int64_t sr_seed) {
   Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
   const double lr_value = read_lr(lr);
@@ -221,6 +224,7 @@ void novograd_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Ten
   launch.exp_avg = exp_avg.data_ptr();
   launch.partial_sums = partial_sums.data();
   launch.denoms = denoms.data();
+  launch.sr_seed = sr_seed;
   launch.hyper = NovoGradHyper{lr_value, beta1, beta2, eps, weight_decay, amp.grad_scale,
                                grad_averaging};
   // Pass 1: per-chunk sums of squares, in parallel.
@@ -260,7 +264,7 @@ void fadam_cpu(at::TensorList params, const Grads& grads, Tensor fim, Tensor mom
                const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                double beta2, double eps, double clip, double p, double weight_decay,
-               bool maximize) {
+               bool maximize, int64_t sr_seed) {
   Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
   const double lr_value = read_lr(lr);
@@ -280,6 +284,7 @@ void fadam_cpu(at::TensorList params, const Grads& grads, Tensor fim, Tensor mom
   launch.momentum = momentum.data_ptr();
   launch.partial_sums = partial_sums.data();
   launch.scalars = scalars.data();
+  launch.sr_seed = sr_seed;
   launch.hyper = FAdamHyper{lr_value, beta1, beta2, eps, clip, p, weight_decay, amp.grad_scale};
   // Per tensor, in chunk order: deterministic whatever the thread split.
   const auto combine = [&](std::vector<double>& first, std::vector<double>& second) {
@@ -333,17 +338,17 @@ TORCH_LIBRARY(onepass, m) {
       "adam_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, Tensor(e!) step, Tensor state_offsets, Tensor? grad_scale, "
       "Tensor? found_inf, Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
-      "float decay_coefficient, bool amsgrad, bool maximize, bool l2_decay) -> ()");
+      "float decay_coefficient, bool amsgrad, bool maximize, bool l2_decay, int sr_seed) -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)? momentum_buffer, Tensor(e!) step, "
       "Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, Tensor lr, float momentum, "
       "float dampening, float weight_decay, float decay_coefficient, bool nesterov, "
-      "bool maximize, bool l2_decay) -> ()");
+      "bool maximize, bool l2_decay, int sr_seed) -> ()");
   m.def(
       "lion_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) exp_avg, Tensor(e!) step, "
       "Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, Tensor lr, float beta1, "
       "float beta2, float weight_decay, float decay_coefficient, bool maximize, "
-      "bool l2_decay) -> ()");
+      "bool l2_decay, int sr_seed) -> ()");
   m.def(
       "muon_momentum_(Tensor(a!)[] updates, Tensor?[] grads, Tensor(b!) momentum_buffer, "
       "Tensor(e!) step, Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, "
@@ -352,12 +357,12 @@ TORCH_LIBRARY(onepass, m) {
       "novograd_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) exp_avg, "
       "Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, Tensor(e!) step, Tensor state_offsets, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor lr, float beta1, float beta2, float eps, "
-      "float weight_decay, bool grad_averaging, bool amsgrad, bool maximize) -> ()");
+      "float weight_decay, bool grad_averaging, bool amsgrad, bool maximize, int sr_seed) -> ()");
   m.def(
       "fadam_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) fim, Tensor(c!) momentum, "
       "Tensor(d!) step, Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, Tensor lr, "
       "float beta1, float beta2, float eps, float clip, float p, float weight_decay, "
-      "bool maximize) -> ()");
+      "bool maximize, int sr_seed) -> ()");
   m.def("cpu_capability() -> str", &onepass::cpu_capability);
   m.def("cpu_capabilities() -> str[]", &onepass::cpu_capabilities);
   m.def("set_cpu_capability(str name) -> ()", &onepass::set_cpu_capability);
@@ -408,12 +413,12 @@ PYBIND11_MODULE(_C, m) {
          at::Tensor exp_avg_sq, const Opt& max_exp_avg_sq, at::Tensor step,
          const at::Tensor& state_offsets, const Opt& grad_scale, const Opt& found_inf,
          const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
-         double decay_coefficient, bool amsgrad, bool maximize, bool l2_decay) {
+         double decay_coefficient, bool amsgrad, bool maximize, bool l2_decay, int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::adam, exp_avg);
         py::gil_scoped_release no_gil;
         fn(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_offsets, grad_scale,
            found_inf, lr, beta1, beta2, eps, weight_decay, decay_coefficient, amsgrad, maximize,
-           l2_decay);
+           l2_decay, sr_seed);
       },
       "torch.ops.onepass.adam_ without the dispatcher (eager calls only)");
   m.def(
@@ -422,11 +427,12 @@ PYBIND11_MODULE(_C, m) {
          at::Tensor step, const at::Tensor& state_offsets, const Opt& grad_scale,
          const Opt& found_inf, const at::Tensor& lr, double momentum, double dampening,
          double weight_decay, double decay_coefficient, bool nesterov, bool maximize,
-         bool l2_decay) {
+         bool l2_decay, int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::sgd, step);
         py::gil_scoped_release no_gil;
         fn(params, grads, momentum_buffer, step, state_offsets, grad_scale, found_inf, lr,
-           momentum, dampening, weight_decay, decay_coefficient, nesterov, maximize, l2_decay);
+           momentum, dampening, weight_decay, decay_coefficient, nesterov, maximize, l2_decay,
+           sr_seed);
       },
       "torch.ops.onepass.sgd_ without the dispatcher (eager calls only)");
   m.def(
@@ -434,11 +440,12 @@ PYBIND11_MODULE(_C, m) {
       [](const std::vector<at::Tensor>& params, const EagerGrads& grads, at::Tensor exp_avg,
          at::Tensor step, const at::Tensor& state_offsets, const Opt& grad_scale,
          const Opt& found_inf, const at::Tensor& lr, double beta1, double beta2,
-         double weight_decay, double decay_coefficient, bool maximize, bool l2_decay) {
+         double weight_decay, double decay_coefficient, bool maximize, bool l2_decay,
+         int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::lion, exp_avg);
         py::gil_scoped_release no_gil;
         fn(params, grads, exp_avg, step, state_offsets, grad_scale, found_inf, lr, beta1, beta2,
-           weight_decay, decay_coefficient, maximize, l2_decay);
+           weight_decay, decay_coefficient, maximize, l2_decay, sr_seed);
       },
       "torch.ops.onepass.lion_ without the dispatcher (eager calls only)");
   m.def(
@@ -458,11 +465,12 @@ PYBIND11_MODULE(_C, m) {
          at::Tensor exp_avg_sq, const Opt& max_exp_avg_sq, at::Tensor step,
          const at::Tensor& state_offsets, const Opt& grad_scale, const Opt& found_inf,
          const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
-         bool grad_averaging, bool amsgrad, bool maximize) {
+         bool grad_averaging, bool amsgrad, bool maximize, int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::novograd, exp_avg);
         py::gil_scoped_release no_gil;
         fn(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_offsets, grad_scale,
-           found_inf, lr, beta1, beta2, eps, weight_decay, grad_averaging, amsgrad, maximize);
+           found_inf, lr, beta1, beta2, eps, weight_decay, grad_averaging, amsgrad, maximize,
+           sr_seed);
       },
       "torch.ops.onepass.novograd_ without the dispatcher (eager calls only)");
   m.def(
@@ -470,11 +478,12 @@ PYBIND11_MODULE(_C, m) {
       [](const std::vector<at::Tensor>& params, const EagerGrads& grads, at::Tensor fim,
          at::Tensor momentum, at::Tensor step, const at::Tensor& state_offsets,
          const Opt& grad_scale, const Opt& found_inf, const at::Tensor& lr, double beta1,
-         double beta2, double eps, double clip, double p, double weight_decay, bool maximize) {
+         double beta2, double eps, double clip, double p, double weight_decay, bool maximize,
+         int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::fadam, fim);
         py::gil_scoped_release no_gil;
         fn(params, grads, fim, momentum, step, state_offsets, grad_scale, found_inf, lr, beta1,
-           beta2, eps, clip, p, weight_decay, maximize);
+           beta2, eps, clip, p, weight_decay, maximize, sr_seed);
       },
       "torch.ops.onepass.fadam_ without the dispatcher (eager calls only)");
 }

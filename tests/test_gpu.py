@@ -272,3 +272,25 @@ def test_muon_matches_the_reference(backend: str, dtype: torch.dtype) -> None:
         for name, value in reference.state[q].items():
             mine = ours.state[p][name].cpu()
             assert_verbose_allclose(mine, value.cpu(), rtol, atol, f"{name} {i}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_stochastic_rounding_draws_as_the_reference(backend: str) -> None:
+    """bf16 params with stochastic_rounding=True: the GPU kernels round with the reference's
+    hash of (seed, element index), so the params match the reference backend bit for bit."""
+    torch.manual_seed(1)
+    init = [torch.randn(s, device="cuda") for s in [(64, 33), (70_001,), (37,)]]
+    grads = [[torch.randn_like(p) for p in init] for _ in range(3)]
+    results = []
+    for be in ("reference", backend):
+        torch.manual_seed(5)
+        params = [p.to(torch.bfloat16).requires_grad_() for p in init]
+        opt = onepass.AdamW(params, lr=1e-2, weight_decay=0.1, backend=be, stochastic_rounding=True)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.to(torch.bfloat16)
+            opt.step()
+        results.append([p.detach().cpu() for p in params])
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        differ = int((a != b).sum())
+        assert differ <= a.numel() // 10_000, f"param {i}: {differ} elements differ"

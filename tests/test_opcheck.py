@@ -84,6 +84,7 @@ def test_opcheck_adam(dtype: torch.dtype, amsgrad: bool, scaled: bool, found_inf
         amsgrad,
         False,  # maximize
         False,  # l2_decay
+        7 if dtype == torch.bfloat16 else -1,  # sr_seed: stochastic rounding in bf16
     )
     _check(torch.ops.onepass.adam_.default, args)
 
@@ -112,6 +113,7 @@ def test_opcheck_sgd(dtype: torch.dtype, momentum: float, scaled: bool, found_in
         momentum != 0.0,  # nesterov
         True,  # maximize
         True,  # l2_decay
+        -1,  # sr_seed: round to nearest
     )
     _check(torch.ops.onepass.sgd_.default, args)
 
@@ -139,6 +141,7 @@ def test_opcheck_lion(dtype: torch.dtype, l2_decay: bool, scaled: bool, found_in
         0.0 if l2_decay else 0.1,  # decay_coefficient (decoupled)
         not l2_decay,  # maximize
         l2_decay,
+        -1,  # sr_seed: round to nearest
     )
     _check(torch.ops.onepass.lion_.default, args)
 
@@ -174,7 +177,7 @@ def test_op_mutates_only_what_it_declares() -> None:
     exp_avg, exp_avg_sq = torch.zeros(64), torch.zeros(64)
     step = torch.tensor([2.0, 0.0, 1.0, 4.0])
     before = [p.clone() for p in params]
-    common = (torch.tensor(1e-2), 0.9, 0.999, 1e-8, 0.0, 0.0, False, False, False)
+    common = (torch.tensor(1e-2), 0.9, 0.999, 1e-8, 0.0, 0.0, False, False, False, -1)
     torch.ops.onepass.adam_(
         params, grads, exp_avg, exp_avg_sq, None, step, offsets, None, torch.tensor(1.0), *common
     )
@@ -216,6 +219,7 @@ def test_opcheck_novograd(
         amsgrad,  # grad_averaging (varied with amsgrad)
         amsgrad,
         not amsgrad,  # maximize
+        -1,  # sr_seed: round to nearest
     )
     _check(torch.ops.onepass.novograd_.default, args)
 
@@ -230,7 +234,7 @@ def test_novograd_op_mutates_only_what_it_declares() -> None:
     before = [p.clone() for p in params]
     torch.ops.onepass.novograd_(
         params, grads, exp_avg, exp_avg_sq, None, step, offsets, None, None,
-        torch.tensor(1e-2), 0.95, 0.98, 1e-8, 0.0, False, False, False,
+        torch.tensor(1e-2), 0.95, 0.98, 1e-8, 0.0, False, False, False, -1,
     )  # fmt: skip
     assert step.tolist() == [3.0, 1.0, 2.0, 4.0]
     assert torch.equal(params[3], before[3]) and exp_avg_sq[3] == 4.0
@@ -265,6 +269,7 @@ def test_opcheck_fadam(dtype: torch.dtype, maximize: bool, scaled: bool, found_i
         0.25 if maximize else 0.5,  # p
         0.1,  # weight_decay
         maximize,
+        -1,  # sr_seed: round to nearest
     )
     _check(torch.ops.onepass.fadam_.default, args)
 
@@ -279,7 +284,7 @@ def test_fadam_op_mutates_only_what_it_declares() -> None:
     before = [p.clone() for p in params]
     torch.ops.onepass.fadam_(
         params, grads, fim, momentum, step, offsets, None, None,
-        torch.tensor(1e-2), 0.9, 0.999, 1e-8, 1.0, 0.5, 0.1, False,
+        torch.tensor(1e-2), 0.9, 0.999, 1e-8, 1.0, 0.5, 0.1, False, -1,
     )  # fmt: skip
     assert step.tolist() == [3.0, 1.0, 2.0, 4.0]
     assert torch.equal(params[3], before[3])

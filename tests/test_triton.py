@@ -512,9 +512,9 @@ _COMPILE_CHECK = textwrap.dedent(
 
     NAMES = {tl.float32: "fp32", tl.float64: "fp64", tl.bfloat16: "bf16", tl.float16: "fp16"}
     FLAGS = {
-        adam_kernel: ("AMSGRAD", "L2_DECAY"),
-        sgd_kernel: ("MOMENTUM", "NESTEROV", "L2_DECAY"),
-        lion_kernel: ("L2_DECAY",),
+        adam_kernel: ("AMSGRAD", "L2_DECAY", "SR"),
+        sgd_kernel: ("MOMENTUM", "NESTEROV", "L2_DECAY", "SR"),
+        lion_kernel: ("L2_DECAY", "SR"),
     }
     VARIANTS = [(dtype, True) for dtype in NAMES] + [(tl.float32, False), (tl.bfloat16, False)]
     for dtype, on in VARIANTS:  # every flag on; then every flag off
@@ -584,6 +584,8 @@ _NOVOGRAD_COMPILE_CHECK = textwrap.dedent(
                     constexprs["OPMATH"] = opmath
                 if "SCALAR" in names:
                     constexprs.update(SCALAR=opmath, AMSGRAD=on)
+                if "SR" in names:
+                    constexprs["SR"] = on
                 signature, attrs = {}, {}
                 for i, name in enumerate(names):
                     if name in constexprs:
@@ -652,6 +654,8 @@ _FADAM_COMPILE_CHECK = textwrap.dedent(
                 names = list(inspect.signature(kernel.fn).parameters)
                 if "OPMATH" in names:
                     constexprs.update(OPMATH=opmath, SQRT_POWER=on)
+                if "SR" in names:
+                    constexprs["SR"] = on
                 signature, attrs = {}, {}
                 for i, name in enumerate(names):
                     if name in constexprs:

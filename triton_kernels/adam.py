@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from onepass.algorithms import base
 from onepass.algorithms.adam import AdamScalars
 from onepass.triton_kernels import common
 from onepass.triton_kernels.common import (
@@ -30,6 +31,7 @@ from onepass.triton_kernels.common import (
     op_div,
     op_max,
     op_sqrt,
+    param_to_storage,
     prepare,
     tl_dtypes,
     to_storage,
@@ -148,10 +150,12 @@ def adam_chunk(
     grad_scale,
     step_size,
     inv_bias_correction2_sqrt,
+    sr_seed,
     DTYPE: tl.constexpr,
     OPMATH: tl.constexpr,
     AMSGRAD: tl.constexpr,
     L2_DECAY: tl.constexpr,
+    SR: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -192,7 +196,7 @@ def adam_chunk(
             AMSGRAD,
             L2_DECAY,
         )
-        tl.store(param_ptr + offsets, to_storage(p, DTYPE), mask=mask)
+        tl.store(param_ptr + offsets, param_to_storage(p, DTYPE, state, sr_seed, SR), mask=mask)
         tl.store(exp_avg_ptr + state, to_storage(m, DTYPE), mask=mask)
         tl.store(exp_avg_sq_ptr + state, to_storage(v, DTYPE), mask=mask)
         if AMSGRAD:
@@ -208,6 +212,7 @@ def adam_chunk(
         "weight_decay_bits",
         "decay_factor_bits",
         "grad_sign_bits",
+        "sr_seed",
     ]
 )
 def adam_kernel(
@@ -227,10 +232,12 @@ def adam_kernel(
     weight_decay_bits,
     decay_factor_bits,
     grad_sign_bits,
+    sr_seed,
     DTYPE: tl.constexpr,
     OPMATH: tl.constexpr,
     AMSGRAD: tl.constexpr,
     L2_DECAY: tl.constexpr,
+    SR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -291,10 +298,12 @@ def adam_kernel(
                 grad_scale,
                 step_size,
                 inv_bias_correction2_sqrt,
+                sr_seed,
                 DTYPE,
                 OPMATH,
                 AMSGRAD,
                 L2_DECAY,
+                SR,
                 False,
                 BLOCK,
                 CHUNK,
@@ -319,10 +328,12 @@ def adam_kernel(
                 grad_scale,
                 step_size,
                 inv_bias_correction2_sqrt,
+                sr_seed,
                 DTYPE,
                 OPMATH,
                 AMSGRAD,
                 L2_DECAY,
+                SR,
                 True,
                 BLOCK,
                 CHUNK,
@@ -344,6 +355,7 @@ def launch(
     if table is None:
         return
     storage, opmath = tl_dtypes(bucket.dtype)
+    seed = base.sr_seed(group, bucket.dtype)  # -1: round the params to nearest
     exp_avg = bucket.buffers["exp_avg"]
     exp_avg_sq = bucket.buffers["exp_avg_sq"]
     max_exp_avg_sq = bucket.buffers.get("max_exp_avg_sq") if s.amsgrad else None
@@ -366,10 +378,12 @@ def launch(
         f64_bits(s.weight_decay),
         f64_bits(s.decay_factor),
         f64_bits(-1.0 if s.maximize else 1.0),
+        seed,
         DTYPE=storage,
         OPMATH=opmath,
         AMSGRAD=s.amsgrad,
         L2_DECAY=s.l2_decay,
+        SR=seed >= 0,
         HAS_GRAD_SCALE=scale is not None,
         HAS_FOUND_INF=inf is not None,
         ALIGNED=table.aligned,

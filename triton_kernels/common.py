@@ -135,6 +135,51 @@ def to_storage(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def sr_hash(index, seed):
+    """hash32(seed, index) of math.h / the reference's ``sr_hash``: a uint32 per element of the
+    int64 ``index`` (a state index, so the same element gets the same bits in every backend).
+
+    Every operand is uint32, so products wrap and shifts are logical, compiled and interpreted.
+    """
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = ((index >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    x = lo * tl.full((), 0x9E3779B1, tl.uint32)
+    x ^= hi * tl.full((), 0x85EBCA77, tl.uint32)
+    x ^= seed.to(tl.uint32) * tl.full((), 0xC2B2AE3D, tl.uint32)
+    x ^= x >> 16
+    x = x * tl.full((), 0x7FEB352D, tl.uint32)
+    x ^= x >> 15
+    x = x * tl.full((), 0x846CA68B, tl.uint32)
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def param_to_storage(x, DTYPE: tl.constexpr, index, seed, SR: tl.constexpr):
+    """Rounds an opmath param value to the storage dtype: :func:`to_storage` (to nearest), or
+    with ``SR`` and a bf16 ``DTYPE`` (the launcher sets SR when the group's seed is >= 0, only
+    possible for bf16) stochastically; ``index`` is the element's state index.
+
+    Stochastic rounding adds 16 random bits (:func:`sr_hash` of ``index`` and ``seed``) below the
+    bf16 mantissa and truncates, so the stored value is unbiased: small updates a bf16 param
+    would round away still move it on average. A carry into the exponent is intended (it rounds
+    up to the next binade). inf and nan round to nearest, as the reference's ``store_param``:
+    the add would turn an inf into a nan.
+    """
+    r = to_storage(x, DTYPE)
+    # Nested, not ``and``: the dtype test must stay a compile-time branch, so a wider dtype
+    # never compiles the bf16 bit manipulation, even where SR arrives as a runtime value.
+    if DTYPE == tl.bfloat16:  # noqa: SIM102, SIM300 (DTYPE is a constexpr argument)
+        if SR:
+            bits = x.to(tl.uint32, bitcast=True)
+            noise = sr_hash(index, seed) & 0xFFFF
+            rounded = ((bits + noise) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            finite = (bits & 0x7F800000) != 0x7F800000
+            r = tl.where(finite, rounded, r)
+    return r
+
+
+@triton.jit
 def load_segment(segments, chunks, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """This program's chunk: (segment row, first element, param pointer, grad pointer, numel,
     state offset, step index, number of programs of the segment).

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from onepass.algorithms import base
 from onepass.algorithms.fadam import FAdamScalars
 from onepass.triton_kernels import common
 from onepass.triton_kernels.common import (
@@ -30,6 +31,7 @@ from onepass.triton_kernels.common import (
     load_segment,
     op_div,
     op_sqrt,
+    param_to_storage,
     prepare,
     tl_dtypes,
     to_storage,
@@ -196,6 +198,7 @@ def fadam_norms_kernel(
         "power_bits",
         "weight_decay_bits",
         "grad_sign_bits",
+        "sr_seed",
     ]
 )
 def fadam_kernel(
@@ -214,9 +217,11 @@ def fadam_kernel(
     power_bits,
     weight_decay_bits,
     grad_sign_bits,
+    sr_seed,
     DTYPE: tl.constexpr,
     OPMATH: tl.constexpr,
     SQRT_POWER: tl.constexpr,
+    SR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -257,7 +262,7 @@ def fadam_kernel(
             m = beta1 * m + one_minus_beta1 * gn
             wn = op_div(op_div(p, den), wn_divisor)
             p = p - lr * (m + weight_decay * wn)
-            tl.store(param_ptr + offsets, to_storage(p, DTYPE), mask=mask)
+            tl.store(param_ptr + offsets, param_to_storage(p, DTYPE, state, sr_seed, SR), mask=mask)
             tl.store(fim_ptr + state, to_storage(f, DTYPE), mask=mask)
             tl.store(momentum_ptr + state, to_storage(m, DTYPE), mask=mask)
         advance_step(step_ptr, done_ptr, row, step_index, programs, t)
@@ -277,6 +282,7 @@ def launch(
     if table is None:
         return
     storage, opmath = tl_dtypes(bucket.dtype)
+    seed = base.sr_seed(group, bucket.dtype)  # -1: round the params to nearest
     scale = amp_tensor(grad_scale, bucket.device)
     inf = amp_tensor(found_inf, bucket.device)
     num_segments = table.segments.shape[0]
@@ -308,7 +314,7 @@ def launch(
     fadam_kernel[grid](
         table.segments, table.chunks, bucket.buffers["fim"], bucket.buffers["momentum"],
         bucket.step, table.done, scalars, scale_arg, inf_arg, f64_bits(s.lr), f64_bits(s.beta1),
-        f64_bits(s.beta2), f64_bits(s.p), f64_bits(s.weight_decay), grad_sign, DTYPE=storage,
-        OPMATH=opmath, SQRT_POWER=s.p == 0.5, **amp,
+        f64_bits(s.beta2), f64_bits(s.p), f64_bits(s.weight_decay), grad_sign, seed,
+        DTYPE=storage, OPMATH=opmath, SQRT_POWER=s.p == 0.5, SR=seed >= 0, **amp,
     )  # fmt: skip
     prepared.finish()

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from onepass.algorithms import base
 from onepass.algorithms.lion import LionScalars
 from onepass.triton_kernels import common
 from onepass.triton_kernels.common import (
@@ -26,6 +27,7 @@ from onepass.triton_kernels.common import (
     amp_tensor,
     f64_bits,
     load_segment,
+    param_to_storage,
     prepare,
     tl_dtypes,
     to_storage,
@@ -111,9 +113,11 @@ def lion_chunk(
     weight_decay,
     decay_factor,
     grad_scale,
+    sr_seed,
     DTYPE: tl.constexpr,
     OPMATH: tl.constexpr,
     L2_DECAY: tl.constexpr,
+    SR: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -145,7 +149,7 @@ def lion_chunk(
             grad_scale,
             L2_DECAY,
         )
-        tl.store(param_ptr + offsets, to_storage(p, DTYPE), mask=mask)
+        tl.store(param_ptr + offsets, param_to_storage(p, DTYPE, state, sr_seed, SR), mask=mask)
         tl.store(exp_avg_ptr + state, to_storage(m, DTYPE), mask=mask)
 
 
@@ -157,6 +161,7 @@ def lion_chunk(
         "weight_decay_bits",
         "decay_factor_bits",
         "grad_sign_bits",
+        "sr_seed",
     ]
 )
 def lion_kernel(
@@ -173,9 +178,11 @@ def lion_kernel(
     weight_decay_bits,
     decay_factor_bits,
     grad_sign_bits,
+    sr_seed,
     DTYPE: tl.constexpr,
     OPMATH: tl.constexpr,
     L2_DECAY: tl.constexpr,
+    SR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -229,9 +236,11 @@ def lion_kernel(
                 weight_decay,
                 decay_factor,
                 grad_scale,
+                sr_seed,
                 DTYPE,
                 OPMATH,
                 L2_DECAY,
+                SR,
                 False,
                 BLOCK,
                 CHUNK,
@@ -252,9 +261,11 @@ def lion_kernel(
                 weight_decay,
                 decay_factor,
                 grad_scale,
+                sr_seed,
                 DTYPE,
                 OPMATH,
                 L2_DECAY,
+                SR,
                 True,
                 BLOCK,
                 CHUNK,
@@ -276,6 +287,7 @@ def launch(
     if table is None:
         return
     storage, opmath = tl_dtypes(bucket.dtype)
+    seed = base.sr_seed(group, bucket.dtype)  # -1: round the params to nearest
     scale = amp_tensor(grad_scale, bucket.device)
     inf = amp_tensor(found_inf, bucket.device)
     lion_kernel[(table.num_chunks,)](
@@ -292,9 +304,11 @@ def launch(
         f64_bits(s.weight_decay),
         f64_bits(s.decay_factor),
         f64_bits(-1.0 if s.maximize else 1.0),
+        seed,
         DTYPE=storage,
         OPMATH=opmath,
         L2_DECAY=s.l2_decay,
+        SR=seed >= 0,
         HAS_GRAD_SCALE=scale is not None,
         HAS_FOUND_INF=inf is not None,
         ALIGNED=table.aligned,

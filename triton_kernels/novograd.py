@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from onepass.algorithms import base
 from onepass.algorithms.novograd import NovoGradScalars
 from onepass.triton_kernels import common
 from onepass.triton_kernels.common import (
@@ -27,6 +28,7 @@ from onepass.triton_kernels.common import (
     load_segment,
     op_div,
     op_max,
+    param_to_storage,
     prepare,
     tl_dtypes,
     to_storage,
@@ -125,9 +127,9 @@ def novograd_reduce_kernel(
 
 @triton.jit
 def novograd_chunk(param_ptr, grad_ptr, exp_avg_ptr, start, numel, state_offset, first, lr,
-                   beta1, update_scale, weight_decay, denom, grad_scale, DTYPE: tl.constexpr,
-                   OPMATH: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
-                   CHUNK: tl.constexpr):  # fmt: skip
+                   beta1, update_scale, weight_decay, denom, grad_scale, sr_seed,
+                   DTYPE: tl.constexpr, OPMATH: tl.constexpr, SR: tl.constexpr,
+                   MASKED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
     """Elements [start, start + CHUNK) of one tensor, in tiles of BLOCK (masked if MASKED)."""
     for i in range(0, CHUNK, BLOCK):
         offsets = start + i + tl.arange(0, BLOCK)
@@ -144,7 +146,7 @@ def novograd_chunk(param_ptr, grad_ptr, exp_avg_ptr, start, numel, state_offset,
         p, m = novograd_update(
             p, g, m, first, lr, beta1, update_scale, weight_decay, denom, grad_scale
         )
-        tl.store(param_ptr + offsets, to_storage(p, DTYPE), mask=mask)
+        tl.store(param_ptr + offsets, param_to_storage(p, DTYPE, state, sr_seed, SR), mask=mask)
         tl.store(exp_avg_ptr + state, to_storage(m, DTYPE), mask=mask)
 
 
@@ -155,6 +157,7 @@ def novograd_chunk(param_ptr, grad_ptr, exp_avg_ptr, start, numel, state_offset,
         "update_scale_bits",
         "weight_decay_bits",
         "grad_sign_bits",
+        "sr_seed",
     ]
 )
 def novograd_kernel(
@@ -171,8 +174,10 @@ def novograd_kernel(
     update_scale_bits,
     weight_decay_bits,
     grad_sign_bits,
+    sr_seed,
     DTYPE: tl.constexpr,
     OPMATH: tl.constexpr,
+    SR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -197,12 +202,12 @@ def novograd_kernel(
         # A full chunk runs unmasked (vector accesses); a tensor's last, partial one masked.
         if start + CHUNK <= numel:
             novograd_chunk(param_ptr, grad_ptr, exp_avg_ptr, start, numel, state_offset, first,
-                           lr, beta1, update_scale, weight_decay, denom, grad_scale, DTYPE,
-                           OPMATH, False, BLOCK, CHUNK)  # fmt: skip
+                           lr, beta1, update_scale, weight_decay, denom, grad_scale, sr_seed,
+                           DTYPE, OPMATH, SR, False, BLOCK, CHUNK)  # fmt: skip
         else:
             novograd_chunk(param_ptr, grad_ptr, exp_avg_ptr, start, numel, state_offset, first,
-                           lr, beta1, update_scale, weight_decay, denom, grad_scale, DTYPE,
-                           OPMATH, True, BLOCK, CHUNK)  # fmt: skip
+                           lr, beta1, update_scale, weight_decay, denom, grad_scale, sr_seed,
+                           DTYPE, OPMATH, SR, True, BLOCK, CHUNK)  # fmt: skip
         advance_step(step_ptr, done_ptr, row, step_index, programs, t)
 
 
@@ -220,6 +225,7 @@ def launch(
     if table is None:
         return
     storage, opmath = tl_dtypes(bucket.dtype)
+    seed = base.sr_seed(group, bucket.dtype)  # -1: round the params to nearest
     scalar_dtype = tl.float64 if bucket.dtype == torch.float64 else tl.float32
     scale = amp_tensor(grad_scale, bucket.device)
     inf = amp_tensor(found_inf, bucket.device)
@@ -273,8 +279,10 @@ def launch(
         f64_bits(s.update_scale),
         f64_bits(s.weight_decay),
         grad_sign,
+        seed,
         DTYPE=storage,
         OPMATH=opmath,
+        SR=seed >= 0,
         **amp,
     )
     prepared.finish()

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from onepass.algorithms import base
 from onepass.algorithms.sgd import SgdScalars
 from onepass.triton_kernels import common
 from onepass.triton_kernels.common import (
@@ -27,6 +28,7 @@ from onepass.triton_kernels.common import (
     amp_tensor,
     f64_bits,
     load_segment,
+    param_to_storage,
     prepare,
     tl_dtypes,
     to_storage,
@@ -115,11 +117,13 @@ def sgd_chunk(
     weight_decay,
     decay_factor,
     grad_scale,
+    sr_seed,
     DTYPE: tl.constexpr,
     OPMATH: tl.constexpr,
     MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     L2_DECAY: tl.constexpr,
+    SR: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -154,7 +158,7 @@ def sgd_chunk(
             NESTEROV,
             L2_DECAY,
         )
-        tl.store(param_ptr + offsets, to_storage(p, DTYPE), mask=mask)
+        tl.store(param_ptr + offsets, param_to_storage(p, DTYPE, state, sr_seed, SR), mask=mask)
         if MOMENTUM:
             tl.store(momentum_buffer_ptr + state, to_storage(buf, DTYPE), mask=mask)
 
@@ -167,6 +171,7 @@ def sgd_chunk(
         "weight_decay_bits",
         "decay_factor_bits",
         "grad_sign_bits",
+        "sr_seed",
     ]
 )
 def sgd_kernel(
@@ -183,11 +188,13 @@ def sgd_kernel(
     weight_decay_bits,
     decay_factor_bits,
     grad_sign_bits,
+    sr_seed,
     DTYPE: tl.constexpr,
     OPMATH: tl.constexpr,
     MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     L2_DECAY: tl.constexpr,
+    SR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -231,11 +238,13 @@ def sgd_kernel(
                 weight_decay,
                 decay_factor,
                 grad_scale,
+                sr_seed,
                 DTYPE,
                 OPMATH,
                 MOMENTUM,
                 NESTEROV,
                 L2_DECAY,
+                SR,
                 False,
                 BLOCK,
                 CHUNK,
@@ -255,11 +264,13 @@ def sgd_kernel(
                 weight_decay,
                 decay_factor,
                 grad_scale,
+                sr_seed,
                 DTYPE,
                 OPMATH,
                 MOMENTUM,
                 NESTEROV,
                 L2_DECAY,
+                SR,
                 True,
                 BLOCK,
                 CHUNK,
@@ -281,6 +292,7 @@ def launch(
     if table is None:
         return
     storage, opmath = tl_dtypes(bucket.dtype)
+    seed = base.sr_seed(group, bucket.dtype)  # -1: round the params to nearest
     has_momentum = s.momentum != 0.0
     momentum_buffer = bucket.buffers.get("momentum_buffer") if has_momentum else None
     scale = amp_tensor(grad_scale, bucket.device)
@@ -299,11 +311,13 @@ def launch(
         f64_bits(s.weight_decay),
         f64_bits(s.decay_factor),
         f64_bits(-1.0 if s.maximize else 1.0),
+        seed,
         DTYPE=storage,
         OPMATH=opmath,
         MOMENTUM=has_momentum,
         NESTEROV=s.nesterov,
         L2_DECAY=s.l2_decay,
+        SR=seed >= 0,
         HAS_GRAD_SCALE=scale is not None,
         HAS_FOUND_INF=inf is not None,
         ALIGNED=table.aligned,

@@ -19,6 +19,7 @@ struct AdamLaunch {
   AdamHyper hyper;
   bool amsgrad;
   bool l2_decay;
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
 };
 
 struct SgdLaunch {
@@ -30,6 +31,7 @@ struct SgdLaunch {
   bool momentum;
   bool nesterov;
   bool l2_decay;
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
 };
 
 struct LionLaunch {
@@ -39,6 +41,7 @@ struct LionLaunch {
   void* exp_avg;
   LionHyper hyper;
   bool l2_decay;
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
 };
 
 // Muon's momentum pass: the table's "param" of each segment is the tensor's slice of the update
@@ -63,6 +66,7 @@ struct NovoGradLaunch {
   double* partial_sums;  // one per chunk: sum of g^2 in double (reduce pass output)
   const double* denoms;  // one per segment: sqrt(v) + eps (update pass input)
   NovoGradHyper hyper;
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
 };
 
 // FAdam runs three passes over the same table: fadam_reduce writes each chunk's sum of raw g^2;
@@ -84,6 +88,7 @@ struct FAdamLaunch {
   double* partial_sums;          // 2 per chunk: [sum g^2, unused] (reduce) / [gn^2, wn^2] (norms)
   const FAdamSegment* scalars;   // one per segment
   FAdamHyper hyper;
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
 };
 
 // One instruction-set build of the kernels. Each processes chunks [begin, end) of its launch.

@@ -14,7 +14,8 @@ inline namespace ONEPASS_CAPABILITY {
 // all in opmath registers (a vector in the main loop, a scalar in the tail).
 template <class S, int kSlots, class Fn>
 ONEPASS_INLINE void for_each_element(S* __restrict param, const S* __restrict grad,
-                                     S* const* state, int64_t n, const Fn& fn) {
+                                     S* const* state, int64_t n, const Fn& fn,
+                                     const ParamRounding& rounding = {}) {
   using V = VecFor<S>;
   constexpr int64_t kPrefetch = 256 / sizeof(S);  // 4 lines ahead: measured best here
   int64_t i = 0;
@@ -30,7 +31,19 @@ ONEPASS_INLINE void for_each_element(S* __restrict param, const S* __restrict gr
       typename V::type s[kSlots > 0 ? kSlots : 1];
       for (int k = 0; k < kSlots; ++k) s[k] = V::load(state[k] + i);
       fn(p, g, s);
-      V::store(param + i, p);
+      if constexpr (std::is_same_v<S, bf16_t>) {
+        if (rounding.seed >= 0) {  // stochastic rounding: lane by lane (an option, not the norm)
+          alignas(64) float lanes[V::kWidth];
+          VecFor<float>::store(lanes, p);
+          for (int k = 0; k < V::kWidth; ++k) {
+            param[i + k] = param_from_opmath<S>(lanes[k], rounding, i + k);
+          }
+        } else {
+          V::store(param + i, p);
+        }
+      } else {
+        V::store(param + i, p);
+      }
       for (int k = 0; k < kSlots; ++k) V::store(state[k] + i, s[k]);
     }
   }
@@ -40,7 +53,7 @@ ONEPASS_INLINE void for_each_element(S* __restrict param, const S* __restrict gr
     opmath_t<S> s[kSlots > 0 ? kSlots : 1];
     for (int k = 0; k < kSlots; ++k) s[k] = to_opmath(state[k][i]);
     fn(p, g, s);
-    param[i] = from_opmath<S>(p);
+    param[i] = param_from_opmath<S>(p, rounding, i);
     for (int k = 0; k < kSlots; ++k) state[k][i] = from_opmath<S>(s[k]);
   }
 }
@@ -86,7 +99,8 @@ void adam_chunks(const cpu::AdamLaunch& L, int64_t begin, int64_t end) {
             T no_max = s[1];
             adam_update<false, kL2Decay>(p, g, s[0], s[1], no_max, consts.template get<T>());
           }
-        });
+        },
+        ParamRounding{at, L.sr_seed});
   }
 }
 
@@ -101,7 +115,8 @@ void sgd_chunk(const cpu::SgdLaunch& L, const Chunk& chunk, const BothConsts<Sgd
       state, chunk.end - chunk.begin, [&](auto& p, auto g, auto* s) {
         using T = std::remove_reference_t<decltype(p)>;
         sgd_update<kMomentum, kNesterov, kFirst, kL2Decay>(p, g, s[0], consts.template get<T>());
-      });
+      },
+      ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
 }
 
 template <class S, bool kL2Decay>
@@ -143,7 +158,8 @@ void lion_chunks(const cpu::LionLaunch& L, int64_t begin, int64_t end) {
         state, chunk.end - chunk.begin, [&](auto& p, auto g, auto* s) {
           using T = std::remove_reference_t<decltype(p)>;
           lion_update<kL2Decay>(p, g, s[0], consts.template get<T>());
-        });
+        },
+        ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
   }
 }
 
@@ -217,10 +233,13 @@ void novograd_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
     const S* const grad = static_cast<const S*>(seg.grad) + chunk.begin;
     const int64_t n = chunk.end - chunk.begin;
     auto step = [&]<bool kFirst>() {
-      for_each_element<S, 1>(param, grad, state, n, [&](auto& p, auto g, auto* s) {
-        using T = std::remove_reference_t<decltype(p)>;
-        novograd_update<kFirst>(p, g, s[0], consts.template get<T>());
-      });
+      for_each_element<S, 1>(
+          param, grad, state, n,
+          [&](auto& p, auto g, auto* s) {
+            using T = std::remove_reference_t<decltype(p)>;
+            novograd_update<kFirst>(p, g, s[0], consts.template get<T>());
+          },
+          ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
     };
     seg.step == 1.0 ? step.template operator()<true>() : step.template operator()<false>();
   }
@@ -300,7 +319,8 @@ void fadam_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
         state, chunk.end - chunk.begin, [&](auto& p, auto g, auto* s) {
           using T = std::remove_reference_t<decltype(p)>;
           fadam_update<T>(p, g, s[0], s[1], consts.template get<T>());
-        });
+        },
+        ParamRounding{at, L.sr_seed});
   }
 }
 

@@ -54,6 +54,7 @@ struct AdamLaunch {
   AdamHyper hyper;
   bool amsgrad;
   bool l2_decay;
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
 };
 
 struct SgdLaunch {
@@ -65,6 +66,7 @@ struct SgdLaunch {
   bool momentum;
   bool nesterov;
   bool l2_decay;
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
 };
 
 struct LionLaunch {
@@ -74,6 +76,7 @@ struct LionLaunch {
   void* exp_avg;
   LionHyper hyper;
   bool l2_decay;
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
 };
 
 // Muon's momentum pass: each segment's "param" is its slice of the update workspace (written).
@@ -102,6 +105,7 @@ struct NovoGradLaunch {
   int64_t num_segments;
   NovoGradHyper hyper;
   bool amsgrad;
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
 };
 
 // FAdam: five kernels on one stream, no host sync. (1) one block per chunk writes the chunk's sum
@@ -120,6 +124,7 @@ struct FAdamLaunch {
   double* wn_divisor;    // one per segment
   int64_t num_segments;
   FAdamHyper hyper;
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
 };
 
 cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream);

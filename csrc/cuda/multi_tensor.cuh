@@ -60,7 +60,8 @@ __device__ __forceinline__ void store_pack(S* base, int64_t i, const Pack<S>& va
 template <class S, int kSlots, class Fn>
 __device__ __forceinline__ void for_each_element(S* __restrict__ param,
                                                  const S* __restrict__ grad, S* const* state,
-                                                 int64_t n, const Fn& fn) {
+                                                 int64_t n, const Fn& fn,
+                                                 const ParamRounding& rounding = {}) {
   using O = opmath_t<S>;
   constexpr int kSlotsArr = kSlots > 0 ? kSlots : 1;
   constexpr int V = Pack<S>::kSize;
@@ -94,7 +95,7 @@ __device__ __forceinline__ void for_each_element(S* __restrict__ param,
 #pragma unroll
           for (int k = 0; k < kSlots; ++k) so[k] = to_opmath(s[u][k].v[e]);
           fn(po, to_opmath(g[u].v[e]), so);
-          p[u].v[e] = from_opmath<S>(po);
+          p[u].v[e] = param_from_opmath<S>(po, rounding, i * V + e);
 #pragma unroll
           for (int k = 0; k < kSlots; ++k) s[u][k].v[e] = from_opmath<S>(so[k]);
         }
@@ -111,7 +112,7 @@ __device__ __forceinline__ void for_each_element(S* __restrict__ param,
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) so[k] = to_opmath(state[k][i]);
     fn(po, to_opmath(grad[i]), so);
-    param[i] = from_opmath<S>(po);
+    param[i] = param_from_opmath<S>(po, rounding, i);
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) state[k][i] = from_opmath<S>(so[k]);
   }

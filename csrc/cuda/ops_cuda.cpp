@@ -110,7 +110,7 @@ void adam_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg,
                const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                double beta2, double eps, double weight_decay, double decay_coefficient,
-               bool amsgrad, bool maximize, bool l2_decay) {
+               bool amsgrad, bool maximize, bool l2_decay, int64_t sr_seed) {
   const at::Device device = exp_avg.device();
   TORCH_CHECK(device.is_cuda(), "onepass: the CUDA adam_ needs CUDA state buffers");
   const c10::cuda::CUDAGuard guard(device);
@@ -130,6 +130,7 @@ void adam_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg,
   launch.exp_avg = exp_avg.data_ptr();
   launch.exp_avg_sq = exp_avg_sq.data_ptr();
   launch.max_exp_avg_sq = amsgrad ? max_exp_avg_sq->data_ptr() : nullptr;
+  launch.sr_seed = sr_seed;
   launch.hyper = AdamHyper{host_lr, beta1, beta2, eps, weight_decay, decay_coefficient,
                            maximize ? -1.0 : 1.0};
   launch.amsgrad = amsgrad;
@@ -145,7 +146,7 @@ void sgd_cuda(at::TensorList params, const Grads& grads,
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
               const std::optional<Tensor>& found_inf, const Tensor& lr, double momentum,
               double dampening, double weight_decay, double decay_coefficient, bool nesterov,
-              bool maximize, bool l2_decay) {
+              bool maximize, bool l2_decay, int64_t sr_seed) {
   const at::Device device = step.device();
   TORCH_CHECK(device.is_cuda(), "onepass: the CUDA sgd_ needs a CUDA step tensor");
   const c10::cuda::CUDAGuard guard(device);
@@ -166,6 +167,7 @@ void sgd_cuda(at::TensorList params, const Grads& grads,
   double host_lr = 0.0;
   launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
   launch.momentum_buffer = has_momentum ? momentum_buffer->data_ptr() : nullptr;
+  launch.sr_seed = sr_seed;
   launch.hyper = SgdHyper{host_lr, momentum, dampening, weight_decay, decay_coefficient,
                           maximize ? -1.0 : 1.0};
   launch.momentum = has_momentum;
@@ -181,7 +183,7 @@ void lion_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor
                const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                double beta2, double weight_decay, double decay_coefficient, bool maximize,
-               bool l2_decay) {
+               bool l2_decay, int64_t sr_seed) {
   const at::Device device = exp_avg.device();
   TORCH_CHECK(device.is_cuda(), "onepass: the CUDA lion_ needs a CUDA state buffer");
   const c10::cuda::CUDAGuard guard(device);
@@ -196,6 +198,7 @@ void lion_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor
   double host_lr = 0.0;
   launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
   launch.exp_avg = exp_avg.data_ptr();
+  launch.sr_seed = sr_seed;
   launch.hyper = LionHyper{host_lr, beta1, beta2, weight_decay, decay_coefficient,
                            maximize ? -1.0 : 1.0};
   launch.l2_decay = l2_decay;
@@ -242,7 +245,7 @@ void novograd_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Te
                    const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                    const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                    double beta2, double eps, double weight_decay, bool grad_averaging,
-                   bool amsgrad, bool maximize) {
+                   bool amsgrad, bool maximize, int64_t sr_seed) {
   const at::Device device = exp_avg.device();
   TORCH_CHECK(device.is_cuda(), "onepass: the CUDA novograd_ needs CUDA state buffers");
   const c10::cuda::CUDAGuard guard(device);
@@ -271,6 +274,7 @@ void novograd_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Te
                              exp_avg.options().dtype(at::kDouble));
   launch.partial_sums = scratch.data_ptr<double>();
   launch.denoms = launch.partial_sums + num_chunks;
+  launch.sr_seed = sr_seed;
   launch.hyper = NovoGradHyper{host_lr, beta1, beta2, eps, weight_decay, maximize ? -1.0 : 1.0,
                                grad_averaging};
   launch.amsgrad = amsgrad;
@@ -285,7 +289,7 @@ void fadam_cuda(at::TensorList params, const Grads& grads, Tensor fim, Tensor mo
                 Tensor step, const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                 const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                 double beta2, double eps, double clip, double p, double weight_decay,
-                bool maximize) {
+                bool maximize, int64_t sr_seed) {
   const at::Device device = fim.device();
   TORCH_CHECK(device.is_cuda(), "onepass: the CUDA fadam_ needs CUDA state buffers");
   const c10::cuda::CUDAGuard guard(device);
@@ -312,6 +316,7 @@ void fadam_cuda(at::TensorList params, const Grads& grads, Tensor fim, Tensor mo
   launch.eps_t = launch.partial_sums + 2 * num_chunks;
   launch.gn_divisor = launch.eps_t + launch.num_segments;
   launch.wn_divisor = launch.gn_divisor + launch.num_segments;
+  launch.sr_seed = sr_seed;
   launch.hyper = FAdamHyper{host_lr, beta1, beta2, eps, clip, p, weight_decay,
                             maximize ? -1.0 : 1.0};
   const cudaError_t err = cuda::launch_fadam(launch, stream);

@@ -42,7 +42,8 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(AdamLaunch L) {
           O no_max = s[1];
           adam_update<false, kL2Decay>(p, g, s[0], s[1], no_max, c);
         }
-      });
+      },
+      ParamRounding{at, L.sr_seed});
 }
 
 template <class S, bool kMomentum, bool kNesterov, bool kFirst, bool kL2Decay>
@@ -55,7 +56,8 @@ __device__ __forceinline__ void sgd_chunk(const SgdLaunch& L, const Chunk& chunk
   for_each_element<S, kMomentum ? 1 : 0>(
       static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
       state, chunk.end - chunk.begin,
-      [&](O& p, O g, O* s) { sgd_update<kMomentum, kNesterov, kFirst, kL2Decay>(p, g, s[0], c); });
+      [&](O& p, O g, O* s) { sgd_update<kMomentum, kNesterov, kFirst, kL2Decay>(p, g, s[0], c); },
+      ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
 }
 
 template <class S, bool kL2Decay>
@@ -97,7 +99,8 @@ __global__ void __launch_bounds__(kThreads) lion_kernel(LionLaunch L) {
   for_each_element<S, 1>(static_cast<S*>(seg.param) + chunk.begin,
                          static_cast<const S*>(seg.grad) + chunk.begin, state,
                          chunk.end - chunk.begin,
-                         [&](O& p, O g, O* s) { lion_update<kL2Decay>(p, g, s[0], c); });
+                         [&](O& p, O g, O* s) { lion_update<kL2Decay>(p, g, s[0], c); },
+                         ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
 }
 
 template <class S, bool kNesterov>
@@ -184,7 +187,8 @@ __device__ __forceinline__ void novograd_chunk(const NovoGradLaunch& L, const Ch
   for_each_element<S, 1>(static_cast<S*>(seg.param) + chunk.begin,
                          static_cast<const S*>(seg.grad) + chunk.begin, state,
                          chunk.end - chunk.begin,
-                         [&](O& p, O g, O* s) { novograd_update<kFirst>(p, g, s[0], c); });
+                         [&](O& p, O g, O* s) { novograd_update<kFirst>(p, g, s[0], c); },
+                         ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
 }
 
 template <class S>
@@ -323,7 +327,8 @@ __global__ void __launch_bounds__(kThreads) fadam_kernel(FAdamLaunch L) {
   for_each_element<S, 2>(static_cast<S*>(seg.param) + chunk.begin,
                          static_cast<const S*>(seg.grad) + chunk.begin, state,
                          chunk.end - chunk.begin,
-                         [&](O& p, O g, O* s) { fadam_update<O>(p, g, s[0], s[1], c); });
+                         [&](O& p, O g, O* s) { fadam_update<O>(p, g, s[0], s[1], c); },
+                         ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
 }
 
 template <class Fn>

@@ -27,6 +27,7 @@ def clip_grad_norm_(
     them) and skips on a non-finite norm. See :meth:`FusedOptimizer.clip_grad_norm_`."""
     return optimizer.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite)
 
+
 __version__ = "0.1.0"
 
 __all__ = [

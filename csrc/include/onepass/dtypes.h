@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "onepass/macros.h"
 
@@ -19,6 +20,14 @@ struct half_t {
 };
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+// How a kernel writes the params (state slots always round to nearest): with seed >= 0, bf16
+// params round stochastically (stochastic_rounding=True); element i of a chunk has the index
+// index_base + i in its bucket (the tensor's state offset + its element index).
+struct ParamRounding {
+  int64_t index_base = 0;
+  int64_t seed = -1;
+};
 
 template <class S>
 struct OpMath {
@@ -112,6 +121,38 @@ ONEPASS_HD ONEPASS_INLINE bf16_t from_opmath<bf16_t>(float x) {
 template <>
 ONEPASS_HD ONEPASS_INLINE half_t from_opmath<half_t>(float x) {
   return from_opmath_half(x);
+}
+
+// Stochastic rounding to bf16: 16 random bits from a counter-based hash of (seed, element index)
+// are added below the bf16 mantissa, then the low half is dropped, so the value rounds up with
+// probability equal to the discarded fraction (unbiased). The same hash on every backend
+// (python/onepass/algorithms/base.py is its reference); inf and NaN round to nearest.
+ONEPASS_HD ONEPASS_INLINE uint32_t sr_hash(uint64_t index, uint32_t seed) {
+  uint32_t x = uint32_t(index) * 0x9E3779B1u;
+  x ^= uint32_t(index >> 32) * 0x85EBCA77u;
+  x ^= seed * 0xC2B2AE3Du;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+ONEPASS_HD ONEPASS_INLINE bf16_t from_opmath_bf16_stochastic(float f, uint64_t index,
+                                                              uint32_t seed) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7f800000u) == 0x7f800000u) return from_opmath_bf16(f);  // inf, NaN
+  return bf16_t{uint16_t((u + (sr_hash(index, seed) & 0xffffu)) >> 16)};
+}
+
+// The param store: stochastic for bf16 when r.seed >= 0, else to nearest (every other case).
+template <class S>
+ONEPASS_HD ONEPASS_INLINE S param_from_opmath(opmath_t<S> x, const ParamRounding& r, int64_t i) {
+  if constexpr (std::is_same_v<S, bf16_t>) {
+    if (r.seed >= 0) return from_opmath_bf16_stochastic(x, uint64_t(r.index_base + i), uint32_t(r.seed));
+  }
+  return from_opmath<S>(x);
 }
 
 }  // namespace ONEPASS_CAPABILITY

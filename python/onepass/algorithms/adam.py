@@ -14,13 +14,17 @@ import torch
 
 from onepass._ops import native_op
 from onepass.algorithms.base import (
+    NEAREST,
     AlgorithmSpec,
     Group,
+    Rounding,
+    bucket_rounding,
     decay_coefficient,
     elementwise_bytes,
     opmath_dtype,
     reference_steps,
     scalar,
+    sr_seed,
     triton_launcher,
 )
 
@@ -73,6 +77,7 @@ def adam_reference(
     step: int,
     s: AdamScalars,
     grad_scale: float = 1.0,
+    rounding: Rounding = NEAREST,
 ) -> None:
     """One Adam step of one tensor, in place; ``step`` is t after this step (t >= 1).
 
@@ -101,7 +106,7 @@ def adam_reference(
     bias_correction2 = 1 - s.beta2**step
     denom = second_moment.sqrt() / math.sqrt(bias_correction2) + s.eps
     p = p - (s.lr / bias_correction1) * m / denom
-    param.copy_(p)
+    rounding.store(param, p)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
 
@@ -143,6 +148,7 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
             t,
             s,
             scale,
+            bucket_rounding(bucket, group, i),
         )
 
     reference_steps(bucket, grads, grad_scale, found_inf, step_one)
@@ -169,6 +175,7 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         s.amsgrad,
         s.maximize,
         s.l2_decay,
+        sr_seed(group, bucket.dtype),
     )
 
 

@@ -96,6 +96,78 @@ def triton_launcher(module: str) -> Launcher:
     return launch
 
 
+# -- stochastic rounding of bf16 params (stochastic_rounding=True) -------------------------------
+#
+# Every backend writes a bf16 param as: u = the float32 result's bits; if u is finite,
+# (u + (hash32(seed, index) & 0xFFFF)) >> 16, else round to nearest. ``index`` is the element's
+# position in its bucket's flat state (the tensor's state offset + its element index), ``seed``
+# the group's ``sr_seed``, advanced after every step: the same draws on every backend, and the
+# rounding goes up with probability equal to the discarded fraction (unbiased).
+
+SR_HASH = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x7FEB352D, 0x846CA68B)
+_MASK32 = 0xFFFFFFFF
+
+
+def sr_seed(group: Group, dtype: torch.dtype) -> int:
+    """The seed the kernels take for this group's tensors of ``dtype``: -1 (round to nearest)
+    unless the group rounds stochastically and the params are bf16."""
+    if not group.get("stochastic_rounding") or dtype != torch.bfloat16:
+        return -1
+    return int(group["sr_seed"])
+
+
+def sr_hash(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """hash32(seed, index) of math.h / common.py in int64 arithmetic masked to 32 bits."""
+    m1, m2, m3, m4, m5 = SR_HASH
+    lo, hi = index & _MASK32, (index >> 32) & _MASK32
+    x = (lo * m1) & _MASK32
+    x ^= (hi * m2) & _MASK32
+    x ^= (seed * m3) & _MASK32
+    x ^= x >> 16
+    x = (x * m4) & _MASK32
+    x ^= x >> 15
+    x = (x * m5) & _MASK32
+    x ^= x >> 16
+    return x
+
+
+def store_param(param: torch.Tensor, value: torch.Tensor, seed: int, index_base: int) -> None:
+    """param <- value (its opmath result): round to nearest, or stochastically for a bf16 param
+    when ``seed`` >= 0 (see above). The reference backend's param write."""
+    if seed < 0 or param.dtype != torch.bfloat16:
+        param.copy_(value)
+        return
+    v = value.detach().to(torch.float32).reshape(-1)
+    index = index_base + torch.arange(v.numel(), dtype=torch.int64, device=v.device)
+    bits = v.view(torch.int32).to(torch.int64) & _MASK32
+    rounded = ((bits + (sr_hash(index, seed) & 0xFFFF)) >> 16) & 0xFFFF
+    out = rounded.to(torch.int32).to(torch.int16).view(torch.bfloat16)  # the low 16 bits
+    finite = torch.isfinite(v)
+    out = torch.where(finite, out, v.to(torch.bfloat16))
+    param.copy_(out.view(param.shape))
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How a reference function writes its param: ``seed`` < 0 rounds to nearest; otherwise
+    stochastically for bf16 (``index_base``: the tensor's state offset in its bucket)."""
+
+    seed: int = -1
+    index_base: int = 0
+
+    def store(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        store_param(param, value, self.seed, self.index_base)
+
+
+NEAREST = Rounding()
+
+
+def bucket_rounding(bucket: Any, group: Group, index: int) -> Rounding:
+    """The reference backend's rounding of tensor ``index`` of ``bucket``."""
+    seed = sr_seed(group, bucket.dtype)
+    return NEAREST if seed < 0 else Rounding(seed, int(bucket.offsets[index]))
+
+
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """Math runs in float64 for float64 storage and in float32 for everything narrower."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -31,11 +31,15 @@ import torch
 
 from onepass._ops import native_op
 from onepass.algorithms.base import (
+    NEAREST,
     AlgorithmSpec,
     Group,
+    Rounding,
+    bucket_rounding,
     opmath_dtype,
     reference_steps,
     scalar,
+    sr_seed,
     triton_launcher,
 )
 
@@ -91,6 +95,7 @@ def fadam_reference(
     step: int,
     s: FAdamScalars,
     grad_scale: float = 1.0,
+    rounding: Rounding = NEAREST,
 ) -> None:
     """One FAdam step of one tensor, in place; ``step`` is its count including this step.
 
@@ -115,7 +120,7 @@ def fadam_reference(
     w = w - s.lr * (m + s.weight_decay * wn)
     fim.copy_(f)
     momentum.copy_(m)
-    param.copy_(w)
+    rounding.store(param, w)
 
 
 def _check_group(group: Group) -> None:
@@ -156,7 +161,16 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     def step_one(
         i: int, g: torch.Tensor, slots: dict[str, torch.Tensor], t: int, scale: float
     ) -> None:
-        fadam_reference(bucket.params[i], g, slots["fim"], slots["momentum"], t, s, scale)
+        fadam_reference(
+            bucket.params[i],
+            g,
+            slots["fim"],
+            slots["momentum"],
+            t,
+            s,
+            scale,
+            bucket_rounding(bucket, group, i),
+        )
 
     reference_steps(bucket, grads, grad_scale, found_inf, step_one)
 
@@ -180,6 +194,7 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         s.p,
         s.weight_decay,
         s.maximize,
+        sr_seed(group, bucket.dtype),
     )
 
 

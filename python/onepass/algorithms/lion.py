@@ -21,13 +21,17 @@ import torch
 
 from onepass._ops import native_op
 from onepass.algorithms.base import (
+    NEAREST,
     AlgorithmSpec,
     Group,
+    Rounding,
+    bucket_rounding,
     decay_coefficient,
     elementwise_bytes,
     opmath_dtype,
     reference_steps,
     scalar,
+    sr_seed,
     triton_launcher,
 )
 
@@ -72,6 +76,7 @@ def lion_reference(
     exp_avg: torch.Tensor,
     s: LionScalars,
     grad_scale: float = 1.0,
+    rounding: Rounding = NEAREST,
 ) -> None:
     """One Lion step of one tensor, in place (math in float64 for float64 tensors, float32
     otherwise). ``grad_scale`` is the AMP loss scale the gradient still carries."""
@@ -87,7 +92,7 @@ def lion_reference(
     c = s.beta1 * m + (1 - s.beta1) * g
     p = p - s.lr * torch.sign(c)
     m = s.beta2 * m + (1 - s.beta2) * g
-    param.copy_(p)
+    rounding.store(param, p)
     exp_avg.copy_(m)
 
 
@@ -117,7 +122,9 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         i: int, g: torch.Tensor, slots: dict[str, torch.Tensor], t: int, scale: float
     ) -> None:
         # the engine counts Lion's steps too; its math never reads them
-        lion_reference(bucket.params[i], g, slots["exp_avg"], s, scale)
+        lion_reference(
+            bucket.params[i], g, slots["exp_avg"], s, scale, bucket_rounding(bucket, group, i)
+        )
 
     reference_steps(bucket, grads, grad_scale, found_inf, step_one)
 
@@ -139,6 +146,7 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         s.decay_coefficient,
         s.maximize,
         s.l2_decay,
+        sr_seed(group, bucket.dtype),
     )
 
 

@@ -34,8 +34,11 @@ import torch
 from onepass._ops import native_op
 from onepass.algorithms.adam import ADAM
 from onepass.algorithms.base import (
+    NEAREST,
     AlgorithmSpec,
     Group,
+    Rounding,
+    bucket_rounding,
     opmath_dtype,
     reference_amp_scale,
     scalar,
@@ -161,6 +164,7 @@ def muon_reference(
     momentum_buffer: torch.Tensor,
     s: MuonScalars,
     grad_scale: float = 1.0,
+    rounding: Rounding = NEAREST,
 ) -> None:
     """One Muon step of one tensor, in place: torch.optim.Muon's ``_single_tensor_muon`` for a
     2-D param (a conv weight flattened), with ``ns_dtype`` for its bfloat16. ``grad_scale`` is the
@@ -172,6 +176,10 @@ def muon_reference(
     matrix = as_matrix(update)
     ortho = newton_schulz(matrix, s.ns_coefficients, s.ns_steps, s.eps, dtype)
     ratio = lr_ratio(s.adjust_lr_fn, *matrix.shape)
+    if rounding.seed >= 0 and param.dtype == torch.bfloat16:  # one stochastic rounding
+        p = param.float().mul_(1 - s.lr * s.weight_decay)
+        rounding.store(param, p.add_(ortho.reshape(param.shape), alpha=-s.lr * ratio))
+        return
     param.mul_(1 - s.lr * s.weight_decay)
     param.add_(ortho.reshape(param.shape), alpha=-s.lr * ratio)
 
@@ -217,7 +225,14 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         if g is None:
             continue
         bucket.step[i] += 1
-        muon_reference(bucket.params[i], g, bucket.slot_views(i)["momentum_buffer"], s, scale)
+        muon_reference(
+            bucket.params[i],
+            g,
+            bucket.slot_views(i)["momentum_buffer"],
+            s,
+            scale,
+            bucket_rounding(bucket, group, i),
+        )
 
 
 class _BucketView:
@@ -324,6 +339,8 @@ def _native_step(momentum_launcher: Any, final_launcher: Any) -> Any:
             "nesterov": False,
             "maximize": False,
             "decay": "decoupled",
+            "stochastic_rounding": group.get("stochastic_rounding", False),
+            "sr_seed": group.get("sr_seed", 0),
         }
         updates = [None if g is None else work.views[i] for i, g in enumerate(grads)]
         final_launcher(work.update_pass, updates, final_group, None, found_inf)

@@ -30,11 +30,15 @@ import torch
 
 from onepass._ops import native_op
 from onepass.algorithms.base import (
+    NEAREST,
     AlgorithmSpec,
     Group,
+    Rounding,
+    bucket_rounding,
     opmath_dtype,
     reference_steps,
     scalar,
+    sr_seed,
     triton_launcher,
 )
 
@@ -83,6 +87,7 @@ def novograd_reference(
     step: int,
     s: NovoGradScalars,
     grad_scale: float = 1.0,
+    rounding: Rounding = NEAREST,
 ) -> None:
     """One NovoGrad step of one tensor, in place; ``step`` is its count including this step.
 
@@ -109,7 +114,7 @@ def novograd_reference(
     u = g / denom + s.weight_decay * p
     m = u if first else s.beta1 * exp_avg.to(opmath) + s.update_scale * u
     p = p - s.lr * m
-    param.copy_(p)
+    rounding.store(param, p)
     exp_avg.copy_(m)
 
 
@@ -159,6 +164,7 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
             t,
             s,
             scale,
+            bucket_rounding(bucket, group, i),
         )
 
     reference_steps(bucket, grads, grad_scale, found_inf, step_one)
@@ -184,6 +190,7 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         s.grad_averaging,
         s.amsgrad,
         s.maximize,
+        sr_seed(group, bucket.dtype),
     )
 
 

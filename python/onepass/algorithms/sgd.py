@@ -13,13 +13,17 @@ import torch
 
 from onepass._ops import native_op
 from onepass.algorithms.base import (
+    NEAREST,
     AlgorithmSpec,
     Group,
+    Rounding,
+    bucket_rounding,
     decay_coefficient,
     elementwise_bytes,
     opmath_dtype,
     reference_steps,
     scalar,
+    sr_seed,
     triton_launcher,
 )
 
@@ -66,6 +70,7 @@ def sgd_reference(
     first_step: bool,
     s: SgdScalars,
     grad_scale: float = 1.0,
+    rounding: Rounding = NEAREST,
 ) -> None:
     """One SGD step of one tensor, in place. ``first_step``: the momentum buffer is new."""
     opmath = opmath_dtype(param.dtype)
@@ -84,7 +89,7 @@ def sgd_reference(
             buf = s.momentum * momentum_buffer.to(opmath) + (1 - s.dampening) * d
         momentum_buffer.copy_(buf)
         d = d + s.momentum * buf if s.nesterov else buf
-    param.copy_(p - s.lr * d)
+    rounding.store(param, p - s.lr * d)
 
 
 def _check_group(group: Group) -> None:
@@ -113,7 +118,15 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         i: int, g: torch.Tensor, slots: dict[str, torch.Tensor], t: int, scale: float
     ) -> None:
         # a tensor's first step with momentum starts its buffer from the gradient
-        sgd_reference(bucket.params[i], g, slots.get("momentum_buffer"), t == 1, s, scale)
+        sgd_reference(
+            bucket.params[i],
+            g,
+            slots.get("momentum_buffer"),
+            t == 1,
+            s,
+            scale,
+            bucket_rounding(bucket, group, i),
+        )
 
     reference_steps(bucket, grads, grad_scale, found_inf, step_one)
 
@@ -136,6 +149,7 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         s.nesterov,
         s.maximize,
         s.l2_decay,
+        sr_seed(group, bucket.dtype),
     )
 
 

@@ -74,6 +74,7 @@ class Adam(FusedOptimizer):
         backend: str = "auto",
         flatten: bool = False,
         max_grad_norm: float | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         if decay is None:
             decay = "decoupled" if decoupled_weight_decay else "l2"
@@ -93,6 +94,7 @@ class Adam(FusedOptimizer):
             "backend": backend,
             "flatten": flatten,
             "max_grad_norm": max_grad_norm,
+            "stochastic_rounding": stochastic_rounding,
         }
         super().__init__(params, defaults)
 
@@ -127,6 +129,7 @@ class AdamW(Adam):
         backend: str = "auto",
         flatten: bool = False,
         max_grad_norm: float | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -144,6 +147,7 @@ class AdamW(Adam):
             backend=backend,
             flatten=flatten,
             max_grad_norm=max_grad_norm,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _decay_from_torch(self, group: Mapping[str, Any]) -> str:

@@ -12,6 +12,15 @@ from onepass._engine import BACKENDS, Engine, resolve_backend
 from onepass._state import TrackedState
 from onepass.algorithms.base import DECAY_MODES, AlgorithmSpec, scalar, scalar_slot_dtype
 
+#: Seeds of stochastic rounding (a param group's ``sr_seed``) are in [0, SR_SEED_MODULUS).
+SR_SEED_MODULUS = 2**31 - 1
+
+
+def _new_sr_seed() -> int:
+    """A group's first seed, from torch's default generator: torch.manual_seed makes runs
+    reproducible; the seed then lives in the group (and its state_dict)."""
+    return int(torch.randint(0, SR_SEED_MODULUS, ()).item())
+
 
 class FusedOptimizer(Optimizer):
     """A torch.optim.Optimizer whose step is one fused pass per bucket (see onepass._engine).
@@ -55,6 +64,11 @@ class FusedOptimizer(Optimizer):
         group = self.param_groups[-1]
         try:
             self.spec.check_group(group)
+            if group.get("stochastic_rounding") and group.get("capturable"):
+                raise ValueError(
+                    "onepass: stochastic_rounding=True cannot be capturable (a CUDA graph would "
+                    "replay one step's random seed)"
+                )
             for j, p in enumerate(group["params"]):
                 if p.is_complex():
                     raise ValueError(
@@ -67,6 +81,8 @@ class FusedOptimizer(Optimizer):
             raise
         if group["decay"] == "independent":
             group.setdefault("initial_lr", scalar(group["lr"]))
+        if group.get("stochastic_rounding"):
+            group.setdefault("sr_seed", _new_sr_seed())
 
     @property  # type: ignore[override]
     def state(self) -> TrackedState:
@@ -107,6 +123,9 @@ class FusedOptimizer(Optimizer):
             group.setdefault("decay", self._decay_from_torch(group))
             group.setdefault("backend", self.defaults.get("backend", "auto"))
             group.setdefault("flatten", self.defaults.get("flatten", False))
+            group.setdefault("stochastic_rounding", self.defaults.get("stochastic_rounding", False))
+            if group["stochastic_rounding"]:
+                group.setdefault("sr_seed", _new_sr_seed())
             if group["decay"] == "independent":
                 group.setdefault("initial_lr", scalar(group["lr"]))
         # Buckets are rebuilt from self.state at the next step (after unpickling, deepcopy or a
@@ -153,6 +172,9 @@ class FusedOptimizer(Optimizer):
         if clip is not None:
             grad_scale, found_inf = self._fold_clip(*clip, grad_scale, found_inf)
         self._engine.step(grad_scale, found_inf)
+        for group in self.param_groups:  # a new draw of the rounding noise for the next step
+            if group.get("stochastic_rounding"):
+                group["sr_seed"] = (int(group["sr_seed"]) + 1) % SR_SEED_MODULUS
         return loss
 
     # -- whole-step fusion: GradScaler unscale + global-norm clipping + the step, one pass --------

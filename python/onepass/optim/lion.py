@@ -48,6 +48,7 @@ class Lion(FusedOptimizer):
         backend: str = "auto",
         flatten: bool = False,
         max_grad_norm: float | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -58,5 +59,6 @@ class Lion(FusedOptimizer):
             "backend": backend,
             "flatten": flatten,
             "max_grad_norm": max_grad_norm,
+            "stochastic_rounding": stochastic_rounding,
         }
         super().__init__(params, defaults)

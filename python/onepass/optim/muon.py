@@ -76,6 +76,7 @@ class Muon(FusedOptimizer):
         backend: str = "auto",
         flatten: bool = False,
         max_grad_norm: float | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -94,6 +95,7 @@ class Muon(FusedOptimizer):
             "backend": backend,
             "flatten": flatten,
             "max_grad_norm": max_grad_norm,
+            "stochastic_rounding": stochastic_rounding,
         }
         super().__init__(params, defaults)
 

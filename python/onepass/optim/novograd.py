@@ -60,6 +60,7 @@ class NovoGrad(FusedOptimizer):
         backend: str = "auto",
         flatten: bool = False,
         max_grad_norm: float | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -75,5 +76,6 @@ class NovoGrad(FusedOptimizer):
             "backend": backend,
             "flatten": flatten,
             "max_grad_norm": max_grad_norm,
+            "stochastic_rounding": stochastic_rounding,
         }
         super().__init__(params, defaults)

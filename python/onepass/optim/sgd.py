@@ -56,6 +56,7 @@ class SGD(FusedOptimizer):
         backend: str = "auto",
         flatten: bool = False,
         max_grad_norm: float | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -71,6 +72,7 @@ class SGD(FusedOptimizer):
             "backend": backend,
             "flatten": flatten,
             "max_grad_norm": max_grad_norm,
+            "stochastic_rounding": stochastic_rounding,
         }
         super().__init__(params, defaults)
 
@@ -98,6 +100,7 @@ class SGDW(SGD):
         backend: str = "auto",
         flatten: bool = False,
         max_grad_norm: float | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -114,4 +117,5 @@ class SGDW(SGD):
             backend=backend,
             flatten=flatten,
             max_grad_norm=max_grad_norm,
+            stochastic_rounding=stochastic_rounding,
         )

@@ -1,0 +1,150 @@
+"""Stochastic rounding of bf16 params (``stochastic_rounding=True``): unbiased where round to
+nearest is stuck, reproducible from the seed in the param group (and its state_dict), the same
+draws on every backend, and nothing changes for other dtypes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import onepass
+from onepass.algorithms.base import store_param
+
+from helpers import BACKEND_NAMES, CAPABILITIES
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = BACKEND_NAMES + (["triton"] if INTERPRETED else [])
+
+MAKERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "AdamW": lambda ps, **kw: onepass.AdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "SGD": lambda ps, **kw: onepass.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, **kw),
+    "SGDW": lambda ps, **kw: onepass.SGDW(ps, lr=0.1, momentum=0.9, weight_decay=0.1, **kw),
+    "Lion": lambda ps, **kw: onepass.Lion(ps, lr=1e-3, weight_decay=0.1, **kw),
+    "NovoGrad": lambda ps, **kw: onepass.NovoGrad(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "FAdam": lambda ps, **kw: onepass.FAdam(ps, lr=1e-2, **kw),
+}
+
+
+def test_store_param_is_unbiased_and_exact_on_representable_values() -> None:
+    torch.manual_seed(0)
+    exact = torch.randn(1000).to(torch.bfloat16)
+    p = torch.empty_like(exact)
+    store_param(p, exact.float(), seed=3, index_base=0)
+    assert torch.equal(p, exact)  # nothing below the bf16 mantissa: nothing to round
+    target = torch.full((200_000,), 1.0 + 0.3 * 2**-7)  # 0.3 of an ulp above 1.0
+    p = torch.empty(200_000, dtype=torch.bfloat16)
+    store_param(p, target, seed=3, index_base=0)
+    assert set(p.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert abs(float(p.float().mean()) - float(target[0])) < 2e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_every_backend_draws_the_same_rounding(backend: str, name: str) -> None:
+    """3 steps on bf16 params: each backend's params equal the reference backend's bit for bit
+    (the same fp32 math, the same hash of (seed, element index))."""
+    if backend == "reference":
+        pytest.skip("the reference is the comparison")
+    torch.manual_seed(1)
+    init = [torch.randn(s) for s in [(64, 33), (5000,), (37,)]]
+    grads = [[torch.randn_like(p) for p in init] for _ in range(3)]
+    results = []
+    for be in ("reference", backend):
+        torch.manual_seed(5)  # the group's first seed comes from torch's generator
+        params = [p.to(torch.bfloat16).requires_grad_() for p in init]
+        opt = MAKERS[name](params, backend=be, stochastic_rounding=True)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.to(torch.bfloat16)
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(a, b), f"param {i}: {int((a != b).sum())} elements differ"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_updates_below_one_ulp_accumulate(backend: str) -> None:
+    """SGD steps of a tenth of a bf16 ulp: round to nearest never moves the param; stochastic
+    rounding moves it by the expected amount on average."""
+    delta = 0.1 * 2**-7  # the ulp of bf16 at 1.0 is 2^-7
+    steps = 60
+    means = {}
+    for sr in (False, True):
+        p = torch.ones(8192, dtype=torch.bfloat16, requires_grad=True)
+        opt = onepass.SGD([p], lr=1.0, backend=backend, stochastic_rounding=sr)
+        for _ in range(steps):
+            p.grad = torch.full_like(p, -delta)
+            opt.step()
+        means[sr] = float(p.detach().float().mean())
+    assert means[False] == 1.0
+    expected = 1.0 + steps * delta
+    assert abs(means[True] - expected) < 0.05 * steps * delta, (means[True], expected)
+
+
+def test_reproducible_and_resumable() -> None:
+    """The seed is drawn from torch's generator at construction, advances every step and is a
+    group key: the same manual_seed gives the same run, and a state_dict resumes it exactly."""
+    init = torch.randn(3000)
+    grads = [torch.randn(3000) for _ in range(6)]
+
+    def run(seed: int, cut: int | None = None) -> torch.Tensor:
+        torch.manual_seed(seed)
+        p = init.to(torch.bfloat16).requires_grad_()
+        opt = onepass.AdamW([p], lr=1e-2, stochastic_rounding=True)
+        for k, g in enumerate(grads):
+            if k == cut:  # save, rebuild, load: as a resumed job does
+                saved = opt.state_dict()
+                p = p.detach().clone().requires_grad_()
+                opt = onepass.AdamW([p], lr=1e-2, stochastic_rounding=True)
+                opt.load_state_dict(saved)
+            p.grad = g.to(torch.bfloat16)
+            opt.step()
+        return p.detach()
+
+    first = run(0)
+    assert torch.equal(first, run(0))
+    assert not torch.equal(first, run(1))
+    assert torch.equal(first, run(0, cut=3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_dtypes_round_to_nearest(backend: str) -> None:
+    for dtype in (torch.float32, torch.float16):
+        results = []
+        for sr in (False, True):
+            torch.manual_seed(2)
+            p = torch.randn(777).to(dtype).requires_grad_()
+            opt = onepass.AdamW([p], lr=1e-2, backend=backend, stochastic_rounding=sr)
+            for _ in range(3):
+                p.grad = torch.ones_like(p)
+                opt.step()
+            results.append(p.detach())
+        assert torch.equal(*results), dtype
+
+
+def test_refused_with_capturable() -> None:
+    with pytest.raises(ValueError, match="stochastic_rounding"):
+        onepass.AdamW(
+            [torch.zeros(3, requires_grad=True)], capturable=True, stochastic_rounding=True
+        )
+
+
+def test_every_cpu_build_draws_the_same() -> None:
+    """The SIMD builds round lane by lane with the scalar build's function: the same bits."""
+    if len(CAPABILITIES) < 2:
+        pytest.skip("one CPU build here")
+    results = []
+    for capability in CAPABILITIES:
+        onepass.set_cpu_capability(capability)
+        torch.manual_seed(3)
+        p = torch.randn(4099).to(torch.bfloat16).requires_grad_()
+        opt = onepass.Lion([p], lr=1e-3, backend="cpu", stochastic_rounding=True)
+        p.grad = torch.randn(4099).to(torch.bfloat16)
+        opt.step()
+        results.append(p.detach())
+    onepass.set_cpu_capability(CAPABILITIES[-1])
+    assert all(torch.equal(results[0], r) for r in results[1:])
