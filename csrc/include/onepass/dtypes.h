@@ -9,6 +9,15 @@
 
 #include "onepass/macros.h"
 
+#if defined(__CUDACC__)
+// On the device the conversions are single hardware instructions (cvt.rn, IEEE round to nearest
+// even, subnormals kept): the same values as the portable code below, for a fraction of the
+// instructions (a bf16 step does 4x the conversions per byte of an fp32 one). NaN payloads may
+// differ (a NaN is a NaN).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 namespace onepass {
 
 // Plain data (no code) lives outside the capability namespace so every translation unit agrees on it.
@@ -64,13 +73,20 @@ ONEPASS_HD ONEPASS_INLINE float bits_float(uint32_t u) {
 ONEPASS_HD ONEPASS_INLINE float to_opmath(bf16_t x) { return bits_float(uint32_t(x.bits) << 16); }
 
 ONEPASS_HD ONEPASS_INLINE bf16_t from_opmath_bf16(float f) {
+#ifdef __CUDA_ARCH__
+  return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(f))};
+#else
   uint32_t u = float_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{0x7fc0};  // NaN stays a quiet NaN
   u += 0x7fffu + ((u >> 16) & 1u);                             // round to nearest even
   return bf16_t{uint16_t(u >> 16)};
+#endif
 }
 
 ONEPASS_HD ONEPASS_INLINE float to_opmath(half_t x) {
+#ifdef __CUDA_ARCH__
+  return __half2float(__ushort_as_half(x.bits));
+#else
   const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
   const uint32_t exp = (x.bits >> 10) & 0x1fu;
   uint32_t mant = x.bits & 0x3ffu;
@@ -84,9 +100,13 @@ ONEPASS_HD ONEPASS_INLINE float to_opmath(half_t x) {
     mant <<= 1;
   } while ((mant & 0x400u) == 0);
   return bits_float(sign | uint32_t(112 - e) << 23 | ((mant & 0x3ffu) << 13));
+#endif
 }
 
 ONEPASS_HD ONEPASS_INLINE half_t from_opmath_half(float f) {
+#ifdef __CUDA_ARCH__
+  return half_t{__half_as_ushort(__float2half_rn(f))};
+#else
   const uint32_t u = float_bits(f);
   const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
   const uint32_t a = u & 0x7fffffffu;
@@ -99,6 +119,7 @@ ONEPASS_HD ONEPASS_INLINE half_t from_opmath_half(float f) {
   }
   uint32_t v = a + 0xc8000fffu + ((a >> 13) & 1u);  // rebias exponent, round to nearest even
   return half_t{uint16_t(sign | uint16_t(v >> 13))};
+#endif
 }
 
 ONEPASS_HD ONEPASS_INLINE float to_opmath(float x) { return x; }
