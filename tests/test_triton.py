@@ -509,13 +509,17 @@ _COMPILE_CHECK = textwrap.dedent(
     from onepass.triton_kernels.adam import adam_kernel
     from onepass.triton_kernels.sgd import sgd_kernel
     from onepass.triton_kernels.lion import lion_kernel
+    from onepass.triton_kernels.muon import muon_momentum_kernel
 
     NAMES = {tl.float32: "fp32", tl.float64: "fp64", tl.bfloat16: "bf16", tl.float16: "fp16"}
     FLAGS = {
         adam_kernel: ("AMSGRAD", "L2_DECAY", "SR"),
         sgd_kernel: ("MOMENTUM", "NESTEROV", "L2_DECAY", "SR"),
         lion_kernel: ("L2_DECAY", "SR"),
+        muon_momentum_kernel: ("NESTEROV", "TO_GRAD_FROM_START", "TO_MOMENTUM_FROM_START"),
     }
+    # vector loads of full tiles: p, g and the state slots (Muon's pass: g and its buffer)
+    ARRAYS = {adam_kernel: 5, sgd_kernel: 3, lion_kernel: 3, muon_momentum_kernel: 2}
     VARIANTS = [(dtype, True) for dtype in NAMES] + [(tl.float32, False), (tl.bfloat16, False)]
     for dtype, on in VARIANTS:  # every flag on; then every flag off
         opmath = tl.float64 if dtype == tl.float64 else tl.float32
@@ -541,8 +545,7 @@ _COMPILE_CHECK = textwrap.dedent(
             source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
             ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
             vector = "ld.global.v2" if dtype == tl.float64 else "ld.global.v4"
-            arrays = 5 if kernel is adam_kernel else 3  # p, g and the state slots (SGD, Lion: 1)
-            assert not on or ptx.count(vector) >= arrays, (kernel, dtype, "unvectorized tiles")
+            assert not on or ptx.count(vector) >= ARRAYS[kernel], (kernel, dtype, "unvectorized")
             for approx in ("sqrt.approx", "div.approx", "div.full", "rcp.approx"):
                 assert approx not in ptx, (kernel, dtype, approx)
             assert "atom.global.gpu.acq_rel.add" in ptx and "bar.sync" in ptx
@@ -561,7 +564,7 @@ def test_compiles_for_sm90() -> None:
         [sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" ok") == 18  # 3 kernels x 6 variants
+    assert result.stdout.count(" ok") == 24  # 4 kernels x 6 variants
 
 
 _NOVOGRAD_COMPILE_CHECK = textwrap.dedent(
