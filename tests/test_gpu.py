@@ -175,19 +175,32 @@ def test_zero_and_tiny_lr_give_no_nan(backend: str, lr: float) -> None:
     assert all(bool(torch.isfinite(p).all()) for p in params)
 
 
-def test_capturable_cuda_graph_replays_with_a_changing_lr() -> None:
+CAPTURABLE = {
+    "AdamW": lambda ps, **kw: onepass.AdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "SGD": lambda ps, **kw: onepass.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, **kw),
+    "Lion": lambda ps, **kw: onepass.Lion(ps, lr=1e-3, weight_decay=0.1, **kw),
+    "NovoGrad": lambda ps, **kw: onepass.NovoGrad(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "FAdam": lambda ps, **kw: onepass.FAdam(ps, lr=1e-2, **kw),
+    "Muon": lambda ps, **kw: onepass.Muon(ps, lr=2e-2, **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(CAPTURABLE))
+def test_capturable_cuda_graph_replays_with_a_changing_lr(name: str) -> None:
     """capturable=True: a step captured in a CUDA graph, replayed while the lr changes in place
-    (as an LR scheduler changes a tensor lr), gives the eager result."""
+    (as an LR scheduler changes a tensor lr), gives the eager result; the per-tensor reductions
+    (NovoGrad, FAdam) and Newton-Schulz (Muon) are captured too."""
     if not cuda_kernels_built():
         pytest.skip("needs the cuda backend")
     torch.manual_seed(0)
-    params = [torch.randn(n, device="cuda").requires_grad_() for n in (7, 4097, 1 << 16)]
+    shapes = [(7,), (33, 65), (1 << 16,)]
+    params = [torch.randn(s, device="cuda").requires_grad_() for s in shapes]
     twins = [p.detach().clone().requires_grad_() for p in params]
     grads = [torch.randn_like(p) for p in params]
     for p, q, g in zip(params, twins, grads, strict=True):
         p.grad, q.grad = g.clone(), g.clone()
-    graphed = onepass.AdamW(params, lr=1e-2, weight_decay=0.1, capturable=True, backend="cuda")
-    eager = onepass.AdamW(twins, lr=1e-2, weight_decay=0.1, backend="cuda")
+    graphed = CAPTURABLE[name](params, capturable=True, backend="cuda")
+    eager = CAPTURABLE[name](twins, backend="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -197,12 +210,13 @@ def test_capturable_cuda_graph_replays_with_a_changing_lr() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         graphed.step()
-    lr = graphed.param_groups[0]["lr"]
-    assert isinstance(lr, torch.Tensor) and lr.is_cuda
+    for group in graphed.param_groups:
+        assert isinstance(group["lr"], torch.Tensor) and group["lr"].is_cuda
     for step in range(5):
         new_lr = 1e-2 * 0.5 ** (step + 1)
-        lr.fill_(new_lr)
-        eager.param_groups[0]["lr"] = new_lr
+        for group, twin_group in zip(graphed.param_groups, eager.param_groups, strict=True):
+            group["lr"].fill_(new_lr)
+            twin_group["lr"] = new_lr
         graph.replay()
         eager.step()
     torch.cuda.synchronize()

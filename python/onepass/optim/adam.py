@@ -37,7 +37,9 @@ class Adam(FusedOptimizer):
     All of it is one pass over memory per (group, device, dtype) bucket. Math in float32 for
     bf16/fp16 params (torch's for-loop Adam rounds every intermediate to the param dtype instead)
     and in float64 for float64. ``foreach`` and ``fused`` are accepted for compatibility and
-    ignored (the step is always fused); ``capturable`` and ``differentiable`` are refused.
+    ignored (the step is always fused); ``differentiable`` is refused. ``capturable=True`` (CUDA
+    params, backend "cuda") keeps the lr on the device so that a step captured in a CUDA graph
+    replays with the lr current at each replay.
 
     Args:
         decay: "l2" (default for Adam), "decoupled" (AdamW) or "independent" (decay follows the

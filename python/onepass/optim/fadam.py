@@ -66,6 +66,7 @@ class FAdam(FusedOptimizer):
         flatten: bool = False,
         max_grad_norm: float | None = None,
         stochastic_rounding: bool = False,
+        capturable: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -82,5 +83,6 @@ class FAdam(FusedOptimizer):
             "flatten": flatten,
             "max_grad_norm": max_grad_norm,
             "stochastic_rounding": stochastic_rounding,
+            "capturable": capturable,
         }
         super().__init__(params, defaults)

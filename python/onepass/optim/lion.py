@@ -49,6 +49,7 @@ class Lion(FusedOptimizer):
         flatten: bool = False,
         max_grad_norm: float | None = None,
         stochastic_rounding: bool = False,
+        capturable: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -60,5 +61,6 @@ class Lion(FusedOptimizer):
             "flatten": flatten,
             "max_grad_norm": max_grad_norm,
             "stochastic_rounding": stochastic_rounding,
+            "capturable": capturable,
         }
         super().__init__(params, defaults)

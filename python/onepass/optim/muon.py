@@ -77,6 +77,7 @@ class Muon(FusedOptimizer):
         flatten: bool = False,
         max_grad_norm: float | None = None,
         stochastic_rounding: bool = False,
+        capturable: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -96,6 +97,7 @@ class Muon(FusedOptimizer):
             "flatten": flatten,
             "max_grad_norm": max_grad_norm,
             "stochastic_rounding": stochastic_rounding,
+            "capturable": capturable,
         }
         super().__init__(params, defaults)
 

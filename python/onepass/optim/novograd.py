@@ -61,6 +61,7 @@ class NovoGrad(FusedOptimizer):
         flatten: bool = False,
         max_grad_norm: float | None = None,
         stochastic_rounding: bool = False,
+        capturable: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -77,5 +78,6 @@ class NovoGrad(FusedOptimizer):
             "flatten": flatten,
             "max_grad_norm": max_grad_norm,
             "stochastic_rounding": stochastic_rounding,
+            "capturable": capturable,
         }
         super().__init__(params, defaults)

@@ -57,6 +57,7 @@ class SGD(FusedOptimizer):
         flatten: bool = False,
         max_grad_norm: float | None = None,
         stochastic_rounding: bool = False,
+        capturable: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -73,6 +74,7 @@ class SGD(FusedOptimizer):
             "flatten": flatten,
             "max_grad_norm": max_grad_norm,
             "stochastic_rounding": stochastic_rounding,
+            "capturable": capturable,
         }
         super().__init__(params, defaults)
 
@@ -101,6 +103,7 @@ class SGDW(SGD):
         flatten: bool = False,
         max_grad_norm: float | None = None,
         stochastic_rounding: bool = False,
+        capturable: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -118,4 +121,5 @@ class SGDW(SGD):
             flatten=flatten,
             max_grad_norm=max_grad_norm,
             stochastic_rounding=stochastic_rounding,
+            capturable=capturable,
         )
