@@ -202,3 +202,33 @@ def test_max_grad_norm_survives_pickling_and_state_dict_loads() -> None:
     assert pickle.loads(pickle.dumps(opt)).max_grad_norm == 0.5
     opt.load_state_dict(torch.optim.AdamW([p]).state_dict())
     assert opt.max_grad_norm == 0.5
+
+
+@pytest.mark.skipif(not onepass.native_available(), reason="onepass._C not built")
+def test_native_total_norm_equals_torch() -> None:
+    """The CPU reduction behind the clip: every float dtype, mixed in one list, non-contiguous
+    and zero-size tensors, chunks that split a tensor; opcheck on the op."""
+    from onepass import _ops
+
+    torch.manual_seed(9)
+    tensors = [
+        torch.randn(70_001),
+        torch.randn(9, 5).t(),
+        torch.randn(0),
+        torch.randn(333).to(torch.bfloat16),
+        torch.randn(17).to(torch.float16),
+    ]
+    expected = torch.linalg.vector_norm(torch.cat([t.double().reshape(-1) for t in tensors]))
+    norm = _ops.total_norm(tensors, 2.0)
+    assert norm is not None and norm.dtype == torch.float32
+    torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
+    assert _ops.total_norm(tensors, 1.0) is None  # other orders: torch's
+    doubles = [torch.randn(1000, dtype=torch.float64) for _ in range(3)]
+    norm = _ops.total_norm(doubles, 2.0)
+    assert norm is not None and norm.dtype == torch.float64
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(torch.cat(doubles)))
+    torch.library.opcheck(
+        torch.ops.onepass.sum_of_squares.default, ([torch.randn(5), torch.randn(3)],)
+    )
+    with pytest.raises(RuntimeError, match="one dtype"):
+        torch.ops.onepass.sum_of_squares([torch.randn(3), torch.randn(3).double()])

@@ -40,6 +40,24 @@ def cpu_capabilities() -> list[str]:
     return list(torch.ops.onepass.cpu_capabilities())
 
 
+def total_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor | None:
+    """The global norm of ``tensors`` by onepass's native CPU reduction (one parallel pass over
+    all of them, float64 sums), or None where it does not apply (not the 2-norm, a tensor off
+    the CPU, no native build): the caller then uses torch's."""
+    if NATIVE_ERROR is not None or norm_type != 2.0 or not tensors:
+        return None
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    total = sum(torch.ops.onepass.sum_of_squares(group) for group in by_dtype.values())
+    assert isinstance(total, torch.Tensor)
+    # float32 (float64 for float64 grads): a 16-bit norm would put its rounding in the clip
+    out = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    return total.sqrt().to(out)
+
+
 def set_cpu_capability(name: str) -> None:
     """Forces one build of the CPU kernels (tests use it to check every build on one machine)."""
     torch.ops.onepass.set_cpu_capability(name)
@@ -59,6 +77,10 @@ if NATIVE_ERROR is None:
     @torch.library.register_fake("onepass::lion_")
     def _lion_fake(*args: object, **kwargs: object) -> None:
         return None
+
+    @torch.library.register_fake("onepass::sum_of_squares")
+    def _sum_of_squares_fake(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.empty((), dtype=torch.float64, device=tensors[0].device)
 
     @torch.library.register_fake("onepass::muon_momentum_")
     def _muon_momentum_fake(*args: object, **kwargs: object) -> None:

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch.optim import Optimizer
 
+from onepass import _ops
 from onepass._engine import BACKENDS, Engine, resolve_backend
 from onepass._state import TrackedState
 from onepass.algorithms.base import DECAY_MODES, AlgorithmSpec, scalar, scalar_slot_dtype
@@ -217,9 +218,20 @@ class FusedOptimizer(Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        # torch's own reduction (per-tensor norms in one multi-tensor launch per device and
-        # dtype, then their norm): the same total as torch.nn.utils.clip_grad_norm_
-        return torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
+        # CPU grads, 2-norm: onepass's one-pass native reduction (torch's costs ~7 us a tensor
+        # on the CPU: 28 ms for 4,000 tensors, against 2.5 ms). Elsewhere torch's own (one
+        # multi-tensor launch per device and dtype on CUDA): the same total as
+        # torch.nn.utils.clip_grad_norm_, to rounding.
+        norm = _ops.total_norm(grads, norm_type)
+        if norm is None:
+            return torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
+        if error_if_nonfinite and not bool(torch.isfinite(norm)):
+            raise RuntimeError(
+                f"The total norm of order {norm_type} for gradients from `parameters` is "
+                "non-finite, so it cannot be clipped. To disable this error and scale the "
+                "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`"
+            )
+        return norm
 
     def _fold_clip(
         self,
