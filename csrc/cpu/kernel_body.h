@@ -11,8 +11,9 @@ namespace onepass {
 inline namespace ONEPASS_CAPABILITY {
 
 // Applies fn(p, g, s) to every element: p the param, g the gradient, s[k] the k-th state slot,
-// all in opmath registers (a vector in the main loop, a scalar in the tail).
-template <class S, int kSlots, class Fn>
+// all in opmath registers (a vector in the main loop, a scalar in the tail). kParamWriteOnly:
+// the "param" is an output only (Muon's update workspace): not read, fn sees 0.
+template <class S, int kSlots, bool kParamWriteOnly = false, class Fn>
 ONEPASS_INLINE void for_each_element(S* __restrict param, const S* __restrict grad,
                                      S* const* state, int64_t n, const Fn& fn,
                                      const ParamRounding& rounding = {}) {
@@ -26,7 +27,12 @@ ONEPASS_INLINE void for_each_element(S* __restrict param, const S* __restrict gr
         __builtin_prefetch(grad + i + kPrefetch, 0);
         for (int k = 0; k < kSlots; ++k) __builtin_prefetch(state[k] + i + kPrefetch, 1);
       }
-      typename V::type p = V::load(param + i);
+      typename V::type p;
+      if constexpr (kParamWriteOnly) {
+        p = typename V::type(opmath_t<S>(0));
+      } else {
+        p = V::load(param + i);
+      }
       const typename V::type g = V::load(grad + i);
       typename V::type s[kSlots > 0 ? kSlots : 1];
       for (int k = 0; k < kSlots; ++k) s[k] = V::load(state[k] + i);
@@ -48,7 +54,7 @@ ONEPASS_INLINE void for_each_element(S* __restrict param, const S* __restrict gr
     }
   }
   for (; i < n; ++i) {
-    opmath_t<S> p = to_opmath(param[i]);
+    opmath_t<S> p = kParamWriteOnly ? opmath_t<S>(0) : to_opmath(param[i]);
     const opmath_t<S> g = to_opmath(grad[i]);
     opmath_t<S> s[kSlots > 0 ? kSlots : 1];
     for (int k = 0; k < kSlots; ++k) s[k] = to_opmath(state[k][i]);
@@ -178,8 +184,8 @@ void muon_momentum_chunks(const cpu::MuonLaunch& L, int64_t begin, int64_t end) 
     const Chunk& chunk = L.chunks[c];
     const Segment& seg = L.segments[chunk.segment];
     S* const state[1] = {static_cast<S*>(L.momentum_buffer) + seg.state_offset + chunk.begin};
-    // The update workspace rides in the param's place: read (its old value is unused), written.
-    for_each_element<S, 1>(
+    // The update workspace rides in the param's place: written, never read.
+    for_each_element<S, 1, /*kParamWriteOnly=*/true>(
         static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
         state, chunk.end - chunk.begin, [&](auto& update, auto g, auto* s) {
           using T = std::remove_reference_t<decltype(update)>;

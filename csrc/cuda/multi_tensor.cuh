@@ -56,8 +56,9 @@ __device__ __forceinline__ void store_pack(S* base, int64_t i, const Pack<S>& va
 }
 
 // Applies fn(p, g, s) to every element of one chunk: p the param, g the gradient, s[k] the k-th
-// state slot, in opmath registers.
-template <class S, int kSlots, class Fn>
+// state slot, in opmath registers. kParamWriteOnly: the "param" is an output only (Muon's update
+// workspace): not loaded, fn sees 0.
+template <class S, int kSlots, bool kParamWriteOnly = false, class Fn>
 __device__ __forceinline__ void for_each_element(S* __restrict__ param,
                                                  const S* __restrict__ grad, S* const* state,
                                                  int64_t n, const Fn& fn,
@@ -78,7 +79,7 @@ __device__ __forceinline__ void for_each_element(S* __restrict__ param,
       for (int u = 0; u < kIlp; ++u) {
         const int64_t i = base + int64_t(u) * blockDim.x;
         if (i < packs) {
-          p[u] = load_pack(param, i);
+          if constexpr (!kParamWriteOnly) p[u] = load_pack(param, i);
           g[u] = load_pack(grad, i);
 #pragma unroll
           for (int k = 0; k < kSlots; ++k) s[u][k] = load_pack(state[k], i);
@@ -90,7 +91,7 @@ __device__ __forceinline__ void for_each_element(S* __restrict__ param,
         if (i >= packs) continue;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          O po = to_opmath(p[u].v[e]);
+          O po = kParamWriteOnly ? O(0) : to_opmath(p[u].v[e]);
           O so[kSlotsArr];
 #pragma unroll
           for (int k = 0; k < kSlots; ++k) so[k] = to_opmath(s[u][k].v[e]);
@@ -107,7 +108,7 @@ __device__ __forceinline__ void for_each_element(S* __restrict__ param,
     done = packs * V;
   }
   for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
-    O po = to_opmath(param[i]);
+    O po = kParamWriteOnly ? O(0) : to_opmath(param[i]);
     O so[kSlotsArr];
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) so[k] = to_opmath(state[k][i]);

@@ -113,8 +113,8 @@ __global__ void __launch_bounds__(kThreads) muon_momentum_kernel(MuonLaunch L) {
   h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
   const MuonConsts<O> c = MuonConsts<O>::make(h);
   S* const state[1] = {static_cast<S*>(L.momentum_buffer) + seg.state_offset + chunk.begin};
-  // The update workspace rides in the param's place (see MuonLaunch).
-  for_each_element<S, 1>(static_cast<S*>(seg.param) + chunk.begin,
+  // The update workspace rides in the param's place (see MuonLaunch): written, never read.
+  for_each_element<S, 1, /*kParamWriteOnly=*/true>(static_cast<S*>(seg.param) + chunk.begin,
                          static_cast<const S*>(seg.grad) + chunk.begin, state,
                          chunk.end - chunk.begin,
                          [&](O& u, O g, O* s) { muon_momentum<kNesterov>(u, g, s[0], c); });
