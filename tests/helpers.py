@@ -9,7 +9,7 @@ the optimizer).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -743,3 +743,18 @@ class ReferenceRun:
             t.param.copy_(p.detach())
             for name, value in t.slots.items():
                 value.copy_(optimizer.state[p][name])
+
+
+#: Every optimizer class, each with a config whose step reads the grad in every way it can
+#: (momentum, amsgrad, per-tensor norms, sign, Newton-Schulz): for the tests of options every
+#: class takes (clipping, stochastic rounding, capture). Extra keyword arguments pass through.
+EVERY_OPTIMIZER: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "AdamW": lambda ps, **kw: onepass.AdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "Adam": lambda ps, **kw: onepass.Adam(ps, lr=1e-2, weight_decay=0.1, amsgrad=True, **kw),
+    "SGD": lambda ps, **kw: onepass.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, **kw),
+    "SGDW": lambda ps, **kw: onepass.SGDW(ps, lr=0.1, momentum=0.9, weight_decay=0.1, **kw),
+    "Lion": lambda ps, **kw: onepass.Lion(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "NovoGrad": lambda ps, **kw: onepass.NovoGrad(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "FAdam": lambda ps, **kw: onepass.FAdam(ps, lr=1e-2, **kw),
+    "Muon": lambda ps, **kw: onepass.Muon(ps, lr=2e-2, ns_dtype=torch.float32, **kw),
+}

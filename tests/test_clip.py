@@ -7,7 +7,6 @@ every backend this machine runs; a non-finite norm skips the step; the grads are
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,23 +14,11 @@ import torch
 
 import onepass
 
-from helpers import BACKEND_NAMES
+from helpers import BACKEND_NAMES, EVERY_OPTIMIZER
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = BACKEND_NAMES + (["triton"] if INTERPRETED else [])
 
-#: Every optimizer, with a config whose step reads the grad in every way it can (momentum,
-#: per-tensor norms, sign, Newton-Schulz).
-MAKERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "AdamW": lambda ps, **kw: onepass.AdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
-    "Adam": lambda ps, **kw: onepass.Adam(ps, lr=1e-2, weight_decay=0.1, amsgrad=True, **kw),
-    "SGD": lambda ps, **kw: onepass.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, **kw),
-    "SGDW": lambda ps, **kw: onepass.SGDW(ps, lr=0.1, momentum=0.9, weight_decay=0.1, **kw),
-    "Lion": lambda ps, **kw: onepass.Lion(ps, lr=1e-2, weight_decay=0.1, **kw),
-    "NovoGrad": lambda ps, **kw: onepass.NovoGrad(ps, lr=1e-2, weight_decay=0.1, **kw),
-    "FAdam": lambda ps, **kw: onepass.FAdam(ps, lr=1e-2, **kw),
-    "Muon": lambda ps, **kw: onepass.Muon(ps, lr=2e-2, ns_dtype=torch.float32, **kw),
-}
 STEPS = 5
 MAX_NORM = 2.0
 
@@ -50,9 +37,9 @@ def _grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("name", list(EVERY_OPTIMIZER))
 def test_max_grad_norm_equals_clip_then_step(name: str, backend: str) -> None:
-    make = MAKERS[name]
+    make = EVERY_OPTIMIZER[name]
     ours = _params()
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     fused = make(ours, backend=backend, max_grad_norm=MAX_NORM)

@@ -19,6 +19,7 @@ from onepass._engine import cuda_kernels_built, triton_error
 from helpers import (
     ADAMW_INFO,
     DTYPES,
+    EVERY_OPTIMIZER,
     LION_INFO,
     OPTIMIZERS,
     SGD_INFO,
@@ -175,17 +176,7 @@ def test_zero_and_tiny_lr_give_no_nan(backend: str, lr: float) -> None:
     assert all(bool(torch.isfinite(p).all()) for p in params)
 
 
-CAPTURABLE = {
-    "AdamW": lambda ps, **kw: onepass.AdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
-    "SGD": lambda ps, **kw: onepass.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, **kw),
-    "Lion": lambda ps, **kw: onepass.Lion(ps, lr=1e-3, weight_decay=0.1, **kw),
-    "NovoGrad": lambda ps, **kw: onepass.NovoGrad(ps, lr=1e-2, weight_decay=0.1, **kw),
-    "FAdam": lambda ps, **kw: onepass.FAdam(ps, lr=1e-2, **kw),
-    "Muon": lambda ps, **kw: onepass.Muon(ps, lr=2e-2, **kw),
-}
-
-
-@pytest.mark.parametrize("name", list(CAPTURABLE))
+@pytest.mark.parametrize("name", list(EVERY_OPTIMIZER))
 def test_capturable_cuda_graph_replays_with_a_changing_lr(name: str) -> None:
     """capturable=True: a step captured in a CUDA graph, replayed while the lr changes in place
     (as an LR scheduler changes a tensor lr), gives the eager result; the per-tensor reductions
@@ -199,8 +190,8 @@ def test_capturable_cuda_graph_replays_with_a_changing_lr(name: str) -> None:
     grads = [torch.randn_like(p) for p in params]
     for p, q, g in zip(params, twins, grads, strict=True):
         p.grad, q.grad = g.clone(), g.clone()
-    graphed = CAPTURABLE[name](params, capturable=True, backend="cuda")
-    eager = CAPTURABLE[name](twins, backend="cuda")
+    graphed = EVERY_OPTIMIZER[name](params, capturable=True, backend="cuda")
+    eager = EVERY_OPTIMIZER[name](twins, backend="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

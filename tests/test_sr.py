@@ -6,7 +6,6 @@ draws on every backend, and nothing changes for other dtypes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,19 +13,14 @@ import torch
 import onepass
 from onepass.algorithms.base import store_param
 
-from helpers import BACKEND_NAMES, CAPABILITIES
+from helpers import BACKEND_NAMES, CAPABILITIES, EVERY_OPTIMIZER
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = BACKEND_NAMES + (["triton"] if INTERPRETED else [])
 
-MAKERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "AdamW": lambda ps, **kw: onepass.AdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
-    "SGD": lambda ps, **kw: onepass.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, **kw),
-    "SGDW": lambda ps, **kw: onepass.SGDW(ps, lr=0.1, momentum=0.9, weight_decay=0.1, **kw),
-    "Lion": lambda ps, **kw: onepass.Lion(ps, lr=1e-3, weight_decay=0.1, **kw),
-    "NovoGrad": lambda ps, **kw: onepass.NovoGrad(ps, lr=1e-2, weight_decay=0.1, **kw),
-    "FAdam": lambda ps, **kw: onepass.FAdam(ps, lr=1e-2, **kw),
-}
+#: Muon's batched Newton-Schulz rounds differently from the reference's per-matrix one, so its
+#: fp32 results, and then the rounding draws, are not bit-equal: it is left out here.
+ELEMENTWISE = [name for name in EVERY_OPTIMIZER if name != "Muon"]
 
 
 def test_store_param_is_unbiased_and_exact_on_representable_values() -> None:
@@ -43,7 +37,7 @@ def test_store_param_is_unbiased_and_exact_on_representable_values() -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("name", ELEMENTWISE)
 def test_every_backend_draws_the_same_rounding(backend: str, name: str) -> None:
     """3 steps on bf16 params: each backend's params equal the reference backend's bit for bit
     (the same fp32 math, the same hash of (seed, element index))."""
@@ -56,7 +50,7 @@ def test_every_backend_draws_the_same_rounding(backend: str, name: str) -> None:
     for be in ("reference", backend):
         torch.manual_seed(5)  # the group's first seed comes from torch's generator
         params = [p.to(torch.bfloat16).requires_grad_() for p in init]
-        opt = MAKERS[name](params, backend=be, stochastic_rounding=True)
+        opt = EVERY_OPTIMIZER[name](params, backend=be, stochastic_rounding=True)
         for step_grads in grads:
             for p, g in zip(params, step_grads, strict=True):
                 p.grad = g.to(torch.bfloat16)
