@@ -64,6 +64,29 @@ ONEPASS_INLINE void for_each_element(S* __restrict param, const S* __restrict gr
   }
 }
 
+// No SIMD pow: lane by lane with the scalar build's pow, for the vector types of the SIMD
+// builds (FAdam with p != 0.5 only; p = 0.5 is a SIMD sqrt).
+template <class T>
+ONEPASS_INLINE typename VecFor<T>::type lanewise_pow(typename VecFor<T>::type a,
+                                                      typename VecFor<T>::type b) {
+  constexpr int kWidth = VecFor<T>::kWidth;
+  T x[kWidth], y[kWidth];
+  VecFor<T>::store(x, a);
+  VecFor<T>::store(y, b);
+  for (int i = 0; i < kWidth; ++i) x[i] = op_pow(x[i], y[i]);
+  return VecFor<T>::load(x);
+}
+template <class Vec>
+  requires(VecFor<float>::kWidth > 1 && std::is_same_v<Vec, typename VecFor<float>::type>)
+ONEPASS_INLINE Vec op_pow(Vec a, Vec b) {
+  return lanewise_pow<float>(a, b);
+}
+template <class Vec>
+  requires(VecFor<double>::kWidth > 1 && std::is_same_v<Vec, typename VecFor<double>::type>)
+ONEPASS_INLINE Vec op_pow(Vec a, Vec b) {
+  return lanewise_pow<double>(a, b);
+}
+
 // A step's constants in both register kinds: the vector loop and the scalar tail.
 template <template <class> class Consts, class S>
 struct BothConsts {

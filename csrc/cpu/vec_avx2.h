@@ -3,8 +3,6 @@
 #pragma once
 #include <immintrin.h>
 
-#include <cmath>
-
 #include "onepass/dtypes.h"
 
 namespace onepass {
@@ -22,14 +20,6 @@ ONEPASS_INLINE Vec8f operator*(Vec8f a, Vec8f b) { return _mm256_mul_ps(a.v, b.v
 ONEPASS_INLINE Vec8f operator/(Vec8f a, Vec8f b) { return _mm256_div_ps(a.v, b.v); }
 ONEPASS_INLINE Vec8f operator-(Vec8f a) { return _mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f)); }
 ONEPASS_INLINE Vec8f op_sqrt(Vec8f a) { return _mm256_sqrt_ps(a.v); }
-// No SIMD pow: lane by lane with the scalar build's powf (FAdam with p != 0.5 only).
-ONEPASS_INLINE Vec8f op_pow(Vec8f a, Vec8f b) {
-  alignas(32) float x[8], y[8];
-  _mm256_store_ps(x, a.v);
-  _mm256_store_ps(y, b.v);
-  for (int i = 0; i < 8; ++i) x[i] = powf(x[i], y[i]);
-  return _mm256_load_ps(x);
-}
 ONEPASS_INLINE Vec8f op_max(Vec8f a, Vec8f b) {
   // max_ps returns its second operand when either is NaN; pass `a` second so a NaN in a survives,
   // and blend in a NaN from b: NaN-propagating like torch.maximum.
@@ -57,13 +47,6 @@ ONEPASS_INLINE Vec4d operator*(Vec4d a, Vec4d b) { return _mm256_mul_pd(a.v, b.v
 ONEPASS_INLINE Vec4d operator/(Vec4d a, Vec4d b) { return _mm256_div_pd(a.v, b.v); }
 ONEPASS_INLINE Vec4d operator-(Vec4d a) { return _mm256_xor_pd(a.v, _mm256_set1_pd(-0.0)); }
 ONEPASS_INLINE Vec4d op_sqrt(Vec4d a) { return _mm256_sqrt_pd(a.v); }
-ONEPASS_INLINE Vec4d op_pow(Vec4d a, Vec4d b) {
-  alignas(32) double x[4], y[4];
-  _mm256_store_pd(x, a.v);
-  _mm256_store_pd(y, b.v);
-  for (int i = 0; i < 4; ++i) x[i] = pow(x[i], y[i]);
-  return _mm256_load_pd(x);
-}
 ONEPASS_INLINE Vec4d op_max(Vec4d a, Vec4d b) {
   const __m256d m = _mm256_max_pd(b.v, a.v);
   return _mm256_blendv_pd(m, b.v, _mm256_cmp_pd(b.v, b.v, _CMP_UNORD_Q));

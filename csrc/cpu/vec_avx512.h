@@ -3,8 +3,6 @@
 #pragma once
 #include <immintrin.h>
 
-#include <cmath>
-
 #include "onepass/dtypes.h"
 
 namespace onepass {
@@ -22,14 +20,6 @@ ONEPASS_INLINE Vec16f operator*(Vec16f a, Vec16f b) { return _mm512_mul_ps(a.v, 
 ONEPASS_INLINE Vec16f operator/(Vec16f a, Vec16f b) { return _mm512_div_ps(a.v, b.v); }
 ONEPASS_INLINE Vec16f operator-(Vec16f a) { return _mm512_sub_ps(_mm512_setzero_ps(), a.v); }
 ONEPASS_INLINE Vec16f op_sqrt(Vec16f a) { return _mm512_sqrt_ps(a.v); }
-// No SIMD pow: lane by lane with the scalar build's powf (FAdam with p != 0.5 only).
-ONEPASS_INLINE Vec16f op_pow(Vec16f a, Vec16f b) {
-  alignas(64) float x[16], y[16];
-  _mm512_store_ps(x, a.v);
-  _mm512_store_ps(y, b.v);
-  for (int i = 0; i < 16; ++i) x[i] = powf(x[i], y[i]);
-  return _mm512_load_ps(x);
-}
 ONEPASS_INLINE Vec16f op_max(Vec16f a, Vec16f b) {
   const __m512 m = _mm512_max_ps(b.v, a.v);  // a NaN in `a` survives (second operand)
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(b.v, b.v, _CMP_UNORD_Q), m, b.v);
@@ -56,13 +46,6 @@ ONEPASS_INLINE Vec8d operator*(Vec8d a, Vec8d b) { return _mm512_mul_pd(a.v, b.v
 ONEPASS_INLINE Vec8d operator/(Vec8d a, Vec8d b) { return _mm512_div_pd(a.v, b.v); }
 ONEPASS_INLINE Vec8d operator-(Vec8d a) { return _mm512_sub_pd(_mm512_setzero_pd(), a.v); }
 ONEPASS_INLINE Vec8d op_sqrt(Vec8d a) { return _mm512_sqrt_pd(a.v); }
-ONEPASS_INLINE Vec8d op_pow(Vec8d a, Vec8d b) {
-  alignas(64) double x[8], y[8];
-  _mm512_store_pd(x, a.v);
-  _mm512_store_pd(y, b.v);
-  for (int i = 0; i < 8; ++i) x[i] = pow(x[i], y[i]);
-  return _mm512_load_pd(x);
-}
 ONEPASS_INLINE Vec8d op_max(Vec8d a, Vec8d b) {
   const __m512d m = _mm512_max_pd(b.v, a.v);
   return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(b.v, b.v, _CMP_UNORD_Q), m, b.v);
