@@ -34,7 +34,8 @@ struct Table {
   std::vector<int64_t> stepped;   // bucket index of every tensor with a grad (empty ones too)
   std::vector<Tensor> keep_alive;  // contiguous copies of non-contiguous grads
   std::vector<std::pair<Tensor, Tensor>> write_back;  // (param, contiguous temporary)
-  at::ScalarType dtype = at::kFloat;
+  at::ScalarType dtype = at::kFloat;       // the params'
+  at::ScalarType grad_dtype = at::kFloat;  // the grads' (one for the launch; the params' if none)
   int64_t elements = 0;
   int64_t needed_state = 0;  // elements every flat state buffer must hold
 };
@@ -59,6 +60,14 @@ Table build_table(at::TensorList params, const Grads& grads,
   Table t;
   t.dtype = params[0].scalar_type();
   storage_dtype(t.dtype);
+  t.grad_dtype = t.dtype;
+  for (int64_t i = 0; i < n; ++i) {  // the first grad sets the launch's grad dtype
+    const std::optional<Tensor> g = grads[i];
+    if (g.has_value() && g->defined()) {
+      t.grad_dtype = g->scalar_type();
+      break;
+    }
+  }
   const int64_t* offsets = state_offsets.data_ptr<int64_t>();
   const float* steps = host_steps ? step.data_ptr<float>() : nullptr;
   for (int64_t i = 0; i < n; ++i) {
@@ -73,8 +82,8 @@ Table build_table(at::TensorList params, const Grads& grads,
                 "] is sparse, which is not supported");
     TORCH_CHECK(g->device() == p.device(), "onepass: grads[", i, "] is on ", g->device(),
                 " but its param is on ", p.device());
-    TORCH_CHECK(g->scalar_type() == t.dtype, "onepass: grads[", i, "] has dtype ",
-                g->scalar_type(), " but its param has ", t.dtype);
+    TORCH_CHECK(g->scalar_type() == t.grad_dtype, "onepass: grads[", i, "] has dtype ",
+                g->scalar_type(), " but the bucket's other grads have ", t.grad_dtype);
     TORCH_CHECK(g->sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g->sizes(),
                 " but its param has ", p.sizes());
     t.stepped.push_back(i);
@@ -107,6 +116,9 @@ Table build_table(at::TensorList params, const Grads& grads,
   return t;
 }
 
+// The optional flat fp32 master weights every param-writing op takes last but one.
+using OptTensor = std::optional<Tensor>;
+
 // Grads as eager calls pass them (a Python list through pybind11), next to the dispatcher's
 // c10::List: every op implementation is a template over the two.
 using EagerGrads = std::vector<std::optional<Tensor>>;
@@ -118,14 +130,15 @@ using AdamEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor,
                            const std::optional<Tensor>&, Tensor, const Tensor&,
                            const std::optional<Tensor>&, const std::optional<Tensor>&,
                            const Tensor&, double, double, double, double, double, bool, bool,
-                           bool, int64_t);
+                           bool, const OptTensor&, int64_t);
 using SgdEager = void (*)(at::TensorList, const EagerGrads&, const std::optional<Tensor>&, Tensor,
                           const Tensor&, const std::optional<Tensor>&,
                           const std::optional<Tensor>&, const Tensor&, double, double, double,
-                          double, bool, bool, bool, int64_t);
+                          double, bool, bool, bool, const OptTensor&, int64_t);
 using LionEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor, const Tensor&,
                            const std::optional<Tensor>&, const std::optional<Tensor>&,
-                           const Tensor&, double, double, double, double, bool, bool, int64_t);
+                           const Tensor&, double, double, double, double, bool, bool,
+                           const OptTensor&, int64_t);
 using MuonMomentumEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor,
                                    const Tensor&, const std::optional<Tensor>&,
                                    const std::optional<Tensor>&, double, bool);
@@ -133,11 +146,11 @@ using NovoGradEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor
                                const std::optional<Tensor>&, Tensor, const Tensor&,
                                const std::optional<Tensor>&, const std::optional<Tensor>&,
                                const Tensor&, double, double, double, double, bool, bool, bool,
-                               int64_t);
+                               const OptTensor&, int64_t);
 using FAdamEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor, Tensor,
                             const Tensor&, const std::optional<Tensor>&,
                             const std::optional<Tensor>&, const Tensor&, double, double, double,
-                            double, double, double, bool, int64_t);
+                            double, double, double, bool, const OptTensor&, int64_t);
 struct EagerOps {
   AdamEager adam = nullptr;
   SgdEager sgd = nullptr;
@@ -153,13 +166,38 @@ inline EagerOps& eager_ops(c10::DeviceType device) {
   return device == c10::DeviceType::CPU ? cpu : cuda;
 }
 
-// A flat state buffer: on the launch's device, in the params' dtype, large enough.
-inline void check_state(const Tensor& buf, const char* name, const Table& t, at::Device device) {
+// A flat state buffer: on the launch's device, in `dtype`, large enough.
+inline void check_state(const Tensor& buf, const char* name, const Table& t, at::Device device,
+                        at::ScalarType dtype) {
   TORCH_CHECK(buf.device() == device, "onepass: state '", name, "' must be on ", device);
-  TORCH_CHECK(buf.scalar_type() == t.dtype, "onepass: state '", name, "' has dtype ",
-              buf.scalar_type(), ", expected ", t.dtype);
+  TORCH_CHECK(buf.scalar_type() == dtype, "onepass: state '", name, "' has dtype ",
+              buf.scalar_type(), ", expected ", dtype, " (every state slot has one dtype)");
   TORCH_CHECK(buf.is_contiguous() && buf.numel() >= t.needed_state, "onepass: state '", name,
               "' must be a contiguous buffer of at least ", t.needed_state, " elements");
+}
+
+// The storage layout of a launch: the params' and grads' dtypes from the table, the state's
+// from `state` (a slot buffer; absent, as for SGD without momentum: the params' dtype), and
+// master weights when `master` is given (checked here: a float32 flat buffer for 16-bit params).
+// Refuses a combination the kernels are not built for.
+inline Layout check_layout(const Table& t, const std::optional<Tensor>& state,
+                           const std::optional<Tensor>& master, at::Device device) {
+  // Without state slots (SGD without momentum) the state dtype is moot: one that has kernels.
+  const at::ScalarType state_dtype =
+      state.has_value() ? state->scalar_type() : (master.has_value() ? at::kFloat : t.dtype);
+  Layout layout{storage_dtype(t.dtype), storage_dtype(t.grad_dtype), storage_dtype(state_dtype),
+                master.has_value()};
+  if (master.has_value()) {
+    TORCH_CHECK(t.dtype == at::kBFloat16 || t.dtype == at::kHalf,
+                "onepass: master weights are for bfloat16/float16 params, not ", t.dtype);
+    check_state(*master, "master_param", t, device, at::kFloat);
+  }
+  TORCH_CHECK(layout_supported(layout), "onepass: no kernels for ", t.dtype, " params with ",
+              t.grad_dtype, " grads and ", state_dtype, " state",
+              master.has_value() ? " and float32 master weights" : "",
+              "; supported: one dtype throughout, float32 or bfloat16 state, float32 grads for "
+              "16-bit params, float32 master weights for 16-bit params (float64 only alone)");
+  return layout;
 }
 
 // A per-tensor scalar state buffer (NovoGrad's second moment): one element per param of the

@@ -81,25 +81,34 @@ void finish(Table& t, Tensor& step) {
   for (const int64_t i : t.stepped) steps[i] += 1.0f;
 }
 
+float* master_data(const std::optional<Tensor>& master) {
+  return master.has_value() ? master->data_ptr<float>() : nullptr;
+}
+
 template <class Grads>
 void adam_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg,
               Tensor exp_avg_sq, const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
               const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
               double beta2, double eps, double weight_decay, double decay_coefficient,
-              bool amsgrad, bool maximize, bool l2_decay, int64_t sr_seed) {
+              bool amsgrad, bool maximize, bool l2_decay,
+              const std::optional<Tensor>& master_param, int64_t sr_seed) {
   Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
   const double lr_value = read_lr(lr);
-  glue::check_state(exp_avg, "exp_avg", t, at::kCPU);
-  glue::check_state(exp_avg_sq, "exp_avg_sq", t, at::kCPU);
+  const Layout layout = glue::check_layout(t, exp_avg, master_param, at::kCPU);
+  glue::check_state(exp_avg, "exp_avg", t, at::kCPU, exp_avg.scalar_type());
+  glue::check_state(exp_avg_sq, "exp_avg_sq", t, at::kCPU, exp_avg.scalar_type());
   TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "onepass: amsgrad needs max_exp_avg_sq");
-  if (amsgrad) glue::check_state(*max_exp_avg_sq, "max_exp_avg_sq", t, at::kCPU);
+  if (amsgrad) {
+    glue::check_state(*max_exp_avg_sq, "max_exp_avg_sq", t, at::kCPU, exp_avg.scalar_type());
+  }
   const Amp amp = read_amp(grad_scale, found_inf, maximize);
   if (amp.skip) return;  // GradScaler found an inf/nan: params, state and steps stay as they are
 
   cpu::AdamLaunch launch{};
-  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.layout = layout;
+  launch.master = master_data(master_param);
   launch.segments = t.segments.data();
   launch.chunks = t.chunks.data();
   launch.exp_avg = exp_avg.data_ptr();
@@ -121,19 +130,25 @@ void sgd_cpu(at::TensorList params, const Grads& grads,
              const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
              const std::optional<Tensor>& found_inf, const Tensor& lr, double momentum,
              double dampening, double weight_decay, double decay_coefficient, bool nesterov,
-             bool maximize, bool l2_decay, int64_t sr_seed) {
+             bool maximize, bool l2_decay, const std::optional<Tensor>& master_param,
+             int64_t sr_seed) {
   Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
   const double lr_value = read_lr(lr);
   const bool has_momentum = momentum != 0.0;
+  TORCH_CHECK(!has_momentum || momentum_buffer.has_value(),
+              "onepass: momentum != 0 needs momentum_buffer");
+  const std::optional<Tensor> state = has_momentum ? momentum_buffer : std::nullopt;
+  const Layout layout = glue::check_layout(t, state, master_param, at::kCPU);
   if (has_momentum) {
-    TORCH_CHECK(momentum_buffer.has_value(), "onepass: momentum != 0 needs momentum_buffer");
-    glue::check_state(*momentum_buffer, "momentum_buffer", t, at::kCPU);
+    glue::check_state(*momentum_buffer, "momentum_buffer", t, at::kCPU,
+                      momentum_buffer->scalar_type());
   }
   const Amp amp = read_amp(grad_scale, found_inf, maximize);
   if (amp.skip) return;
   cpu::SgdLaunch launch{};
-  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.layout = layout;
+  launch.master = master_data(master_param);
   launch.segments = t.segments.data();
   launch.chunks = t.chunks.data();
   launch.momentum_buffer = has_momentum ? momentum_buffer->data_ptr() : nullptr;
@@ -153,15 +168,17 @@ void lion_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor 
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
               const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
               double beta2, double weight_decay, double decay_coefficient, bool maximize,
-              bool l2_decay, int64_t sr_seed) {
+              bool l2_decay, const std::optional<Tensor>& master_param, int64_t sr_seed) {
   Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
   const double lr_value = read_lr(lr);
-  glue::check_state(exp_avg, "exp_avg", t, at::kCPU);
+  const Layout layout = glue::check_layout(t, exp_avg, master_param, at::kCPU);
+  glue::check_state(exp_avg, "exp_avg", t, at::kCPU, exp_avg.scalar_type());
   const Amp amp = read_amp(grad_scale, found_inf, maximize);
   if (amp.skip) return;  // GradScaler found an inf/nan: params, state and steps stay as they are
   cpu::LionLaunch launch{};
-  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.layout = layout;
+  launch.master = master_data(master_param);
   launch.segments = t.segments.data();
   launch.chunks = t.chunks.data();
   launch.exp_avg = exp_avg.data_ptr();
@@ -182,11 +199,13 @@ void muon_momentum_cpu(at::TensorList updates, const Grads& grads, Tensor moment
                        const std::optional<Tensor>& found_inf, double momentum, bool nesterov) {
   Table t = glue::build_table(updates, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
-  glue::check_state(momentum_buffer, "momentum_buffer", t, at::kCPU);
+  const Layout layout = glue::check_layout(t, momentum_buffer, std::nullopt, at::kCPU);
+  glue::check_state(momentum_buffer, "momentum_buffer", t, at::kCPU,
+                    momentum_buffer.scalar_type());
   const Amp amp = read_amp(grad_scale, found_inf, /*maximize=*/false);
   if (amp.skip) return;  // GradScaler found an inf/nan: the state and steps stay as they are
   cpu::MuonLaunch launch{};
-  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.layout = layout;
   launch.segments = t.segments.data();
   launch.chunks = t.chunks.data();
   launch.momentum_buffer = momentum_buffer.data_ptr();
@@ -228,7 +247,7 @@ Tensor sum_of_squares_cpu(at::TensorList tensors) {
   if (!t.chunks.empty()) {
     std::vector<double> partial_sums(t.chunks.size(), 0.0);
     cpu::NovoGradLaunch launch{};
-    launch.dtype = glue::storage_dtype(t.dtype);
+    launch.layout.grad = glue::storage_dtype(t.dtype);  // the reduce kernel reads "grads" only
     launch.segments = t.segments.data();
     launch.chunks = t.chunks.data();
     launch.partial_sums = partial_sums.data();
@@ -245,11 +264,13 @@ void novograd_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Ten
                   const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                   const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                   double beta2, double eps, double weight_decay, bool grad_averaging,
-                  bool amsgrad, bool maximize, int64_t sr_seed) {
+                  bool amsgrad, bool maximize, const std::optional<Tensor>& master_param,
+                  int64_t sr_seed) {
   Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
   const double lr_value = read_lr(lr);
-  glue::check_state(exp_avg, "exp_avg", t, at::kCPU);
+  const Layout layout = glue::check_layout(t, exp_avg, master_param, at::kCPU);
+  glue::check_state(exp_avg, "exp_avg", t, at::kCPU, exp_avg.scalar_type());
   const int64_t n = static_cast<int64_t>(params.size());
   glue::check_scalar_state(exp_avg_sq, "exp_avg_sq", t, n, at::kCPU);
   TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "onepass: amsgrad needs max_exp_avg_sq");
@@ -260,7 +281,8 @@ void novograd_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Ten
   std::vector<double> partial_sums(t.chunks.size(), 0.0);
   std::vector<double> denoms(t.segments.size(), 0.0);
   cpu::NovoGradLaunch launch{};
-  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.layout = layout;
+  launch.master = master_data(master_param);
   launch.segments = t.segments.data();
   launch.chunks = t.chunks.data();
   launch.exp_avg = exp_avg.data_ptr();
@@ -306,12 +328,13 @@ void fadam_cpu(at::TensorList params, const Grads& grads, Tensor fim, Tensor mom
                const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                double beta2, double eps, double clip, double p, double weight_decay,
-               bool maximize, int64_t sr_seed) {
+               bool maximize, const std::optional<Tensor>& master_param, int64_t sr_seed) {
   Table t = glue::build_table(params, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
   const double lr_value = read_lr(lr);
-  glue::check_state(fim, "fim", t, at::kCPU);
-  glue::check_state(momentum, "momentum", t, at::kCPU);
+  const Layout layout = glue::check_layout(t, fim, master_param, at::kCPU);
+  glue::check_state(fim, "fim", t, at::kCPU, fim.scalar_type());
+  glue::check_state(momentum, "momentum", t, at::kCPU, fim.scalar_type());
   const Amp amp = read_amp(grad_scale, found_inf, maximize);
   if (amp.skip) return;  // GradScaler found an inf/nan: params, state and steps stay as they are
 
@@ -319,7 +342,8 @@ void fadam_cpu(at::TensorList params, const Grads& grads, Tensor fim, Tensor mom
   std::vector<double> partial_sums(2 * t.chunks.size(), 0.0);
   std::vector<cpu::FAdamSegment> scalars(n_segments, cpu::FAdamSegment{0.0, 1.0, 1.0});
   cpu::FAdamLaunch launch{};
-  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.layout = layout;
+  launch.master = master_data(master_param);
   launch.segments = t.segments.data();
   launch.chunks = t.chunks.data();
   launch.fim = fim.data_ptr();
@@ -380,17 +404,18 @@ TORCH_LIBRARY(onepass, m) {
       "adam_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, Tensor(e!) step, Tensor state_offsets, Tensor? grad_scale, "
       "Tensor? found_inf, Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
-      "float decay_coefficient, bool amsgrad, bool maximize, bool l2_decay, int sr_seed) -> ()");
+      "float decay_coefficient, bool amsgrad, bool maximize, bool l2_decay, "
+      "Tensor(f!)? master_param, int sr_seed) -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)? momentum_buffer, Tensor(e!) step, "
       "Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, Tensor lr, float momentum, "
       "float dampening, float weight_decay, float decay_coefficient, bool nesterov, "
-      "bool maximize, bool l2_decay, int sr_seed) -> ()");
+      "bool maximize, bool l2_decay, Tensor(f!)? master_param, int sr_seed) -> ()");
   m.def(
       "lion_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) exp_avg, Tensor(e!) step, "
       "Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, Tensor lr, float beta1, "
       "float beta2, float weight_decay, float decay_coefficient, bool maximize, "
-      "bool l2_decay, int sr_seed) -> ()");
+      "bool l2_decay, Tensor(f!)? master_param, int sr_seed) -> ()");
   m.def(
       "muon_momentum_(Tensor(a!)[] updates, Tensor?[] grads, Tensor(b!) momentum_buffer, "
       "Tensor(e!) step, Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, "
@@ -399,12 +424,13 @@ TORCH_LIBRARY(onepass, m) {
       "novograd_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) exp_avg, "
       "Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, Tensor(e!) step, Tensor state_offsets, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor lr, float beta1, float beta2, float eps, "
-      "float weight_decay, bool grad_averaging, bool amsgrad, bool maximize, int sr_seed) -> ()");
+      "float weight_decay, bool grad_averaging, bool amsgrad, bool maximize, "
+      "Tensor(f!)? master_param, int sr_seed) -> ()");
   m.def(
       "fadam_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) fim, Tensor(c!) momentum, "
       "Tensor(d!) step, Tensor state_offsets, Tensor? grad_scale, Tensor? found_inf, Tensor lr, "
       "float beta1, float beta2, float eps, float clip, float p, float weight_decay, "
-      "bool maximize, int sr_seed) -> ()");
+      "bool maximize, Tensor(f!)? master_param, int sr_seed) -> ()");
   m.def("sum_of_squares(Tensor[] tensors) -> Tensor");
   m.def("cpu_capability() -> str", &onepass::cpu_capability);
   m.def("cpu_capabilities() -> str[]", &onepass::cpu_capabilities);
@@ -457,12 +483,13 @@ PYBIND11_MODULE(_C, m) {
          at::Tensor exp_avg_sq, const Opt& max_exp_avg_sq, at::Tensor step,
          const at::Tensor& state_offsets, const Opt& grad_scale, const Opt& found_inf,
          const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
-         double decay_coefficient, bool amsgrad, bool maximize, bool l2_decay, int64_t sr_seed) {
+         double decay_coefficient, bool amsgrad, bool maximize, bool l2_decay,
+         const Opt& master_param, int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::adam, exp_avg);
         py::gil_scoped_release no_gil;
         fn(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_offsets, grad_scale,
            found_inf, lr, beta1, beta2, eps, weight_decay, decay_coefficient, amsgrad, maximize,
-           l2_decay, sr_seed);
+           l2_decay, master_param, sr_seed);
       },
       "torch.ops.onepass.adam_ without the dispatcher (eager calls only)");
   m.def(
@@ -471,12 +498,12 @@ PYBIND11_MODULE(_C, m) {
          at::Tensor step, const at::Tensor& state_offsets, const Opt& grad_scale,
          const Opt& found_inf, const at::Tensor& lr, double momentum, double dampening,
          double weight_decay, double decay_coefficient, bool nesterov, bool maximize,
-         bool l2_decay, int64_t sr_seed) {
+         bool l2_decay, const Opt& master_param, int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::sgd, step);
         py::gil_scoped_release no_gil;
         fn(params, grads, momentum_buffer, step, state_offsets, grad_scale, found_inf, lr,
            momentum, dampening, weight_decay, decay_coefficient, nesterov, maximize, l2_decay,
-           sr_seed);
+           master_param, sr_seed);
       },
       "torch.ops.onepass.sgd_ without the dispatcher (eager calls only)");
   m.def(
@@ -485,11 +512,11 @@ PYBIND11_MODULE(_C, m) {
          at::Tensor step, const at::Tensor& state_offsets, const Opt& grad_scale,
          const Opt& found_inf, const at::Tensor& lr, double beta1, double beta2,
          double weight_decay, double decay_coefficient, bool maximize, bool l2_decay,
-         int64_t sr_seed) {
+         const Opt& master_param, int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::lion, exp_avg);
         py::gil_scoped_release no_gil;
         fn(params, grads, exp_avg, step, state_offsets, grad_scale, found_inf, lr, beta1, beta2,
-           weight_decay, decay_coefficient, maximize, l2_decay, sr_seed);
+           weight_decay, decay_coefficient, maximize, l2_decay, master_param, sr_seed);
       },
       "torch.ops.onepass.lion_ without the dispatcher (eager calls only)");
   m.def(
@@ -509,12 +536,13 @@ PYBIND11_MODULE(_C, m) {
          at::Tensor exp_avg_sq, const Opt& max_exp_avg_sq, at::Tensor step,
          const at::Tensor& state_offsets, const Opt& grad_scale, const Opt& found_inf,
          const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
-         bool grad_averaging, bool amsgrad, bool maximize, int64_t sr_seed) {
+         bool grad_averaging, bool amsgrad, bool maximize, const Opt& master_param,
+         int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::novograd, exp_avg);
         py::gil_scoped_release no_gil;
         fn(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_offsets, grad_scale,
            found_inf, lr, beta1, beta2, eps, weight_decay, grad_averaging, amsgrad, maximize,
-           sr_seed);
+           master_param, sr_seed);
       },
       "torch.ops.onepass.novograd_ without the dispatcher (eager calls only)");
   m.def(
@@ -523,11 +551,11 @@ PYBIND11_MODULE(_C, m) {
          at::Tensor momentum, at::Tensor step, const at::Tensor& state_offsets,
          const Opt& grad_scale, const Opt& found_inf, const at::Tensor& lr, double beta1,
          double beta2, double eps, double clip, double p, double weight_decay, bool maximize,
-         int64_t sr_seed) {
+         const Opt& master_param, int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::fadam, fim);
         py::gil_scoped_release no_gil;
         fn(params, grads, fim, momentum, step, state_offsets, grad_scale, found_inf, lr, beta1,
-           beta2, eps, clip, p, weight_decay, maximize, sr_seed);
+           beta2, eps, clip, p, weight_decay, maximize, master_param, sr_seed);
       },
       "torch.ops.onepass.fadam_ without the dispatcher (eager calls only)");
 }

@@ -9,21 +9,25 @@
 
 namespace onepass::cpu {
 
+// Every launch: `layout` the storage types (onepass/dtypes.h); `master` the flat fp32 master
+// weights (indexed like the state) when layout.master, else null.
 struct AdamLaunch {
-  DType dtype;
+  Layout layout;
+  float* master = nullptr;
   const Segment* segments;
   const Chunk* chunks;
-  void* exp_avg;         // flat state buffers, param dtype, indexed by Segment::state_offset
+  void* exp_avg;         // flat state buffers, layout.state, indexed by Segment::state_offset
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // only read with amsgrad
   AdamHyper hyper;
   bool amsgrad;
   bool l2_decay;
-  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 stores (StoreRounding)
 };
 
 struct SgdLaunch {
-  DType dtype;
+  Layout layout;
+  float* master = nullptr;
   const Segment* segments;
   const Chunk* chunks;
   void* momentum_buffer;  // only with momentum != 0
@@ -31,23 +35,24 @@ struct SgdLaunch {
   bool momentum;
   bool nesterov;
   bool l2_decay;
-  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 stores (StoreRounding)
 };
 
 struct LionLaunch {
-  DType dtype;
+  Layout layout;
+  float* master = nullptr;
   const Segment* segments;
   const Chunk* chunks;
   void* exp_avg;
   LionHyper hyper;
   bool l2_decay;
-  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 stores (StoreRounding)
 };
 
 // Muon's momentum pass: the table's "param" of each segment is the tensor's slice of the update
 // workspace (written, not read), its grad the gradient; momentum_buffer is the state slot.
 struct MuonLaunch {
-  DType dtype;
+  Layout layout;  // param: the update workspace
   const Segment* segments;
   const Chunk* chunks;
   void* momentum_buffer;
@@ -59,14 +64,15 @@ struct MuonLaunch {
 // squares per chunk (summed per tensor in chunk order by the glue, so the result does not depend
 // on the thread split), then novograd updates each chunk with its tensor's denominator.
 struct NovoGradLaunch {
-  DType dtype;
+  Layout layout;
+  float* master = nullptr;
   const Segment* segments;
   const Chunk* chunks;
   void* exp_avg;
   double* partial_sums;  // one per chunk: sum of g^2 in double (reduce pass output)
   const double* denoms;  // one per segment: sqrt(v) + eps (update pass input)
   NovoGradHyper hyper;
-  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 stores (StoreRounding)
 };
 
 // FAdam runs three passes over the same table: fadam_reduce writes each chunk's sum of raw g^2;
@@ -80,7 +86,8 @@ struct FAdamSegment {
 };
 
 struct FAdamLaunch {
-  DType dtype;
+  Layout layout;
+  float* master = nullptr;
   const Segment* segments;
   const Chunk* chunks;
   void* fim;
@@ -88,7 +95,7 @@ struct FAdamLaunch {
   double* partial_sums;          // 2 per chunk: [sum g^2, unused] (reduce) / [gn^2, wn^2] (norms)
   const FAdamSegment* scalars;   // one per segment
   FAdamHyper hyper;
-  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 stores (StoreRounding)
 };
 
 // One instruction-set build of the kernels. Each processes chunks [begin, end) of its launch.

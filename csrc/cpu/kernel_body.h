@@ -10,57 +10,117 @@
 namespace onepass {
 inline namespace ONEPASS_CAPABILITY {
 
+// The streams of one chunk, each at the chunk's first element: the param (and its fp32 master
+// with master weights), the gradient and the state slots, in the layout's storage types.
+template <class T, int kSlots>
+struct Streams {
+  typename T::P* param;
+  float* master;  // null unless T::kMaster
+  const typename T::G* grad;
+  typename T::S* state[kSlots > 0 ? kSlots : 1];
+};
+
+template <class T, int kSlots>
+ONEPASS_INLINE Streams<T, kSlots> chunk_streams(const Segment& seg, const Chunk& chunk,
+                                                float* master, void* const* slots) {
+  const int64_t at = seg.state_offset + chunk.begin;
+  Streams<T, kSlots> io{static_cast<typename T::P*>(seg.param) + chunk.begin,
+                        T::kMaster ? master + at : nullptr,
+                        static_cast<const typename T::G*>(seg.grad) + chunk.begin,
+                        {}};
+  for (int k = 0; k < kSlots; ++k) io.state[k] = static_cast<typename T::S*>(slots[k]) + at;
+  return io;
+}
+
+// Stores one vector as X: lane by lane when it rounds stochastically (an option, not the norm).
+template <class X, class VT>
+ONEPASS_INLINE void store_rounded(X* dst, VT x, const StoreRounding& r, uint32_t stream,
+                                  int64_t i) {
+  if constexpr (std::is_same_v<X, bf16_t>) {
+    if (r.seed >= 0) {
+      alignas(64) float lanes[VecFor<float>::kWidth];
+      VecFor<float>::store(lanes, x);
+      for (int k = 0; k < VecFor<float>::kWidth; ++k) {
+        dst[k] = rounded_from_opmath<X>(lanes[k], r, stream, i + k);
+      }
+      return;
+    }
+  }
+  VecFor<X>::store(dst, x);
+}
+
 // Applies fn(p, g, s) to every element: p the param, g the gradient, s[k] the k-th state slot,
-// all in opmath registers (a vector in the main loop, a scalar in the tail). kParamWriteOnly:
-// the "param" is an output only (Muon's update workspace): not read, fn sees 0.
-template <class S, int kSlots, bool kParamWriteOnly = false, class Fn>
-ONEPASS_INLINE void for_each_element(S* __restrict param, const S* __restrict grad,
-                                     S* const* state, int64_t n, const Fn& fn,
-                                     const ParamRounding& rounding = {}) {
-  using V = VecFor<S>;
-  constexpr int64_t kPrefetch = 256 / sizeof(S);  // 4 lines ahead: measured best here
+// all in opmath registers (a vector in the main loop, a scalar in the tail). With master weights
+// p is read from and written to the master, and the param gets it rounded to nearest.
+// kParamWriteOnly: the "param" is an output only (Muon's update workspace): not read, fn sees 0.
+template <class T, int kSlots, bool kParamWriteOnly = false, class Fn>
+ONEPASS_INLINE void for_each_element(const Streams<T, kSlots>& io, int64_t n, const Fn& fn,
+                                     const StoreRounding& rounding = {}) {
+  using P = typename T::P;
+  using G = typename T::G;
+  using S = typename T::S;
+  using M = typename T::MathParam;
+  using O = typename T::O;
+  using V = VecFor<M>;
+  static_assert(std::is_same_v<typename V::type, typename VecFor<G>::type> &&
+                    std::is_same_v<typename V::type, typename VecFor<S>::type>,
+                "a layout's storage types must share one vector register type");
+  P* __restrict param = io.param;
+  float* __restrict master = io.master;
+  const G* __restrict grad = io.grad;
+  S* const* state = io.state;
   int64_t i = 0;
   if constexpr (V::kWidth > 1) {
     for (; i + V::kWidth <= n; i += V::kWidth) {
-      if ((i & (64 / sizeof(S) - 1)) == 0) {  // once per cache line of each stream
-        __builtin_prefetch(param + i + kPrefetch, 1);
-        __builtin_prefetch(grad + i + kPrefetch, 0);
-        for (int k = 0; k < kSlots; ++k) __builtin_prefetch(state[k] + i + kPrefetch, 1);
+      if ((i & (64 / sizeof(M) - 1)) == 0) {  // once per opmath cache line, 256 bytes ahead
+        if constexpr (T::kMaster) __builtin_prefetch(master + i + 64, 1);
+        __builtin_prefetch(param + i + 256 / sizeof(P), 1);
+        __builtin_prefetch(grad + i + 256 / sizeof(G), 0);
+        for (int k = 0; k < kSlots; ++k) __builtin_prefetch(state[k] + i + 256 / sizeof(S), 1);
       }
       typename V::type p;
       if constexpr (kParamWriteOnly) {
-        p = typename V::type(opmath_t<S>(0));
+        p = typename V::type(O(0));
+      } else if constexpr (T::kMaster) {
+        p = VecFor<float>::load(master + i);
       } else {
-        p = V::load(param + i);
+        p = VecFor<P>::load(param + i);
       }
-      const typename V::type g = V::load(grad + i);
+      const typename V::type g = VecFor<G>::load(grad + i);
       typename V::type s[kSlots > 0 ? kSlots : 1];
-      for (int k = 0; k < kSlots; ++k) s[k] = V::load(state[k] + i);
+      for (int k = 0; k < kSlots; ++k) s[k] = VecFor<S>::load(state[k] + i);
       fn(p, g, s);
-      if constexpr (std::is_same_v<S, bf16_t>) {
-        if (rounding.seed >= 0) {  // stochastic rounding: lane by lane (an option, not the norm)
-          alignas(64) float lanes[V::kWidth];
-          VecFor<float>::store(lanes, p);
-          for (int k = 0; k < V::kWidth; ++k) {
-            param[i + k] = param_from_opmath<S>(lanes[k], rounding, i + k);
-          }
-        } else {
-          V::store(param + i, p);
-        }
+      if constexpr (T::kMaster) {
+        VecFor<float>::store(master + i, p);
+        VecFor<P>::store(param + i, p);
       } else {
-        V::store(param + i, p);
+        store_rounded(param + i, p, rounding, 0u, i);
       }
-      for (int k = 0; k < kSlots; ++k) V::store(state[k] + i, s[k]);
+      for (int k = 0; k < kSlots; ++k) store_rounded(state[k] + i, s[k], rounding, 1u + k, i);
     }
   }
   for (; i < n; ++i) {
-    opmath_t<S> p = kParamWriteOnly ? opmath_t<S>(0) : to_opmath(param[i]);
-    const opmath_t<S> g = to_opmath(grad[i]);
-    opmath_t<S> s[kSlots > 0 ? kSlots : 1];
+    O p;
+    if constexpr (kParamWriteOnly) {
+      p = O(0);
+    } else if constexpr (T::kMaster) {
+      p = master[i];
+    } else {
+      p = to_opmath(param[i]);
+    }
+    const O g = to_opmath(grad[i]);
+    O s[kSlots > 0 ? kSlots : 1];
     for (int k = 0; k < kSlots; ++k) s[k] = to_opmath(state[k][i]);
     fn(p, g, s);
-    param[i] = param_from_opmath<S>(p, rounding, i);
-    for (int k = 0; k < kSlots; ++k) state[k][i] = from_opmath<S>(s[k]);
+    if constexpr (T::kMaster) {
+      master[i] = p;
+      param[i] = from_opmath<P>(p);
+    } else {
+      param[i] = param_from_opmath<P>(p, rounding, i);
+    }
+    for (int k = 0; k < kSlots; ++k) {
+      state[k][i] = rounded_from_opmath<S>(s[k], rounding, 1u + k, i);
+    }
   }
 }
 
@@ -102,12 +162,14 @@ struct BothConsts {
   }
 };
 
-template <class S, bool kAmsgrad, bool kL2Decay>
+template <class T, bool kAmsgrad, bool kL2Decay>
 void adam_chunks(const cpu::AdamLaunch& L, int64_t begin, int64_t end) {
-  using O = opmath_t<S>;
-  using VT = typename VecFor<S>::type;
+  using M = typename T::MathParam;
+  using O = typename T::O;
+  using VT = typename VecFor<M>::type;
   double consts_step = -1.0;  // the step `consts` was made for: most tensors share one
-  BothConsts<AdamConsts, S> consts{};
+  BothConsts<AdamConsts, M> consts{};
+  void* const slots[3] = {L.exp_avg, L.exp_avg_sq, L.max_exp_avg_sq};
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
     const Segment& seg = L.segments[chunk.segment];
@@ -115,124 +177,122 @@ void adam_chunks(const cpu::AdamLaunch& L, int64_t begin, int64_t end) {
       consts = {AdamConsts<VT>::make(L.hyper, seg.step), AdamConsts<O>::make(L.hyper, seg.step)};
       consts_step = seg.step;
     }
-    const int64_t at = seg.state_offset + chunk.begin;
-    S* const state[3] = {static_cast<S*>(L.exp_avg) + at, static_cast<S*>(L.exp_avg_sq) + at,
-                         kAmsgrad ? static_cast<S*>(L.max_exp_avg_sq) + at : nullptr};
-    for_each_element<S, kAmsgrad ? 3 : 2>(
-        static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
-        state, chunk.end - chunk.begin, [&](auto& p, auto g, auto* s) {
-          using T = std::remove_reference_t<decltype(p)>;
+    for_each_element<T, kAmsgrad ? 3 : 2>(
+        chunk_streams<T, kAmsgrad ? 3 : 2>(seg, chunk, L.master, slots), chunk.end - chunk.begin,
+        [&](auto& p, auto g, auto* s) {
+          using R = std::remove_reference_t<decltype(p)>;
           if constexpr (kAmsgrad) {
-            adam_update<true, kL2Decay>(p, g, s[0], s[1], s[2], consts.template get<T>());
+            adam_update<true, kL2Decay>(p, g, s[0], s[1], s[2], consts.template get<R>());
           } else {
-            T no_max = s[1];
-            adam_update<false, kL2Decay>(p, g, s[0], s[1], no_max, consts.template get<T>());
+            R no_max = s[1];
+            adam_update<false, kL2Decay>(p, g, s[0], s[1], no_max, consts.template get<R>());
           }
         },
-        ParamRounding{at, L.sr_seed});
+        StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
   }
 }
 
-template <class S, bool kMomentum, bool kNesterov, bool kFirst, bool kL2Decay>
-void sgd_chunk(const cpu::SgdLaunch& L, const Chunk& chunk, const BothConsts<SgdConsts, S>& consts) {
+template <class T, bool kMomentum, bool kNesterov, bool kFirst, bool kL2Decay>
+void sgd_chunk(const cpu::SgdLaunch& L, const Chunk& chunk,
+               const BothConsts<SgdConsts, typename T::MathParam>& consts) {
   const Segment& seg = L.segments[chunk.segment];
-  S* const state[1] = {kMomentum ? static_cast<S*>(L.momentum_buffer) + seg.state_offset +
-                                       chunk.begin
-                                 : nullptr};
-  for_each_element<S, kMomentum ? 1 : 0>(
-      static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
-      state, chunk.end - chunk.begin, [&](auto& p, auto g, auto* s) {
-        using T = std::remove_reference_t<decltype(p)>;
-        sgd_update<kMomentum, kNesterov, kFirst, kL2Decay>(p, g, s[0], consts.template get<T>());
+  void* const slots[1] = {L.momentum_buffer};
+  for_each_element<T, kMomentum ? 1 : 0>(
+      chunk_streams<T, kMomentum ? 1 : 0>(seg, chunk, L.master, slots), chunk.end - chunk.begin,
+      [&](auto& p, auto g, auto* s) {
+        using R = std::remove_reference_t<decltype(p)>;
+        sgd_update<kMomentum, kNesterov, kFirst, kL2Decay>(p, g, s[0], consts.template get<R>());
       },
-      ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
+      StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
 }
 
-template <class S, bool kL2Decay>
+template <class T, bool kL2Decay>
 void sgd_chunks(const cpu::SgdLaunch& L, int64_t begin, int64_t end) {
-  using O = opmath_t<S>;
-  using VT = typename VecFor<S>::type;
-  const BothConsts<SgdConsts, S> consts{SgdConsts<VT>::make(L.hyper), SgdConsts<O>::make(L.hyper)};
+  using M = typename T::MathParam;
+  using VT = typename VecFor<M>::type;
+  const BothConsts<SgdConsts, M> consts{SgdConsts<VT>::make(L.hyper),
+                                        SgdConsts<typename T::O>::make(L.hyper)};
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
     if (!L.momentum) {
-      sgd_chunk<S, false, false, false, kL2Decay>(L, chunk, consts);
+      sgd_chunk<T, false, false, false, kL2Decay>(L, chunk, consts);
       continue;
     }
     // A tensor's first step with momentum starts its buffer from the gradient (torch.optim.SGD).
     const bool first = L.segments[chunk.segment].step == 1.0;
     if (L.nesterov) {
-      first ? sgd_chunk<S, true, true, true, kL2Decay>(L, chunk, consts)
-            : sgd_chunk<S, true, true, false, kL2Decay>(L, chunk, consts);
+      first ? sgd_chunk<T, true, true, true, kL2Decay>(L, chunk, consts)
+            : sgd_chunk<T, true, true, false, kL2Decay>(L, chunk, consts);
     } else {
-      first ? sgd_chunk<S, true, false, true, kL2Decay>(L, chunk, consts)
-            : sgd_chunk<S, true, false, false, kL2Decay>(L, chunk, consts);
+      first ? sgd_chunk<T, true, false, true, kL2Decay>(L, chunk, consts)
+            : sgd_chunk<T, true, false, false, kL2Decay>(L, chunk, consts);
     }
   }
 }
 
-template <class S, bool kL2Decay>
+template <class T, bool kL2Decay>
 void lion_chunks(const cpu::LionLaunch& L, int64_t begin, int64_t end) {
-  using O = opmath_t<S>;
-  using VT = typename VecFor<S>::type;
+  using M = typename T::MathParam;
+  using VT = typename VecFor<M>::type;
   // No per-tensor scalars (no bias correction): one set of constants for the whole range.
-  const BothConsts<LionConsts, S> consts{LionConsts<VT>::make(L.hyper),
-                                         LionConsts<O>::make(L.hyper)};
+  const BothConsts<LionConsts, M> consts{LionConsts<VT>::make(L.hyper),
+                                         LionConsts<typename T::O>::make(L.hyper)};
+  void* const slots[1] = {L.exp_avg};
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
     const Segment& seg = L.segments[chunk.segment];
-    S* const state[1] = {static_cast<S*>(L.exp_avg) + seg.state_offset + chunk.begin};
-    for_each_element<S, 1>(
-        static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
-        state, chunk.end - chunk.begin, [&](auto& p, auto g, auto* s) {
-          using T = std::remove_reference_t<decltype(p)>;
-          lion_update<kL2Decay>(p, g, s[0], consts.template get<T>());
+    for_each_element<T, 1>(
+        chunk_streams<T, 1>(seg, chunk, L.master, slots), chunk.end - chunk.begin,
+        [&](auto& p, auto g, auto* s) {
+          using R = std::remove_reference_t<decltype(p)>;
+          lion_update<kL2Decay>(p, g, s[0], consts.template get<R>());
         },
-        ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
+        StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
   }
 }
 
-template <class S>
+template <class T>
 void lion_typed(const cpu::LionLaunch& L, int64_t begin, int64_t end) {
-  L.l2_decay ? lion_chunks<S, true>(L, begin, end) : lion_chunks<S, false>(L, begin, end);
+  L.l2_decay ? lion_chunks<T, true>(L, begin, end) : lion_chunks<T, false>(L, begin, end);
 }
 
-template <class S, bool kNesterov>
+template <class T, bool kNesterov>
 void muon_momentum_chunks(const cpu::MuonLaunch& L, int64_t begin, int64_t end) {
-  using O = opmath_t<S>;
-  using VT = typename VecFor<S>::type;
-  const BothConsts<MuonConsts, S> consts{MuonConsts<VT>::make(L.hyper),
-                                         MuonConsts<O>::make(L.hyper)};
+  using M = typename T::MathParam;
+  using VT = typename VecFor<M>::type;
+  const BothConsts<MuonConsts, M> consts{MuonConsts<VT>::make(L.hyper),
+                                         MuonConsts<typename T::O>::make(L.hyper)};
+  void* const slots[1] = {L.momentum_buffer};
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
     const Segment& seg = L.segments[chunk.segment];
-    S* const state[1] = {static_cast<S*>(L.momentum_buffer) + seg.state_offset + chunk.begin};
     // The update workspace rides in the param's place: written, never read.
-    for_each_element<S, 1, /*kParamWriteOnly=*/true>(
-        static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
-        state, chunk.end - chunk.begin, [&](auto& update, auto g, auto* s) {
-          using T = std::remove_reference_t<decltype(update)>;
-          muon_momentum<kNesterov>(update, g, s[0], consts.template get<T>());
+    for_each_element<T, 1, /*kParamWriteOnly=*/true>(
+        chunk_streams<T, 1>(seg, chunk, nullptr, slots), chunk.end - chunk.begin,
+        [&](auto& update, auto g, auto* s) {
+          using R = std::remove_reference_t<decltype(update)>;
+          muon_momentum<kNesterov>(update, g, s[0], consts.template get<R>());
         });
   }
 }
 
-template <class S>
+template <class T>
 void muon_momentum_typed(const cpu::MuonLaunch& L, int64_t begin, int64_t end) {
-  L.nesterov ? muon_momentum_chunks<S, true>(L, begin, end)
-             : muon_momentum_chunks<S, false>(L, begin, end);
+  L.nesterov ? muon_momentum_chunks<T, true>(L, begin, end)
+             : muon_momentum_chunks<T, false>(L, begin, end);
 }
 
-// Sum of squares of each chunk's gradient, in double whatever the storage: kLanes independent
-// accumulators in a fixed order, combined by a fixed tree (every build gives the same bits: no
-// reassociation). 16 lanes: the compiler keeps them in 4 AVX2 / 2 AVX-512 registers, enough
-// independent add chains to read at memory speed (4 lanes were one dependent chain).
-template <class S>
+// Sum of squares of each chunk's gradient (G its storage), in double whatever the storage:
+// kLanes independent accumulators in a fixed order, combined by a fixed tree (every build gives
+// the same bits: no reassociation). 16 lanes: the compiler keeps them in 4 AVX2 / 2 AVX-512
+// registers, enough independent add chains to read at memory speed (4 lanes were one dependent
+// chain).
+template <class G>
 void novograd_reduce_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
   constexpr int kLanes = 16;
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
-    const S* g = static_cast<const S*>(L.segments[chunk.segment].grad) + chunk.begin;
+    const G* g = static_cast<const G*>(L.segments[chunk.segment].grad) + chunk.begin;
     const int64_t n = chunk.end - chunk.begin;
     double acc[kLanes] = {};
     int64_t i = 0;
@@ -253,40 +313,40 @@ void novograd_reduce_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t 
   }
 }
 
-template <class S>
+template <class T>
 void novograd_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
-  using O = opmath_t<S>;
-  using VT = typename VecFor<S>::type;
+  using M = typename T::MathParam;
+  using VT = typename VecFor<M>::type;
+  void* const slots[1] = {L.exp_avg};
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
     const Segment& seg = L.segments[chunk.segment];
     const double denom = L.denoms[chunk.segment];
-    const BothConsts<NovoGradConsts, S> consts{NovoGradConsts<VT>::make(L.hyper, denom),
-                                               NovoGradConsts<O>::make(L.hyper, denom)};
-    S* const state[1] = {static_cast<S*>(L.exp_avg) + seg.state_offset + chunk.begin};
-    S* const param = static_cast<S*>(seg.param) + chunk.begin;
-    const S* const grad = static_cast<const S*>(seg.grad) + chunk.begin;
+    const BothConsts<NovoGradConsts, M> consts{
+        NovoGradConsts<VT>::make(L.hyper, denom),
+        NovoGradConsts<typename T::O>::make(L.hyper, denom)};
+    const Streams<T, 1> io = chunk_streams<T, 1>(seg, chunk, L.master, slots);
     const int64_t n = chunk.end - chunk.begin;
     auto step = [&]<bool kFirst>() {
-      for_each_element<S, 1>(
-          param, grad, state, n,
+      for_each_element<T, 1>(
+          io, n,
           [&](auto& p, auto g, auto* s) {
-            using T = std::remove_reference_t<decltype(p)>;
-            novograd_update<kFirst>(p, g, s[0], consts.template get<T>());
+            using R = std::remove_reference_t<decltype(p)>;
+            novograd_update<kFirst>(p, g, s[0], consts.template get<R>());
           },
-          ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
+          StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
     };
     seg.step == 1.0 ? step.template operator()<true>() : step.template operator()<false>();
   }
 }
 
-// FAdam: plain element loops in opmath (F^p has no SIMD pow here; the compiler vectorizes what it
-// can), one double accumulator per quantity per chunk, in element order.
-template <class S>
+// FAdam: plain element loops in opmath (the compiler vectorizes what it can), one double
+// accumulator per quantity per chunk, in element order.
+template <class G>
 void fadam_reduce_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
-    const S* g = static_cast<const S*>(L.segments[chunk.segment].grad) + chunk.begin;
+    const G* g = static_cast<const G*>(L.segments[chunk.segment].grad) + chunk.begin;
     const int64_t n = chunk.end - chunk.begin;
     double acc[4] = {0.0, 0.0, 0.0, 0.0};
     int64_t i = 0;
@@ -305,28 +365,28 @@ void fadam_reduce_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
   }
 }
 
-template <class S>
-FAdamConsts<opmath_t<S>> fadam_consts(const cpu::FAdamLaunch& L, int64_t segment) {
+template <class O>
+FAdamConsts<O> fadam_consts(const cpu::FAdamLaunch& L, int64_t segment) {
   const cpu::FAdamSegment& k = L.scalars[segment];
-  return FAdamConsts<opmath_t<S>>::make(L.hyper, L.segments[segment].step, k.eps_t,
-                                        k.gn_divisor, k.wn_divisor);
+  return FAdamConsts<O>::make(L.hyper, L.segments[segment].step, k.eps_t, k.gn_divisor,
+                              k.wn_divisor);
 }
 
-template <class S>
+template <class T>
 void fadam_norms_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
-  using O = opmath_t<S>;
+  using O = typename T::O;
+  void* const slots[1] = {L.fim};
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
     const Segment& seg = L.segments[chunk.segment];
-    const FAdamConsts<O> consts = fadam_consts<S>(L, chunk.segment);
-    const S* const param = static_cast<const S*>(seg.param) + chunk.begin;
-    const S* const grad = static_cast<const S*>(seg.grad) + chunk.begin;
-    const S* const fim = static_cast<const S*>(L.fim) + seg.state_offset + chunk.begin;
+    const FAdamConsts<O> consts = fadam_consts<O>(L, chunk.segment);
+    const Streams<T, 1> io = chunk_streams<T, 1>(seg, chunk, L.master, slots);
     const int64_t n = chunk.end - chunk.begin;
     double gn_sq = 0.0, wn_sq = 0.0;
     for (int64_t i = 0; i < n; ++i) {
       O gn, wn;
-      fadam_norms<O>(to_opmath(param[i]), to_opmath(grad[i]), to_opmath(fim[i]), consts, gn, wn);
+      const O p = T::kMaster ? O(io.master[i]) : to_opmath(io.param[i]);
+      fadam_norms<O>(p, to_opmath(io.grad[i]), to_opmath(io.state[0][i]), consts, gn, wn);
       gn_sq += double(gn) * double(gn);
       wn_sq += double(wn) * double(wn);
     }
@@ -336,45 +396,44 @@ void fadam_norms_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
 }
 
 // Pass 3, vectorised (the update's math is elementwise; F^p is a SIMD sqrt for the paper's p=0.5).
-template <class S>
+template <class T>
 void fadam_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
-  using O = opmath_t<S>;
-  using VT = typename VecFor<S>::type;
+  using M = typename T::MathParam;
+  using VT = typename VecFor<M>::type;
+  void* const slots[2] = {L.fim, L.momentum};
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
     const Segment& seg = L.segments[chunk.segment];
-    const cpu::FAdamSegment& k = L.scalars[chunk.segment];
-    const BothConsts<FAdamConsts, S> consts{
-        FAdamConsts<VT>::make(L.hyper, seg.step, k.eps_t, k.gn_divisor, k.wn_divisor),
-        FAdamConsts<O>::make(L.hyper, seg.step, k.eps_t, k.gn_divisor, k.wn_divisor)};
-    const int64_t at = seg.state_offset + chunk.begin;
-    S* const state[2] = {static_cast<S*>(L.fim) + at, static_cast<S*>(L.momentum) + at};
-    for_each_element<S, 2>(
-        static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
-        state, chunk.end - chunk.begin, [&](auto& p, auto g, auto* s) {
-          using T = std::remove_reference_t<decltype(p)>;
-          fadam_update<T>(p, g, s[0], s[1], consts.template get<T>());
+    const BothConsts<FAdamConsts, M> consts{fadam_consts<VT>(L, chunk.segment),
+                                            fadam_consts<typename T::O>(L, chunk.segment)};
+    for_each_element<T, 2>(
+        chunk_streams<T, 2>(seg, chunk, L.master, slots), chunk.end - chunk.begin,
+        [&](auto& p, auto g, auto* s) {
+          using R = std::remove_reference_t<decltype(p)>;
+          fadam_update<R>(p, g, s[0], s[1], consts.template get<R>());
         },
-        ParamRounding{at, L.sr_seed});
+        StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
   }
 }
 
-template <class S>
+template <class T>
 void adam_typed(const cpu::AdamLaunch& L, int64_t begin, int64_t end) {
   if (L.amsgrad) {
-    L.l2_decay ? adam_chunks<S, true, true>(L, begin, end) : adam_chunks<S, true, false>(L, begin, end);
+    L.l2_decay ? adam_chunks<T, true, true>(L, begin, end)
+               : adam_chunks<T, true, false>(L, begin, end);
   } else {
-    L.l2_decay ? adam_chunks<S, false, true>(L, begin, end)
-               : adam_chunks<S, false, false>(L, begin, end);
+    L.l2_decay ? adam_chunks<T, false, true>(L, begin, end)
+               : adam_chunks<T, false, false>(L, begin, end);
   }
 }
 
-template <class S>
+template <class T>
 void sgd_typed(const cpu::SgdLaunch& L, int64_t begin, int64_t end) {
-  L.l2_decay ? sgd_chunks<S, true>(L, begin, end) : sgd_chunks<S, false>(L, begin, end);
+  L.l2_decay ? sgd_chunks<T, true>(L, begin, end) : sgd_chunks<T, false>(L, begin, end);
 }
 
-// Calls fn.template operator()<S>() for the storage type S of `dtype`.
+// Calls fn.template operator()<X>() for the storage type X of `dtype` (the reductions, which
+// read the gradient only).
 template <class Fn>
 ONEPASS_INLINE void dispatch_dtype(DType dtype, const Fn& fn) {
   switch (dtype) {
@@ -385,39 +444,43 @@ ONEPASS_INLINE void dispatch_dtype(DType dtype, const Fn& fn) {
   }
 }
 
+// The entry points: the glue has checked the layout is one the kernels are built for.
 inline void adam_entry(const cpu::AdamLaunch& L, int64_t begin, int64_t end) {
-  dispatch_dtype(L.dtype, [&]<class S>() { adam_typed<S>(L, begin, end); });
+  dispatch_layout(L.layout, [&]<class T>() { adam_typed<T>(L, begin, end); });
 }
+
 inline void sgd_entry(const cpu::SgdLaunch& L, int64_t begin, int64_t end) {
-  dispatch_dtype(L.dtype, [&]<class S>() { sgd_typed<S>(L, begin, end); });
+  dispatch_layout(L.layout, [&]<class T>() { sgd_typed<T>(L, begin, end); });
 }
 
 inline void lion_entry(const cpu::LionLaunch& L, int64_t begin, int64_t end) {
-  dispatch_dtype(L.dtype, [&]<class S>() { lion_typed<S>(L, begin, end); });
+  dispatch_layout(L.layout, [&]<class T>() { lion_typed<T>(L, begin, end); });
 }
 
 inline void muon_momentum_entry(const cpu::MuonLaunch& L, int64_t begin, int64_t end) {
-  dispatch_dtype(L.dtype, [&]<class S>() { muon_momentum_typed<S>(L, begin, end); });
+  dispatch_layout(L.layout, [&]<class T>() {
+    if constexpr (!T::kMaster) muon_momentum_typed<T>(L, begin, end);  // no master there
+  });
 }
 
 inline void novograd_reduce_entry(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
-  dispatch_dtype(L.dtype, [&]<class S>() { novograd_reduce_typed<S>(L, begin, end); });
-}
-
-inline void fadam_reduce_entry(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
-  dispatch_dtype(L.dtype, [&]<class S>() { fadam_reduce_typed<S>(L, begin, end); });
-}
-
-inline void fadam_norms_entry(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
-  dispatch_dtype(L.dtype, [&]<class S>() { fadam_norms_typed<S>(L, begin, end); });
-}
-
-inline void fadam_entry(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
-  dispatch_dtype(L.dtype, [&]<class S>() { fadam_typed<S>(L, begin, end); });
+  dispatch_dtype(L.layout.grad, [&]<class G>() { novograd_reduce_typed<G>(L, begin, end); });
 }
 
 inline void novograd_entry(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
-  dispatch_dtype(L.dtype, [&]<class S>() { novograd_typed<S>(L, begin, end); });
+  dispatch_layout(L.layout, [&]<class T>() { novograd_typed<T>(L, begin, end); });
+}
+
+inline void fadam_reduce_entry(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+  dispatch_dtype(L.layout.grad, [&]<class G>() { fadam_reduce_typed<G>(L, begin, end); });
+}
+
+inline void fadam_norms_entry(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+  dispatch_layout(L.layout, [&]<class T>() { fadam_norms_typed<T>(L, begin, end); });
+}
+
+inline void fadam_entry(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+  dispatch_layout(L.layout, [&]<class T>() { fadam_typed<T>(L, begin, end); });
 }
 
 }  // namespace ONEPASS_CAPABILITY

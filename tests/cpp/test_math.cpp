@@ -264,7 +264,7 @@ void test_kernel_sets(DType dtype, double rtol) {
       std::vector<S> p = p0, m = m0, v = v0, vm = vm0;
       Segment seg{p.data(), g.data(), 0, n, 0, 3.0};
       Chunk chunk{0, 0, n};
-      cpu::AdamLaunch L{dtype, &seg, &chunk, m.data(), v.data(), vm.data(),
+      cpu::AdamLaunch L{Layout{dtype, dtype, dtype, false}, nullptr, &seg, &chunk, m.data(), v.data(), vm.data(),
                         AdamHyper{1e-2, 0.9, 0.999, 1e-8, 0.1, 0.0, 1.0}, true, true};
       CHECK(cpu::set_capability(cpu::capability_name(k)), "set %s", cpu::capability_name(k));
       cpu::kernels().adam(L, 0, 1);
@@ -278,7 +278,7 @@ void test_kernel_sets(DType dtype, double rtol) {
       std::vector<S> lp = p0, lm = m0, lg = g;
       for (size_t i = 0; i < lg.size(); i += 5) lg[i] = from_opmath<S>(0.0f), lm[i] = lg[i];
       Segment lseg{lp.data(), lg.data(), 0, n, 0, 3.0};
-      cpu::LionLaunch LL{dtype, &lseg, &chunk, lm.data(),
+      cpu::LionLaunch LL{Layout{dtype, dtype, dtype, false}, nullptr, &lseg, &chunk, lm.data(),
                          LionHyper{1e-2, 0.9, 0.99, 0.0, 0.1, -1.0}, false};
       cpu::kernels().lion(LL, 0, 1);
       results.back().insert(results.back().end(), lp.begin(), lp.end());
@@ -289,7 +289,7 @@ void test_kernel_sets(DType dtype, double rtol) {
         std::vector<S> np = p0, nm = m0;
         Segment nseg{np.data(), g.data(), 0, n, 0, step};
         double partial = -1.0, denom = 0.0;
-        cpu::NovoGradLaunch NL{dtype,   &nseg,  &chunk,
+        cpu::NovoGradLaunch NL{Layout{dtype, dtype, dtype, false}, nullptr, &nseg,  &chunk,
                                nm.data(), &partial, &denom,
                                NovoGradHyper{1e-2, 0.95, 0.98, 1e-8, 0.1, 1.0, true}};
         cpu::kernels().novograd_reduce(NL, 0, 1);
@@ -308,7 +308,7 @@ void test_kernel_sets(DType dtype, double rtol) {
         Segment fseg{fp.data(), g.data(), 0, n, 0, step};
         double partial[2] = {-1.0, -1.0};
         cpu::FAdamSegment scalars{0.0, 1.0, 1.0};
-        cpu::FAdamLaunch FL{dtype,   &fseg,    &chunk,
+        cpu::FAdamLaunch FL{Layout{dtype, dtype, dtype, false}, nullptr, &fseg,    &chunk,
                             ff.data(), fm.data(), partial,
                             &scalars, FAdamHyper{1e-2, 0.9, 0.999, 1e-8, 0.5, 0.5, 0.1, 1.0}};
         cpu::kernels().fadam_reduce(FL, 0, 1);

@@ -30,10 +30,22 @@ struct half_t {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-// How a kernel writes the params (state slots always round to nearest): with seed >= 0, bf16
-// params round stochastically (stochastic_rounding=True); element i of a chunk has the index
+// The storage types of one launch. `param` is the model's param, `grad` its gradient, `state`
+// every elementwise state slot. With `master` (master weights), an fp32 copy of each param rides
+// beside the state: the math reads and writes the master, and the param gets the result rounded
+// to its own dtype. Math runs in float (double for double) whatever the storage.
+struct Layout {
+  DType param = DType::kFloat32;
+  DType grad = DType::kFloat32;
+  DType state = DType::kFloat32;
+  bool master = false;
+};
+
+// How a kernel rounds what it stores: with seed >= 0 (stochastic_rounding=True), bf16 params
+// (without master weights: a master's param is the master rounded to nearest) and bf16 state
+// slots round stochastically; everything else to nearest. Element i of a chunk has the index
 // index_base + i in its bucket (the tensor's state offset + its element index).
-struct ParamRounding {
+struct StoreRounding {
   int64_t index_base = 0;
   int64_t seed = -1;
 };
@@ -48,6 +60,76 @@ struct OpMath<double> {
 };
 template <class S>
 using opmath_t = typename OpMath<S>::type;
+
+template <class S>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() { return DType::kFloat32; }
+template <>
+constexpr DType dtype_of<double>() { return DType::kFloat64; }
+template <>
+constexpr DType dtype_of<bf16_t>() { return DType::kBFloat16; }
+template <>
+constexpr DType dtype_of<half_t>() { return DType::kFloat16; }
+
+// A layout as types: the kernels are templates over it.
+template <class P_, class G_, class S_, bool kMaster_>
+struct LayoutTypes {
+  using P = P_;  // the param's storage
+  using G = G_;  // the gradient's
+  using S = S_;  // every state slot's
+  static constexpr bool kMaster = kMaster_;
+  using MathParam = std::conditional_t<kMaster_, float, P_>;  // what the math reads and writes
+  using O = opmath_t<P_>;
+};
+
+// Every layout the kernels are built for (param, grad, state, master): one dtype throughout
+// (torch.optim's case), fp32 or bf16 state for narrower or wider params (state_dtype), fp32
+// grads for 16-bit params, and fp32 master weights for 16-bit params. float64 only alone.
+// fp32 "params" with 16-bit grads: Muon's fp32 update workspace under master weights.
+#define ONEPASS_FOR_EACH_LAYOUT(X)   \
+  X(double, double, double, false)   \
+  X(float, float, float, false)      \
+  X(float, float, bf16_t, false)     \
+  X(float, bf16_t, float, false)     \
+  X(float, bf16_t, bf16_t, false)    \
+  X(float, half_t, float, false)     \
+  X(bf16_t, bf16_t, bf16_t, false)   \
+  X(bf16_t, bf16_t, float, false)    \
+  X(bf16_t, float, bf16_t, false)    \
+  X(bf16_t, float, float, false)     \
+  X(bf16_t, bf16_t, float, true)     \
+  X(bf16_t, bf16_t, bf16_t, true)    \
+  X(bf16_t, float, float, true)      \
+  X(bf16_t, float, bf16_t, true)     \
+  X(half_t, half_t, half_t, false)   \
+  X(half_t, half_t, float, false)    \
+  X(half_t, float, half_t, false)    \
+  X(half_t, float, float, false)     \
+  X(half_t, half_t, float, true)     \
+  X(half_t, float, float, true)
+
+inline bool operator==(const Layout& a, const Layout& b) {
+  return a.param == b.param && a.grad == b.grad && a.state == b.state && a.master == b.master;
+}
+
+// Calls fn.template operator()<LayoutTypes<...>>() for `layout`; returns false (and calls
+// nothing) when the kernels are not built for it.
+template <class Fn>
+inline bool dispatch_layout(const Layout& layout, const Fn& fn) {
+#define ONEPASS_LAYOUT_CASE(P, G, S, M)                                                 \
+  if (layout == Layout{dtype_of<P>(), dtype_of<G>(), dtype_of<S>(), M}) {              \
+    fn.template operator()<LayoutTypes<P, G, S, M>>();                                  \
+    return true;                                                                        \
+  }
+  ONEPASS_FOR_EACH_LAYOUT(ONEPASS_LAYOUT_CASE)
+#undef ONEPASS_LAYOUT_CASE
+  return false;
+}
+
+inline bool layout_supported(const Layout& layout) {
+  return dispatch_layout(layout, [&]<class T>() {});
+}
 
 inline namespace ONEPASS_CAPABILITY {
 
@@ -167,13 +249,24 @@ ONEPASS_HD ONEPASS_INLINE bf16_t from_opmath_bf16_stochastic(float f, uint64_t i
   return bf16_t{uint16_t((u + (sr_hash(index, seed) & 0xffffu)) >> 16)};
 }
 
-// The param store: stochastic for bf16 when r.seed >= 0, else to nearest (every other case).
+// A rounded store: stochastic for bf16 when r.seed >= 0, else to nearest (every other case).
+// `stream` picks independent noise per stream: 0 for the param, 1 + k for state slot k (the
+// seed is r.seed + stream, mod 2^32).
 template <class S>
-ONEPASS_HD ONEPASS_INLINE S param_from_opmath(opmath_t<S> x, const ParamRounding& r, int64_t i) {
+ONEPASS_HD ONEPASS_INLINE S rounded_from_opmath(opmath_t<S> x, const StoreRounding& r,
+                                                uint32_t stream, int64_t i) {
   if constexpr (std::is_same_v<S, bf16_t>) {
-    if (r.seed >= 0) return from_opmath_bf16_stochastic(x, uint64_t(r.index_base + i), uint32_t(r.seed));
+    if (r.seed >= 0) {
+      return from_opmath_bf16_stochastic(x, uint64_t(r.index_base + i), uint32_t(r.seed) + stream);
+    }
   }
   return from_opmath<S>(x);
+}
+
+// The param store (stream 0).
+template <class S>
+ONEPASS_HD ONEPASS_INLINE S param_from_opmath(opmath_t<S> x, const StoreRounding& r, int64_t i) {
+  return rounded_from_opmath<S>(x, r, 0u, i);
 }
 
 }  // namespace ONEPASS_CAPABILITY
