@@ -89,14 +89,14 @@ void run(int64_t n) {
   const StepState steps{step, nullptr, nullptr, nullptr, false};
 
   AdamLaunch adam{};
-  adam.dtype = DType::kFloat32;
+  adam.layout = Layout{DType::kFloat32, DType::kFloat32, DType::kFloat32, false};
   adam.table = table;
   adam.steps = steps;
   adam.exp_avg = m;
   adam.exp_avg_sq = v;
   adam.hyper = AdamHyper{1e-4, 0.9, 0.999, 1e-8, 0.01, 0.01, 1.0};
   SgdLaunch sgd{};
-  sgd.dtype = DType::kFloat32;
+  sgd.layout = Layout{DType::kFloat32, DType::kFloat32, DType::kFloat32, false};
   sgd.table = table;
   sgd.steps = steps;
   sgd.momentum_buffer = m;

@@ -44,21 +44,25 @@ struct StepState {
   bool lr_is_double;        // the device lr is a double (else a float)
 };
 
+// Every launch: `layout` the storage types (onepass/dtypes.h); `master` the flat fp32 master
+// weights (indexed like the state) when layout.master, else null.
 struct AdamLaunch {
-  DType dtype;
+  Layout layout;
+  float* master = nullptr;
   DeviceTable table;
   StepState steps;
-  void* exp_avg;
+  void* exp_avg;         // flat state buffers, layout.state, indexed by Segment::state_offset
   void* exp_avg_sq;
-  void* max_exp_avg_sq;
+  void* max_exp_avg_sq;  // only read with amsgrad
   AdamHyper hyper;
   bool amsgrad;
   bool l2_decay;
-  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 stores (StoreRounding)
 };
 
 struct SgdLaunch {
-  DType dtype;
+  Layout layout;
+  float* master = nullptr;
   DeviceTable table;
   StepState steps;
   void* momentum_buffer;
@@ -66,22 +70,23 @@ struct SgdLaunch {
   bool momentum;
   bool nesterov;
   bool l2_decay;
-  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 stores (StoreRounding)
 };
 
 struct LionLaunch {
-  DType dtype;
+  Layout layout;
+  float* master = nullptr;
   DeviceTable table;
   StepState steps;
   void* exp_avg;
   LionHyper hyper;
   bool l2_decay;
-  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 stores (StoreRounding)
 };
 
 // Muon's momentum pass: each segment's "param" is its slice of the update workspace (written).
 struct MuonLaunch {
-  DType dtype;
+  Layout layout;  // param: the update workspace; never master weights
   DeviceTable table;
   StepState steps;
   void* momentum_buffer;
@@ -94,7 +99,8 @@ struct MuonLaunch {
 // order (deterministic), updates its scalar second moment and writes its denominator to
 // denoms; (3) one block per chunk updates the elements with its tensor's denominator.
 struct NovoGradLaunch {
-  DType dtype;
+  Layout layout;
+  float* master = nullptr;
   DeviceTable table;
   StepState steps;
   void* exp_avg;
@@ -105,7 +111,7 @@ struct NovoGradLaunch {
   int64_t num_segments;
   NovoGradHyper hyper;
   bool amsgrad;
-  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 stores (StoreRounding)
 };
 
 // FAdam: five kernels on one stream, no host sync. (1) one block per chunk writes the chunk's sum
@@ -113,7 +119,8 @@ struct NovoGradLaunch {
 // chunk writes its sums of gn^2 and wn^2 (F read, not written); (4) one thread per segment writes
 // the two clip divisors; (5) one block per chunk updates F, momentum and the param.
 struct FAdamLaunch {
-  DType dtype;
+  Layout layout;
+  float* master = nullptr;
   DeviceTable table;
   StepState steps;
   void* fim;
@@ -124,7 +131,7 @@ struct FAdamLaunch {
   double* wn_divisor;    // one per segment
   int64_t num_segments;
   FAdamHyper hyper;
-  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 params (ParamRounding)
+  int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 stores (StoreRounding)
 };
 
 cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream);

@@ -104,26 +104,35 @@ cuda::StepState step_state(Tensor& step, const std::optional<Tensor>& grad_scale
   return s;
 }
 
+float* master_data(const std::optional<Tensor>& master) {
+  return master.has_value() ? master->data_ptr<float>() : nullptr;
+}
+
 template <class Grads>
 void adam_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg,
                Tensor exp_avg_sq, const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
                const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                double beta2, double eps, double weight_decay, double decay_coefficient,
-               bool amsgrad, bool maximize, bool l2_decay, int64_t sr_seed) {
+               bool amsgrad, bool maximize, bool l2_decay,
+               const std::optional<Tensor>& master_param, int64_t sr_seed) {
   const at::Device device = exp_avg.device();
   TORCH_CHECK(device.is_cuda(), "onepass: the CUDA adam_ needs CUDA state buffers");
   const c10::cuda::CUDAGuard guard(device);
   Table t = glue::build_table(params, grads, step, state_offsets, device,
                               cuda::kChunkElements, /*host_steps=*/false);
-  glue::check_state(exp_avg, "exp_avg", t, device);
-  glue::check_state(exp_avg_sq, "exp_avg_sq", t, device);
+  const Layout layout = glue::check_layout(t, exp_avg, master_param, device);
+  glue::check_state(exp_avg, "exp_avg", t, device, exp_avg.scalar_type());
+  glue::check_state(exp_avg_sq, "exp_avg_sq", t, device, exp_avg.scalar_type());
   TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "onepass: amsgrad needs max_exp_avg_sq");
-  if (amsgrad) glue::check_state(*max_exp_avg_sq, "max_exp_avg_sq", t, device);
+  if (amsgrad) {
+    glue::check_state(*max_exp_avg_sq, "max_exp_avg_sq", t, device, exp_avg.scalar_type());
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
   cuda::AdamLaunch launch{};
-  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.layout = layout;
+  launch.master = master_data(master_param);
   launch.table = device_tables().get(exp_avg.data_ptr(), t, device, stream);
   double host_lr = 0.0;
   launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
@@ -146,21 +155,27 @@ void sgd_cuda(at::TensorList params, const Grads& grads,
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
               const std::optional<Tensor>& found_inf, const Tensor& lr, double momentum,
               double dampening, double weight_decay, double decay_coefficient, bool nesterov,
-              bool maximize, bool l2_decay, int64_t sr_seed) {
+              bool maximize, bool l2_decay, const std::optional<Tensor>& master_param,
+              int64_t sr_seed) {
   const at::Device device = step.device();
   TORCH_CHECK(device.is_cuda(), "onepass: the CUDA sgd_ needs a CUDA step tensor");
   const c10::cuda::CUDAGuard guard(device);
   Table t = glue::build_table(params, grads, step, state_offsets, device,
                               cuda::kChunkElements, /*host_steps=*/false);
   const bool has_momentum = momentum != 0.0;
+  TORCH_CHECK(!has_momentum || momentum_buffer.has_value(),
+              "onepass: momentum != 0 needs momentum_buffer");
+  const std::optional<Tensor> state = has_momentum ? momentum_buffer : std::nullopt;
+  const Layout layout = glue::check_layout(t, state, master_param, device);
   if (has_momentum) {
-    TORCH_CHECK(momentum_buffer.has_value(), "onepass: momentum != 0 needs momentum_buffer");
-    glue::check_state(*momentum_buffer, "momentum_buffer", t, device);
+    glue::check_state(*momentum_buffer, "momentum_buffer", t, device,
+                      momentum_buffer->scalar_type());
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
   cuda::SgdLaunch launch{};
-  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.layout = layout;
+  launch.master = master_data(master_param);
   // Without momentum there is no state buffer: the step tensor keys the bucket's table.
   const void* key = has_momentum ? momentum_buffer->data_ptr() : step.data_ptr();
   launch.table = device_tables().get(key, t, device, stream);
@@ -183,17 +198,19 @@ void lion_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor
                const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                double beta2, double weight_decay, double decay_coefficient, bool maximize,
-               bool l2_decay, int64_t sr_seed) {
+               bool l2_decay, const std::optional<Tensor>& master_param, int64_t sr_seed) {
   const at::Device device = exp_avg.device();
   TORCH_CHECK(device.is_cuda(), "onepass: the CUDA lion_ needs a CUDA state buffer");
   const c10::cuda::CUDAGuard guard(device);
   Table t = glue::build_table(params, grads, step, state_offsets, device,
                               cuda::kChunkElements, /*host_steps=*/false);
-  glue::check_state(exp_avg, "exp_avg", t, device);
+  const Layout layout = glue::check_layout(t, exp_avg, master_param, device);
+  glue::check_state(exp_avg, "exp_avg", t, device, exp_avg.scalar_type());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
   cuda::LionLaunch launch{};
-  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.layout = layout;
+  launch.master = master_data(master_param);
   launch.table = device_tables().get(exp_avg.data_ptr(), t, device, stream);
   double host_lr = 0.0;
   launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
@@ -218,11 +235,12 @@ void muon_momentum_cuda(at::TensorList updates, const Grads& grads, Tensor momen
   const c10::cuda::CUDAGuard guard(device);
   Table t = glue::build_table(updates, grads, step, state_offsets, device,
                               cuda::kChunkElements, /*host_steps=*/false);
-  glue::check_state(momentum_buffer, "momentum_buffer", t, device);
+  const Layout layout = glue::check_layout(t, momentum_buffer, std::nullopt, device);
+  glue::check_state(momentum_buffer, "momentum_buffer", t, device, momentum_buffer.scalar_type());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
   cuda::MuonLaunch launch{};
-  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.layout = layout;
   launch.table = device_tables().get(momentum_buffer.data_ptr(), t, device, stream);
   glue::check_amp_scalar(grad_scale, "grad_scale", device);
   glue::check_amp_scalar(found_inf, "found_inf", device);
@@ -245,21 +263,24 @@ void novograd_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Te
                    const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                    const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                    double beta2, double eps, double weight_decay, bool grad_averaging,
-                   bool amsgrad, bool maximize, int64_t sr_seed) {
+                   bool amsgrad, bool maximize, const std::optional<Tensor>& master_param,
+                   int64_t sr_seed) {
   const at::Device device = exp_avg.device();
   TORCH_CHECK(device.is_cuda(), "onepass: the CUDA novograd_ needs CUDA state buffers");
   const c10::cuda::CUDAGuard guard(device);
   Table t = glue::build_table(params, grads, step, state_offsets, device,
                               cuda::kChunkElements, /*host_steps=*/false);
+  const Layout layout = glue::check_layout(t, exp_avg, master_param, device);
+  glue::check_state(exp_avg, "exp_avg", t, device, exp_avg.scalar_type());
   const int64_t n = static_cast<int64_t>(params.size());
-  glue::check_state(exp_avg, "exp_avg", t, device);
   glue::check_scalar_state(exp_avg_sq, "exp_avg_sq", t, n, device);
   TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "onepass: amsgrad needs max_exp_avg_sq");
   if (amsgrad) glue::check_scalar_state(*max_exp_avg_sq, "max_exp_avg_sq", t, n, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
   cuda::NovoGradLaunch launch{};
-  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.layout = layout;
+  launch.master = master_data(master_param);
   launch.table = device_tables().get(exp_avg.data_ptr(), t, device, stream);
   double host_lr = 0.0;
   launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
@@ -289,18 +310,20 @@ void fadam_cuda(at::TensorList params, const Grads& grads, Tensor fim, Tensor mo
                 Tensor step, const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                 const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                 double beta2, double eps, double clip, double p, double weight_decay,
-                bool maximize, int64_t sr_seed) {
+                bool maximize, const std::optional<Tensor>& master_param, int64_t sr_seed) {
   const at::Device device = fim.device();
   TORCH_CHECK(device.is_cuda(), "onepass: the CUDA fadam_ needs CUDA state buffers");
   const c10::cuda::CUDAGuard guard(device);
   Table t = glue::build_table(params, grads, step, state_offsets, device,
                               cuda::kChunkElements, /*host_steps=*/false);
-  glue::check_state(fim, "fim", t, device);
-  glue::check_state(momentum, "momentum", t, device);
+  const Layout layout = glue::check_layout(t, fim, master_param, device);
+  glue::check_state(fim, "fim", t, device, fim.scalar_type());
+  glue::check_state(momentum, "momentum", t, device, fim.scalar_type());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
   cuda::FAdamLaunch launch{};
-  launch.dtype = glue::storage_dtype(t.dtype);
+  launch.layout = layout;
+  launch.master = master_data(master_param);
   launch.table = device_tables().get(fim.data_ptr(), t, device, stream);
   double host_lr = 0.0;
   launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);

@@ -1,6 +1,9 @@
-// CUDA kernels of Adam/AdamW, SGD/SGDW, Lion and NovoGrad: the tensor-table walk of multi_tensor.cuh around the
-// per-element math of onepass/math.h. Includes only CUDA and csrc/include headers (no torch), so
-// `nvcc -c` compile-checks it on a machine with no GPU.
+// CUDA kernels of Adam/AdamW, SGD/SGDW, Lion, Muon's momentum, NovoGrad and FAdam: the
+// tensor-table walk of multi_tensor.cuh around the per-element math of onepass/math.h. The
+// elementwise kernels are templates over the storage layout (LayoutTypes, onepass/dtypes.h),
+// dispatched on the host with dispatch_layout; the reductions that read only the gradients over
+// the gradient's storage type. Includes only CUDA and csrc/include headers (no torch), so `nvcc -c`
+// compile-checks it on a machine with no GPU.
 #include "multi_tensor.cuh"
 
 namespace onepass::cuda {
@@ -15,9 +18,9 @@ __global__ void advance_steps(StepState s, const int64_t* stepped, int64_t n) {
 
 namespace {
 
-template <class S, bool kAmsgrad, bool kL2Decay>
+template <class T, bool kAmsgrad, bool kL2Decay>
 __global__ void __launch_bounds__(kThreads) adam_kernel(AdamLaunch L) {
-  using O = opmath_t<S>;
+  using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
   const Segment seg = L.table.segments[chunk.segment];
@@ -30,12 +33,11 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(AdamLaunch L) {
   }
   __syncthreads();
   const AdamConsts<O> c = shared_consts;
-  const int64_t at = seg.state_offset + chunk.begin;
-  S* const state[3] = {static_cast<S*>(L.exp_avg) + at, static_cast<S*>(L.exp_avg_sq) + at,
-                       kAmsgrad ? static_cast<S*>(L.max_exp_avg_sq) + at : nullptr};
-  for_each_element<S, kAmsgrad ? 3 : 2>(
-      static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
-      state, chunk.end - chunk.begin, [&](O& p, O g, O* s) {
+  constexpr int kSlots = kAmsgrad ? 3 : 2;
+  void* const slots[3] = {L.exp_avg, L.exp_avg_sq, L.max_exp_avg_sq};
+  for_each_element<T, kSlots>(
+      chunk_streams<T, kSlots>(seg, chunk, L.master, slots), chunk.end - chunk.begin,
+      [&](O& p, O g, O* s) {
         if constexpr (kAmsgrad) {
           adam_update<true, kL2Decay>(p, g, s[0], s[1], s[2], c);
         } else {
@@ -43,26 +45,25 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(AdamLaunch L) {
           adam_update<false, kL2Decay>(p, g, s[0], s[1], no_max, c);
         }
       },
-      ParamRounding{at, L.sr_seed});
+      StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
 }
 
-template <class S, bool kMomentum, bool kNesterov, bool kFirst, bool kL2Decay>
+template <class T, bool kMomentum, bool kNesterov, bool kFirst, bool kL2Decay>
 __device__ __forceinline__ void sgd_chunk(const SgdLaunch& L, const Chunk& chunk,
-                                          const Segment& seg, const SgdConsts<opmath_t<S>>& c) {
-  using O = opmath_t<S>;
-  S* const state[1] = {kMomentum ? static_cast<S*>(L.momentum_buffer) + seg.state_offset +
-                                       chunk.begin
-                                 : nullptr};
-  for_each_element<S, kMomentum ? 1 : 0>(
-      static_cast<S*>(seg.param) + chunk.begin, static_cast<const S*>(seg.grad) + chunk.begin,
-      state, chunk.end - chunk.begin,
+                                          const Segment& seg,
+                                          const SgdConsts<typename T::O>& c) {
+  using O = typename T::O;
+  constexpr int kSlots = kMomentum ? 1 : 0;
+  void* const slots[1] = {L.momentum_buffer};
+  for_each_element<T, kSlots>(
+      chunk_streams<T, kSlots>(seg, chunk, L.master, slots), chunk.end - chunk.begin,
       [&](O& p, O g, O* s) { sgd_update<kMomentum, kNesterov, kFirst, kL2Decay>(p, g, s[0], c); },
-      ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
+      StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
 }
 
-template <class S, bool kL2Decay>
+template <class T, bool kL2Decay>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(SgdLaunch L) {
-  using O = opmath_t<S>;
+  using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
   const Segment seg = L.table.segments[chunk.segment];
@@ -71,23 +72,23 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(SgdLaunch L) {
   h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
   const SgdConsts<O> c = SgdConsts<O>::make(h);
   if (!L.momentum) {
-    sgd_chunk<S, false, false, false, kL2Decay>(L, chunk, seg, c);
+    sgd_chunk<T, false, false, false, kL2Decay>(L, chunk, seg, c);
     return;
   }
   // A tensor's first step with momentum starts its buffer from the gradient (torch.optim.SGD).
   const bool first = L.steps.step[seg.index] == 0.0f;
   if (L.nesterov) {
-    first ? sgd_chunk<S, true, true, true, kL2Decay>(L, chunk, seg, c)
-          : sgd_chunk<S, true, true, false, kL2Decay>(L, chunk, seg, c);
+    first ? sgd_chunk<T, true, true, true, kL2Decay>(L, chunk, seg, c)
+          : sgd_chunk<T, true, true, false, kL2Decay>(L, chunk, seg, c);
   } else {
-    first ? sgd_chunk<S, true, false, true, kL2Decay>(L, chunk, seg, c)
-          : sgd_chunk<S, true, false, false, kL2Decay>(L, chunk, seg, c);
+    first ? sgd_chunk<T, true, false, true, kL2Decay>(L, chunk, seg, c)
+          : sgd_chunk<T, true, false, false, kL2Decay>(L, chunk, seg, c);
   }
 }
 
-template <class S, bool kL2Decay>
+template <class T, bool kL2Decay>
 __global__ void __launch_bounds__(kThreads) lion_kernel(LionLaunch L) {
-  using O = opmath_t<S>;
+  using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
   const Segment seg = L.table.segments[chunk.segment];
@@ -95,37 +96,36 @@ __global__ void __launch_bounds__(kThreads) lion_kernel(LionLaunch L) {
   h.lr = step_lr(h.lr, L.steps);
   h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
   const LionConsts<O> c = LionConsts<O>::make(h);  // no per-tensor scalars: no shared memory
-  S* const state[1] = {static_cast<S*>(L.exp_avg) + seg.state_offset + chunk.begin};
-  for_each_element<S, 1>(static_cast<S*>(seg.param) + chunk.begin,
-                         static_cast<const S*>(seg.grad) + chunk.begin, state,
+  void* const slots[1] = {L.exp_avg};
+  for_each_element<T, 1>(chunk_streams<T, 1>(seg, chunk, L.master, slots),
                          chunk.end - chunk.begin,
                          [&](O& p, O g, O* s) { lion_update<kL2Decay>(p, g, s[0], c); },
-                         ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
+                         StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
 }
 
-template <class S, bool kNesterov>
+template <class T, bool kNesterov>
 __global__ void __launch_bounds__(kThreads) muon_momentum_kernel(MuonLaunch L) {
-  using O = opmath_t<S>;
+  using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
   const Segment seg = L.table.segments[chunk.segment];
   MuonHyper h = L.hyper;
   h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
   const MuonConsts<O> c = MuonConsts<O>::make(h);
-  S* const state[1] = {static_cast<S*>(L.momentum_buffer) + seg.state_offset + chunk.begin};
+  void* const slots[1] = {L.momentum_buffer};
   // The update workspace rides in the param's place (see MuonLaunch): written, never read.
-  for_each_element<S, 1, /*kParamWriteOnly=*/true>(static_cast<S*>(seg.param) + chunk.begin,
-                         static_cast<const S*>(seg.grad) + chunk.begin, state,
-                         chunk.end - chunk.begin,
-                         [&](O& u, O g, O* s) { muon_momentum<kNesterov>(u, g, s[0], c); });
+  for_each_element<T, 1, /*kParamWriteOnly=*/true>(
+      chunk_streams<T, 1>(seg, chunk, nullptr, slots), chunk.end - chunk.begin,
+      [&](O& u, O g, O* s) { muon_momentum<kNesterov>(u, g, s[0], c); });
 }
 
-// NovoGrad pass 1: the chunk's sum of squares in double, reduced in a fixed tree order.
-template <class S>
+// NovoGrad pass 1: the chunk's sum of squares in double, reduced in a fixed tree order. Reads the
+// gradients only: a template over their storage type G.
+template <class G>
 __global__ void __launch_bounds__(kThreads) novograd_reduce_kernel(NovoGradLaunch L) {
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
-  const S* grad = static_cast<const S*>(L.table.segments[chunk.segment].grad) + chunk.begin;
+  const G* grad = static_cast<const G*>(L.table.segments[chunk.segment].grad) + chunk.begin;
   const int64_t n = chunk.end - chunk.begin;
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
@@ -178,22 +178,21 @@ __global__ void novograd_scalar_kernel(NovoGradLaunch L) {
 }
 
 // NovoGrad pass 3: the elementwise update with the tensor's denominator.
-template <class S, bool kFirst>
+template <class T, bool kFirst>
 __device__ __forceinline__ void novograd_chunk(const NovoGradLaunch& L, const Chunk& chunk,
                                                const Segment& seg,
-                                               const NovoGradConsts<opmath_t<S>>& c) {
-  using O = opmath_t<S>;
-  S* const state[1] = {static_cast<S*>(L.exp_avg) + seg.state_offset + chunk.begin};
-  for_each_element<S, 1>(static_cast<S*>(seg.param) + chunk.begin,
-                         static_cast<const S*>(seg.grad) + chunk.begin, state,
+                                               const NovoGradConsts<typename T::O>& c) {
+  using O = typename T::O;
+  void* const slots[1] = {L.exp_avg};
+  for_each_element<T, 1>(chunk_streams<T, 1>(seg, chunk, L.master, slots),
                          chunk.end - chunk.begin,
                          [&](O& p, O g, O* s) { novograd_update<kFirst>(p, g, s[0], c); },
-                         ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
+                         StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
 }
 
-template <class S>
+template <class T>
 __global__ void __launch_bounds__(kThreads) novograd_kernel(NovoGradLaunch L) {
-  using O = opmath_t<S>;
+  using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
   const Segment seg = L.table.segments[chunk.segment];
@@ -202,8 +201,8 @@ __global__ void __launch_bounds__(kThreads) novograd_kernel(NovoGradLaunch L) {
   h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
   const NovoGradConsts<O> c = NovoGradConsts<O>::make(h, L.denoms[chunk.segment]);
   // The step counts advance after this kernel: 0 here is the tensor's first step.
-  L.steps.step[seg.index] == 0.0f ? novograd_chunk<S, true>(L, chunk, seg, c)
-                                  : novograd_chunk<S, false>(L, chunk, seg, c);
+  L.steps.step[seg.index] == 0.0f ? novograd_chunk<T, true>(L, chunk, seg, c)
+                                  : novograd_chunk<T, false>(L, chunk, seg, c);
 }
 
 // FAdam. Reduces two doubles over the block in a fixed tree order; thread 0 holds the sums.
@@ -240,12 +239,12 @@ __device__ __forceinline__ FAdamHyper fadam_hyper(const FAdamLaunch& L) {
   return h;
 }
 
-// Pass 1: the chunk's sum of raw g^2.
-template <class S>
+// Pass 1: the chunk's sum of raw g^2 (the gradients only: a template over their storage type G).
+template <class G>
 __global__ void __launch_bounds__(kThreads) fadam_reduce_kernel(FAdamLaunch L) {
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
-  const S* grad = static_cast<const S*>(L.table.segments[chunk.segment].grad) + chunk.begin;
+  const G* grad = static_cast<const G*>(L.table.segments[chunk.segment].grad) + chunk.begin;
   const int64_t n = chunk.end - chunk.begin;
   double acc = 0.0, unused = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
@@ -279,31 +278,36 @@ __global__ void fadam_scalar_kernel(FAdamLaunch L) {
   }
 }
 
-template <class S>
-__device__ __forceinline__ FAdamConsts<opmath_t<S>> fadam_consts(const FAdamLaunch& L,
-                                                                 int64_t k) {
+template <class O>
+__device__ __forceinline__ FAdamConsts<O> fadam_consts(const FAdamLaunch& L, int64_t k) {
   const Segment& seg = L.table.segments[k];
   // The step counts advance after the last kernel: t is the stored count + 1.
-  return FAdamConsts<opmath_t<S>>::make(fadam_hyper(L), double(L.steps.step[seg.index]) + 1.0,
-                                        L.eps_t[k], L.gn_divisor[k], L.wn_divisor[k]);
+  return FAdamConsts<O>::make(fadam_hyper(L), double(L.steps.step[seg.index]) + 1.0, L.eps_t[k],
+                              L.gn_divisor[k], L.wn_divisor[k]);
 }
 
-// Pass 2: the chunk's sums of gn^2 and wn^2 with the tensor's new den.
-template <class S>
+// Pass 2: the chunk's sums of gn^2 and wn^2 with the tensor's new den. With master weights the
+// weights are the master's (what the update reads), not the rounded param.
+template <class T>
 __global__ void __launch_bounds__(kThreads) fadam_norms_kernel(FAdamLaunch L) {
-  using O = opmath_t<S>;
+  using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
   const Segment seg = L.table.segments[chunk.segment];
-  const FAdamConsts<O> c = fadam_consts<S>(L, chunk.segment);
-  const S* param = static_cast<const S*>(seg.param) + chunk.begin;
-  const S* grad = static_cast<const S*>(seg.grad) + chunk.begin;
-  const S* fim = static_cast<const S*>(L.fim) + seg.state_offset + chunk.begin;
+  const FAdamConsts<O> c = fadam_consts<O>(L, chunk.segment);
+  void* const slots[1] = {L.fim};
+  const Streams<T, 1> io = chunk_streams<T, 1>(seg, chunk, L.master, slots);
   const int64_t n = chunk.end - chunk.begin;
   double gn_sq = 0.0, wn_sq = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    O p;
+    if constexpr (T::kMaster) {
+      p = io.master[i];
+    } else {
+      p = to_opmath(io.param[i]);
+    }
     O gn, wn;
-    fadam_norms<O>(to_opmath(param[i]), to_opmath(grad[i]), to_opmath(fim[i]), c, gn, wn);
+    fadam_norms<O>(p, to_opmath(io.grad[i]), to_opmath(io.state[0][i]), c, gn, wn);
     gn_sq += double(gn) * double(gn);
     wn_sq += double(wn) * double(wn);
   }
@@ -315,30 +319,35 @@ __global__ void __launch_bounds__(kThreads) fadam_norms_kernel(FAdamLaunch L) {
 }
 
 // Pass 3: F, momentum and the param.
-template <class S>
+template <class T>
 __global__ void __launch_bounds__(kThreads) fadam_kernel(FAdamLaunch L) {
-  using O = opmath_t<S>;
+  using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
   const Segment seg = L.table.segments[chunk.segment];
-  const FAdamConsts<O> c = fadam_consts<S>(L, chunk.segment);
-  const int64_t at = seg.state_offset + chunk.begin;
-  S* const state[2] = {static_cast<S*>(L.fim) + at, static_cast<S*>(L.momentum) + at};
-  for_each_element<S, 2>(static_cast<S*>(seg.param) + chunk.begin,
-                         static_cast<const S*>(seg.grad) + chunk.begin, state,
+  const FAdamConsts<O> c = fadam_consts<O>(L, chunk.segment);
+  void* const slots[2] = {L.fim, L.momentum};
+  for_each_element<T, 2>(chunk_streams<T, 2>(seg, chunk, L.master, slots),
                          chunk.end - chunk.begin,
                          [&](O& p, O g, O* s) { fadam_update<O>(p, g, s[0], s[1], c); },
-                         ParamRounding{seg.state_offset + chunk.begin, L.sr_seed});
+                         StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
 }
 
+// Calls fn.template operator()<X>() for the storage type X of `dtype` (the reductions, which
+// read the gradients only).
 template <class Fn>
 void dispatch_dtype(DType dtype, const Fn& fn) {
   switch (dtype) {
-    case DType::kFloat32: fn(float{}); break;
-    case DType::kFloat64: fn(double{}); break;
-    case DType::kBFloat16: fn(bf16_t{}); break;
-    case DType::kFloat16: fn(half_t{}); break;
+    case DType::kFloat32: fn.template operator()<float>(); break;
+    case DType::kFloat64: fn.template operator()<double>(); break;
+    case DType::kBFloat16: fn.template operator()<bf16_t>(); break;
+    case DType::kFloat16: fn.template operator()<half_t>(); break;
   }
+}
+
+// Whether the kernels are built for `layout` (the glue refuses the others: glue::check_layout).
+bool built_for(const Layout& layout) {
+  return dispatch_layout(layout, [&]<class T>() {});
 }
 
 cudaError_t finish(const DeviceTable& table, const StepState& steps, cudaStream_t stream) {
@@ -352,17 +361,19 @@ cudaError_t finish(const DeviceTable& table, const StepState& steps, cudaStream_
 
 }  // namespace
 
+// A launch with a layout the kernels are not built for launches nothing and returns
+// cudaErrorInvalidValue (the glue refuses it first: glue::check_layout).
 cudaError_t launch_adam(const AdamLaunch& L, cudaStream_t stream) {
+  if (!built_for(L.layout)) return cudaErrorInvalidValue;
   if (L.table.num_chunks > 0) {
     const dim3 grid(static_cast<unsigned>(L.table.num_chunks));
-    dispatch_dtype(L.dtype, [&](auto tag) {
-      using S = decltype(tag);
+    dispatch_layout(L.layout, [&]<class T>() {
       if (L.amsgrad) {
-        L.l2_decay ? adam_kernel<S, true, true><<<grid, kThreads, 0, stream>>>(L)
-                   : adam_kernel<S, true, false><<<grid, kThreads, 0, stream>>>(L);
+        L.l2_decay ? adam_kernel<T, true, true><<<grid, kThreads, 0, stream>>>(L)
+                   : adam_kernel<T, true, false><<<grid, kThreads, 0, stream>>>(L);
       } else {
-        L.l2_decay ? adam_kernel<S, false, true><<<grid, kThreads, 0, stream>>>(L)
-                   : adam_kernel<S, false, false><<<grid, kThreads, 0, stream>>>(L);
+        L.l2_decay ? adam_kernel<T, false, true><<<grid, kThreads, 0, stream>>>(L)
+                   : adam_kernel<T, false, false><<<grid, kThreads, 0, stream>>>(L);
       }
     });
     const cudaError_t err = cudaGetLastError();
@@ -372,12 +383,12 @@ cudaError_t launch_adam(const AdamLaunch& L, cudaStream_t stream) {
 }
 
 cudaError_t launch_sgd(const SgdLaunch& L, cudaStream_t stream) {
+  if (!built_for(L.layout)) return cudaErrorInvalidValue;
   if (L.table.num_chunks > 0) {
     const dim3 grid(static_cast<unsigned>(L.table.num_chunks));
-    dispatch_dtype(L.dtype, [&](auto tag) {
-      using S = decltype(tag);
-      L.l2_decay ? sgd_kernel<S, true><<<grid, kThreads, 0, stream>>>(L)
-                 : sgd_kernel<S, false><<<grid, kThreads, 0, stream>>>(L);
+    dispatch_layout(L.layout, [&]<class T>() {
+      L.l2_decay ? sgd_kernel<T, true><<<grid, kThreads, 0, stream>>>(L)
+                 : sgd_kernel<T, false><<<grid, kThreads, 0, stream>>>(L);
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -386,12 +397,12 @@ cudaError_t launch_sgd(const SgdLaunch& L, cudaStream_t stream) {
 }
 
 cudaError_t launch_lion(const LionLaunch& L, cudaStream_t stream) {
+  if (!built_for(L.layout)) return cudaErrorInvalidValue;
   if (L.table.num_chunks > 0) {
     const dim3 grid(static_cast<unsigned>(L.table.num_chunks));
-    dispatch_dtype(L.dtype, [&](auto tag) {
-      using S = decltype(tag);
-      L.l2_decay ? lion_kernel<S, true><<<grid, kThreads, 0, stream>>>(L)
-                 : lion_kernel<S, false><<<grid, kThreads, 0, stream>>>(L);
+    dispatch_layout(L.layout, [&]<class T>() {
+      L.l2_decay ? lion_kernel<T, true><<<grid, kThreads, 0, stream>>>(L)
+                 : lion_kernel<T, false><<<grid, kThreads, 0, stream>>>(L);
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -400,12 +411,15 @@ cudaError_t launch_lion(const LionLaunch& L, cudaStream_t stream) {
 }
 
 cudaError_t launch_muon_momentum(const MuonLaunch& L, cudaStream_t stream) {
+  // The update workspace has no master weights.
+  if (L.layout.master || !built_for(L.layout)) return cudaErrorInvalidValue;
   if (L.table.num_chunks > 0) {
     const dim3 grid(static_cast<unsigned>(L.table.num_chunks));
-    dispatch_dtype(L.dtype, [&](auto tag) {
-      using S = decltype(tag);
-      L.nesterov ? muon_momentum_kernel<S, true><<<grid, kThreads, 0, stream>>>(L)
-                 : muon_momentum_kernel<S, false><<<grid, kThreads, 0, stream>>>(L);
+    dispatch_layout(L.layout, [&]<class T>() {
+      if constexpr (!T::kMaster) {
+        L.nesterov ? muon_momentum_kernel<T, true><<<grid, kThreads, 0, stream>>>(L)
+                   : muon_momentum_kernel<T, false><<<grid, kThreads, 0, stream>>>(L);
+      }
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -414,11 +428,11 @@ cudaError_t launch_muon_momentum(const MuonLaunch& L, cudaStream_t stream) {
 }
 
 cudaError_t launch_novograd(const NovoGradLaunch& L, cudaStream_t stream) {
+  if (!built_for(L.layout)) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(L.table.num_chunks));
   if (L.table.num_chunks > 0) {
-    dispatch_dtype(L.dtype, [&](auto tag) {
-      using S = decltype(tag);
-      novograd_reduce_kernel<S><<<grid, kThreads, 0, stream>>>(L);
+    dispatch_dtype(L.layout.grad, [&]<class G>() {
+      novograd_reduce_kernel<G><<<grid, kThreads, 0, stream>>>(L);
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -426,15 +440,16 @@ cudaError_t launch_novograd(const NovoGradLaunch& L, cudaStream_t stream) {
   if (L.table.num_stepped > 0) {
     const int threads = 256;
     const unsigned blocks = unsigned((L.table.num_stepped + threads - 1) / threads);
-    L.dtype == DType::kFloat64 ? novograd_scalar_kernel<double><<<blocks, threads, 0, stream>>>(L)
-                               : novograd_scalar_kernel<float><<<blocks, threads, 0, stream>>>(L);
+    // The per-tensor second moment: float, double for float64 params (glue::check_scalar_state).
+    L.layout.param == DType::kFloat64
+        ? novograd_scalar_kernel<double><<<blocks, threads, 0, stream>>>(L)
+        : novograd_scalar_kernel<float><<<blocks, threads, 0, stream>>>(L);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   if (L.table.num_chunks > 0) {
-    dispatch_dtype(L.dtype, [&](auto tag) {
-      using S = decltype(tag);
-      novograd_kernel<S><<<grid, kThreads, 0, stream>>>(L);
+    dispatch_layout(L.layout, [&]<class T>() {
+      novograd_kernel<T><<<grid, kThreads, 0, stream>>>(L);
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -443,28 +458,26 @@ cudaError_t launch_novograd(const NovoGradLaunch& L, cudaStream_t stream) {
 }
 
 cudaError_t launch_fadam(const FAdamLaunch& L, cudaStream_t stream) {
+  if (!built_for(L.layout)) return cudaErrorInvalidValue;
   if (L.table.num_chunks > 0) {
     const dim3 grid(static_cast<unsigned>(L.table.num_chunks));
     const int threads = 256;
     const unsigned seg_blocks = unsigned((L.num_segments + threads - 1) / threads);
     cudaError_t err = cudaSuccess;
-    dispatch_dtype(L.dtype, [&](auto tag) {
-      using S = decltype(tag);
-      fadam_reduce_kernel<S><<<grid, kThreads, 0, stream>>>(L);
+    dispatch_dtype(L.layout.grad, [&]<class G>() {
+      fadam_reduce_kernel<G><<<grid, kThreads, 0, stream>>>(L);
     });
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     fadam_scalar_kernel<false><<<seg_blocks, threads, 0, stream>>>(L);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    dispatch_dtype(L.dtype, [&](auto tag) {
-      using S = decltype(tag);
-      fadam_norms_kernel<S><<<grid, kThreads, 0, stream>>>(L);
+    dispatch_layout(L.layout, [&]<class T>() {
+      fadam_norms_kernel<T><<<grid, kThreads, 0, stream>>>(L);
     });
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     fadam_scalar_kernel<true><<<seg_blocks, threads, 0, stream>>>(L);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    dispatch_dtype(L.dtype, [&](auto tag) {
-      using S = decltype(tag);
-      fadam_kernel<S><<<grid, kThreads, 0, stream>>>(L);
+    dispatch_layout(L.layout, [&]<class T>() {
+      fadam_kernel<T><<<grid, kThreads, 0, stream>>>(L);
     });
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
