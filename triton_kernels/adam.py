@@ -27,14 +27,15 @@ from onepass.triton_kernels.common import (
     advance_step,
     amp_tensor,
     f64_bits,
+    load_param,
     load_segment,
     op_div,
     op_max,
     op_sqrt,
-    param_to_storage,
     prepare,
+    store_param,
+    store_state,
     tl_dtypes,
-    to_storage,
 )
 
 
@@ -133,6 +134,7 @@ def adam_consts(
 @triton.jit
 def adam_chunk(
     param_ptr,
+    master_ptr,
     grad_ptr,
     exp_avg_ptr,
     exp_avg_sq_ptr,
@@ -151,7 +153,6 @@ def adam_chunk(
     step_size,
     inv_bias_correction2_sqrt,
     sr_seed,
-    DTYPE: tl.constexpr,
     OPMATH: tl.constexpr,
     AMSGRAD: tl.constexpr,
     L2_DECAY: tl.constexpr,
@@ -170,7 +171,7 @@ def adam_chunk(
         else:
             mask = None
             other = None
-        p = tl.load(param_ptr + offsets, mask=mask, other=other).to(OPMATH)
+        p = load_param(param_ptr, master_ptr, offsets, state, mask, other, OPMATH)
         g = tl.load(grad_ptr + offsets, mask=mask, other=other).to(OPMATH)
         m = tl.load(exp_avg_ptr + state, mask=mask, other=other).to(OPMATH)
         v = tl.load(exp_avg_sq_ptr + state, mask=mask, other=other).to(OPMATH)
@@ -196,11 +197,11 @@ def adam_chunk(
             AMSGRAD,
             L2_DECAY,
         )
-        tl.store(param_ptr + offsets, param_to_storage(p, DTYPE, state, sr_seed, SR), mask=mask)
-        tl.store(exp_avg_ptr + state, to_storage(m, DTYPE), mask=mask)
-        tl.store(exp_avg_sq_ptr + state, to_storage(v, DTYPE), mask=mask)
+        store_param(param_ptr, master_ptr, offsets, state, p, mask, sr_seed, SR)
+        store_state(exp_avg_ptr, state, m, mask, sr_seed, 0, SR)
+        store_state(exp_avg_sq_ptr, state, v, mask, sr_seed, 1, SR)
         if AMSGRAD:
-            tl.store(max_exp_avg_sq_ptr + state, to_storage(vmax, DTYPE), mask=mask)
+            store_state(max_exp_avg_sq_ptr, state, vmax, mask, sr_seed, 2, SR)
 
 
 @triton.jit(
@@ -221,6 +222,8 @@ def adam_kernel(
     exp_avg_ptr,
     exp_avg_sq_ptr,
     max_exp_avg_sq_ptr,
+    master_ptr,
+    grad_type_ptr,
     step_ptr,
     done_ptr,
     grad_scale_ptr,
@@ -246,7 +249,7 @@ def adam_kernel(
 ):
     """One program: CHUNK elements of one tensor of the bucket (see ``common`` for the table)."""
     row, start, param_ptr, grad_ptr, numel, state_offset, step_index, programs = load_segment(
-        segments, chunks, DTYPE, ALIGNED
+        segments, chunks, DTYPE, grad_type_ptr.dtype.element_ty, ALIGNED
     )
     run = True
     if HAS_FOUND_INF:
@@ -281,6 +284,7 @@ def adam_kernel(
         if start + CHUNK <= numel:
             adam_chunk(
                 param_ptr,
+                master_ptr,
                 grad_ptr,
                 exp_avg_ptr,
                 exp_avg_sq_ptr,
@@ -299,7 +303,6 @@ def adam_kernel(
                 step_size,
                 inv_bias_correction2_sqrt,
                 sr_seed,
-                DTYPE,
                 OPMATH,
                 AMSGRAD,
                 L2_DECAY,
@@ -311,6 +314,7 @@ def adam_kernel(
         else:
             adam_chunk(
                 param_ptr,
+                master_ptr,
                 grad_ptr,
                 exp_avg_ptr,
                 exp_avg_sq_ptr,
@@ -329,7 +333,6 @@ def adam_kernel(
                 step_size,
                 inv_bias_correction2_sqrt,
                 sr_seed,
-                DTYPE,
                 OPMATH,
                 AMSGRAD,
                 L2_DECAY,
@@ -355,7 +358,7 @@ def launch(
     if table is None:
         return
     storage, opmath = tl_dtypes(bucket.dtype)
-    seed = base.sr_seed(group, bucket.dtype)  # -1: round the params to nearest
+    seed = base.sr_seed(group, bucket)  # -1: round params and state to nearest
     exp_avg = bucket.buffers["exp_avg"]
     exp_avg_sq = bucket.buffers["exp_avg_sq"]
     max_exp_avg_sq = bucket.buffers.get("max_exp_avg_sq") if s.amsgrad else None
@@ -367,6 +370,8 @@ def launch(
         exp_avg,
         exp_avg_sq,
         exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq,
+        common.master(bucket),
+        prepared.grad_type,
         bucket.step,
         table.done,
         bucket.step if scale is None else scale,

@@ -27,6 +27,20 @@ programs to finish (an atomic per-segment counter, reset by that program) stores
 advances on the device, once per tensor, in the same launch, and only for tensors with a grad. When
 ``found_inf != 0`` (read in the kernel: no host sync) no program writes anything.
 
+Storage dtypes
+--------------
+Every stream of a launch has its own storage dtype (the engine's layouts: ``bucket.dtype`` for the
+params, ``bucket.state_dtype`` for the elementwise state slots, the grads' dtype, one per launch,
+and float32 for the master weights); the math runs in the opmath dtype of the params (float64
+only when everything is float64). The kernels take each dtype from a pointer's element type: the
+state slots' and the master's from their buffers, the grads' from ``grad_type_ptr`` (a small
+tensor of the grads' dtype, never read: the table's grad addresses are untyped int64s). The
+master buffer is ``None`` without master weights (a compile-time specialisation): with it the
+math reads and writes the master (indexed like the state) and the param gets the result rounded
+to nearest (:func:`load_param`, :func:`store_param`). State slot k stores through
+:func:`store_state`: rounded to nearest, or stochastically for bf16 state under stochastic
+rounding, with the stream seed ``seed + 1 + k`` (mod 2^32) and the element's state index.
+
 Scalars
 -------
 Hyperparameters are runtime arguments (never ``tl.constexpr``: a schedule does not recompile). A
@@ -48,6 +62,8 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
+from onepass.algorithms import base
 
 #: Were the kernels created by the interpreter? (TRITON_INTERPRET is read when @triton.jit runs.)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -180,9 +196,58 @@ def param_to_storage(x, DTYPE: tl.constexpr, index, seed, SR: tl.constexpr):
 
 
 @triton.jit
-def load_segment(segments, chunks, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+def state_to_storage(x, DTYPE: tl.constexpr, index, seed, K: tl.constexpr, SR: tl.constexpr):
+    """Rounds an opmath value of state slot ``K`` (kernel order) to the slot's storage dtype: to
+    nearest, or with ``SR`` and a bf16 ``DTYPE`` stochastically, drawing from the stream seed
+    ``seed + 1 + K`` (mod 2^32: the param draws from ``seed``), as the reference's
+    ``Rounding.store_state`` and math.h's ``rounded_from_opmath``."""
+    if DTYPE == tl.bfloat16:  # noqa: SIM300 (a compile-time branch)
+        # uint32 arithmetic: the stream seed wraps mod 2^32 whatever the seed's integer type.
+        stream = seed.to(tl.int64).to(tl.uint32) + tl.full((), 1 + K, tl.uint32)
+    else:
+        stream = seed
+    return param_to_storage(x, DTYPE, index, stream, SR)
+
+
+@triton.jit
+def store_state(ptr, index, x, mask, seed, K: tl.constexpr, SR: tl.constexpr):
+    """State slot ``K``: ``ptr[index] = x`` rounded to the slot's dtype (``ptr``'s element type)
+    by :func:`state_to_storage`."""
+    tl.store(ptr + index, state_to_storage(x, ptr.dtype.element_ty, index, seed, K, SR), mask=mask)
+
+
+@triton.jit
+def load_param(param_ptr, master_ptr, offsets, index, mask, other, OPMATH: tl.constexpr):
+    """The param value the math starts from, in OPMATH: the fp32 master at the state ``index``
+    with master weights (``master_ptr`` not None), else the param at ``offsets``."""
+    if master_ptr is not None:
+        p = tl.load(master_ptr + index, mask=mask, other=other).to(OPMATH)
+    else:
+        p = tl.load(param_ptr + offsets, mask=mask, other=other).to(OPMATH)
+    return p
+
+
+@triton.jit
+def store_param(param_ptr, master_ptr, offsets, index, p, mask, seed, SR: tl.constexpr):
+    """Writes the math's param result ``p``: with master weights, into the master and, rounded to
+    nearest (never stochastically), into the param; else into the param by
+    :func:`param_to_storage` (stochastic for bf16 under ``SR``). ``index``: the state index."""
+    if master_ptr is not None:
+        tl.store(master_ptr + index, p.to(master_ptr.dtype.element_ty), mask=mask)
+        tl.store(param_ptr + offsets, to_storage(p, param_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(
+            param_ptr + offsets,
+            param_to_storage(p, param_ptr.dtype.element_ty, index, seed, SR),
+            mask=mask,
+        )
+
+
+@triton.jit
+def load_segment(segments, chunks, DTYPE: tl.constexpr, GRAD: tl.constexpr, ALIGNED: tl.constexpr):
     """This program's chunk: (segment row, first element, param pointer, grad pointer, numel,
-    state offset, step index, number of programs of the segment).
+    state offset, step index, number of programs of the segment). ``DTYPE`` and ``GRAD`` are the
+    element types of the param and grad pointers.
 
     The alignment hints let full tiles use 16-byte vector accesses: chunks start at multiples of
     CHUNK, state offsets are multiples of 16 elements (the engine's ALIGN_ELEMENTS), and with
@@ -193,7 +258,7 @@ def load_segment(segments, chunks, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     start = tl.multiple_of(tl.load(chunks + 2 * pid + 1), 16)
     segment = segments + row * 6  # SEGMENT_FIELDS
     param = tl.load(segment).to(tl.pointer_type(DTYPE))
-    grad = tl.load(segment + 1).to(tl.pointer_type(DTYPE))
+    grad = tl.load(segment + 1).to(tl.pointer_type(GRAD))
     if ALIGNED:  # byte alignment of the pointers (on the cast itself: the hint is not propagated)
         param = tl.multiple_of(param, 16)
         grad = tl.multiple_of(grad, 16)
@@ -241,6 +306,8 @@ class Prepared:
 
     table: Table | None  # None: no tensor has a grad
     write_back: list[tuple[torch.Tensor, torch.Tensor]]
+    #: A tensor of the launch's grad dtype, never read: the kernels' ``grad_type_ptr``.
+    grad_type: torch.Tensor | None = None
 
     def finish(self) -> None:
         for param, tmp in self.write_back:
@@ -292,7 +359,18 @@ def prepare(bucket: Any, grads: list[torch.Tensor | None]) -> Prepared:
     if table is None or table.key != tuple(key):
         table = _build(tuple(key), bucket, params, grads)
         cache["triton"] = table
-    return Prepared(table if table.num_chunks else None, write_back)
+    grad_dtype = next((g.dtype for g in grads if g is not None), bucket.dtype)  # one per launch
+    types: dict[torch.dtype, torch.Tensor] = cache.setdefault("grad_type", {})
+    grad_type = types.get(grad_dtype)
+    if grad_type is None:
+        grad_type = types[grad_dtype] = torch.zeros(16, dtype=grad_dtype, device=bucket.device)
+    return Prepared(table if table.num_chunks else None, write_back, grad_type)
+
+
+def master(bucket: Any) -> torch.Tensor | None:
+    """The bucket's flat fp32 master weights (indexed like the state), or None without them: the
+    kernels' ``master_ptr``."""
+    return bucket.buffers.get(base.MASTER)
 
 
 def _staged(staging: dict[tuple[str, int], torch.Tensor], key: tuple[str, int], t: torch.Tensor):

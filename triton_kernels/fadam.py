@@ -28,13 +28,14 @@ from onepass.triton_kernels.common import (
     advance_step,
     amp_tensor,
     f64_bits,
+    load_param,
     load_segment,
     op_div,
     op_sqrt,
-    param_to_storage,
     prepare,
+    store_param,
+    store_state,
     tl_dtypes,
-    to_storage,
 )
 
 
@@ -90,6 +91,7 @@ def fadam_reduce_kernel(
     done_ptr,
     partial_ptr,
     scalars_ptr,
+    grad_type_ptr,
     grad_scale_ptr,
     found_inf_ptr,
     eps_bits,
@@ -101,7 +103,9 @@ def fadam_reduce_kernel(
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    row, start, _, grad_ptr, numel, _, _, programs = load_segment(segments, chunks, DTYPE, ALIGNED)
+    row, start, _, grad_ptr, numel, _, _, programs = load_segment(
+        segments, chunks, DTYPE, grad_type_ptr.dtype.element_ty, ALIGNED
+    )
     run = True
     if HAS_FOUND_INF:
         run = tl.load(found_inf_ptr) == 0  # the GradScaler found an inf/nan: a no-op step
@@ -128,6 +132,8 @@ def fadam_norms_kernel(
     segments,
     chunks,
     fim_ptr,
+    master_ptr,
+    grad_type_ptr,
     step_ptr,
     done_ptr,
     partial_ptr,
@@ -148,7 +154,7 @@ def fadam_norms_kernel(
     CHUNK: tl.constexpr,
 ):
     row, start, param_ptr, grad_ptr, numel, state_offset, step_index, programs = load_segment(
-        segments, chunks, DTYPE, ALIGNED
+        segments, chunks, DTYPE, grad_type_ptr.dtype.element_ty, ALIGNED
     )
     run = True
     if HAS_FOUND_INF:
@@ -166,10 +172,11 @@ def fadam_norms_kernel(
         wn_acc = tl.zeros([BLOCK], dtype=tl.float64)
         for i in range(0, CHUNK, BLOCK):
             offsets = start + i + tl.arange(0, BLOCK)
+            state = state_offset + offsets
             mask = offsets < numel
-            p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(OPMATH)
+            p = load_param(param_ptr, master_ptr, offsets, state, mask, 0.0, OPMATH)
             g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(OPMATH) * grad_scale
-            f = tl.load(fim_ptr + state_offset + offsets, mask=mask, other=0.0).to(OPMATH)
+            f = tl.load(fim_ptr + state, mask=mask, other=0.0).to(OPMATH)
             _, den = fadam_den(f, g, beta2_t, one_minus_beta2_t, eps_t, power, SQRT_POWER)
             gn = tl.where(mask, op_div(g, den), 0.0).to(tl.float64)
             wn = tl.where(mask, op_div(p, den), 0.0).to(tl.float64)
@@ -206,6 +213,8 @@ def fadam_kernel(
     chunks,
     fim_ptr,
     momentum_ptr,
+    master_ptr,
+    grad_type_ptr,
     step_ptr,
     done_ptr,
     scalars_ptr,
@@ -229,7 +238,7 @@ def fadam_kernel(
     CHUNK: tl.constexpr,
 ):
     row, start, param_ptr, grad_ptr, numel, state_offset, step_index, programs = load_segment(
-        segments, chunks, DTYPE, ALIGNED
+        segments, chunks, DTYPE, grad_type_ptr.dtype.element_ty, ALIGNED
     )
     run = True
     if HAS_FOUND_INF:
@@ -253,7 +262,7 @@ def fadam_kernel(
             offsets = start + i + tl.arange(0, BLOCK)
             state = state_offset + offsets
             mask = offsets < numel
-            p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(OPMATH)
+            p = load_param(param_ptr, master_ptr, offsets, state, mask, 0.0, OPMATH)
             g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(OPMATH) * grad_scale
             f = tl.load(fim_ptr + state, mask=mask, other=0.0).to(OPMATH)
             m = tl.load(momentum_ptr + state, mask=mask, other=0.0).to(OPMATH)
@@ -262,9 +271,9 @@ def fadam_kernel(
             m = beta1 * m + one_minus_beta1 * gn
             wn = op_div(op_div(p, den), wn_divisor)
             p = p - lr * (m + weight_decay * wn)
-            tl.store(param_ptr + offsets, param_to_storage(p, DTYPE, state, sr_seed, SR), mask=mask)
-            tl.store(fim_ptr + state, to_storage(f, DTYPE), mask=mask)
-            tl.store(momentum_ptr + state, to_storage(m, DTYPE), mask=mask)
+            store_param(param_ptr, master_ptr, offsets, state, p, mask, sr_seed, SR)
+            store_state(fim_ptr, state, f, mask, sr_seed, 0, SR)
+            store_state(momentum_ptr, state, m, mask, sr_seed, 1, SR)
         advance_step(step_ptr, done_ptr, row, step_index, programs, t)
 
 
@@ -282,7 +291,9 @@ def launch(
     if table is None:
         return
     storage, opmath = tl_dtypes(bucket.dtype)
-    seed = base.sr_seed(group, bucket.dtype)  # -1: round the params to nearest
+    seed = base.sr_seed(group, bucket)  # -1: round params and state to nearest
+    master = common.master(bucket)
+    grad_type = prepared.grad_type
     scale = amp_tensor(grad_scale, bucket.device)
     inf = amp_tensor(found_inf, bucket.device)
     num_segments = table.segments.shape[0]
@@ -303,18 +314,18 @@ def launch(
         **common.LAUNCH_OPTIONS,
     }
     fadam_reduce_kernel[grid](
-        table.segments, table.chunks, table.done, partial, scalars, scale_arg, inf_arg,
-        f64_bits(s.eps), grad_sign, DTYPE=storage, **amp,
+        table.segments, table.chunks, table.done, partial, scalars, grad_type, scale_arg,
+        inf_arg, f64_bits(s.eps), grad_sign, DTYPE=storage, **amp,
     )  # fmt: skip
     fadam_norms_kernel[grid](
-        table.segments, table.chunks, bucket.buffers["fim"], bucket.step, table.done, partial,
-        scalars, scale_arg, inf_arg, f64_bits(s.beta2), f64_bits(s.p), f64_bits(s.clip),
-        grad_sign, DTYPE=storage, OPMATH=opmath, SQRT_POWER=s.p == 0.5, **amp,
+        table.segments, table.chunks, bucket.buffers["fim"], master, grad_type, bucket.step,
+        table.done, partial, scalars, scale_arg, inf_arg, f64_bits(s.beta2), f64_bits(s.p),
+        f64_bits(s.clip), grad_sign, DTYPE=storage, OPMATH=opmath, SQRT_POWER=s.p == 0.5, **amp,
     )  # fmt: skip
     fadam_kernel[grid](
-        table.segments, table.chunks, bucket.buffers["fim"], bucket.buffers["momentum"],
-        bucket.step, table.done, scalars, scale_arg, inf_arg, f64_bits(s.lr), f64_bits(s.beta1),
-        f64_bits(s.beta2), f64_bits(s.p), f64_bits(s.weight_decay), grad_sign, seed,
-        DTYPE=storage, OPMATH=opmath, SQRT_POWER=s.p == 0.5, SR=seed >= 0, **amp,
+        table.segments, table.chunks, bucket.buffers["fim"], bucket.buffers["momentum"], master,
+        grad_type, bucket.step, table.done, scalars, scale_arg, inf_arg, f64_bits(s.lr),
+        f64_bits(s.beta1), f64_bits(s.beta2), f64_bits(s.p), f64_bits(s.weight_decay), grad_sign,
+        seed, DTYPE=storage, OPMATH=opmath, SQRT_POWER=s.p == 0.5, SR=seed >= 0, **amp,
     )  # fmt: skip
     prepared.finish()

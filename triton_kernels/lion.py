@@ -26,11 +26,12 @@ from onepass.triton_kernels.common import (
     advance_step,
     amp_tensor,
     f64_bits,
+    load_param,
     load_segment,
-    param_to_storage,
     prepare,
+    store_param,
+    store_state,
     tl_dtypes,
-    to_storage,
 )
 
 
@@ -100,6 +101,7 @@ def lion_consts(
 @triton.jit
 def lion_chunk(
     param_ptr,
+    master_ptr,
     grad_ptr,
     exp_avg_ptr,
     start,
@@ -114,7 +116,6 @@ def lion_chunk(
     decay_factor,
     grad_scale,
     sr_seed,
-    DTYPE: tl.constexpr,
     OPMATH: tl.constexpr,
     L2_DECAY: tl.constexpr,
     SR: tl.constexpr,
@@ -132,7 +133,7 @@ def lion_chunk(
         else:
             mask = None
             other = None
-        p = tl.load(param_ptr + offsets, mask=mask, other=other).to(OPMATH)
+        p = load_param(param_ptr, master_ptr, offsets, state, mask, other, OPMATH)
         g = tl.load(grad_ptr + offsets, mask=mask, other=other).to(OPMATH)
         m = tl.load(exp_avg_ptr + state, mask=mask, other=other).to(OPMATH)
         p, m = lion_update(
@@ -149,8 +150,8 @@ def lion_chunk(
             grad_scale,
             L2_DECAY,
         )
-        tl.store(param_ptr + offsets, param_to_storage(p, DTYPE, state, sr_seed, SR), mask=mask)
-        tl.store(exp_avg_ptr + state, to_storage(m, DTYPE), mask=mask)
+        store_param(param_ptr, master_ptr, offsets, state, p, mask, sr_seed, SR)
+        store_state(exp_avg_ptr, state, m, mask, sr_seed, 0, SR)
 
 
 @triton.jit(
@@ -168,6 +169,8 @@ def lion_kernel(
     segments,
     chunks,
     exp_avg_ptr,
+    master_ptr,
+    grad_type_ptr,
     step_ptr,
     done_ptr,
     grad_scale_ptr,
@@ -191,7 +194,7 @@ def lion_kernel(
 ):
     """One program: CHUNK elements of one tensor of the bucket (see ``common`` for the table)."""
     row, start, param_ptr, grad_ptr, numel, state_offset, step_index, programs = load_segment(
-        segments, chunks, DTYPE, ALIGNED
+        segments, chunks, DTYPE, grad_type_ptr.dtype.element_ty, ALIGNED
     )
     run = True
     if HAS_FOUND_INF:
@@ -223,6 +226,7 @@ def lion_kernel(
         if start + CHUNK <= numel:
             lion_chunk(
                 param_ptr,
+                master_ptr,
                 grad_ptr,
                 exp_avg_ptr,
                 start,
@@ -237,7 +241,6 @@ def lion_kernel(
                 decay_factor,
                 grad_scale,
                 sr_seed,
-                DTYPE,
                 OPMATH,
                 L2_DECAY,
                 SR,
@@ -248,6 +251,7 @@ def lion_kernel(
         else:
             lion_chunk(
                 param_ptr,
+                master_ptr,
                 grad_ptr,
                 exp_avg_ptr,
                 start,
@@ -262,7 +266,6 @@ def lion_kernel(
                 decay_factor,
                 grad_scale,
                 sr_seed,
-                DTYPE,
                 OPMATH,
                 L2_DECAY,
                 SR,
@@ -287,13 +290,15 @@ def launch(
     if table is None:
         return
     storage, opmath = tl_dtypes(bucket.dtype)
-    seed = base.sr_seed(group, bucket.dtype)  # -1: round the params to nearest
+    seed = base.sr_seed(group, bucket)  # -1: round params and state to nearest
     scale = amp_tensor(grad_scale, bucket.device)
     inf = amp_tensor(found_inf, bucket.device)
     lion_kernel[(table.num_chunks,)](
         table.segments,
         table.chunks,
         bucket.buffers["exp_avg"],
+        common.master(bucket),
+        prepared.grad_type,
         bucket.step,
         table.done,
         bucket.step if scale is None else scale,

@@ -8,7 +8,10 @@ Per element (math.h, same order; torch.lerp's two formulas, chosen on the host w
     update = lerp(g, buf, momentum) if nesterov else buf
 
 The table's "param" of each tensor is its slice of the update workspace (see
-``onepass.algorithms.muon``): the kernel writes it and reads nothing from it.
+``onepass.algorithms.muon``; the bucket view's dtype): the kernel writes it and reads nothing
+from it. The momentum buffer has the bucket's state dtype and the grads their own (each pointer's
+element type); every store rounds to nearest (the momentum pass never rounds stochastically and
+has no master weights).
 """
 
 from __future__ import annotations
@@ -53,7 +56,6 @@ def muon_chunk(
     to_grad_rest,
     to_momentum_w,
     to_momentum_rest,
-    DTYPE: tl.constexpr,
     OPMATH: tl.constexpr,
     NESTEROV: tl.constexpr,
     TO_GRAD_FROM_START: tl.constexpr,
@@ -79,8 +81,8 @@ def muon_chunk(
             update = lerp(g, buf, to_momentum_w, to_momentum_rest, TO_MOMENTUM_FROM_START)
         else:
             update = buf
-        tl.store(buf_ptr + state, to_storage(buf, DTYPE), mask=mask)
-        tl.store(update_ptr + offsets, to_storage(update, DTYPE), mask=mask)
+        tl.store(buf_ptr + state, to_storage(buf, buf_ptr.dtype.element_ty), mask=mask)
+        tl.store(update_ptr + offsets, to_storage(update, update_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["to_grad_bits", "to_momentum_bits"])
@@ -88,6 +90,7 @@ def muon_momentum_kernel(
     segments,
     chunks,
     buf_ptr,
+    grad_type_ptr,
     step_ptr,
     done_ptr,
     grad_scale_ptr,
@@ -107,7 +110,7 @@ def muon_momentum_kernel(
 ):
     """One program: CHUNK elements of one tensor of the bucket (see ``common`` for the table)."""
     row, start, update_ptr, grad_ptr, numel, state_offset, step_index, programs = load_segment(
-        segments, chunks, DTYPE, ALIGNED
+        segments, chunks, DTYPE, grad_type_ptr.dtype.element_ty, ALIGNED
     )
     run = True
     if HAS_FOUND_INF:
@@ -128,14 +131,14 @@ def muon_momentum_kernel(
             muon_chunk(
                 update_ptr, grad_ptr, buf_ptr, start, numel, state_offset, grad_scale,
                 to_grad_w, to_grad_rest, to_momentum_w, to_momentum_rest,
-                DTYPE, OPMATH, NESTEROV, TO_GRAD_FROM_START, TO_MOMENTUM_FROM_START,
+                OPMATH, NESTEROV, TO_GRAD_FROM_START, TO_MOMENTUM_FROM_START,
                 False, BLOCK, CHUNK,
             )  # fmt: skip
         else:
             muon_chunk(
                 update_ptr, grad_ptr, buf_ptr, start, numel, state_offset, grad_scale,
                 to_grad_w, to_grad_rest, to_momentum_w, to_momentum_rest,
-                DTYPE, OPMATH, NESTEROV, TO_GRAD_FROM_START, TO_MOMENTUM_FROM_START,
+                OPMATH, NESTEROV, TO_GRAD_FROM_START, TO_MOMENTUM_FROM_START,
                 True, BLOCK, CHUNK,
             )  # fmt: skip
         advance_step(step_ptr, done_ptr, row, step_index, programs, t)
@@ -163,6 +166,7 @@ def launch(
         table.segments,
         table.chunks,
         bucket.buffers["momentum_buffer"],
+        prepared.grad_type,
         bucket.step,
         table.done,
         bucket.step if scale is None else scale,

@@ -25,13 +25,14 @@ from onepass.triton_kernels.common import (
     advance_step,
     amp_tensor,
     f64_bits,
+    load_param,
     load_segment,
     op_div,
     op_max,
-    param_to_storage,
     prepare,
+    store_param,
+    store_state,
     tl_dtypes,
-    to_storage,
 )
 
 
@@ -71,6 +72,7 @@ def novograd_reduce_kernel(
     done_ptr,
     partial_ptr,
     denom_ptr,
+    grad_type_ptr,
     grad_scale_ptr,
     found_inf_ptr,
     beta2_bits,
@@ -86,7 +88,7 @@ def novograd_reduce_kernel(
     CHUNK: tl.constexpr,
 ):
     row, start, _, grad_ptr, numel, _, step_index, programs = load_segment(
-        segments, chunks, DTYPE, ALIGNED
+        segments, chunks, DTYPE, grad_type_ptr.dtype.element_ty, ALIGNED
     )
     run = True
     if HAS_FOUND_INF:
@@ -126,10 +128,10 @@ def novograd_reduce_kernel(
 
 
 @triton.jit
-def novograd_chunk(param_ptr, grad_ptr, exp_avg_ptr, start, numel, state_offset, first, lr,
-                   beta1, update_scale, weight_decay, denom, grad_scale, sr_seed,
-                   DTYPE: tl.constexpr, OPMATH: tl.constexpr, SR: tl.constexpr,
-                   MASKED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+def novograd_chunk(param_ptr, master_ptr, grad_ptr, exp_avg_ptr, start, numel, state_offset,
+                   first, lr, beta1, update_scale, weight_decay, denom, grad_scale, sr_seed,
+                   OPMATH: tl.constexpr, SR: tl.constexpr, MASKED: tl.constexpr,
+                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
     """Elements [start, start + CHUNK) of one tensor, in tiles of BLOCK (masked if MASKED)."""
     for i in range(0, CHUNK, BLOCK):
         offsets = start + i + tl.arange(0, BLOCK)
@@ -140,14 +142,14 @@ def novograd_chunk(param_ptr, grad_ptr, exp_avg_ptr, start, numel, state_offset,
         else:
             mask = None
             other = None
-        p = tl.load(param_ptr + offsets, mask=mask, other=other).to(OPMATH)
+        p = load_param(param_ptr, master_ptr, offsets, state, mask, other, OPMATH)
         g = tl.load(grad_ptr + offsets, mask=mask, other=other).to(OPMATH)
         m = tl.load(exp_avg_ptr + state, mask=mask, other=other).to(OPMATH)
         p, m = novograd_update(
             p, g, m, first, lr, beta1, update_scale, weight_decay, denom, grad_scale
         )
-        tl.store(param_ptr + offsets, param_to_storage(p, DTYPE, state, sr_seed, SR), mask=mask)
-        tl.store(exp_avg_ptr + state, to_storage(m, DTYPE), mask=mask)
+        store_param(param_ptr, master_ptr, offsets, state, p, mask, sr_seed, SR)
+        store_state(exp_avg_ptr, state, m, mask, sr_seed, 0, SR)
 
 
 @triton.jit(
@@ -164,6 +166,8 @@ def novograd_kernel(
     segments,
     chunks,
     exp_avg_ptr,
+    master_ptr,
+    grad_type_ptr,
     step_ptr,
     done_ptr,
     denom_ptr,
@@ -185,7 +189,7 @@ def novograd_kernel(
     CHUNK: tl.constexpr,
 ):
     row, start, param_ptr, grad_ptr, numel, state_offset, step_index, programs = load_segment(
-        segments, chunks, DTYPE, ALIGNED
+        segments, chunks, DTYPE, grad_type_ptr.dtype.element_ty, ALIGNED
     )
     run = True
     if HAS_FOUND_INF:
@@ -201,13 +205,13 @@ def novograd_kernel(
         denom = tl.load(denom_ptr + row).to(OPMATH)
         # A full chunk runs unmasked (vector accesses); a tensor's last, partial one masked.
         if start + CHUNK <= numel:
-            novograd_chunk(param_ptr, grad_ptr, exp_avg_ptr, start, numel, state_offset, first,
-                           lr, beta1, update_scale, weight_decay, denom, grad_scale, sr_seed,
-                           DTYPE, OPMATH, SR, False, BLOCK, CHUNK)  # fmt: skip
+            novograd_chunk(param_ptr, master_ptr, grad_ptr, exp_avg_ptr, start, numel,
+                           state_offset, first, lr, beta1, update_scale, weight_decay, denom,
+                           grad_scale, sr_seed, OPMATH, SR, False, BLOCK, CHUNK)  # fmt: skip
         else:
-            novograd_chunk(param_ptr, grad_ptr, exp_avg_ptr, start, numel, state_offset, first,
-                           lr, beta1, update_scale, weight_decay, denom, grad_scale, sr_seed,
-                           DTYPE, OPMATH, SR, True, BLOCK, CHUNK)  # fmt: skip
+            novograd_chunk(param_ptr, master_ptr, grad_ptr, exp_avg_ptr, start, numel,
+                           state_offset, first, lr, beta1, update_scale, weight_decay, denom,
+                           grad_scale, sr_seed, OPMATH, SR, True, BLOCK, CHUNK)  # fmt: skip
         advance_step(step_ptr, done_ptr, row, step_index, programs, t)
 
 
@@ -225,7 +229,7 @@ def launch(
     if table is None:
         return
     storage, opmath = tl_dtypes(bucket.dtype)
-    seed = base.sr_seed(group, bucket.dtype)  # -1: round the params to nearest
+    seed = base.sr_seed(group, bucket)  # -1: round params and state to nearest
     scalar_dtype = tl.float64 if bucket.dtype == torch.float64 else tl.float32
     scale = amp_tensor(grad_scale, bucket.device)
     inf = amp_tensor(found_inf, bucket.device)
@@ -255,6 +259,7 @@ def launch(
         table.done,
         partial,
         denoms,
+        prepared.grad_type,
         bucket.step if scale is None else scale,
         bucket.step if inf is None else inf,
         f64_bits(s.beta2),
@@ -269,6 +274,8 @@ def launch(
         table.segments,
         table.chunks,
         bucket.buffers["exp_avg"],
+        common.master(bucket),
+        prepared.grad_type,
         bucket.step,
         table.done,
         denoms,

@@ -27,11 +27,12 @@ from onepass.triton_kernels.common import (
     advance_step,
     amp_tensor,
     f64_bits,
+    load_param,
     load_segment,
-    param_to_storage,
     prepare,
+    store_param,
+    store_state,
     tl_dtypes,
-    to_storage,
 )
 
 
@@ -105,6 +106,7 @@ def sgd_consts(
 @triton.jit
 def sgd_chunk(
     param_ptr,
+    master_ptr,
     grad_ptr,
     momentum_buffer_ptr,
     start,
@@ -118,7 +120,6 @@ def sgd_chunk(
     decay_factor,
     grad_scale,
     sr_seed,
-    DTYPE: tl.constexpr,
     OPMATH: tl.constexpr,
     MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
@@ -138,7 +139,7 @@ def sgd_chunk(
         else:
             mask = None
             other = None
-        p = tl.load(param_ptr + offsets, mask=mask, other=other).to(OPMATH)
+        p = load_param(param_ptr, master_ptr, offsets, state, mask, other, OPMATH)
         g = tl.load(grad_ptr + offsets, mask=mask, other=other).to(OPMATH)
         buf = g
         if MOMENTUM:
@@ -158,9 +159,9 @@ def sgd_chunk(
             NESTEROV,
             L2_DECAY,
         )
-        tl.store(param_ptr + offsets, param_to_storage(p, DTYPE, state, sr_seed, SR), mask=mask)
+        store_param(param_ptr, master_ptr, offsets, state, p, mask, sr_seed, SR)
         if MOMENTUM:
-            tl.store(momentum_buffer_ptr + state, to_storage(buf, DTYPE), mask=mask)
+            store_state(momentum_buffer_ptr, state, buf, mask, sr_seed, 0, SR)
 
 
 @triton.jit(
@@ -178,6 +179,8 @@ def sgd_kernel(
     segments,
     chunks,
     momentum_buffer_ptr,
+    master_ptr,
+    grad_type_ptr,
     step_ptr,
     done_ptr,
     grad_scale_ptr,
@@ -203,7 +206,7 @@ def sgd_kernel(
 ):
     """One program: CHUNK elements of one tensor of the bucket (see ``common`` for the table)."""
     row, start, param_ptr, grad_ptr, numel, state_offset, step_index, programs = load_segment(
-        segments, chunks, DTYPE, ALIGNED
+        segments, chunks, DTYPE, grad_type_ptr.dtype.element_ty, ALIGNED
     )
     run = True
     if HAS_FOUND_INF:
@@ -226,6 +229,7 @@ def sgd_kernel(
         if start + CHUNK <= numel:
             sgd_chunk(
                 param_ptr,
+                master_ptr,
                 grad_ptr,
                 momentum_buffer_ptr,
                 start,
@@ -239,7 +243,6 @@ def sgd_kernel(
                 decay_factor,
                 grad_scale,
                 sr_seed,
-                DTYPE,
                 OPMATH,
                 MOMENTUM,
                 NESTEROV,
@@ -252,6 +255,7 @@ def sgd_kernel(
         else:
             sgd_chunk(
                 param_ptr,
+                master_ptr,
                 grad_ptr,
                 momentum_buffer_ptr,
                 start,
@@ -265,7 +269,6 @@ def sgd_kernel(
                 decay_factor,
                 grad_scale,
                 sr_seed,
-                DTYPE,
                 OPMATH,
                 MOMENTUM,
                 NESTEROV,
@@ -292,7 +295,7 @@ def launch(
     if table is None:
         return
     storage, opmath = tl_dtypes(bucket.dtype)
-    seed = base.sr_seed(group, bucket.dtype)  # -1: round the params to nearest
+    seed = base.sr_seed(group, bucket)  # -1: round params and state to nearest
     has_momentum = s.momentum != 0.0
     momentum_buffer = bucket.buffers.get("momentum_buffer") if has_momentum else None
     scale = amp_tensor(grad_scale, bucket.device)
@@ -301,6 +304,8 @@ def launch(
         table.segments,
         table.chunks,
         table.segments if momentum_buffer is None else momentum_buffer,
+        common.master(bucket),
+        prepared.grad_type,
         bucket.step,
         table.done,
         bucket.step if scale is None else scale,
