@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from test_mixed import LAYOUTS, check_layout
 from test_numerics import check_against_reference
 
 import onepass
@@ -299,3 +300,12 @@ def test_stochastic_rounding_draws_as_the_reference(backend: str) -> None:
     for i, (a, b) in enumerate(zip(*results, strict=True)):
         differ = int((a != b).sum())
         assert differ <= a.numel() // 10_000, f"param {i}: {differ} elements differ"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("name", list(EVERY_OPTIMIZER))
+def test_every_layout_matches_reference(backend: str, layout: str, name: str) -> None:
+    """Master weights, fp32 grads of 16-bit params, bf16 / fp32 state, stochastic rounding of
+    bf16 state: the GPU kernels against the reference backend on the CPU (tests/test_mixed.py)."""
+    check_layout(name, layout, backend, torch.device("cuda"))

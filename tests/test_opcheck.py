@@ -84,6 +84,7 @@ def test_opcheck_adam(dtype: torch.dtype, amsgrad: bool, scaled: bool, found_inf
         amsgrad,
         False,  # maximize
         False,  # l2_decay
+        None,  # master_param
         7 if dtype == torch.bfloat16 else -1,  # sr_seed: stochastic rounding in bf16
     )
     _check(torch.ops.onepass.adam_.default, args)
@@ -113,6 +114,7 @@ def test_opcheck_sgd(dtype: torch.dtype, momentum: float, scaled: bool, found_in
         momentum != 0.0,  # nesterov
         True,  # maximize
         True,  # l2_decay
+        None,  # master_param
         -1,  # sr_seed: round to nearest
     )
     _check(torch.ops.onepass.sgd_.default, args)
@@ -141,6 +143,7 @@ def test_opcheck_lion(dtype: torch.dtype, l2_decay: bool, scaled: bool, found_in
         0.0 if l2_decay else 0.1,  # decay_coefficient (decoupled)
         not l2_decay,  # maximize
         l2_decay,
+        None,  # master_param
         -1,  # sr_seed: round to nearest
     )
     _check(torch.ops.onepass.lion_.default, args)
@@ -171,13 +174,43 @@ def test_opcheck_muon_momentum(
     _check(torch.ops.onepass.muon_momentum_.default, args)
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+def test_opcheck_adam_master_weights(grad_dtype: torch.dtype) -> None:
+    """bf16 params, fp32 state and fp32 masters (and fp32 grads): master_param is mutated."""
+    params, grads, offsets = _bucket(torch.bfloat16)
+    grads = [None if g is None else g.to(grad_dtype) for g in grads]
+    args = (
+        params,
+        grads,
+        torch.randn(64),  # exp_avg
+        torch.rand(64),  # exp_avg_sq
+        None,  # max_exp_avg_sq
+        torch.tensor([2.0, 0.0, 1.0, 4.0]),  # step
+        offsets,
+        None,
+        None,
+        torch.tensor(1e-2, dtype=torch.float64),  # lr
+        0.9,
+        0.999,
+        1e-8,
+        0.0,
+        0.1,
+        False,
+        False,
+        False,
+        torch.randn(64),  # master_param
+        -1,
+    )
+    _check(torch.ops.onepass.adam_.default, args)
+
+
 def test_op_mutates_only_what_it_declares() -> None:
     """The step counts advance only for tensors with a grad; found_inf leaves everything alone."""
     params, grads, offsets = _bucket(torch.float32)
     exp_avg, exp_avg_sq = torch.zeros(64), torch.zeros(64)
     step = torch.tensor([2.0, 0.0, 1.0, 4.0])
     before = [p.clone() for p in params]
-    common = (torch.tensor(1e-2), 0.9, 0.999, 1e-8, 0.0, 0.0, False, False, False, -1)
+    common = (torch.tensor(1e-2), 0.9, 0.999, 1e-8, 0.0, 0.0, False, False, False, None, -1)
     torch.ops.onepass.adam_(
         params, grads, exp_avg, exp_avg_sq, None, step, offsets, None, torch.tensor(1.0), *common
     )
@@ -219,6 +252,7 @@ def test_opcheck_novograd(
         amsgrad,  # grad_averaging (varied with amsgrad)
         amsgrad,
         not amsgrad,  # maximize
+        None,  # master_param
         -1,  # sr_seed: round to nearest
     )
     _check(torch.ops.onepass.novograd_.default, args)
@@ -234,7 +268,7 @@ def test_novograd_op_mutates_only_what_it_declares() -> None:
     before = [p.clone() for p in params]
     torch.ops.onepass.novograd_(
         params, grads, exp_avg, exp_avg_sq, None, step, offsets, None, None,
-        torch.tensor(1e-2), 0.95, 0.98, 1e-8, 0.0, False, False, False, -1,
+        torch.tensor(1e-2), 0.95, 0.98, 1e-8, 0.0, False, False, False, None, -1,
     )  # fmt: skip
     assert step.tolist() == [3.0, 1.0, 2.0, 4.0]
     assert torch.equal(params[3], before[3]) and exp_avg_sq[3] == 4.0
@@ -269,6 +303,7 @@ def test_opcheck_fadam(dtype: torch.dtype, maximize: bool, scaled: bool, found_i
         0.25 if maximize else 0.5,  # p
         0.1,  # weight_decay
         maximize,
+        None,  # master_param
         -1,  # sr_seed: round to nearest
     )
     _check(torch.ops.onepass.fadam_.default, args)
@@ -284,7 +319,7 @@ def test_fadam_op_mutates_only_what_it_declares() -> None:
     before = [p.clone() for p in params]
     torch.ops.onepass.fadam_(
         params, grads, fim, momentum, step, offsets, None, None,
-        torch.tensor(1e-2), 0.9, 0.999, 1e-8, 1.0, 0.5, 0.1, False, -1,
+        torch.tensor(1e-2), 0.9, 0.999, 1e-8, 1.0, 0.5, 0.1, False, None, -1,
     )  # fmt: skip
     assert step.tolist() == [3.0, 1.0, 2.0, 4.0]
     assert torch.equal(params[3], before[3])

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from onepass import _ops
-from onepass.algorithms.base import scalar_slot_dtype
+from onepass.algorithms.base import MASTER, scalar_slot_dtype
 
 if TYPE_CHECKING:
     from onepass.algorithms.base import AlgorithmSpec
@@ -128,6 +128,40 @@ def resolve_backend(
     return requested
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def storage_dtypes(
+    group: dict[str, Any], dtype: torch.dtype, name: str
+) -> tuple[torch.dtype, bool]:
+    """The state dtype of ``dtype`` params in ``group`` and whether they keep fp32 master weights.
+
+    master_weights=True gives 16-bit params an fp32 master (other params need none) and, unless
+    state_dtype says otherwise, fp32 state; state_dtype=None keeps the state in the params' dtype
+    otherwise (torch.optim's choice). Raises for the combinations no kernel is built for.
+    """
+    master = bool(group.get("master_weights")) and dtype in LOW_PRECISION
+    state_dtype = group.get("state_dtype") or (torch.float32 if master else dtype)
+    allowed = {
+        torch.float64: (torch.float64,),
+        torch.float32: (torch.float32, torch.bfloat16),
+        torch.bfloat16: (torch.bfloat16, torch.float32),
+        torch.float16: (torch.float32,) if master else (torch.float16, torch.float32),
+    }[dtype]
+    if state_dtype not in allowed:
+        raise RuntimeError(
+            f"onepass: {name} ({dtype}{' with master weights' if master else ''}) cannot keep "
+            f"{state_dtype} state; supported: {', '.join(map(str, allowed))}"
+        )
+    return state_dtype, master
+
+
+def grad_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The grad dtypes a bucket of ``dtype`` params takes: its own, and float32 for 16-bit
+    params (grads accumulated in fp32)."""
+    return (dtype, torch.float32) if dtype in LOW_PRECISION else (dtype,)
+
+
 class Bucket:
     """The tensors of one (group, device, dtype) and their flat state."""
 
@@ -139,16 +173,19 @@ class Bucket:
         backend: str,
         scalar_slots: tuple[str, ...] = (),
         per_tensor: bool = False,
+        state_dtype: torch.dtype | None = None,
+        master: bool = False,
     ) -> None:
         self.params = params
         # The update needs per-tensor reductions (NovoGrad's norm, FAdam's RMS values): never one
         # flat segment for the whole bucket.
         self.per_tensor = per_tensor or bool(scalar_slots)
         self.names = names  # "param_groups[g]['params'][i]", for error messages
-        self.slots = slots
+        self.slots = (*slots, MASTER) if master else slots
         self.backend = backend
         self.device = params[0].device
         self.dtype = params[0].dtype
+        self.state_dtype = self.dtype if state_dtype is None else state_dtype
         self.shapes = [p.shape for p in params]
         offsets, total = [], 0
         for p in params:
@@ -164,9 +201,14 @@ class Bucket:
         self.buffers = {
             name: torch.zeros(len(params), dtype=scalar_dtype, device=self.device)
             if name in self.scalar_slots
-            else torch.zeros(total, dtype=self.dtype, device=self.device)
+            else torch.zeros(total, dtype=self.state_dtype, device=self.device)
             for name in slots
         }
+        if master:
+            # The masters start as the params; a loaded checkpoint's masters replace them.
+            self.buffers[MASTER] = torch.zeros(total, dtype=torch.float32, device=self.device)
+            for i, p in enumerate(params):
+                self.slot_views(i)[MASTER].copy_(p.detach())
         # Per-tensor step counts (bias corrections are per tensor: a param whose grad was None
         # did not advance). On the host for the CPU backends; on the params' device for the GPU
         # backends, whose kernels read and advance them there (no host sync).
@@ -265,6 +307,7 @@ class FlatBucket:
         self.names = ["the flattened params of " + bucket.names[0]]
         self.shapes = [bucket.flat_param.shape]
         self.dtype, self.device = bucket.dtype, bucket.device
+        self.state_dtype = bucket.state_dtype
         self.buffers = bucket.buffers
         self.step = bucket.step[:1]  # every tensor of the bucket has this step count
         self.table_cache = bucket.table_cache
@@ -407,6 +450,7 @@ class _GroupPlan:
                 backend = "reference"
             if group.get("capturable"):
                 _make_capturable(group, names[0], device, backend)
+            state_dtype, master = storage_dtypes(group, dtype, names[0])
             bucket = Bucket(
                 params,
                 names,
@@ -414,6 +458,8 @@ class _GroupPlan:
                 backend,
                 spec.scalar_slots,
                 per_tensor=spec.reduction == "per_tensor",
+                state_dtype=state_dtype,
+                master=master,
             )
             _adopt_state(engine, bucket, spec)
             if flatten:
@@ -474,7 +520,8 @@ def _adopt_state(engine: Engine, bucket: Bucket, spec: AlgorithmSpec) -> None:
 
 
 def _check_grads(bucket: Bucket, grads: list[torch.Tensor | None]) -> None:
-    dtype, device, shapes = bucket.dtype, bucket.device, bucket.shapes
+    device, shapes = bucket.device, bucket.shapes
+    dtype = next((g.dtype for g in grads if g is not None), bucket.dtype)  # one per launch
     for i, g in enumerate(grads):
         if g is None:
             continue
@@ -484,17 +531,28 @@ def _check_grads(bucket: Bucket, grads: list[torch.Tensor | None]) -> None:
             or g.shape != shapes[i]
             or (g.device != device)
         ):
-            _explain_bad_grad(bucket, i, g)
+            _explain_bad_grad(bucket, i, g, dtype)
+    if dtype not in grad_dtypes(bucket.dtype):
+        i = next(i for i, g in enumerate(grads) if g is not None)
+        _explain_bad_grad(bucket, i, grads[i], dtype)
 
 
-def _explain_bad_grad(bucket: Bucket, i: int, g: torch.Tensor) -> None:
+def _explain_bad_grad(bucket: Bucket, i: int, g: torch.Tensor, grad_dtype: torch.dtype) -> None:
     name = bucket.names[i]
     if g.layout != torch.strided:
         raise RuntimeError(f"onepass: {name} has a sparse gradient, which onepass does not support")
     if g.device != bucket.device:
         raise RuntimeError(f"onepass: {name} is on {bucket.device} but its grad is on {g.device}")
-    if g.dtype != bucket.dtype:
-        raise RuntimeError(f"onepass: {name} has dtype {bucket.dtype} but its grad has {g.dtype}")
+    if g.dtype not in grad_dtypes(bucket.dtype):
+        allowed = " or ".join(map(str, grad_dtypes(bucket.dtype)))
+        raise RuntimeError(
+            f"onepass: {name} has dtype {bucket.dtype} but its grad has {g.dtype} (takes {allowed})"
+        )
+    if g.dtype != grad_dtype:
+        raise RuntimeError(
+            f"onepass: {name}'s grad has dtype {g.dtype} but other grads of its bucket have "
+            f"{grad_dtype} (one grad dtype per param group and param dtype)"
+        )
     raise RuntimeError(
         f"onepass: {name} has shape {tuple(bucket.shapes[i])} but its grad has {tuple(g.shape)}"
     )

@@ -14,6 +14,7 @@ import torch
 
 from onepass._ops import native_op
 from onepass.algorithms.base import (
+    MASTER,
     NEAREST,
     AlgorithmSpec,
     Group,
@@ -21,6 +22,7 @@ from onepass.algorithms.base import (
     bucket_rounding,
     decay_coefficient,
     elementwise_bytes,
+    math_param,
     opmath_dtype,
     reference_steps,
     scalar,
@@ -100,15 +102,15 @@ def adam_reference(
     if s.amsgrad:
         assert max_exp_avg_sq is not None
         vmax = torch.maximum(max_exp_avg_sq.to(opmath), v)
-        max_exp_avg_sq.copy_(vmax)
+        rounding.store_state(2, max_exp_avg_sq, vmax)
         second_moment = vmax
     bias_correction1 = 1 - s.beta1**step
     bias_correction2 = 1 - s.beta2**step
     denom = second_moment.sqrt() / math.sqrt(bias_correction2) + s.eps
     p = p - (s.lr / bias_correction1) * m / denom
     rounding.store(param, p)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
+    rounding.store_state(0, exp_avg, m)
+    rounding.store_state(1, exp_avg_sq, v)
 
 
 def _check_group(group: Group) -> None:
@@ -140,7 +142,7 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         i: int, g: torch.Tensor, slots: dict[str, torch.Tensor], t: int, scale: float
     ) -> None:
         adam_reference(
-            bucket.params[i],
+            math_param(bucket, i, slots),
             g,
             slots["exp_avg"],
             slots["exp_avg_sq"],
@@ -175,7 +177,8 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         s.amsgrad,
         s.maximize,
         s.l2_decay,
-        sr_seed(group, bucket.dtype),
+        bucket.buffers.get(MASTER),
+        sr_seed(group, bucket),
     )
 
 

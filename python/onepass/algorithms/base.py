@@ -37,15 +37,27 @@ def decay_coefficient(group: Group) -> float:
     return 0.0
 
 
+def state_itemsize(group: Group, itemsize: int) -> tuple[int, int]:
+    """(bytes of one state element, bytes of one master element) for params of ``itemsize``
+    bytes in ``group``: state in ``state_dtype`` (fp32 with master weights, else the params'
+    dtype, when unset); fp32 masters for 16-bit params with master weights (0 otherwise)."""
+    master = 4 if group.get("master_weights") and itemsize == 2 else 0
+    state_dtype = group.get("state_dtype")
+    if state_dtype is not None:
+        return torch.empty(0, dtype=state_dtype).element_size(), master
+    return (4 if master else itemsize), master
+
+
 def elementwise_bytes(
     active_slots: Callable[[Group], tuple[str, ...]],
 ) -> Callable[[Group, int], int]:
-    """The bytes model of an elementwise update: read param, grad and every slot; write param and
-    every slot."""
+    """The bytes model of an elementwise update: read param, grad and every slot (and the master,
+    with master weights); write param and every slot (and the master)."""
 
     def bytes_per_element(group: Group, itemsize: int) -> int:
         slots = len(active_slots(group))
-        return itemsize * (2 + slots + 1 + slots)
+        state, master = state_itemsize(group, itemsize)
+        return itemsize * 3 + state * 2 * slots + master * 2
 
     return bytes_per_element
 
@@ -65,6 +77,17 @@ def reference_amp_scale(
 TensorStep = Callable[[int, torch.Tensor, dict[str, torch.Tensor], int, float], None]
 
 
+#: The slot of a 16-bit param's fp32 master copy (master_weights=True).
+MASTER = "master_param"
+
+
+def math_param(bucket: Any, i: int, slots: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor a reference step updates: the fp32 master when the bucket keeps master
+    weights (``reference_steps`` then writes it, rounded, into the param), else the param."""
+    master = slots.get(MASTER)
+    return bucket.params[i] if master is None else master
+
+
 def reference_steps(
     bucket: Any,
     grads: list[torch.Tensor | None],
@@ -73,7 +96,8 @@ def reference_steps(
     step_one: TensorStep,
 ) -> None:
     """The reference backend's loop, shared by every elementwise spec: skip the whole step when
-    GradScaler found an inf/nan, else advance and step each tensor that has a grad."""
+    GradScaler found an inf/nan, else advance and step each tensor that has a grad (its master,
+    with master weights, then copied into the param rounded to nearest)."""
     scale = reference_amp_scale(grad_scale, found_inf)
     if scale is None:
         return  # params, state and steps stay as they are
@@ -81,7 +105,10 @@ def reference_steps(
         if g is None:
             continue
         bucket.step[i] += 1
-        step_one(i, g, bucket.slot_views(i), int(bucket.step[i]), scale)
+        slots = bucket.slot_views(i)
+        step_one(i, g, slots, int(bucket.step[i]), scale)
+        if MASTER in slots:
+            bucket.params[i].copy_(slots[MASTER])
 
 
 def triton_launcher(module: str) -> Launcher:
@@ -108,12 +135,16 @@ SR_HASH = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x7FEB352D, 0x846CA68B)
 _MASK32 = 0xFFFFFFFF
 
 
-def sr_seed(group: Group, dtype: torch.dtype) -> int:
-    """The seed the kernels take for this group's tensors of ``dtype``: -1 (round to nearest)
-    unless the group rounds stochastically and the params are bf16."""
-    if not group.get("stochastic_rounding") or dtype != torch.bfloat16:
+def sr_seed(group: Group, bucket: Any) -> int:
+    """The seed the kernels take for ``bucket``: -1 (round to nearest) unless the group rounds
+    stochastically and the bucket stores bf16 that the kernels round: its params (without
+    master weights, whose params are the masters rounded to nearest) or its state."""
+    if not group.get("stochastic_rounding"):
         return -1
-    return int(group["sr_seed"])
+    bf16_params = bucket.dtype == torch.bfloat16 and MASTER not in bucket.buffers
+    if bf16_params or bucket.state_dtype == torch.bfloat16:
+        return int(group["sr_seed"])
+    return -1
 
 
 def sr_hash(index: torch.Tensor, seed: int) -> torch.Tensor:
@@ -149,8 +180,9 @@ def store_param(param: torch.Tensor, value: torch.Tensor, seed: int, index_base:
 
 @dataclass(frozen=True)
 class Rounding:
-    """How a reference function writes its param: ``seed`` < 0 rounds to nearest; otherwise
-    stochastically for bf16 (``index_base``: the tensor's state offset in its bucket)."""
+    """How a reference function writes its param and state: ``seed`` < 0 rounds to nearest;
+    otherwise stochastically where the destination is bf16 (``index_base``: the tensor's state
+    offset in its bucket). State slot k draws with seed + 1 + k, as the kernels do."""
 
     seed: int = -1
     index_base: int = 0
@@ -158,13 +190,18 @@ class Rounding:
     def store(self, param: torch.Tensor, value: torch.Tensor) -> None:
         store_param(param, value, self.seed, self.index_base)
 
+    def store_state(self, k: int, slot: torch.Tensor, value: torch.Tensor) -> None:
+        """slot <- value for the k-th elementwise state slot in kernel order."""
+        seed = self.seed + 1 + k if self.seed >= 0 else -1
+        store_param(slot, value, seed, self.index_base)
+
 
 NEAREST = Rounding()
 
 
 def bucket_rounding(bucket: Any, group: Group, index: int) -> Rounding:
     """The reference backend's rounding of tensor ``index`` of ``bucket``."""
-    seed = sr_seed(group, bucket.dtype)
+    seed = sr_seed(group, bucket)
     return NEAREST if seed < 0 else Rounding(seed, int(bucket.offsets[index]))
 
 

@@ -31,11 +31,13 @@ import torch
 
 from onepass._ops import native_op
 from onepass.algorithms.base import (
+    MASTER,
     NEAREST,
     AlgorithmSpec,
     Group,
     Rounding,
     bucket_rounding,
+    math_param,
     opmath_dtype,
     reference_steps,
     scalar,
@@ -118,8 +120,8 @@ def fadam_reference(
     wn = w / den
     wn = wn / clip_divisor(float(wn.to(torch.float64).square().sum()), n, s.clip)
     w = w - s.lr * (m + s.weight_decay * wn)
-    fim.copy_(f)
-    momentum.copy_(m)
+    rounding.store_state(0, fim, f)
+    rounding.store_state(1, momentum, m)
     rounding.store(param, w)
 
 
@@ -162,7 +164,7 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         i: int, g: torch.Tensor, slots: dict[str, torch.Tensor], t: int, scale: float
     ) -> None:
         fadam_reference(
-            bucket.params[i],
+            math_param(bucket, i, slots),
             g,
             slots["fim"],
             slots["momentum"],
@@ -194,7 +196,8 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         s.p,
         s.weight_decay,
         s.maximize,
-        sr_seed(group, bucket.dtype),
+        bucket.buffers.get(MASTER),
+        sr_seed(group, bucket),
     )
 
 

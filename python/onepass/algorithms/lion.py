@@ -21,6 +21,7 @@ import torch
 
 from onepass._ops import native_op
 from onepass.algorithms.base import (
+    MASTER,
     NEAREST,
     AlgorithmSpec,
     Group,
@@ -28,6 +29,7 @@ from onepass.algorithms.base import (
     bucket_rounding,
     decay_coefficient,
     elementwise_bytes,
+    math_param,
     opmath_dtype,
     reference_steps,
     scalar,
@@ -93,7 +95,7 @@ def lion_reference(
     p = p - s.lr * torch.sign(c)
     m = s.beta2 * m + (1 - s.beta2) * g
     rounding.store(param, p)
-    exp_avg.copy_(m)
+    rounding.store_state(0, exp_avg, m)
 
 
 def _check_group(group: Group) -> None:
@@ -123,7 +125,12 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     ) -> None:
         # the engine counts Lion's steps too; its math never reads them
         lion_reference(
-            bucket.params[i], g, slots["exp_avg"], s, scale, bucket_rounding(bucket, group, i)
+            math_param(bucket, i, slots),
+            g,
+            slots["exp_avg"],
+            s,
+            scale,
+            bucket_rounding(bucket, group, i),
         )
 
     reference_steps(bucket, grads, grad_scale, found_inf, step_one)
@@ -146,7 +153,8 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         s.decay_coefficient,
         s.maximize,
         s.l2_decay,
-        sr_seed(group, bucket.dtype),
+        bucket.buffers.get(MASTER),
+        sr_seed(group, bucket),
     )
 
 

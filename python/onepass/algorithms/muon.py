@@ -34,11 +34,13 @@ import torch
 from onepass._ops import native_op
 from onepass.algorithms.adam import ADAM
 from onepass.algorithms.base import (
+    MASTER,
     NEAREST,
     AlgorithmSpec,
     Group,
     Rounding,
     bucket_rounding,
+    math_param,
     opmath_dtype,
     reference_amp_scale,
     scalar,
@@ -168,16 +170,29 @@ def muon_reference(
 ) -> None:
     """One Muon step of one tensor, in place: torch.optim.Muon's ``_single_tensor_muon`` for a
     2-D param (a conv weight flattened), with ``ns_dtype`` for its bfloat16. ``grad_scale`` is the
-    AMP loss scale the gradient still carries."""
+    AMP loss scale the gradient still carries.
+
+    With mixed storage (a state dtype other than the param's, fp32 grads of 16-bit params, or
+    ``param`` an fp32 master) the step is the kernels' instead of torch's: the momentum in
+    opmath, stored once; the update rounded to ``param``'s dtype (the kernels' workspace)
+    before Newton-Schulz; the param written once, from opmath."""
     g = grad if grad_scale == 1.0 else grad / grad_scale
-    momentum_buffer.lerp_(g, 1 - s.momentum)
-    update = g.lerp(momentum_buffer, s.momentum) if s.nesterov else momentum_buffer
+    if momentum_buffer.dtype == g.dtype == param.dtype:  # torch.optim.Muon: the storage dtype
+        momentum_buffer.lerp_(g, 1 - s.momentum)
+        update = g.lerp(momentum_buffer, s.momentum) if s.nesterov else momentum_buffer
+        mixed = False
+    else:
+        opmath = opmath_dtype(param.dtype)
+        buf = momentum_buffer.to(opmath).lerp_(g.to(opmath), 1 - s.momentum)
+        momentum_buffer.copy_(buf)
+        update = (g.to(opmath).lerp(buf, s.momentum) if s.nesterov else buf).to(param.dtype)
+        mixed = True
     dtype = resolve_ns_dtype(s.ns_dtype, param.dtype, param.device)
     matrix = as_matrix(update)
     ortho = newton_schulz(matrix, s.ns_coefficients, s.ns_steps, s.eps, dtype)
     ratio = lr_ratio(s.adjust_lr_fn, *matrix.shape)
-    if rounding.seed >= 0 and param.dtype == torch.bfloat16:  # one stochastic rounding
-        p = param.float().mul_(1 - s.lr * s.weight_decay)
+    if mixed or (rounding.seed >= 0 and param.dtype == torch.bfloat16):  # one rounding
+        p = param.to(opmath_dtype(param.dtype)).mul_(1 - s.lr * s.weight_decay)
         rounding.store(param, p.add_(ortho.reshape(param.shape), alpha=-s.lr * ratio))
         return
     param.mul_(1 - s.lr * s.weight_decay)
@@ -225,14 +240,17 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         if g is None:
             continue
         bucket.step[i] += 1
+        slots = bucket.slot_views(i)
         muon_reference(
-            bucket.params[i],
+            math_param(bucket, i, slots),
             g,
-            bucket.slot_views(i)["momentum_buffer"],
+            slots["momentum_buffer"],
             s,
             scale,
             bucket_rounding(bucket, group, i),
         )
+        if MASTER in slots:
+            bucket.params[i].copy_(slots[MASTER])
 
 
 class _BucketView:
@@ -252,7 +270,8 @@ class _BucketView:
         self.buffers = buffers
         self.offsets = bucket.offsets
         self.device = bucket.device
-        self.dtype = bucket.dtype
+        self.dtype = self.params[0].dtype if self.params else bucket.dtype
+        self.state_dtype = bucket.state_dtype
         self.table_cache: dict[str, Any] = {}
         self._bucket = bucket
 
@@ -278,7 +297,9 @@ class _Workspace:
             rows, cols = as_matrix(p).shape
             by_shape.setdefault((rows, cols), []).append(i)
         total = sum(p.numel() for p in bucket.params)
-        self.buffer = torch.zeros(total, dtype=bucket.dtype, device=bucket.device)
+        # The update in the params' dtype (torch.optim.Muon's), in fp32 under master weights.
+        dtype = torch.float32 if MASTER in bucket.buffers else bucket.dtype
+        self.buffer = torch.zeros(total, dtype=dtype, device=bucket.device)
         self.views: list[torch.Tensor] = [torch.empty(0)] * len(bucket.params)
         self.groups: list[_ShapeGroup] = []
         offset = 0
@@ -292,7 +313,11 @@ class _Workspace:
         self.momentum_pass = _BucketView(
             bucket, self.views, bucket.step, {"momentum_buffer": bucket.buffers["momentum_buffer"]}
         )
-        self.update_pass = _BucketView(bucket, bucket.params, torch.zeros_like(bucket.step), {})
+        # The final pass writes the params (and their masters, with master weights).
+        masters = {MASTER: bucket.buffers[MASTER]} if MASTER in bucket.buffers else {}
+        self.update_pass = _BucketView(
+            bucket, bucket.params, torch.zeros_like(bucket.step), masters
+        )
 
 
 def _orthogonalize(work: _Workspace, grads: list[torch.Tensor | None], s: MuonScalars) -> None:

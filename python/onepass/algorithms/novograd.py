@@ -30,11 +30,13 @@ import torch
 
 from onepass._ops import native_op
 from onepass.algorithms.base import (
+    MASTER,
     NEAREST,
     AlgorithmSpec,
     Group,
     Rounding,
     bucket_rounding,
+    math_param,
     opmath_dtype,
     reference_steps,
     scalar,
@@ -115,7 +117,7 @@ def novograd_reference(
     m = u if first else s.beta1 * exp_avg.to(opmath) + s.update_scale * u
     p = p - s.lr * m
     rounding.store(param, p)
-    exp_avg.copy_(m)
+    rounding.store_state(0, exp_avg, m)
 
 
 def _check_group(group: Group) -> None:
@@ -156,7 +158,7 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         i: int, g: torch.Tensor, slots: dict[str, torch.Tensor], t: int, scale: float
     ) -> None:
         novograd_reference(
-            bucket.params[i],
+            math_param(bucket, i, slots),
             g,
             slots["exp_avg"],
             slots["exp_avg_sq"],
@@ -190,7 +192,8 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         s.grad_averaging,
         s.amsgrad,
         s.maximize,
-        sr_seed(group, bucket.dtype),
+        bucket.buffers.get(MASTER),
+        sr_seed(group, bucket),
     )
 
 

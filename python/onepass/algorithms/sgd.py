@@ -13,6 +13,7 @@ import torch
 
 from onepass._ops import native_op
 from onepass.algorithms.base import (
+    MASTER,
     NEAREST,
     AlgorithmSpec,
     Group,
@@ -20,6 +21,7 @@ from onepass.algorithms.base import (
     bucket_rounding,
     decay_coefficient,
     elementwise_bytes,
+    math_param,
     opmath_dtype,
     reference_steps,
     scalar,
@@ -87,7 +89,7 @@ def sgd_reference(
             buf = d.clone()
         else:
             buf = s.momentum * momentum_buffer.to(opmath) + (1 - s.dampening) * d
-        momentum_buffer.copy_(buf)
+        rounding.store_state(0, momentum_buffer, buf)
         d = d + s.momentum * buf if s.nesterov else buf
     rounding.store(param, p - s.lr * d)
 
@@ -119,7 +121,7 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     ) -> None:
         # a tensor's first step with momentum starts its buffer from the gradient
         sgd_reference(
-            bucket.params[i],
+            math_param(bucket, i, slots),
             g,
             slots.get("momentum_buffer"),
             t == 1,
@@ -149,7 +151,8 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
         s.nesterov,
         s.maximize,
         s.l2_decay,
-        sr_seed(group, bucket.dtype),
+        bucket.buffers.get(MASTER),
+        sr_seed(group, bucket),
     )
 
 

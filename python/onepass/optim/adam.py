@@ -77,6 +77,8 @@ class Adam(FusedOptimizer):
         flatten: bool = False,
         max_grad_norm: float | None = None,
         stochastic_rounding: bool = False,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         if decay is None:
             decay = "decoupled" if decoupled_weight_decay else "l2"
@@ -97,6 +99,8 @@ class Adam(FusedOptimizer):
             "flatten": flatten,
             "max_grad_norm": max_grad_norm,
             "stochastic_rounding": stochastic_rounding,
+            "master_weights": master_weights,
+            "state_dtype": state_dtype,
         }
         super().__init__(params, defaults)
 
@@ -132,6 +136,8 @@ class AdamW(Adam):
         flatten: bool = False,
         max_grad_norm: float | None = None,
         stochastic_rounding: bool = False,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -150,6 +156,8 @@ class AdamW(Adam):
             flatten=flatten,
             max_grad_norm=max_grad_norm,
             stochastic_rounding=stochastic_rounding,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
         )
 
     def _decay_from_torch(self, group: Mapping[str, Any]) -> str:

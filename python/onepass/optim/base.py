@@ -15,6 +15,10 @@ from onepass.algorithms.base import DECAY_MODES, AlgorithmSpec, scalar, scalar_s
 
 #: Seeds of stochastic rounding (a param group's ``sr_seed``) are in [0, SR_SEED_MODULUS).
 SR_SEED_MODULUS = 2**31 - 1
+#: ``state_dtype`` values: None keeps the state in the params' dtype (float32 with master weights).
+STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+#: Group keys that say how state is stored; load_state_dict keeps the optimizer's own.
+STORAGE_KEYS = ("master_weights", "state_dtype")
 
 
 def _new_sr_seed() -> int:
@@ -69,6 +73,11 @@ class FusedOptimizer(Optimizer):
                 raise ValueError(
                     "onepass: stochastic_rounding=True cannot be capturable (a CUDA graph would "
                     "replay one step's random seed)"
+                )
+            if group.get("state_dtype") not in STATE_DTYPES:
+                raise ValueError(
+                    f"onepass: state_dtype={group['state_dtype']!r}; one of None, torch.float32, "
+                    "torch.bfloat16"
                 )
             for j, p in enumerate(group["params"]):
                 if p.is_complex():
@@ -125,6 +134,8 @@ class FusedOptimizer(Optimizer):
             group.setdefault("backend", self.defaults.get("backend", "auto"))
             group.setdefault("flatten", self.defaults.get("flatten", False))
             group.setdefault("stochastic_rounding", self.defaults.get("stochastic_rounding", False))
+            group.setdefault("master_weights", self.defaults.get("master_weights", False))
+            group.setdefault("state_dtype", self.defaults.get("state_dtype"))
             if group["stochastic_rounding"]:
                 group.setdefault("sr_seed", _new_sr_seed())
             if group["decay"] == "independent":
@@ -261,26 +272,36 @@ class FusedOptimizer(Optimizer):
         Everything is checked first; a refused state_dict leaves the optimizer untouched.
         """
         self._check_state_dict(state_dict)
+        # How state is stored is this optimizer's choice, not the checkpoint's: a checkpoint
+        # without master weights loads into a run with them and the reverse.
+        storage = [{key: g.get(key) for key in STORAGE_KEYS} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        self._restore_scalar_slots(state_dict)
+        for group, kept in zip(self.param_groups, storage, strict=True):
+            group.update(kept)
+        self._restore_saved_precision(state_dict)
         self._engine.invalidate()
 
-    def _restore_scalar_slots(self, state_dict: Mapping[str, Any]) -> None:
-        """torch.optim's load casts every floating state tensor to its param's dtype; per-tensor
-        scalar slots are kept in the opmath dtype (a bf16 second moment would lose precision on
-        every resume), so they are put back from the saved values, on the param's device."""
-        if not self.spec.scalar_slots:
-            return
+    def _restore_saved_precision(self, state_dict: Mapping[str, Any]) -> None:
+        """torch.optim's load casts every floating state tensor to its param's dtype, which
+        would round an fp32 master copy or fp32 moments of bf16 params (and NovoGrad's scalar
+        second moments) on every resume. The saved values are put back as saved, on the param's
+        device; the next step copies them into buffers of the group's state dtype."""
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         by_id = dict(zip(saved_ids, params, strict=True))
         for saved_id, entry in state_dict["state"].items():
             p = by_id[saved_id]
-            for key in self.spec.scalar_slots:
-                value = entry.get(key)
-                if isinstance(value, torch.Tensor) and p in self.state:
-                    dtype = scalar_slot_dtype(p.dtype)
-                    self.state[p][key] = value.detach().to(p.device, dtype).reshape(()).clone()
+            if p not in self.state:
+                continue
+            for key, value in entry.items():
+                if key == "step" or not isinstance(value, torch.Tensor):
+                    continue
+                if not value.is_floating_point() or value.dtype == p.dtype:
+                    continue
+                restored = value.detach().to(p.device).clone()
+                if key in self.spec.scalar_slots:
+                    restored = restored.to(scalar_slot_dtype(p.dtype)).reshape(())
+                self.state[p][key] = restored
 
     def _check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         groups, saved_groups = self.param_groups, state_dict.get("param_groups")
@@ -300,7 +321,9 @@ class FusedOptimizer(Optimizer):
                 )
             for j, (p, saved_id) in enumerate(zip(group["params"], saved["params"], strict=True)):
                 params[saved_id] = (f"param_groups[{g}]['params'][{j}]", p)
-        known = {*self.spec.slots, "step"}
+        # master_param: a checkpoint with master weights loads into a run without them (the
+        # params already hold the masters rounded) and the reverse (masters from the params).
+        known = {*self.spec.slots, "step", "master_param"}
         for saved_id, entry in state_dict["state"].items():
             if saved_id not in params:
                 raise ValueError(f"onepass: state_dict has state for unknown param id {saved_id}")

@@ -49,6 +49,8 @@ class Lion(FusedOptimizer):
         flatten: bool = False,
         max_grad_norm: float | None = None,
         stochastic_rounding: bool = False,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
         capturable: bool = False,
     ) -> None:
         defaults = {
@@ -61,6 +63,8 @@ class Lion(FusedOptimizer):
             "flatten": flatten,
             "max_grad_norm": max_grad_norm,
             "stochastic_rounding": stochastic_rounding,
+            "master_weights": master_weights,
+            "state_dtype": state_dtype,
             "capturable": capturable,
         }
         super().__init__(params, defaults)

@@ -57,6 +57,8 @@ class SGD(FusedOptimizer):
         flatten: bool = False,
         max_grad_norm: float | None = None,
         stochastic_rounding: bool = False,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
         capturable: bool = False,
     ) -> None:
         defaults = {
@@ -74,6 +76,8 @@ class SGD(FusedOptimizer):
             "flatten": flatten,
             "max_grad_norm": max_grad_norm,
             "stochastic_rounding": stochastic_rounding,
+            "master_weights": master_weights,
+            "state_dtype": state_dtype,
             "capturable": capturable,
         }
         super().__init__(params, defaults)
@@ -103,6 +107,8 @@ class SGDW(SGD):
         flatten: bool = False,
         max_grad_norm: float | None = None,
         stochastic_rounding: bool = False,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
         capturable: bool = False,
     ) -> None:
         super().__init__(
@@ -121,5 +127,7 @@ class SGDW(SGD):
             flatten=flatten,
             max_grad_norm=max_grad_norm,
             stochastic_rounding=stochastic_rounding,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
             capturable=capturable,
         )
