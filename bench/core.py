@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 import onepass
+from onepass.algorithms.base import state_itemsize
 
 SHAPES_DIR = Path(__file__).parent / "shapes"
 
@@ -111,6 +112,31 @@ def composed_full_step(
     return step
 
 
+class MasterWeightsComposition:
+    """What users write today for bf16 params with fp32 master weights (torch's fused AdamW
+    needs one dtype for params, grads and state): copy the bf16 grads into the fp32 masters'
+    grads, step the masters with torch.optim, copy the masters back into the bf16 params.
+    The copies are foreach copies, one launch per list."""
+
+    def __init__(
+        self, params: list[torch.Tensor], torch_cls: Callable[..., Any], **hyper: Any
+    ) -> None:
+        self.params = params
+        self.masters = [p.detach().float().requires_grad_() for p in params]
+        for m in self.masters:
+            m.grad = torch.zeros_like(m)
+        self.optimizer = torch_cls(self.masters, **hyper)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        stepped = [
+            (p, m) for p, m in zip(self.params, self.masters, strict=True) if p.grad is not None
+        ]
+        torch._foreach_copy_([m.grad for _, m in stepped], [p.grad for p, _ in stepped])
+        self.optimizer.step()
+        torch._foreach_copy_([p for p, _ in stepped], [m for _, m in stepped])
+
+
 @dataclass(frozen=True)
 class Algorithm:
     """One algorithm as both libraries spell it, with the hyperparameters of the bench."""
@@ -135,6 +161,8 @@ class Algorithm:
     steppers: tuple[Stepper, Stepper] | None = None
     #: bytes per element beyond the update pass's (the reads of a gradient norm, say)
     extra_bytes_per_element: int = 0
+    #: the params' dtype of this row whatever the run's --dtype (master weights: bfloat16)
+    dtype: torch.dtype | None = None
 
 
 # lr is small so that thousands of steps on fixed random grads stay finite.
@@ -200,6 +228,24 @@ ALGORITHMS: Mapping[str, Algorithm] = {
         {"lr": 1e-4},
         steppers=(fused_full_step, composed_full_step),
         extra_bytes_per_element=4,  # the norm's read of the grads
+    ),
+    # bf16 params with fp32 master weights and fp32 state, against the composition users
+    # write today around torch's fused AdamW (MasterWeightsComposition).
+    "adamw-master": Algorithm(
+        "AdamW bf16 params + fp32 master",
+        partial(onepass.AdamW, master_weights=True),
+        partial(MasterWeightsComposition, torch_cls=torch.optim.AdamW),
+        {"lr": 1e-4},
+        torch_modes={"fused": {"fused": True}, "foreach": {"foreach": True}},
+        dtype=torch.bfloat16,
+    ),
+    # fp32 params with bf16 moments (half the state bytes); torch keeps fp32 state.
+    "adamw-bf16-state": Algorithm(
+        "AdamW fp32 params + bf16 state",
+        partial(onepass.AdamW, state_dtype=torch.bfloat16),
+        torch.optim.AdamW,
+        {"lr": 1e-4},
+        dtype=torch.float32,
     ),
     # Muon's peer is torch.optim.Muon (no fused / foreach variants) on the matrices it steps.
     "muon": Algorithm(
@@ -294,12 +340,10 @@ def _stepping(make: Callable[[list[torch.Tensor]], Any], stepper: Stepper) -> Op
 class BytesModel:
     bytes_per_element: int  # read + written per param element per step (the spec's model)
     state_slots: int
-
-    @property
-    def arrays(self) -> int:
-        """Param-sized arrays a step touches (param, grad, state slots): the roofline probes
-        sweep a working set this large, so they meet the same caches as the step does."""
-        return 2 + self.state_slots
+    #: param-sized arrays (in the params' dtype) as large as what a step touches: param, grad,
+    #: state slots and masters, in their own dtypes. The roofline probes sweep a working set this
+    #: large, so they meet the same caches as the step does.
+    arrays: int
 
 
 def bytes_model(algorithm: Algorithm, device: torch.device, dtype: torch.dtype) -> BytesModel:
@@ -307,9 +351,13 @@ def bytes_model(algorithm: Algorithm, device: torch.device, dtype: torch.dtype) 
     opt = algorithm.onepass_cls([probe], **algorithm.hyper, backend="reference")
     group = opt.param_groups[0]
     itemsize = probe.element_size()
+    slots = len(opt.spec.active_slots(group))
+    state, master = state_itemsize(group, itemsize)
+    touched = 2 * itemsize + slots * state + master
     return BytesModel(
         opt.spec.bytes_per_element(group, itemsize) + algorithm.extra_bytes_per_element,
-        len(opt.spec.active_slots(group)),
+        slots,
+        -(-touched // itemsize),
     )
 
 
@@ -331,10 +379,11 @@ def plan_memory(
 ) -> tuple[bool, int] | None:
     """(share grads?, bytes needed), or None when the group cannot fit even with shared grads.
 
-    Each candidate owns its params and state; grads are per candidate when that fits, else one
-    set is shared (every candidate only reads them). Headroom: the roofline scratch buffer
-    (param, grad and state slots: 2 + state_slots arrays) and one param-sized temporary (torch's
-    foreach and for-loop steps allocate them).
+    Each candidate owns its params and state (``state_slots`` param-sized arrays: the slots, and
+    masters, in param-sized units); grads are per candidate when that fits, else one set is
+    shared (every candidate only reads them). Headroom: the roofline scratch buffer (param, grad
+    and state: 2 + state_slots arrays) and one param-sized temporary (torch's foreach and
+    for-loop steps allocate them).
     """
     own = n_candidates * (1 + state_slots) * tensor_bytes + (3 + state_slots) * tensor_bytes
     for share, grads in ((False, n_candidates), (True, 1)):
@@ -527,7 +576,11 @@ def _build_and_time(
     # The roofline probes sweep a working set as large as the step's (`arrays` param-sized
     # arrays: a param-sized buffer alone can sit in the last-level cache where the step's four
     # arrays do not), and run with optimizer steps between them (the order only rotates).
-    scratch = torch.empty(arrays * shapes.numel, device=device, dtype=dtype).normal_()
+    # In float32 (float64 for float64) of the same bytes: torch's bf16/fp16 scale converts every
+    # element to float and back, which on a CPU is slower than the memory it moves.
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    nbytes = arrays * shapes.numel * torch.empty(0, dtype=dtype).element_size()
+    scratch = torch.empty(nbytes // wide.itemsize, device=device, dtype=wide).normal_()
     half = scratch.numel() // 2
     steps = list(tasks.items())
     middle = (len(steps) + 1) // 2
@@ -564,6 +617,7 @@ def run_group(
 ) -> GroupResult | None:
     """Times every candidate of one (shape list, algorithm); None when it cannot run here."""
     algorithm = ALGORITHMS[algorithm_key]
+    dtype = algorithm.dtype or dtype
     model = bytes_model(algorithm, device, dtype)
     tensor_bytes = shapes.numel * torch.empty(0, dtype=dtype).element_size()
     header = (
@@ -579,16 +633,16 @@ def run_group(
         log("  skipped: no candidate runs here")
         return None
     available = available_bytes(device)
-    plan = plan_memory(len(cands), tensor_bytes, model.state_slots, available)
+    plan = plan_memory(len(cands), tensor_bytes, model.arrays - 2, available)
     for name in DROP_WHEN_SHORT:  # too big (llama on an 80 GB GPU): keep onepass vs torch fused
         if plan is not None:
             break
         if any(c.name == name for c in cands):
             cands = [c for c in cands if c.name != name]
             log(f"  {name}: not timed, too little memory for every candidate")
-            plan = plan_memory(len(cands), tensor_bytes, model.state_slots, available)
+            plan = plan_memory(len(cands), tensor_bytes, model.arrays - 2, available)
     if plan is None:
-        least = len(cands) * (1 + model.state_slots) * tensor_bytes + 3 * tensor_bytes
+        least = len(cands) * (model.arrays - 1) * tensor_bytes + 3 * tensor_bytes
         log(f"  skipped: needs ~{least / 1e9:.0f} GB, {(available or 0) / 1e9:.1f} GB free")
         return None
     share_grads, need = plan

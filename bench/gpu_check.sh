@@ -15,7 +15,7 @@
 # Copy the tables into
 # bench/GPU_RESULTS.md with the card and date.
 #
-# For a short re-check: GPU_CHECK_PHASES (default "special reference main muon clip bf16 family") picks
+# For a short re-check: GPU_CHECK_PHASES (default "special reference main muon clip bf16 lowp family") picks
 # phases, GPU_CHECK_SWEEP ("ILP THREADS CHUNK_LOG2 STREAMING;...") the sweep's variants, and
 # GPU_CHECK_BUDGET (default 3) the main bench's seconds per group.
 set -uo pipefail
@@ -67,7 +67,7 @@ fi
 python3 -c "import onepass; from onepass._engine import cuda_kernels_built; print('cuda kernels:', cuda_kernels_built())" | tee -a "$out/env.txt"
 
 # One pytest process per phase, so that a crashed context (an illegal address) ends only its own.
-phases=" ${GPU_CHECK_PHASES:-special reference main muon clip bf16 family} "
+phases=" ${GPU_CHECK_PHASES:-special reference main muon clip bf16 lowp family} "
 tests() {  # tests NAME TIME_LIMIT PYTEST_ARGS...
   [[ "$phases" == *" $1 "* ]] || return 0
   local name=$1 seconds
@@ -125,6 +125,10 @@ bench clip 40 --algorithms adamw-clip --shapes gpt2-small one-big many-small --b
 # bf16 params, grads and state (AdamW; torch fused steps bf16 too).
 bench bf16 40 --dtype bfloat16 --algorithms adamw --shapes gpt2-small one-big --budget 2 \
   --rounds 10
+# Low-precision storage: bf16 params + fp32 masters vs the copy / torch fused / copy-back
+# composition; fp32 params with bf16 state vs torch fused (fp32 state).
+bench lowp 40 --algorithms adamw-master adamw-bf16-state --shapes gpt2-small one-big many-small \
+  --budget 2 --rounds 10
 # The weight-decay family. Their peers (lion-pytorch, pytorch-optimizer) are pure-Python wheels the
 # GPU machine lacks: carry them (see the device notes) or the rows compare with torch fused.
 bench family 60 --algorithms lion novograd fadam --shapes gpt2-small many-small one-big \

@@ -51,13 +51,14 @@ def state_itemsize(group: Group, itemsize: int) -> tuple[int, int]:
 def elementwise_bytes(
     active_slots: Callable[[Group], tuple[str, ...]],
 ) -> Callable[[Group, int], int]:
-    """The bytes model of an elementwise update: read param, grad and every slot (and the master,
-    with master weights); write param and every slot (and the master)."""
+    """The bytes model of an elementwise update: read param, grad and every slot; write param and
+    every slot. With master weights the master is read and written and the param only written."""
 
     def bytes_per_element(group: Group, itemsize: int) -> int:
         slots = len(active_slots(group))
         state, master = state_itemsize(group, itemsize)
-        return itemsize * 3 + state * 2 * slots + master * 2
+        param = itemsize if master else 2 * itemsize
+        return param + itemsize + state * 2 * slots + master * 2
 
     return bytes_per_element
 
