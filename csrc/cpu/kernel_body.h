@@ -6,31 +6,10 @@
 #include <type_traits>
 
 #include "cpu_kernels.h"
+#include "onepass/streams.h"
 
 namespace onepass {
 inline namespace ONEPASS_CAPABILITY {
-
-// The streams of one chunk, each at the chunk's first element: the param (and its fp32 master
-// with master weights), the gradient and the state slots, in the layout's storage types.
-template <class T, int kSlots>
-struct Streams {
-  typename T::P* param;
-  float* master;  // null unless T::kMaster
-  const typename T::G* grad;
-  typename T::S* state[kSlots > 0 ? kSlots : 1];
-};
-
-template <class T, int kSlots>
-ONEPASS_INLINE Streams<T, kSlots> chunk_streams(const Segment& seg, const Chunk& chunk,
-                                                float* master, void* const* slots) {
-  const int64_t at = seg.state_offset + chunk.begin;
-  Streams<T, kSlots> io{static_cast<typename T::P*>(seg.param) + chunk.begin,
-                        T::kMaster ? master + at : nullptr,
-                        static_cast<const typename T::G*>(seg.grad) + chunk.begin,
-                        {}};
-  for (int k = 0; k < kSlots; ++k) io.state[k] = static_cast<typename T::S*>(slots[k]) + at;
-  return io;
-}
 
 // Stores one vector as X: lane by lane when it rounds stochastically (an option, not the norm).
 template <class X, class VT>

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "cuda_kernels.h"
+#include "onepass/streams.h"
 
 namespace onepass::cuda {
 
@@ -78,33 +79,6 @@ __device__ __forceinline__ void store_pack(X* base, int64_t i, const Pack<X, kN>
 #else
   reinterpret_cast<Pack<X, kN>*>(base)[i] = value;
 #endif
-}
-
-// The streams of one chunk, each at the chunk's first element: the param (and its fp32 master
-// with master weights), the gradient and the state slots, in the layout's storage types (T is a
-// LayoutTypes of onepass/dtypes.h). The same as the CPU's (csrc/cpu/kernel_body.h).
-template <class T, int kSlots>
-struct Streams {
-  typename T::P* param;
-  float* master;  // null unless T::kMaster
-  const typename T::G* grad;
-  typename T::S* state[kSlots > 0 ? kSlots : 1];
-};
-
-// `master` is the launch's flat master buffer (ignored unless T::kMaster); slots[k] the flat
-// buffer of state slot k. The master and the state are indexed by the segment's state offset.
-template <class T, int kSlots>
-__device__ __forceinline__ Streams<T, kSlots> chunk_streams(const Segment& seg,
-                                                           const Chunk& chunk, float* master,
-                                                           void* const* slots) {
-  const int64_t at = seg.state_offset + chunk.begin;
-  Streams<T, kSlots> io{static_cast<typename T::P*>(seg.param) + chunk.begin,
-                        T::kMaster ? master + at : nullptr,
-                        static_cast<const typename T::G*>(seg.grad) + chunk.begin,
-                        {}};
-#pragma unroll
-  for (int k = 0; k < kSlots; ++k) io.state[k] = static_cast<typename T::S*>(slots[k]) + at;
-  return io;
 }
 
 // Elements per vector step of a layout: as many as its widest stream moves in 16 bytes, every
