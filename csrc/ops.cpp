@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
@@ -470,6 +471,27 @@ Fn eager_kernel(Fn onepass::glue::EagerOps::*member, const at::Tensor& on) {
   return fn;
 }
 
+// Whether params[i].grad is the tensor whose TensorImpl address is impls[i], for every i: the
+// check of flatten=True that every grad is still its view of the flat grad buffer. In Python it
+// costs ~0.3 us a param (1.3 ms for 4,000 params after a step has flushed the caches); here the
+// loop's independent pointer chains overlap their cache misses.
+bool grads_are(const pybind11::list& params, const at::Tensor& impls) {
+  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+  TORCH_CHECK(impls.device().is_cpu() && impls.scalar_type() == at::kLong &&
+                  impls.numel() == n && impls.is_contiguous(),
+              "onepass: grads_are needs one int64 CPU entry per param");
+  const int64_t* want = impls.data_ptr<int64_t>();
+  bool same = true;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyList_GET_ITEM(params.ptr(), i);
+    if (!THPVariable_Check(obj)) return false;
+    const at::Tensor& grad = THPVariable_Unpack(obj).grad();
+    // No early exit: a branch per param would serialise the misses the loop overlaps.
+    same &= grad.defined() && reinterpret_cast<int64_t>(grad.unsafeGetTensorImpl()) == want[i];
+  }
+  return same;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -477,6 +499,7 @@ PYBIND11_MODULE(_C, m) {
   using onepass::glue::EagerGrads;
   using Opt = std::optional<at::Tensor>;
   m.doc() = "onepass native operators (torch.ops.onepass) and their eager entry points";
+  m.def("grads_are", &grads_are, "whether every params[i].grad is the TensorImpl at impls[i]");
   m.def(
       "adam_",
       [](const std::vector<at::Tensor>& params, const EagerGrads& grads, at::Tensor exp_avg,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import onepass
+from onepass import _ops
 
 from helpers import assert_verbose_allclose
 
@@ -107,3 +108,23 @@ def test_flatten_state_dict_loads_into_torch() -> None:
     _train(twin, ref, 4)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert_verbose_allclose(p, q, 1.3e-6, 1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_grads_are_tells_views_from_replaced_grads(native: bool, monkeypatch) -> None:
+    """The identity check of the flat path (native where built, Python otherwise): every grad
+    is its view; a replaced or a missing grad is not."""
+    if not native:
+        monkeypatch.setattr(_ops, "NATIVE_ERROR", "forced off")
+    elif _ops.NATIVE_ERROR is not None:
+        pytest.skip("onepass._C is not built")
+    params = [torch.zeros(n, requires_grad=True) for n in (3, 5, 7)]
+    views = [torch.zeros(n) for n in (3, 5, 7)]
+    for p, v in zip(params, views, strict=True):
+        p.grad = v
+    impls = torch.tensor([v._cdata for v in views], dtype=torch.int64)
+    assert _ops.grads_are(params, impls)
+    params[1].grad = views[1].clone()
+    assert not _ops.grads_are(params, impls)
+    params[1].grad = None
+    assert not _ops.grads_are(params, impls)

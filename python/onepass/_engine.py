@@ -247,6 +247,9 @@ class Bucket:
                 grad_view.copy_(p.grad)
             p.grad = grad_view
             self.grad_views.append(grad_view)
+        # The views' TensorImpl addresses, for the native identity check of flat_step (the
+        # views are kept alive in grad_views, so no other tensor can take an address).
+        self.grad_impls = torch.tensor([v._cdata for v in self.grad_views], dtype=torch.int64)
         self.flat_view = FlatBucket(self)
 
     def flat_step(self) -> FlatBucket | None:
@@ -256,7 +259,7 @@ class Bucket:
             # Per-tensor reductions need per-tensor segments: one flat segment would reduce the
             # whole bucket into one norm.
             return None
-        if not all(map(operator.is_, map(_grad_of, self.params), self.grad_views)):
+        if not _ops.grads_are(self.params, self.grad_impls):
             return None
         return self.flat_view
 

@@ -58,6 +58,15 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor | 
     return total.sqrt().to(out)
 
 
+def grads_are(params: list[torch.Tensor], impls: torch.Tensor) -> bool:
+    """Whether every ``params[i].grad`` is the tensor whose TensorImpl address (``t._cdata``) is
+    ``impls[i]``: natively where built (4,000 params in ~0.1 ms instead of ~1.3 ms)."""
+    if NATIVE_ERROR is None and not torch.compiler.is_compiling():
+        return bool(_C.grads_are(params, impls))
+    grads = [p.grad for p in params]
+    return all(g is not None and g._cdata == i for g, i in zip(grads, impls.tolist(), strict=True))
+
+
 def set_cpu_capability(name: str) -> None:
     """Forces one build of the CPU kernels (tests use it to check every build on one machine)."""
     torch.ops.onepass.set_cpu_capability(name)
