@@ -1,8 +1,9 @@
 """The engine: buckets, flat state buffers, per-tensor tables and backend dispatch.
 
 A bucket is (param group, device, param dtype): one native call per bucket per step, whatever the
-number of tensors. Each bucket owns one flat buffer per state slot and one float32 step counter per
-tensor; ``optimizer.state[p][slot]`` is a view into the flat buffer (under torch.optim's slot
+number of tensors. Each bucket owns one flat buffer per state slot (in the group's state dtype; with
+master weights, one more: the fp32 ``master_param`` of its 16-bit params) and one float32 step
+counter per tensor; ``optimizer.state[p][slot]`` is a view into the flat buffer (under torch.optim's slot
 names, so state_dicts interchange). Buckets are built lazily at the first step and rebuilt only when
 the set of params or slots changes (a frozen param gets a grad, amsgrad is switched on, a state_dict
 is loaded, ``optimizer.state`` is written from outside); rebuilding copies the existing state into
@@ -14,7 +15,6 @@ when an address changes.
 from __future__ import annotations
 
 import functools
-import operator
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -293,9 +293,6 @@ class Bucket:
             else buf[start : start + p.numel()].view(p.shape)
             for name, buf in self.buffers.items()
         }
-
-
-_grad_of = operator.attrgetter("grad")
 
 
 class FlatBucket:
