@@ -292,21 +292,34 @@ void novograd_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Ten
   launch.sr_seed = sr_seed;
   launch.hyper = NovoGradHyper{lr_value, beta1, beta2, eps, weight_decay, amp.grad_scale,
                                grad_averaging};
-  // Pass 1: per-chunk sums of squares, in parallel.
-  const auto reduce = cpu::kernels().novograd_reduce;
-  run_chunks(t, [&](int64_t b, int64_t e) { reduce(launch, b, e); });
-  // Per tensor, in chunk order: deterministic whatever the thread split.
+  // Every tensor one chunk (many small tensors): both passes chunk by chunk, the second while
+  // the grad is still in cache. The same bits as the two passes below.
+  const bool fused = t.chunks.size() == t.segments.size();
   std::vector<double> sums(t.segments.size(), 0.0);
-  for (size_t c = 0; c < t.chunks.size(); ++c) sums[t.chunks[c].segment] += partial_sums[c];
+  if (fused) {
+    launch.exp_avg_sq = exp_avg_sq.data_ptr();
+    launch.max_exp_avg_sq = amsgrad ? max_exp_avg_sq->data_ptr() : nullptr;
+    launch.amsgrad = amsgrad;
+    const auto kernel = cpu::kernels().novograd_fused;
+    run_chunks(t, [&](int64_t b, int64_t e) { kernel(launch, b, e); });
+  } else {
+    // Pass 1: per-chunk sums of squares, in parallel; per tensor in chunk order (deterministic
+    // whatever the thread split).
+    const auto reduce = cpu::kernels().novograd_reduce;
+    run_chunks(t, [&](int64_t b, int64_t e) { reduce(launch, b, e); });
+    for (size_t c = 0; c < t.chunks.size(); ++c) sums[t.chunks[c].segment] += partial_sums[c];
+  }
   std::vector<int64_t> segment_of(n, -1);
   for (size_t k = 0; k < t.segments.size(); ++k) segment_of[t.segments[k].index] = int64_t(k);
-  // The scalar step of every tensor with a grad, zero-size ones included (their v decays).
+  // The scalar step of every tensor with a grad, zero-size ones included (their v decays);
+  // the fused kernel has stepped the others.
   const float* steps = step.data_ptr<float>();
   const auto scalar_step = [&]<class V>() {
     V* v = exp_avg_sq.data_ptr<V>();
     V* v_max = amsgrad ? max_exp_avg_sq->data_ptr<V>() : nullptr;
     for (const int64_t i : t.stepped) {
       const int64_t k = segment_of[i];
+      if (fused && k >= 0) continue;
       const double denom = novograd_second_moment<V>(
           k >= 0 ? sums[k] : 0.0, double(steps[i]) + 1.0, launch.hyper, amsgrad, v[i],
           amsgrad ? v_max + i : nullptr);
@@ -318,9 +331,10 @@ void novograd_cpu(at::TensorList params, const Grads& grads, Tensor exp_avg, Ten
   } else {
     scalar_step.template operator()<float>();
   }
-  // Pass 2: the elementwise update.
-  const auto kernel = cpu::kernels().novograd;
-  run_chunks(t, [&](int64_t b, int64_t e) { kernel(launch, b, e); });
+  if (!fused) {  // Pass 2: the elementwise update.
+    const auto kernel = cpu::kernels().novograd;
+    run_chunks(t, [&](int64_t b, int64_t e) { kernel(launch, b, e); });
+  }
   finish(t, step);
 }
 

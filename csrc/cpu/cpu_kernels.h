@@ -73,6 +73,11 @@ struct NovoGradLaunch {
   const double* denoms;  // one per segment: sqrt(v) + eps (update pass input)
   NovoGradHyper hyper;
   int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 stores (StoreRounding)
+  // novograd_fused only: the per-tensor second moments (float, double for double params),
+  // indexed by Segment::index, and whether amsgrad keeps their running max.
+  void* exp_avg_sq = nullptr;
+  void* max_exp_avg_sq = nullptr;
+  bool amsgrad = false;
 };
 
 // FAdam runs three passes over the same table: fadam_reduce writes each chunk's sum of raw g^2;
@@ -107,6 +112,9 @@ struct KernelSet {
   void (*muon_momentum)(const MuonLaunch&, int64_t begin, int64_t end);
   void (*novograd_reduce)(const NovoGradLaunch&, int64_t begin, int64_t end);
   void (*novograd)(const NovoGradLaunch&, int64_t begin, int64_t end);
+  // Both passes chunk by chunk, for launches where every tensor is one chunk: the tensor's
+  // grad is still in cache when the update reads it again (many small tensors).
+  void (*novograd_fused)(const NovoGradLaunch&, int64_t begin, int64_t end);
   void (*fadam_reduce)(const FAdamLaunch&, int64_t begin, int64_t end);
   void (*fadam_norms)(const FAdamLaunch&, int64_t begin, int64_t end);
   void (*fadam)(const FAdamLaunch&, int64_t begin, int64_t end);

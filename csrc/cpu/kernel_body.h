@@ -261,61 +261,91 @@ void muon_momentum_typed(const cpu::MuonLaunch& L, int64_t begin, int64_t end) {
              : muon_momentum_chunks<T, false>(L, begin, end);
 }
 
-// Sum of squares of each chunk's gradient (G its storage), in double whatever the storage:
+// Sum of squares of n gradient elements (G their storage), in double whatever the storage:
 // kLanes independent accumulators in a fixed order, combined by a fixed tree (every build gives
 // the same bits: no reassociation). 16 lanes: the compiler keeps them in 4 AVX2 / 2 AVX-512
 // registers, enough independent add chains to read at memory speed (4 lanes were one dependent
 // chain).
 template <class G>
-void novograd_reduce_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
+ONEPASS_INLINE double sum_of_squares(const G* g, int64_t n) {
   constexpr int kLanes = 16;
+  double acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const double x = static_cast<double>(to_opmath(g[i + k]));
+      acc[k] += x * x;
+    }
+  }
+  for (; i < n; ++i) {
+    const double x = static_cast<double>(to_opmath(g[i]));
+    acc[0] += x * x;
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
+  }
+  return acc[0];
+}
+
+// NovoGrad pass 1: each chunk's sum of squares.
+template <class G>
+void novograd_reduce_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
     const G* g = static_cast<const G*>(L.segments[chunk.segment].grad) + chunk.begin;
-    const int64_t n = chunk.end - chunk.begin;
-    double acc[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int k = 0; k < kLanes; ++k) {
-        const double x = static_cast<double>(to_opmath(g[i + k]));
-        acc[k] += x * x;
-      }
-    }
-    for (; i < n; ++i) {
-      const double x = static_cast<double>(to_opmath(g[i]));
-      acc[0] += x * x;
-    }
-    for (int width = kLanes / 2; width > 0; width /= 2) {
-      for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
-    }
-    L.partial_sums[c] = acc[0];
+    L.partial_sums[c] = sum_of_squares(g, chunk.end - chunk.begin);
   }
 }
 
+// NovoGrad's update of one chunk, with its tensor's denominator sqrt(v) + eps.
 template <class T>
-void novograd_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
+ONEPASS_INLINE void novograd_chunk(const cpu::NovoGradLaunch& L, const Chunk& chunk,
+                                   double denom) {
   using M = typename T::MathParam;
   using VT = typename VecFor<M>::type;
+  const Segment& seg = L.segments[chunk.segment];
   void* const slots[1] = {L.exp_avg};
+  const BothConsts<NovoGradConsts, M> consts{NovoGradConsts<VT>::make(L.hyper, denom),
+                                             NovoGradConsts<typename T::O>::make(L.hyper, denom)};
+  const Streams<T, 1> io = chunk_streams<T, 1>(seg, chunk, L.master, slots);
+  const int64_t n = chunk.end - chunk.begin;
+  auto step = [&]<bool kFirst>() {
+    for_each_element<T, 1>(
+        io, n,
+        [&](auto& p, auto g, auto* s) {
+          using R = std::remove_reference_t<decltype(p)>;
+          novograd_update<kFirst>(p, g, s[0], consts.template get<R>());
+        },
+        StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
+  };
+  seg.step == 1.0 ? step.template operator()<true>() : step.template operator()<false>();
+}
+
+// NovoGrad pass 2: the elementwise update with each tensor's denominator.
+template <class T>
+void novograd_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
+  for (int64_t c = begin; c < end; ++c) {
+    novograd_chunk<T>(L, L.chunks[c], L.denoms[L.chunks[c].segment]);
+  }
+}
+
+// Both passes per chunk when every tensor is one chunk: the sum of squares (the same bits as
+// pass 1: the tensor's sum is its one chunk's), the tensor's second moment, then the update
+// while the grad is still in cache.
+template <class T>
+void novograd_fused_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
+  using V = std::conditional_t<std::is_same_v<typename T::P, double>, double, float>;
+  V* const v = static_cast<V*>(L.exp_avg_sq);
+  V* const v_max = static_cast<V*>(L.max_exp_avg_sq);
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
     const Segment& seg = L.segments[chunk.segment];
-    const double denom = L.denoms[chunk.segment];
-    const BothConsts<NovoGradConsts, M> consts{
-        NovoGradConsts<VT>::make(L.hyper, denom),
-        NovoGradConsts<typename T::O>::make(L.hyper, denom)};
-    const Streams<T, 1> io = chunk_streams<T, 1>(seg, chunk, L.master, slots);
-    const int64_t n = chunk.end - chunk.begin;
-    auto step = [&]<bool kFirst>() {
-      for_each_element<T, 1>(
-          io, n,
-          [&](auto& p, auto g, auto* s) {
-            using R = std::remove_reference_t<decltype(p)>;
-            novograd_update<kFirst>(p, g, s[0], consts.template get<R>());
-          },
-          StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
-    };
-    seg.step == 1.0 ? step.template operator()<true>() : step.template operator()<false>();
+    const double sum = sum_of_squares(static_cast<const typename T::G*>(seg.grad) + chunk.begin,
+                                      chunk.end - chunk.begin);
+    const double denom = novograd_second_moment<V>(sum, seg.step, L.hyper, L.amsgrad,
+                                                   v[seg.index],
+                                                   L.amsgrad ? v_max + seg.index : nullptr);
+    novograd_chunk<T>(L, chunk, denom);
   }
 }
 
@@ -448,6 +478,10 @@ inline void novograd_reduce_entry(const cpu::NovoGradLaunch& L, int64_t begin, i
 
 inline void novograd_entry(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
   dispatch_layout(L.layout, [&]<class T>() { novograd_typed<T>(L, begin, end); });
+}
+
+inline void novograd_fused_entry(const cpu::NovoGradLaunch& L, int64_t begin, int64_t end) {
+  dispatch_layout(L.layout, [&]<class T>() { novograd_fused_typed<T>(L, begin, end); });
 }
 
 inline void fadam_reduce_entry(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {

@@ -18,6 +18,7 @@ const KernelSet kKernels{"avx2", &onepass::cap_avx2::adam_entry, &onepass::cap_a
                            &onepass::cap_avx2::muon_momentum_entry,
                            &onepass::cap_avx2::novograd_reduce_entry,
                            &onepass::cap_avx2::novograd_entry,
+                           &onepass::cap_avx2::novograd_fused_entry,
                            &onepass::cap_avx2::fadam_reduce_entry,
                            &onepass::cap_avx2::fadam_norms_entry,
                            &onepass::cap_avx2::fadam_entry};

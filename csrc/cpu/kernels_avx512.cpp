@@ -20,6 +20,7 @@ const KernelSet kKernels{"avx512", &onepass::cap_avx512::adam_entry, &onepass::c
                            &onepass::cap_avx512::muon_momentum_entry,
                            &onepass::cap_avx512::novograd_reduce_entry,
                            &onepass::cap_avx512::novograd_entry,
+                           &onepass::cap_avx512::novograd_fused_entry,
                            &onepass::cap_avx512::fadam_reduce_entry,
                            &onepass::cap_avx512::fadam_norms_entry,
                            &onepass::cap_avx512::fadam_entry};

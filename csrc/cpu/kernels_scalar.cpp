@@ -10,6 +10,7 @@ const KernelSet kKernels{"scalar", &onepass::cap_scalar::adam_entry, &onepass::c
                            &onepass::cap_scalar::muon_momentum_entry,
                            &onepass::cap_scalar::novograd_reduce_entry,
                            &onepass::cap_scalar::novograd_entry,
+                           &onepass::cap_scalar::novograd_fused_entry,
                            &onepass::cap_scalar::fadam_reduce_entry,
                            &onepass::cap_scalar::fadam_norms_entry,
                            &onepass::cap_scalar::fadam_entry};
