@@ -376,6 +376,14 @@ void fadam_cpu(at::TensorList params, const Grads& grads, Tensor fim, Tensor mom
       second[t.chunks[c].segment] += partial_sums[2 * c + 1];
     }
   };
+  if (t.chunks.size() == t.segments.size()) {
+    // Every tensor one chunk (many small tensors): the three passes chunk by chunk, the same
+    // bits, each tensor's data in cache from the first read to the last write.
+    const auto fused = cpu::kernels().fadam_fused;
+    run_chunks(t, [&](int64_t b, int64_t e) { fused(launch, b, e); });
+    finish(t, step);
+    return;
+  }
   std::vector<double> sums_a, sums_b;
   // Pass 1: sums of g^2, then eps_t per tensor.
   const auto reduce = cpu::kernels().fadam_reduce;

@@ -98,7 +98,7 @@ struct FAdamLaunch {
   void* fim;
   void* momentum;
   double* partial_sums;          // 2 per chunk: [sum g^2, unused] (reduce) / [gn^2, wn^2] (norms)
-  const FAdamSegment* scalars;   // one per segment
+  FAdamSegment* scalars;         // one per segment (written by fadam_fused)
   FAdamHyper hyper;
   int64_t sr_seed = -1;  // >= 0: stochastic rounding of bf16 stores (StoreRounding)
 };
@@ -118,6 +118,7 @@ struct KernelSet {
   void (*fadam_reduce)(const FAdamLaunch&, int64_t begin, int64_t end);
   void (*fadam_norms)(const FAdamLaunch&, int64_t begin, int64_t end);
   void (*fadam)(const FAdamLaunch&, int64_t begin, int64_t end);
+  void (*fadam_fused)(const FAdamLaunch&, int64_t begin, int64_t end);  // every tensor one chunk
 };
 
 // Chosen once at first use: the widest set this CPU runs, or ONEPASS_CPU_CAPABILITY

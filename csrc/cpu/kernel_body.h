@@ -349,29 +349,30 @@ void novograd_fused_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t e
   }
 }
 
-// FAdam: plain element loops in opmath (the compiler vectorizes what it can), one double
-// accumulator per quantity per chunk, in element order.
+// FAdam: the reductions are plain element loops in opmath (the compiler vectorizes what it
+// can), one double accumulator per quantity per chunk, in element order. Each pass is a function
+// of one chunk, so the fused path can run all three on a chunk back to back.
+
+// Pass 1 of chunk c: its sum of raw g^2.
 template <class G>
-void fadam_reduce_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
-  for (int64_t c = begin; c < end; ++c) {
-    const Chunk& chunk = L.chunks[c];
-    const G* g = static_cast<const G*>(L.segments[chunk.segment].grad) + chunk.begin;
-    const int64_t n = chunk.end - chunk.begin;
-    double acc[4] = {0.0, 0.0, 0.0, 0.0};
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-      for (int k = 0; k < 4; ++k) {
-        const double x = static_cast<double>(to_opmath(g[i + k]));
-        acc[k] += x * x;
-      }
+ONEPASS_INLINE void fadam_reduce_chunk(const cpu::FAdamLaunch& L, int64_t c) {
+  const Chunk& chunk = L.chunks[c];
+  const G* g = static_cast<const G*>(L.segments[chunk.segment].grad) + chunk.begin;
+  const int64_t n = chunk.end - chunk.begin;
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int k = 0; k < 4; ++k) {
+      const double x = static_cast<double>(to_opmath(g[i + k]));
+      acc[k] += x * x;
     }
-    for (; i < n; ++i) {
-      const double x = static_cast<double>(to_opmath(g[i]));
-      acc[0] += x * x;
-    }
-    L.partial_sums[2 * c] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    L.partial_sums[2 * c + 1] = 0.0;
   }
+  for (; i < n; ++i) {
+    const double x = static_cast<double>(to_opmath(g[i]));
+    acc[0] += x * x;
+  }
+  L.partial_sums[2 * c] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  L.partial_sums[2 * c + 1] = 0.0;
 }
 
 template <class O>
@@ -381,47 +382,78 @@ FAdamConsts<O> fadam_consts(const cpu::FAdamLaunch& L, int64_t segment) {
                               k.wn_divisor);
 }
 
+// Pass 2 of chunk c: its sums of gn^2 and wn^2 with the tensor's new den (F read, not written).
 template <class T>
-void fadam_norms_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+ONEPASS_INLINE void fadam_norms_chunk(const cpu::FAdamLaunch& L, int64_t c) {
   using O = typename T::O;
   void* const slots[1] = {L.fim};
-  for (int64_t c = begin; c < end; ++c) {
-    const Chunk& chunk = L.chunks[c];
-    const Segment& seg = L.segments[chunk.segment];
-    const FAdamConsts<O> consts = fadam_consts<O>(L, chunk.segment);
-    const Streams<T, 1> io = chunk_streams<T, 1>(seg, chunk, L.master, slots);
-    const int64_t n = chunk.end - chunk.begin;
-    double gn_sq = 0.0, wn_sq = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      O gn, wn;
-      const O p = T::kMaster ? O(io.master[i]) : to_opmath(io.param[i]);
-      fadam_norms<O>(p, to_opmath(io.grad[i]), to_opmath(io.state[0][i]), consts, gn, wn);
-      gn_sq += double(gn) * double(gn);
-      wn_sq += double(wn) * double(wn);
-    }
-    L.partial_sums[2 * c] = gn_sq;
-    L.partial_sums[2 * c + 1] = wn_sq;
+  const Chunk& chunk = L.chunks[c];
+  const Segment& seg = L.segments[chunk.segment];
+  const FAdamConsts<O> consts = fadam_consts<O>(L, chunk.segment);
+  const Streams<T, 1> io = chunk_streams<T, 1>(seg, chunk, L.master, slots);
+  const int64_t n = chunk.end - chunk.begin;
+  double gn_sq = 0.0, wn_sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    O gn, wn;
+    const O p = T::kMaster ? O(io.master[i]) : to_opmath(io.param[i]);
+    fadam_norms<O>(p, to_opmath(io.grad[i]), to_opmath(io.state[0][i]), consts, gn, wn);
+    gn_sq += double(gn) * double(gn);
+    wn_sq += double(wn) * double(wn);
   }
+  L.partial_sums[2 * c] = gn_sq;
+  L.partial_sums[2 * c + 1] = wn_sq;
 }
 
-// Pass 3, vectorised (the update's math is elementwise; F^p is a SIMD sqrt for the paper's p=0.5).
+// Pass 3 of chunk c, vectorised (the update's math is elementwise; F^p is a SIMD sqrt for the
+// paper's p=0.5): F, momentum and the param.
 template <class T>
-void fadam_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+ONEPASS_INLINE void fadam_chunk(const cpu::FAdamLaunch& L, int64_t c) {
   using M = typename T::MathParam;
   using VT = typename VecFor<M>::type;
   void* const slots[2] = {L.fim, L.momentum};
+  const Chunk& chunk = L.chunks[c];
+  const Segment& seg = L.segments[chunk.segment];
+  const BothConsts<FAdamConsts, M> consts{fadam_consts<VT>(L, chunk.segment),
+                                          fadam_consts<typename T::O>(L, chunk.segment)};
+  for_each_element<T, 2>(
+      chunk_streams<T, 2>(seg, chunk, L.master, slots), chunk.end - chunk.begin,
+      [&](auto& p, auto g, auto* s) {
+        using R = std::remove_reference_t<decltype(p)>;
+        fadam_update<R>(p, g, s[0], s[1], consts.template get<R>());
+      },
+      StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
+}
+
+template <class G>
+void fadam_reduce_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+  for (int64_t c = begin; c < end; ++c) fadam_reduce_chunk<G>(L, c);
+}
+
+template <class T>
+void fadam_norms_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+  for (int64_t c = begin; c < end; ++c) fadam_norms_chunk<T>(L, c);
+}
+
+template <class T>
+void fadam_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+  for (int64_t c = begin; c < end; ++c) fadam_chunk<T>(L, c);
+}
+
+// All three passes per chunk when every tensor is one chunk, with the tensor's scalars between
+// them as the glue computes them for the three-pass path (the same bits): the tensor's data stays
+// in cache from the first read to the last write.
+template <class T>
+void fadam_fused_typed(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
   for (int64_t c = begin; c < end; ++c) {
     const Chunk& chunk = L.chunks[c];
-    const Segment& seg = L.segments[chunk.segment];
-    const BothConsts<FAdamConsts, M> consts{fadam_consts<VT>(L, chunk.segment),
-                                            fadam_consts<typename T::O>(L, chunk.segment)};
-    for_each_element<T, 2>(
-        chunk_streams<T, 2>(seg, chunk, L.master, slots), chunk.end - chunk.begin,
-        [&](auto& p, auto g, auto* s) {
-          using R = std::remove_reference_t<decltype(p)>;
-          fadam_update<R>(p, g, s[0], s[1], consts.template get<R>());
-        },
-        StoreRounding{seg.state_offset + chunk.begin, L.sr_seed});
+    const int64_t numel = L.segments[chunk.segment].numel;
+    cpu::FAdamSegment& k = L.scalars[chunk.segment];
+    fadam_reduce_chunk<typename T::G>(L, c);
+    k.eps_t = fadam_eps_t(L.partial_sums[2 * c], numel, L.hyper);
+    fadam_norms_chunk<T>(L, c);
+    k.gn_divisor = fadam_clip_divisor(L.partial_sums[2 * c], numel, L.hyper.clip);
+    k.wn_divisor = fadam_clip_divisor(L.partial_sums[2 * c + 1], numel, L.hyper.clip);
+    fadam_chunk<T>(L, c);
   }
 }
 
@@ -494,6 +526,10 @@ inline void fadam_norms_entry(const cpu::FAdamLaunch& L, int64_t begin, int64_t 
 
 inline void fadam_entry(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
   dispatch_layout(L.layout, [&]<class T>() { fadam_typed<T>(L, begin, end); });
+}
+
+inline void fadam_fused_entry(const cpu::FAdamLaunch& L, int64_t begin, int64_t end) {
+  dispatch_layout(L.layout, [&]<class T>() { fadam_fused_typed<T>(L, begin, end); });
 }
 
 }  // namespace ONEPASS_CAPABILITY

@@ -21,7 +21,8 @@ const KernelSet kKernels{"avx2", &onepass::cap_avx2::adam_entry, &onepass::cap_a
                            &onepass::cap_avx2::novograd_fused_entry,
                            &onepass::cap_avx2::fadam_reduce_entry,
                            &onepass::cap_avx2::fadam_norms_entry,
-                           &onepass::cap_avx2::fadam_entry};
+                           &onepass::cap_avx2::fadam_entry,
+                           &onepass::cap_avx2::fadam_fused_entry};
 }
 #else
 #include "cpu_kernels.h"

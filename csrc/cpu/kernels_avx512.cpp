@@ -23,7 +23,8 @@ const KernelSet kKernels{"avx512", &onepass::cap_avx512::adam_entry, &onepass::c
                            &onepass::cap_avx512::novograd_fused_entry,
                            &onepass::cap_avx512::fadam_reduce_entry,
                            &onepass::cap_avx512::fadam_norms_entry,
-                           &onepass::cap_avx512::fadam_entry};
+                           &onepass::cap_avx512::fadam_entry,
+                           &onepass::cap_avx512::fadam_fused_entry};
 }
 #else
 #include "cpu_kernels.h"

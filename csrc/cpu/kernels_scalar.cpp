@@ -13,5 +13,6 @@ const KernelSet kKernels{"scalar", &onepass::cap_scalar::adam_entry, &onepass::c
                            &onepass::cap_scalar::novograd_fused_entry,
                            &onepass::cap_scalar::fadam_reduce_entry,
                            &onepass::cap_scalar::fadam_norms_entry,
-                           &onepass::cap_scalar::fadam_entry};
+                           &onepass::cap_scalar::fadam_entry,
+                           &onepass::cap_scalar::fadam_fused_entry};
 }
