@@ -123,15 +123,18 @@ class MasterWeightsComposition:
     ) -> None:
         self.params = params
         self.masters = [p.detach().float().requires_grad_() for p in params]
-        for m in self.masters:
-            m.grad = torch.zeros_like(m)
         self.optimizer = torch_cls(self.masters, **hyper)
 
     @torch.no_grad()
     def step(self) -> None:
-        stepped = [
-            (p, m) for p, m in zip(self.params, self.masters, strict=True) if p.grad is not None
-        ]
+        stepped = []
+        for p, m in zip(self.params, self.masters, strict=True):
+            if p.grad is None:
+                m.grad = None  # torch.optim skips the master, as the param has no grad
+                continue
+            if m.grad is None:
+                m.grad = torch.empty_like(m)
+            stepped.append((p, m))
         torch._foreach_copy_([m.grad for _, m in stepped], [p.grad for p, _ in stepped])
         self.optimizer.step()
         torch._foreach_copy_([p for p, _ in stepped], [m for _, m in stepped])

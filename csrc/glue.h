@@ -180,8 +180,11 @@ inline void check_state(const Tensor& buf, const char* name, const Table& t, at:
 // from `state` (a slot buffer; absent, as for SGD without momentum: the params' dtype), and
 // master weights when `master` is given (checked here: a float32 flat buffer for 16-bit params).
 // Refuses a combination the kernels are not built for.
+// `workspace`: the "params" are Muon's update workspace, which may be fp32 beside 16-bit grads
+// (a layout no optimizer's params take).
 inline Layout check_layout(const Table& t, const std::optional<Tensor>& state,
-                           const std::optional<Tensor>& master, at::Device device) {
+                           const std::optional<Tensor>& master, at::Device device,
+                           bool workspace = false) {
   // Without state slots (SGD without momentum) the state dtype is moot: one that has kernels.
   const at::ScalarType state_dtype =
       state.has_value() ? state->scalar_type() : (master.has_value() ? at::kFloat : t.dtype);
@@ -192,11 +195,14 @@ inline Layout check_layout(const Table& t, const std::optional<Tensor>& state,
                 "onepass: master weights are for bfloat16/float16 params, not ", t.dtype);
     check_state(*master, "master_param", t, device, at::kFloat);
   }
-  TORCH_CHECK(layout_supported(layout), "onepass: no kernels for ", t.dtype, " params with ",
+  const bool narrower_grads = at::elementSize(t.grad_dtype) < at::elementSize(t.dtype);
+  TORCH_CHECK(layout_supported(layout) && (workspace || !narrower_grads),
+              "onepass: no kernels for ", t.dtype, " params with ",
               t.grad_dtype, " grads and ", state_dtype, " state",
               master.has_value() ? " and float32 master weights" : "",
-              "; supported: one dtype throughout, float32 or bfloat16 state, float32 grads for "
-              "16-bit params, float32 master weights for 16-bit params (float64 only alone)");
+              "; supported: one dtype throughout, float32 state, bfloat16 state for float32 or "
+              "bfloat16 params, float32 grads for 16-bit params, float32 master weights for "
+              "16-bit params (float64 only alone)");
   return layout;
 }
 

@@ -200,7 +200,8 @@ void muon_momentum_cpu(at::TensorList updates, const Grads& grads, Tensor moment
                        const std::optional<Tensor>& found_inf, double momentum, bool nesterov) {
   Table t = glue::build_table(updates, grads, step, state_offsets, at::kCPU, kChunkElements,
                               /*host_steps=*/true);
-  const Layout layout = glue::check_layout(t, momentum_buffer, std::nullopt, at::kCPU);
+  const Layout layout =
+      glue::check_layout(t, momentum_buffer, std::nullopt, at::kCPU, /*workspace=*/true);
   glue::check_state(momentum_buffer, "momentum_buffer", t, at::kCPU,
                     momentum_buffer.scalar_type());
   const Amp amp = read_amp(grad_scale, found_inf, /*maximize=*/false);

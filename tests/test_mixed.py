@@ -328,3 +328,57 @@ def test_mixed_grad_dtypes_in_one_bucket_are_refused() -> None:
     with pytest.raises(RuntimeError, match="grad"):
         opt.step()
     assert torch.equal(a, torch.zeros(3, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_flatten_keeps_fp32_grads_of_bf16_params(backend: str) -> None:
+    """flatten=True with fp32 grads (grad_dtype) gives the flat grads their dtype: the same run
+    as without flatten."""
+    runs = []
+    for flatten in (False, True):
+        torch.manual_seed(0)
+        params = [torch.randn(n).to(torch.bfloat16).requires_grad_() for n in (7, 4097)]
+        for p in params:
+            p.grad_dtype = torch.float32
+        opt = onepass.AdamW(params, backend=backend, master_weights=True, flatten=flatten)
+        for _ in range(3):
+            for p in params:
+                g = torch.randn(p.shape)
+                if flatten and p.grad is not None:
+                    p.grad.copy_(g)
+                else:
+                    p.grad = g
+            opt.step()
+        assert all(p.grad.dtype == torch.float32 for p in params)
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_narrower_grads_than_params_are_refused(backend: str) -> None:
+    """bf16 grads of fp32 params are not a layout (only Muon's internal workspace takes it), on
+    the native single-bucket path as on the others."""
+    p = torch.zeros(5, requires_grad=True)
+    opt = onepass.AdamW([p], backend=backend)
+    p.grad_dtype = torch.bfloat16
+    p.grad = torch.ones(5, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="grad"):
+        opt.step()
+    assert torch.equal(p, torch.zeros(5)) and not opt.state
+
+
+def test_changing_the_storage_options_rebuilds_the_buckets() -> None:
+    torch.manual_seed(0)
+    p = torch.randn(33).to(torch.bfloat16).requires_grad_()
+    opt = onepass.AdamW([p])
+    p.grad = torch.randn(33).to(torch.bfloat16)
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16 and "master_param" not in opt.state[p]
+    opt.param_groups[0]["master_weights"] = True
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.float32
+    assert torch.equal(opt.state[p]["master_param"].to(torch.bfloat16), p.detach())
+    opt.param_groups[0]["state_dtype"] = "not a dtype"
+    with pytest.raises(RuntimeError, match="state"):
+        opt.step()

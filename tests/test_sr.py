@@ -142,3 +142,22 @@ def test_every_cpu_build_draws_the_same() -> None:
         results.append(p.detach())
     onepass.set_cpu_capability(CAPABILITIES[-1])
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_state_streams_never_reuse_a_later_steps_noise() -> None:
+    """State slot k of step t must not draw the noise of slot k - 1 (or the param) at step t + 1:
+    the streams' seeds are seed + (1 + k) * stride, not seed + 1 + k."""
+    from onepass.algorithms.base import Rounding
+
+    value = torch.full((4096,), 1.0 + 0.5 * 2**-7)  # half an ulp: each draw is a coin flip
+    draws = {}
+    for name, seed, slot in (("param t+1", 8, None), ("slot 0 t", 7, 0), ("slot 1 t", 7, 1)):
+        out = torch.empty(4096, dtype=torch.bfloat16)
+        rounding = Rounding(seed, 0)
+        if slot is None:
+            rounding.store(out, value)
+        else:
+            rounding.store_state(slot, out, value)
+        draws[name] = out
+    assert not torch.equal(draws["param t+1"], draws["slot 0 t"])
+    assert not torch.equal(draws["slot 0 t"], draws["slot 1 t"])

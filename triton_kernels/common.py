@@ -39,7 +39,8 @@ master buffer is ``None`` without master weights (a compile-time specialisation)
 math reads and writes the master (indexed like the state) and the param gets the result rounded
 to nearest (:func:`load_param`, :func:`store_param`). State slot k stores through
 :func:`store_state`: rounded to nearest, or stochastically for bf16 state under stochastic
-rounding, with the stream seed ``seed + 1 + k`` (mod 2^32) and the element's state index.
+rounding, with the stream seed ``seed + (1 + k) * 0x9E3779B9`` (mod 2^32) and the element's
+state index.
 
 Scalars
 -------
@@ -199,11 +200,12 @@ def param_to_storage(x, DTYPE: tl.constexpr, index, seed, SR: tl.constexpr):
 def state_to_storage(x, DTYPE: tl.constexpr, index, seed, K: tl.constexpr, SR: tl.constexpr):
     """Rounds an opmath value of state slot ``K`` (kernel order) to the slot's storage dtype: to
     nearest, or with ``SR`` and a bf16 ``DTYPE`` stochastically, drawing from the stream seed
-    ``seed + 1 + K`` (mod 2^32: the param draws from ``seed``), as the reference's
-    ``Rounding.store_state`` and math.h's ``rounded_from_opmath``."""
+    ``seed + (1 + K) * 0x9E3779B9`` (mod 2^32: the param draws from ``seed``), as the
+    reference's ``Rounding.store_state`` and dtypes.h's ``rounded_from_opmath``."""
     if DTYPE == tl.bfloat16:  # noqa: SIM300 (a compile-time branch)
         # uint32 arithmetic: the stream seed wraps mod 2^32 whatever the seed's integer type.
-        stream = seed.to(tl.int64).to(tl.uint32) + tl.full((), 1 + K, tl.uint32)
+        offset: tl.constexpr = ((1 + K) * 0x9E3779B9) % 4294967296
+        stream = seed.to(tl.int64).to(tl.uint32) + tl.full((), offset, tl.uint32)
     else:
         stream = seed
     return param_to_storage(x, DTYPE, index, stream, SR)

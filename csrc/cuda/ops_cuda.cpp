@@ -235,7 +235,8 @@ void muon_momentum_cuda(at::TensorList updates, const Grads& grads, Tensor momen
   const c10::cuda::CUDAGuard guard(device);
   Table t = glue::build_table(updates, grads, step, state_offsets, device,
                               cuda::kChunkElements, /*host_steps=*/false);
-  const Layout layout = glue::check_layout(t, momentum_buffer, std::nullopt, device);
+  const Layout layout =
+      glue::check_layout(t, momentum_buffer, std::nullopt, device, /*workspace=*/true);
   glue::check_state(momentum_buffer, "momentum_buffer", t, device, momentum_buffer.scalar_type());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 

@@ -1,15 +1,15 @@
 """The engine: buckets, flat state buffers, per-tensor tables and backend dispatch.
 
 A bucket is (param group, device, param dtype): one native call per bucket per step, whatever the
-number of tensors. Each bucket owns one flat buffer per state slot (in the group's state dtype; with
-master weights, one more: the fp32 ``master_param`` of its 16-bit params) and one float32 step
-counter per tensor; ``optimizer.state[p][slot]`` is a view into the flat buffer (under torch.optim's slot
-names, so state_dicts interchange). Buckets are built lazily at the first step and rebuilt only when
-the set of params or slots changes (a frozen param gets a grad, amsgrad is switched on, a state_dict
-is loaded, ``optimizer.state`` is written from outside); rebuilding copies the existing state into
-the new buffers. The host tensor table of a launch is rebuilt by the native op on every call (one
-pass over pointers it must read anyway); the GPU backends keep a device copy and upload it only
-when an address changes.
+number of tensors. Each bucket owns one flat buffer per state slot (in the group's state dtype;
+with master weights, one more: the fp32 ``master_param`` of its 16-bit params) and one float32
+step counter per tensor; ``optimizer.state[p][slot]`` is a view into the flat buffer (under
+torch.optim's slot names, so state_dicts interchange). Buckets are built lazily at the first step
+and rebuilt only when the set of params or slots changes (a frozen param gets a grad, amsgrad is
+switched on, master_weights or state_dtype change, a state_dict is loaded, ``optimizer.state`` is
+written from outside); rebuilding copies the existing state into the new buffers. The host tensor
+table of a launch is rebuilt by the native op on every call (one pass over pointers it must read
+anyway); the GPU backends keep a device copy and upload it only when an address changes.
 """
 
 from __future__ import annotations
@@ -235,8 +235,11 @@ class Bucket:
         per-tensor work at all.
         """
         total = self.total
+        # The grads' dtype: the params' own, or the fp32 their grads already have (grad_dtype).
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_dtype = grads[0].dtype if grads else self.dtype
         self.flat_param = torch.zeros(total, dtype=self.dtype, device=self.device)
-        self.flat_grad = torch.zeros(total, dtype=self.dtype, device=self.device)
+        self.flat_grad = torch.zeros(total, dtype=grad_dtype, device=self.device)
         for i, p in enumerate(self.params):
             start, n = self._offsets[i], p.numel()
             view = self.flat_param[start : start + n].view(p.shape)
@@ -409,6 +412,7 @@ class _GroupPlan:
         self.params = list(group["params"])
         self.slots = slots
         self.backend_request = group["backend"]
+        self.storage = _storage_keys(group)
         state = engine.optimizer.state
         keyed: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
         self.outside: list[torch.Tensor] = []
@@ -470,9 +474,15 @@ class _GroupPlan:
         return (
             slots != self.slots
             or group["backend"] != self.backend_request
+            or _storage_keys(group) != self.storage
             or len(group["params"]) != len(self.params)
             or any(p.grad is not None for p in self.outside)
         )
+
+
+def _storage_keys(group: dict[str, Any]) -> tuple[Any, Any]:
+    """How a group stores its state: a change rebuilds its buckets at the next step."""
+    return bool(group.get("master_weights")), group.get("state_dtype")
 
 
 def _make_capturable(group: dict[str, Any], name: str, device: torch.device, backend: str) -> None:

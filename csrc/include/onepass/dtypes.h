@@ -249,15 +249,19 @@ ONEPASS_HD ONEPASS_INLINE bf16_t from_opmath_bf16_stochastic(float f, uint64_t i
   return bf16_t{uint16_t((u + (sr_hash(index, seed) & 0xffffu)) >> 16)};
 }
 
+// Seeds of the streams of one step are r.seed + stream * kSrStreamStride (mod 2^32): stream 0
+// the param, 1 + k state slot k. The stride is odd and far from small multiples of 2^32, so a
+// stream's seed never meets another stream's in a later step (the seed advances by 1 a step).
+constexpr uint32_t kSrStreamStride = 0x9E3779B9u;
+
 // A rounded store: stochastic for bf16 when r.seed >= 0, else to nearest (every other case).
-// `stream` picks independent noise per stream: 0 for the param, 1 + k for state slot k (the
-// seed is r.seed + stream, mod 2^32).
 template <class S>
 ONEPASS_HD ONEPASS_INLINE S rounded_from_opmath(opmath_t<S> x, const StoreRounding& r,
                                                 uint32_t stream, int64_t i) {
   if constexpr (std::is_same_v<S, bf16_t>) {
     if (r.seed >= 0) {
-      return from_opmath_bf16_stochastic(x, uint64_t(r.index_base + i), uint32_t(r.seed) + stream);
+      const uint32_t seed = uint32_t(r.seed) + stream * kSrStreamStride;
+      return from_opmath_bf16_stochastic(x, uint64_t(r.index_base + i), seed);
     }
   }
   return from_opmath<S>(x);

@@ -133,6 +133,10 @@ def triton_launcher(module: str) -> Launcher:
 # rounding goes up with probability equal to the discarded fraction (unbiased).
 
 SR_HASH = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x7FEB352D, 0x846CA68B)
+#: State slot k draws with seed + (1 + k) * SR_STREAM_STRIDE (mod 2^32; the param with seed): an
+#: odd stride far from small multiples of 2^32, so no stream's seed meets another's in a later
+#: step (seeds advance by 1 a step).
+SR_STREAM_STRIDE = 0x9E3779B9
 _MASK32 = 0xFFFFFFFF
 
 
@@ -183,7 +187,8 @@ def store_param(param: torch.Tensor, value: torch.Tensor, seed: int, index_base:
 class Rounding:
     """How a reference function writes its param and state: ``seed`` < 0 rounds to nearest;
     otherwise stochastically where the destination is bf16 (``index_base``: the tensor's state
-    offset in its bucket). State slot k draws with seed + 1 + k, as the kernels do."""
+    offset in its bucket). State slot k draws with seed + (1 + k) * SR_STREAM_STRIDE (mod 2^32),
+    as the kernels do."""
 
     seed: int = -1
     index_base: int = 0
@@ -193,7 +198,7 @@ class Rounding:
 
     def store_state(self, k: int, slot: torch.Tensor, value: torch.Tensor) -> None:
         """slot <- value for the k-th elementwise state slot in kernel order."""
-        seed = self.seed + 1 + k if self.seed >= 0 else -1
+        seed = (self.seed + (1 + k) * SR_STREAM_STRIDE) & _MASK32 if self.seed >= 0 else -1
         store_param(slot, value, seed, self.index_base)
 
 
