@@ -368,19 +368,23 @@ class Engine:
         if state.dirty:  # written from outside: rebuild the buckets from what it holds now
             self.invalidate()
             state.dirty = False
-        work: list[tuple[dict[str, Any], Bucket | FlatBucket, list[torch.Tensor | None]]] = []
+        work: list[tuple[dict[str, Any], Bucket | FlatBucket, list[torch.Tensor | None] | None]]
+        work = []
         for index, group in enumerate(self.optimizer.param_groups):
             plan = self._plan(index, group)
             for bucket in plan.buckets:
                 flat = bucket.flat_step()
-                if flat is not None:
-                    work.append((group, flat, flat.grads))
-                else:
-                    work.append((group, bucket, [p.grad for p in bucket.params]))
+                work.append((group, bucket, None) if flat is None else (group, flat, flat.grads))
         # Everything is checked before anything is written: a refused step changes nothing. One
         # native launch checks its own arguments before writing (and we name the culprit if it
-        # refuses); with several launches, or the reference backend, check them all here first.
-        checked_natively = len(work) == 1 and work[0][1].backend == "cpu"
+        # refuses); with several launches, or the reference / Triton backends, check them all
+        # here first. A native op that checks itself also reads the grads itself (grads=None:
+        # no Python list of every p.grad, which costs ~0.5 ms a step on 4,000 params).
+        checked_natively = len(work) == 1 and work[0][1].backend in ("cpu", "cuda")
+        own_grads = checked_natively and not torch.compiler.is_compiling()
+        for i, (group, bucket, grads) in enumerate(work):
+            if grads is None and not (own_grads and self.spec.for_group(group).native_grads):
+                work[i] = (group, bucket, _grads_of(bucket))
         if not checked_natively:
             for _, bucket, grads in work:
                 _check_grads(bucket, grads)
@@ -390,16 +394,23 @@ class Engine:
             try:
                 launch(bucket, grads, group, grad_scale, found_inf)
             except RuntimeError:
-                if checked_natively:
-                    _check_grads(bucket, grads)  # raises with the param's name
+                if checked_natively:  # raises with the param's name
+                    _check_grads(bucket, _grads_of(bucket) if grads is None else grads)
                 raise
             if isinstance(bucket, FlatBucket):
                 bucket.finish()
                 bucket, grads = bucket.bucket, list(bucket.bucket.grad_views)
-            elif bucket.flat_param is not None and any(g is None for g in grads):
-                bucket.uniform_steps = False  # the tensors without a grad did not advance
+            elif bucket.flat_param is not None:
+                grads = _grads_of(bucket) if grads is None else grads
+                if any(g is None for g in grads):
+                    bucket.uniform_steps = False  # the tensors without a grad did not advance
             if not all(bucket.exposed):
+                grads = _grads_of(bucket) if grads is None else grads
                 bucket.expose(self.optimizer.state, spec.step_in_state, grads)
+
+
+def _grads_of(bucket: Bucket) -> list[torch.Tensor | None]:
+    return [p.grad for p in bucket.params]
 
 
 class _GroupPlan:

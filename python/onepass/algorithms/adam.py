@@ -196,4 +196,5 @@ ADAM = AlgorithmSpec(
         "cuda": _native_launch,
         "triton": triton_launcher("adam"),
     },
+    native_grads=True,
 )

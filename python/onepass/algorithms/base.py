@@ -249,6 +249,8 @@ class AlgorithmSpec:
             for float64 params) and shows them as 0-d tensors in ``optimizer.state[p]``.
         group_spec: for an optimizer that runs a different algorithm per param group (Muon's
             AdamW groups), the spec of a group; None: this spec for every group.
+        native_grads: the "cpu" / "cuda" launchers hand the grads to the native op untouched,
+            so the engine may pass None for them and let the op read each param's .grad.
     """
 
     name: str
@@ -262,6 +264,7 @@ class AlgorithmSpec:
     launchers: dict[str, Launcher] = field(default_factory=dict)
     scalar_slots: tuple[str, ...] = ()
     group_spec: Callable[[Group], AlgorithmSpec] | None = None
+    native_grads: bool = False
 
     def for_group(self, group: Group) -> AlgorithmSpec:
         """The spec that steps ``group``."""

@@ -216,4 +216,5 @@ FADAM = AlgorithmSpec(
         "cuda": _native_launch,
         "triton": triton_launcher("fadam"),
     },
+    native_grads=True,
 )

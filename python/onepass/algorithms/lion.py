@@ -172,4 +172,5 @@ LION = AlgorithmSpec(
         "cuda": _native_launch,
         "triton": triton_launcher("lion"),
     },
+    native_grads=True,
 )

@@ -213,4 +213,5 @@ NOVOGRAD = AlgorithmSpec(
         "cuda": _native_launch,
         "triton": triton_launcher("novograd"),
     },
+    native_grads=True,
 )

@@ -170,4 +170,5 @@ SGD_SPEC = AlgorithmSpec(
         "cuda": _native_launch,
         "triton": triton_launcher("sgd"),
     },
+    native_grads=True,
 )
