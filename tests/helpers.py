@@ -758,3 +758,32 @@ EVERY_OPTIMIZER: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "FAdam": lambda ps, **kw: onepass.FAdam(ps, lr=1e-2, **kw),
     "Muon": lambda ps, **kw: onepass.Muon(ps, lr=2e-2, ns_dtype=torch.float32, **kw),
 }
+
+
+def assert_small_tensors_step_alike_beside_a_large_one(
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+) -> None:
+    """Steps tensors that each fit one 2^15-element chunk alone, then beside a tensor of several
+    chunks, 4 steps with a None grad on one: the small tensors' params and state must be equal
+    to the bit. The CPU ops run per-tensor reductions chunk by chunk in the first case (NovoGrad,
+    FAdam) and as passes over the whole bucket in the second."""
+    torch.manual_seed(0)
+    small = [torch.randn(n) for n in (0, 1, 7, 4097, 300)]
+    big = torch.randn(3 * 2**15 + 5)
+    results = []
+    for extra in ([], [big]):
+        params = [p.clone().requires_grad_() for p in [*small, *extra]]
+        opt = make(params)
+        gen, gen_big = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+        for step in range(4):
+            for i, p in enumerate(params):
+                skip = i == 2 and step == 1  # a tensor without a grad on one step
+                source = gen if i < len(small) else gen_big
+                p.grad = None if skip else torch.randn(p.shape, generator=source)
+            opt.step()
+        results.append((params[: len(small)], opt))
+    (a, oa), (b, ob) = results
+    for i, (p, q) in enumerate(zip(a, b, strict=True)):
+        assert torch.equal(p, q), f"param {i}"
+        for key, value in oa.state[p].items():
+            assert torch.equal(value, ob.state[q][key]), f"{key} of param {i}"

@@ -19,6 +19,7 @@ import onepass
 from helpers import FADAM_INFO as INFO
 from helpers import (
     all_backends,
+    assert_small_tensors_step_alike_beside_a_large_one,
     config_id,
     make_grads,
     make_params,
@@ -288,23 +289,6 @@ def test_cpu_one_chunk_tensors_fuse_the_three_passes_bit_for_bit() -> None:
     """When every tensor is one chunk the CPU op runs FAdam's two reductions and its update chunk
     by chunk; with one large tensor beside them it runs three passes over the bucket. The small
     tensors come out the same to the bit either way."""
-    torch.manual_seed(0)
-    small = [torch.randn(n) for n in (0, 1, 7, 4097, 300)]
-    big = torch.randn(3 * 2**15 + 5)  # several chunks: the three-pass path
-    results = []
-    for extra in ([], [big]):
-        params = [p.clone().requires_grad_() for p in [*small, *extra]]
-        opt = onepass.FAdam(params, lr=1e-2, clip=0.5, backend="cpu")
-        gen, gen_big = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-        for step in range(4):
-            for i, p in enumerate(params):
-                skip = i == 2 and step == 1  # a tensor without a grad on one step
-                source = gen if i < len(small) else gen_big
-                p.grad = None if skip else torch.randn(p.shape, generator=source)
-            opt.step()
-        results.append((params[: len(small)], opt))
-    (a, oa), (b, ob) = results
-    for i, (p, q) in enumerate(zip(a, b, strict=True)):
-        assert torch.equal(p, q), f"param {i}"
-        for key, value in oa.state[p].items():
-            assert torch.equal(value, ob.state[q][key]), f"{key} of param {i}"
+    assert_small_tensors_step_alike_beside_a_large_one(
+        lambda ps: onepass.FAdam(ps, lr=1e-2, clip=0.5, backend="cpu")
+    )

@@ -20,6 +20,7 @@ import onepass
 from helpers import NOVOGRAD_INFO as INFO
 from helpers import (
     all_backends,
+    assert_small_tensors_step_alike_beside_a_large_one,
     config_id,
     make_grads,
     make_params,
@@ -317,23 +318,6 @@ def test_cpu_one_chunk_tensors_fuse_both_passes_bit_for_bit(amsgrad: bool) -> No
     """When every tensor is one chunk the CPU op runs NovoGrad's reduction and update chunk by
     chunk (the grad still in cache); with one large tensor beside them it runs the two passes
     over the bucket. The small tensors come out the same to the bit either way."""
-    torch.manual_seed(0)
-    small = [torch.randn(n) for n in (0, 1, 7, 4097, 300)]
-    big = torch.randn(3 * 2**15 + 5)  # several chunks: the two-pass path
-    results = []
-    for extra in ([], [big]):
-        params = [p.clone().requires_grad_() for p in [*small, *extra]]
-        opt = onepass.NovoGrad(params, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, backend="cpu")
-        gen, gen_big = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-        for step in range(4):
-            for i, p in enumerate(params):
-                skip = i == 2 and step == 1  # a tensor without a grad on one step
-                source = gen if i < len(small) else gen_big
-                p.grad = None if skip else torch.randn(p.shape, generator=source)
-            opt.step()
-        results.append((params[: len(small)], opt))
-    (a, oa), (b, ob) = results
-    for i, (p, q) in enumerate(zip(a, b, strict=True)):
-        assert torch.equal(p, q), f"param {i}"
-        for key, value in oa.state[p].items():
-            assert torch.equal(value, ob.state[q][key]), f"{key} of param {i}"
+    assert_small_tensors_step_alike_beside_a_large_one(
+        lambda ps: onepass.NovoGrad(ps, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, backend="cpu")
+    )
