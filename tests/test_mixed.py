@@ -382,3 +382,24 @@ def test_changing_the_storage_options_rebuilds_the_buckets() -> None:
     opt.param_groups[0]["state_dtype"] = "not a dtype"
     with pytest.raises(RuntimeError, match="state"):
         opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_params_cast_after_the_first_step_rebuild_the_buckets(backend: str) -> None:
+    """model.to(torch.bfloat16) mid-run: the next step sees bf16 params (masters from them, the
+    fp32 moments carried over), as a fresh bucket would."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = onepass.AdamW(model.parameters(), backend=backend, master_weights=True)
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    model.to(torch.bfloat16)
+    opt.zero_grad()
+    model(torch.randn(3, 8).to(torch.bfloat16)).sum().backward()
+    opt.step()
+    state = opt.state[model.weight]
+    assert state["master_param"].dtype == torch.float32
+    assert torch.equal(state["master_param"].to(torch.bfloat16), model.weight.detach())
+    assert state["exp_avg"].dtype == torch.float32 and int(state["step"]) == 2
+    assert not torch.equal(state["exp_avg"], before["exp_avg"])

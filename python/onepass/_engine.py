@@ -486,6 +486,10 @@ class _GroupPlan:
             slots != self.slots
             or group["backend"] != self.backend_request
             or _storage_keys(group) != self.storage
+            # model.to(dtype / device) after the first step: one param per bucket tells
+            or any(
+                b.params[0].dtype != b.dtype or b.params[0].device != b.device for b in self.buckets
+            )
             or len(group["params"]) != len(self.params)
             or any(p.grad is not None for p in self.outside)
         )
