@@ -227,6 +227,15 @@ __device__ __forceinline__ double step_lr(double host_lr, const StepState& s) {
   return s.lr_is_double ? *static_cast<const double*>(s.lr) : double(*static_cast<const float*>(s.lr));
 }
 
+// A launch's hyperparameters as this step uses them: the device lr when the step is capturable
+// (hyperparameter sets without an lr: Muon's momentum) and the device AMP scale folded in.
+template <class Hyper>
+__device__ __forceinline__ Hyper step_hyper(Hyper h, const StepState& s) {
+  if constexpr (requires { h.lr; }) h.lr = step_lr(h.lr, s);
+  h.grad_scale = grad_multiplier(h.grad_scale, s);
+  return h;
+}
+
 // Advances the step of every tensor that had a grad, after the update kernel read them.
 __global__ void advance_steps(StepState s, const int64_t* stepped, int64_t n);
 

@@ -26,9 +26,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(AdamLaunch L) {
   const Segment seg = L.table.segments[chunk.segment];
   __shared__ AdamConsts<O> shared_consts;
   if (threadIdx.x == 0) {
-    AdamHyper h = L.hyper;
-    h.lr = step_lr(h.lr, L.steps);
-    h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
+    const AdamHyper h = step_hyper(L.hyper, L.steps);
     shared_consts = AdamConsts<O>::make(h, double(L.steps.step[seg.index]) + 1.0);
   }
   __syncthreads();
@@ -67,9 +65,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(SgdLaunch L) {
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
   const Segment seg = L.table.segments[chunk.segment];
-  SgdHyper h = L.hyper;
-  h.lr = step_lr(h.lr, L.steps);
-  h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
+  const SgdHyper h = step_hyper(L.hyper, L.steps);
   const SgdConsts<O> c = SgdConsts<O>::make(h);
   if (!L.momentum) {
     sgd_chunk<T, false, false, false, kL2Decay>(L, chunk, seg, c);
@@ -92,9 +88,7 @@ __global__ void __launch_bounds__(kThreads) lion_kernel(LionLaunch L) {
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
   const Segment seg = L.table.segments[chunk.segment];
-  LionHyper h = L.hyper;
-  h.lr = step_lr(h.lr, L.steps);
-  h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
+  const LionHyper h = step_hyper(L.hyper, L.steps);
   const LionConsts<O> c = LionConsts<O>::make(h);  // no per-tensor scalars: no shared memory
   void* const slots[1] = {L.exp_avg};
   for_each_element<T, 1>(chunk_streams<T, 1>(seg, chunk, L.master, slots),
@@ -109,8 +103,7 @@ __global__ void __launch_bounds__(kThreads) muon_momentum_kernel(MuonLaunch L) {
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
   const Segment seg = L.table.segments[chunk.segment];
-  MuonHyper h = L.hyper;
-  h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
+  const MuonHyper h = step_hyper(L.hyper, L.steps);
   const MuonConsts<O> c = MuonConsts<O>::make(h);
   void* const slots[1] = {L.momentum_buffer};
   // The update workspace rides in the param's place (see MuonLaunch): written, never read.
@@ -168,8 +161,7 @@ __global__ void novograd_scalar_kernel(NovoGradLaunch L) {
       sum += L.partial_sums[c];
     }
   }
-  NovoGradHyper h = L.hyper;
-  h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
+  const NovoGradHyper h = step_hyper(L.hyper, L.steps);
   V* v = static_cast<V*>(L.exp_avg_sq);
   V* v_max = L.amsgrad ? static_cast<V*>(L.max_exp_avg_sq) + b : nullptr;
   const double denom = novograd_second_moment<V>(sum, double(L.steps.step[b]) + 1.0, h,
@@ -196,9 +188,7 @@ __global__ void __launch_bounds__(kThreads) novograd_kernel(NovoGradLaunch L) {
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
   const Segment seg = L.table.segments[chunk.segment];
-  NovoGradHyper h = L.hyper;
-  h.lr = step_lr(h.lr, L.steps);
-  h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
+  const NovoGradHyper h = step_hyper(L.hyper, L.steps);
   const NovoGradConsts<O> c = NovoGradConsts<O>::make(h, L.denoms[chunk.segment]);
   // The step counts advance after this kernel: 0 here is the tensor's first step.
   L.steps.step[seg.index] == 0.0f ? novograd_chunk<T, true>(L, chunk, seg, c)
@@ -233,9 +223,7 @@ __device__ __forceinline__ int64_t first_chunk(const DeviceTable& table, int64_t
 }
 
 __device__ __forceinline__ FAdamHyper fadam_hyper(const FAdamLaunch& L) {
-  FAdamHyper h = L.hyper;
-  h.lr = step_lr(h.lr, L.steps);
-  h.grad_scale = grad_multiplier(h.grad_scale, L.steps);
+  const FAdamHyper h = step_hyper(L.hyper, L.steps);
   return h;
 }
 

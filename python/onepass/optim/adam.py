@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from onepass.algorithms.adam import ADAM
-from onepass.optim.base import FusedOptimizer
+from onepass.optim.base import FusedOptimizer, Options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _TORCH_ADAM_KEYS = {
     "amsgrad": False,
@@ -73,12 +76,7 @@ class Adam(FusedOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         decay: str | None = None,
-        backend: str = "auto",
-        flatten: bool = False,
-        max_grad_norm: float | None = None,
-        stochastic_rounding: bool = False,
-        master_weights: bool = False,
-        state_dtype: torch.dtype | None = None,
+        **options: Unpack[Options],
     ) -> None:
         if decay is None:
             decay = "decoupled" if decoupled_weight_decay else "l2"
@@ -95,14 +93,8 @@ class Adam(FusedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decay == "decoupled",
             "decay": decay,
-            "backend": backend,
-            "flatten": flatten,
-            "max_grad_norm": max_grad_norm,
-            "stochastic_rounding": stochastic_rounding,
-            "master_weights": master_weights,
-            "state_dtype": state_dtype,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, options)
 
     def _decay_from_torch(self, group: Mapping[str, Any]) -> str:
         return "decoupled" if group.get("decoupled_weight_decay") else "l2"
@@ -132,12 +124,7 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         decay: str = "decoupled",
-        backend: str = "auto",
-        flatten: bool = False,
-        max_grad_norm: float | None = None,
-        stochastic_rounding: bool = False,
-        master_weights: bool = False,
-        state_dtype: torch.dtype | None = None,
+        **options: Unpack[Options],
     ) -> None:
         super().__init__(
             params,
@@ -152,12 +139,7 @@ class AdamW(Adam):
             differentiable=differentiable,
             fused=fused,
             decay=decay,
-            backend=backend,
-            flatten=flatten,
-            max_grad_norm=max_grad_norm,
-            stochastic_rounding=stochastic_rounding,
-            master_weights=master_weights,
-            state_dtype=state_dtype,
+            **options,
         )
 
     def _decay_from_torch(self, group: Mapping[str, Any]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch.optim import Optimizer
@@ -19,6 +19,29 @@ SR_SEED_MODULUS = 2**31 - 1
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 #: Group keys that say how state is stored; load_state_dict keeps the optimizer's own.
 STORAGE_KEYS = ("master_weights", "state_dtype")
+
+
+class Options(TypedDict, total=False):
+    """The keyword options every onepass optimizer takes beyond its torch.optim twin's
+    (README, API): how it runs and stores its state, never the algorithm's math."""
+
+    backend: str
+    flatten: bool
+    max_grad_norm: float | None
+    stochastic_rounding: bool
+    master_weights: bool
+    state_dtype: torch.dtype | None
+
+
+#: The value of each option a constructor was not given.
+OPTION_DEFAULTS: dict[str, Any] = {
+    "backend": "auto",
+    "flatten": False,
+    "max_grad_norm": None,
+    "stochastic_rounding": False,
+    "master_weights": False,
+    "state_dtype": None,
+}
 
 
 def _new_sr_seed() -> int:
@@ -39,7 +62,17 @@ class FusedOptimizer(Optimizer):
     # GradScaler hands us grad_scale / found_inf; the kernels unscale and skip on inf themselves.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        unknown = sorted(set(options or ()) - OPTION_DEFAULTS.keys())
+        if unknown:
+            name = type(self).__name__
+            raise TypeError(f"{name}.__init__() got an unexpected keyword argument {unknown[0]!r}")
+        defaults = {**defaults, **OPTION_DEFAULTS, **(options or {})}
         # Optimizer-wide (the norm is global), so not a group key.
         max_grad_norm = defaults.pop("max_grad_norm", None)
         if max_grad_norm is not None and not float(max_grad_norm) > 0.0:

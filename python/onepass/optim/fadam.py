@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from onepass.algorithms.fadam import FADAM
-from onepass.optim.base import FusedOptimizer
+from onepass.optim.base import FusedOptimizer, Options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class FAdam(FusedOptimizer):
@@ -62,13 +65,8 @@ class FAdam(FusedOptimizer):
         weight_decay: float = 0.1,
         *,
         maximize: bool = False,
-        backend: str = "auto",
-        flatten: bool = False,
-        max_grad_norm: float | None = None,
-        stochastic_rounding: bool = False,
-        master_weights: bool = False,
-        state_dtype: torch.dtype | None = None,
         capturable: bool = False,
+        **options: Unpack[Options],
     ) -> None:
         defaults = {
             "lr": lr,
@@ -81,12 +79,6 @@ class FAdam(FusedOptimizer):
             # FAdam's decay is its own (wd * param / den, clipped); the key exists because every
             # onepass group has one (the engine and state_dict code read it).
             "decay": "l2",
-            "backend": backend,
-            "flatten": flatten,
-            "max_grad_norm": max_grad_norm,
-            "stochastic_rounding": stochastic_rounding,
-            "master_weights": master_weights,
-            "state_dtype": state_dtype,
             "capturable": capturable,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, options)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from onepass.algorithms.lion import LION
-from onepass.optim.base import FusedOptimizer
+from onepass.optim.base import FusedOptimizer, Options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class Lion(FusedOptimizer):
@@ -45,13 +48,8 @@ class Lion(FusedOptimizer):
         *,
         maximize: bool = False,
         decay: str = "decoupled",
-        backend: str = "auto",
-        flatten: bool = False,
-        max_grad_norm: float | None = None,
-        stochastic_rounding: bool = False,
-        master_weights: bool = False,
-        state_dtype: torch.dtype | None = None,
         capturable: bool = False,
+        **options: Unpack[Options],
     ) -> None:
         defaults = {
             "lr": lr,
@@ -59,12 +57,6 @@ class Lion(FusedOptimizer):
             "weight_decay": weight_decay,
             "maximize": maximize,
             "decay": decay,
-            "backend": backend,
-            "flatten": flatten,
-            "max_grad_norm": max_grad_norm,
-            "stochastic_rounding": stochastic_rounding,
-            "master_weights": master_weights,
-            "state_dtype": state_dtype,
             "capturable": capturable,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, options)

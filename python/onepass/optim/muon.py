@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from onepass.algorithms.muon import MUON
-from onepass.optim.base import FusedOptimizer
+from onepass.optim.base import FusedOptimizer, Options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 
@@ -73,13 +76,8 @@ class Muon(FusedOptimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         ns_dtype: torch.dtype | None = None,
-        backend: str = "auto",
-        flatten: bool = False,
-        max_grad_norm: float | None = None,
-        stochastic_rounding: bool = False,
-        master_weights: bool = False,
-        state_dtype: torch.dtype | None = None,
         capturable: bool = False,
+        **options: Unpack[Options],
     ) -> None:
         defaults = {
             "lr": lr,
@@ -95,15 +93,9 @@ class Muon(FusedOptimizer):
             "adamw_eps": adamw_eps,
             "ns_dtype": ns_dtype,
             "decay": "decoupled",
-            "backend": backend,
-            "flatten": flatten,
-            "max_grad_norm": max_grad_norm,
-            "stochastic_rounding": stochastic_rounding,
-            "master_weights": master_weights,
-            "state_dtype": state_dtype,
             "capturable": capturable,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, options)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A torch.optim.Muon checkpoint has none of onepass's keys: those keep this optimizer's

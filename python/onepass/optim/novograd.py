@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from onepass.algorithms.novograd import NOVOGRAD
-from onepass.optim.base import FusedOptimizer
+from onepass.optim.base import FusedOptimizer, Options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class NovoGrad(FusedOptimizer):
@@ -57,13 +60,8 @@ class NovoGrad(FusedOptimizer):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
-        backend: str = "auto",
-        flatten: bool = False,
-        max_grad_norm: float | None = None,
-        stochastic_rounding: bool = False,
-        master_weights: bool = False,
-        state_dtype: torch.dtype | None = None,
         capturable: bool = False,
+        **options: Unpack[Options],
     ) -> None:
         defaults = {
             "lr": lr,
@@ -76,12 +74,6 @@ class NovoGrad(FusedOptimizer):
             # The paper's decay, inside the momentum; kept as a key because every onepass group
             # has one (the engine and state_dict code read it).
             "decay": "l2",
-            "backend": backend,
-            "flatten": flatten,
-            "max_grad_norm": max_grad_norm,
-            "stochastic_rounding": stochastic_rounding,
-            "master_weights": master_weights,
-            "state_dtype": state_dtype,
             "capturable": capturable,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, options)

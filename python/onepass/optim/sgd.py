@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from onepass.algorithms.sgd import SGD_SPEC
-from onepass.optim.base import FusedOptimizer
+from onepass.optim.base import FusedOptimizer, Options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class SGD(FusedOptimizer):
@@ -53,13 +56,8 @@ class SGD(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decay: str = "l2",
-        backend: str = "auto",
-        flatten: bool = False,
-        max_grad_norm: float | None = None,
-        stochastic_rounding: bool = False,
-        master_weights: bool = False,
-        state_dtype: torch.dtype | None = None,
         capturable: bool = False,
+        **options: Unpack[Options],
     ) -> None:
         defaults = {
             "lr": lr,
@@ -72,15 +70,9 @@ class SGD(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
             "decay": decay,
-            "backend": backend,
-            "flatten": flatten,
-            "max_grad_norm": max_grad_norm,
-            "stochastic_rounding": stochastic_rounding,
-            "master_weights": master_weights,
-            "state_dtype": state_dtype,
             "capturable": capturable,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, options)
 
 
 class SGDW(SGD):
@@ -103,13 +95,8 @@ class SGDW(SGD):
         differentiable: bool = False,
         fused: bool | None = None,
         decay: str = "decoupled",
-        backend: str = "auto",
-        flatten: bool = False,
-        max_grad_norm: float | None = None,
-        stochastic_rounding: bool = False,
-        master_weights: bool = False,
-        state_dtype: torch.dtype | None = None,
         capturable: bool = False,
+        **options: Unpack[Options],
     ) -> None:
         super().__init__(
             params,
@@ -123,11 +110,6 @@ class SGDW(SGD):
             differentiable=differentiable,
             fused=fused,
             decay=decay,
-            backend=backend,
-            flatten=flatten,
-            max_grad_norm=max_grad_norm,
-            stochastic_rounding=stochastic_rounding,
-            master_weights=master_weights,
-            state_dtype=state_dtype,
             capturable=capturable,
+            **options,
         )
