@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -15,6 +16,42 @@ namespace onepass::glue {
 
 using at::Tensor;
 using OptionalTensorList = c10::List<std::optional<Tensor>>;
+// The params and grads of an eager call, borrowed from their Python objects while the GIL is
+// held: no refcounts. In torch 2.10+ a second C++ reference to a tensor that has a Python object
+// increfs that object under the GIL, so owning copies of 4,000 params and grads cost ~0.3 ms a
+// step. build_table has `borrow` fill a block of entries just before it reads them (the
+// borrowing brings the tensors' metadata into cache, which the checks then find there), keeps
+// the storages it will touch alive, and calls `table_built`, which releases the GIL: the kernels
+// run without it, on the table alone.
+struct EagerParams {
+  std::vector<const Tensor*> tensors;
+  std::function<void(int64_t, int64_t)> borrow;  // fills tensors[b:e] and the grads' entries
+  std::function<void()> table_built;
+};
+using EagerGrads = std::vector<const Tensor*>;  // null: no grad this step
+
+// Param i and grad i of either kind of call: the dispatcher's lists, or an eager call's. A
+// dispatcher grad is a copy (the list holds IValues), so the caller keeps it while it reads.
+inline int64_t param_count(at::TensorList params) { return static_cast<int64_t>(params.size()); }
+inline int64_t param_count(const EagerParams& params) {
+  return static_cast<int64_t>(params.tensors.size());
+}
+inline void borrow(at::TensorList, int64_t, int64_t) {}
+inline void borrow(const EagerParams& params, int64_t begin, int64_t end) {
+  params.borrow(begin, end);
+}
+inline const Tensor& param_at(at::TensorList params, int64_t i) { return params[i]; }
+inline const Tensor& param_at(const EagerParams& params, int64_t i) {
+  return *params.tensors[i];
+}
+inline std::optional<Tensor> grad_at(const OptionalTensorList& grads, int64_t i) {
+  return grads[i];
+}
+inline const Tensor* grad_at(const EagerGrads& grads, int64_t i) { return grads[i]; }
+inline const Tensor* present(const std::optional<Tensor>& g) {
+  return g.has_value() && g->defined() ? &*g : nullptr;
+}
+inline const Tensor* present(const Tensor* g) { return g != nullptr && g->defined() ? g : nullptr; }
 
 inline DType storage_dtype(at::ScalarType t) {
   switch (t) {
@@ -27,12 +64,14 @@ inline DType storage_dtype(at::ScalarType t) {
   }
 }
 
+
 // The host tensor table of one launch: the tensors of a bucket that have a grad this step.
 struct Table {
   std::vector<Segment> segments;  // non-empty tensors with a grad
   std::vector<Chunk> chunks;      // their elements cut into units of parallel work
   std::vector<int64_t> stepped;   // bucket index of every tensor with a grad (empty ones too)
   std::vector<Tensor> keep_alive;  // contiguous copies of non-contiguous grads
+  std::vector<c10::Storage> storages;  // of borrowed params and grads, while the GIL is released
   std::vector<std::pair<Tensor, Tensor>> write_back;  // (param, contiguous temporary)
   at::ScalarType dtype = at::kFloat;       // the params'
   at::ScalarType grad_dtype = at::kFloat;  // the grads' (one for the launch; the params' if none)
@@ -42,11 +81,12 @@ struct Table {
 
 // Checks a launch's tensors and builds its table. `device` is where every tensor must live;
 // `host_steps` (CPU launches) fills Segment::step, GPU kernels read the device step instead.
-template <class Grads>
-Table build_table(at::TensorList params, const Grads& grads,
-                         const Tensor& step, const Tensor& state_offsets, at::Device device,
-                         int64_t chunk_elements, bool host_steps) {
-  const int64_t n = static_cast<int64_t>(params.size());
+template <class Params, class Grads>
+Table build_table(const Params& params, const Grads& grads, const Tensor& step,
+                  const Tensor& state_offsets, at::Device device, int64_t chunk_elements,
+                  bool host_steps) {
+  constexpr bool kBorrowed = std::is_same_v<Params, EagerParams>;
+  const int64_t n = param_count(params);
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "onepass: ", n, " params but ",
               grads.size(), " grads");
   TORCH_CHECK(n > 0, "onepass: empty bucket");
@@ -58,22 +98,29 @@ Table build_table(at::TensorList params, const Grads& grads,
               "onepass: step must be a contiguous float32 tensor on ", device,
               " with one entry per param");
   Table t;
-  t.dtype = params[0].scalar_type();
-  storage_dtype(t.dtype);
-  t.grad_dtype = t.dtype;
-  for (int64_t i = 0; i < n; ++i) {  // the first grad sets the launch's grad dtype
-    const std::optional<Tensor> g = grads[i];
-    if (g.has_value() && g->defined()) {
-      t.grad_dtype = g->scalar_type();
-      break;
-    }
-  }
+  t.segments.reserve(n);
+  t.stepped.reserve(n);
   const int64_t* offsets = state_offsets.data_ptr<int64_t>();
   const float* steps = host_steps ? step.data_ptr<float>() : nullptr;
+  bool have_grad_dtype = false;  // the first grad sets the launch's grad dtype
+  constexpr int64_t kBlock = 64;
   for (int64_t i = 0; i < n; ++i) {
-    const std::optional<Tensor> g = grads[i];
-    if (!g.has_value() || !g->defined()) continue;
-    const Tensor& p = params[i];
+    if (i % kBlock == 0) borrow(params, i, std::min(n, i + kBlock));
+    if (i == 0) {
+      t.dtype = param_at(params, 0).scalar_type();
+      storage_dtype(t.dtype);
+      t.grad_dtype = t.dtype;
+    }
+    // No Tensor copies here, of params or grads, unless a copy is needed: dropping a second
+    // reference to a tensor that has a Python object takes the GIL (torch 2.10+).
+    const auto& held = grad_at(grads, i);
+    const Tensor* g = present(held);
+    if (g == nullptr) continue;
+    if (!have_grad_dtype) {
+      t.grad_dtype = g->scalar_type();
+      have_grad_dtype = true;
+    }
+    const Tensor& p = param_at(params, i);
     TORCH_CHECK(p.device() == device, "onepass: params[", i, "] is on ", p.device(),
                 ", expected ", device);
     TORCH_CHECK(p.scalar_type() == t.dtype, "onepass: params[", i, "] has dtype ",
@@ -94,15 +141,22 @@ Table build_table(at::TensorList params, const Grads& grads,
     s.state_offset = offsets[i];
     s.index = i;
     s.step = steps != nullptr ? static_cast<double>(steps[i]) + 1.0 : 0.0;
-    Tensor pc = p;
-    if (!p.is_contiguous()) {
-      pc = p.contiguous();
-      t.write_back.emplace_back(p, pc);
+    if constexpr (kBorrowed) {
+      t.storages.push_back(p.storage());
+      t.storages.push_back(g->storage());
     }
-    Tensor gc = g->contiguous();
-    s.param = pc.data_ptr();
-    s.grad = gc.data_ptr();
-    t.keep_alive.push_back(std::move(gc));
+    if (p.is_contiguous()) {
+      s.param = p.data_ptr();
+    } else {
+      t.write_back.emplace_back(p, p.contiguous());
+      s.param = t.write_back.back().second.data_ptr();
+    }
+    if (g->is_contiguous()) {
+      s.grad = g->data_ptr();
+    } else {
+      t.keep_alive.push_back(g->contiguous());
+      s.grad = t.keep_alive.back().data_ptr();
+    }
     t.segments.push_back(s);
     t.elements += numel;
     t.needed_state = std::max(t.needed_state, s.state_offset + numel);
@@ -113,41 +167,41 @@ Table build_table(at::TensorList params, const Grads& grads,
       t.chunks.push_back(Chunk{k, b, std::min(numel, b + chunk_elements)});
     }
   }
+  if constexpr (kBorrowed) {
+    if (params.table_built) params.table_built();
+  }
   return t;
 }
 
 // The optional flat fp32 master weights every param-writing op takes last but one.
 using OptTensor = std::optional<Tensor>;
 
-// Grads as eager calls pass them (a Python list through pybind11), next to the dispatcher's
-// c10::List: every op implementation is a template over the two.
-using EagerGrads = std::vector<std::optional<Tensor>>;
 
 // The ops' eager entry points, by device type. ops.cpp fills the CPU ones; ops_cuda.cpp (where
 // built) the CUDA ones. Python calls them directly in eager mode: converting two 4,000-element
 // lists to IValues for the dispatcher costs about a millisecond a step.
-using AdamEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor,
+using AdamEager = void (*)(const EagerParams&, const EagerGrads&, Tensor, Tensor,
                            const std::optional<Tensor>&, Tensor, const Tensor&,
                            const std::optional<Tensor>&, const std::optional<Tensor>&,
                            const Tensor&, double, double, double, double, double, bool, bool,
                            bool, const OptTensor&, int64_t);
-using SgdEager = void (*)(at::TensorList, const EagerGrads&, const std::optional<Tensor>&, Tensor,
+using SgdEager = void (*)(const EagerParams&, const EagerGrads&, const std::optional<Tensor>&, Tensor,
                           const Tensor&, const std::optional<Tensor>&,
                           const std::optional<Tensor>&, const Tensor&, double, double, double,
                           double, bool, bool, bool, const OptTensor&, int64_t);
-using LionEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor, const Tensor&,
+using LionEager = void (*)(const EagerParams&, const EagerGrads&, Tensor, Tensor, const Tensor&,
                            const std::optional<Tensor>&, const std::optional<Tensor>&,
                            const Tensor&, double, double, double, double, bool, bool,
                            const OptTensor&, int64_t);
-using MuonMomentumEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor,
+using MuonMomentumEager = void (*)(const EagerParams&, const EagerGrads&, Tensor, Tensor,
                                    const Tensor&, const std::optional<Tensor>&,
                                    const std::optional<Tensor>&, double, bool);
-using NovoGradEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor,
+using NovoGradEager = void (*)(const EagerParams&, const EagerGrads&, Tensor, Tensor,
                                const std::optional<Tensor>&, Tensor, const Tensor&,
                                const std::optional<Tensor>&, const std::optional<Tensor>&,
                                const Tensor&, double, double, double, double, bool, bool, bool,
                                const OptTensor&, int64_t);
-using FAdamEager = void (*)(at::TensorList, const EagerGrads&, Tensor, Tensor, Tensor,
+using FAdamEager = void (*)(const EagerParams&, const EagerGrads&, Tensor, Tensor, Tensor,
                             const Tensor&, const std::optional<Tensor>&,
                             const std::optional<Tensor>&, const Tensor&, double, double, double,
                             double, double, double, bool, const OptTensor&, int64_t);

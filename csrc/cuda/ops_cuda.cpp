@@ -108,8 +108,8 @@ float* master_data(const std::optional<Tensor>& master) {
   return master.has_value() ? master->data_ptr<float>() : nullptr;
 }
 
-template <class Grads>
-void adam_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg,
+template <class Params, class Grads>
+void adam_cuda(const Params& params, const Grads& grads, Tensor exp_avg,
                Tensor exp_avg_sq, const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
                const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
@@ -149,8 +149,8 @@ void adam_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg,
   glue::write_back(t);
 }
 
-template <class Grads>
-void sgd_cuda(at::TensorList params, const Grads& grads,
+template <class Params, class Grads>
+void sgd_cuda(const Params& params, const Grads& grads,
               const std::optional<Tensor>& momentum_buffer, Tensor step,
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
               const std::optional<Tensor>& found_inf, const Tensor& lr, double momentum,
@@ -193,8 +193,8 @@ void sgd_cuda(at::TensorList params, const Grads& grads,
   glue::write_back(t);
 }
 
-template <class Grads>
-void lion_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor step,
+template <class Params, class Grads>
+void lion_cuda(const Params& params, const Grads& grads, Tensor exp_avg, Tensor step,
                const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                double beta2, double weight_decay, double decay_coefficient, bool maximize,
@@ -224,8 +224,8 @@ void lion_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor
   glue::write_back(t);
 }
 
-template <class Grads>
-void muon_momentum_cuda(at::TensorList updates, const Grads& grads, Tensor momentum_buffer,
+template <class Params, class Grads>
+void muon_momentum_cuda(const Params& updates, const Grads& grads, Tensor momentum_buffer,
                         Tensor step, const Tensor& state_offsets,
                         const std::optional<Tensor>& grad_scale,
                         const std::optional<Tensor>& found_inf, double momentum,
@@ -258,8 +258,8 @@ void muon_momentum_cuda(at::TensorList updates, const Grads& grads, Tensor momen
   glue::write_back(t);
 }
 
-template <class Grads>
-void novograd_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Tensor exp_avg_sq,
+template <class Params, class Grads>
+void novograd_cuda(const Params& params, const Grads& grads, Tensor exp_avg, Tensor exp_avg_sq,
                    const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
                    const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                    const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
@@ -273,7 +273,7 @@ void novograd_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Te
                               cuda::kChunkElements, /*host_steps=*/false);
   const Layout layout = glue::check_layout(t, exp_avg, master_param, device);
   glue::check_state(exp_avg, "exp_avg", t, device, exp_avg.scalar_type());
-  const int64_t n = static_cast<int64_t>(params.size());
+  const int64_t n = glue::param_count(params);
   glue::check_scalar_state(exp_avg_sq, "exp_avg_sq", t, n, device);
   TORCH_CHECK(!amsgrad || max_exp_avg_sq.has_value(), "onepass: amsgrad needs max_exp_avg_sq");
   if (amsgrad) glue::check_scalar_state(*max_exp_avg_sq, "max_exp_avg_sq", t, n, device);
@@ -306,8 +306,8 @@ void novograd_cuda(at::TensorList params, const Grads& grads, Tensor exp_avg, Te
   glue::write_back(t);
 }
 
-template <class Grads>
-void fadam_cuda(at::TensorList params, const Grads& grads, Tensor fim, Tensor momentum,
+template <class Params, class Grads>
+void fadam_cuda(const Params& params, const Grads& grads, Tensor fim, Tensor momentum,
                 Tensor step, const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                 const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                 double beta2, double eps, double clip, double p, double weight_decay,
@@ -355,21 +355,21 @@ void fadam_cuda(at::TensorList params, const Grads& grads, Tensor fim, Tensor mo
 namespace {
 const bool kCudaEagerRegistered = [] {
   onepass::glue::EagerOps& ops = onepass::glue::eager_ops(c10::DeviceType::CUDA);
-  ops.adam = &onepass::adam_cuda<onepass::glue::EagerGrads>;
-  ops.sgd = &onepass::sgd_cuda<onepass::glue::EagerGrads>;
-  ops.lion = &onepass::lion_cuda<onepass::glue::EagerGrads>;
-  ops.muon_momentum = &onepass::muon_momentum_cuda<onepass::glue::EagerGrads>;
-  ops.novograd = &onepass::novograd_cuda<onepass::glue::EagerGrads>;
-  ops.fadam = &onepass::fadam_cuda<onepass::glue::EagerGrads>;
+  ops.adam = &onepass::adam_cuda<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
+  ops.sgd = &onepass::sgd_cuda<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
+  ops.lion = &onepass::lion_cuda<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
+  ops.muon_momentum = &onepass::muon_momentum_cuda<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
+  ops.novograd = &onepass::novograd_cuda<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
+  ops.fadam = &onepass::fadam_cuda<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
   return true;
 }();
 }  // namespace
 
 TORCH_LIBRARY_IMPL(onepass, CUDA, m) {
-  m.impl("adam_", &onepass::adam_cuda<onepass::glue::OptionalTensorList>);
-  m.impl("sgd_", &onepass::sgd_cuda<onepass::glue::OptionalTensorList>);
-  m.impl("lion_", &onepass::lion_cuda<onepass::glue::OptionalTensorList>);
-  m.impl("muon_momentum_", &onepass::muon_momentum_cuda<onepass::glue::OptionalTensorList>);
-  m.impl("novograd_", &onepass::novograd_cuda<onepass::glue::OptionalTensorList>);
-  m.impl("fadam_", &onepass::fadam_cuda<onepass::glue::OptionalTensorList>);
+  m.impl("adam_", &onepass::adam_cuda<at::TensorList, onepass::glue::OptionalTensorList>);
+  m.impl("sgd_", &onepass::sgd_cuda<at::TensorList, onepass::glue::OptionalTensorList>);
+  m.impl("lion_", &onepass::lion_cuda<at::TensorList, onepass::glue::OptionalTensorList>);
+  m.impl("muon_momentum_", &onepass::muon_momentum_cuda<at::TensorList, onepass::glue::OptionalTensorList>);
+  m.impl("novograd_", &onepass::novograd_cuda<at::TensorList, onepass::glue::OptionalTensorList>);
+  m.impl("fadam_", &onepass::fadam_cuda<at::TensorList, onepass::glue::OptionalTensorList>);
 }
