@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import onepass
-from onepass.algorithms.muon import lr_ratio, newton_schulz
+import onepass.algorithms.muon as muon_module
+from onepass.algorithms.muon import gram_segments, lr_ratio, newton_schulz, uses_gram
 
 from helpers import all_backends, config_id
 
@@ -80,11 +81,13 @@ CONFIGS: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_reference_equals_torch_muon(config: dict[str, Any]) -> None:
-    """On 2-D params, with torch's bfloat16 Newton-Schulz, the reference is torch.optim.Muon."""
+    """On 2-D params, with torch's bfloat16 Newton-Schulz (the standard iteration), the reference
+    is torch.optim.Muon."""
     params = [p for p in _params(torch.float32) if p.dim() == 2 and p.requires_grad]
     twins = [p.detach().clone().requires_grad_() for p in params]
     grads = [g[: len(params)] for g in _grads(_params(torch.float32))]
-    ours = onepass.Muon(params, lr=0.02, ns_dtype=torch.bfloat16, backend="reference", **config)
+    torch_like = {"ns_dtype": torch.bfloat16, "ns_method": "standard", "backend": "reference"}
+    ours = onepass.Muon(params, lr=0.02, **torch_like, **config)
     theirs = torch.optim.Muon(twins, lr=0.02, **config)
     _run(ours, params, grads)
     _run(theirs, twins, grads)
@@ -107,6 +110,63 @@ def test_newton_schulz_batches_and_transposes() -> None:
         torch.testing.assert_close(together[k], 2.0 * alone, rtol=1e-12, atol=1e-12)
     singular = torch.linalg.svdvals(together[0] / 2.0)
     assert bool((singular > 0.5).all() and (singular < 1.5).all()), singular
+
+
+@pytest.mark.parametrize("shape", [(20, 70), (70, 20), (3, 16, 40)], ids=str)
+@pytest.mark.parametrize("steps", [2, 3, 5, 7])
+def test_gram_newton_schulz_is_the_standard_iteration(shape: tuple[int, ...], steps: int) -> None:
+    """Gram Newton-Schulz is the same polynomial iteration: equal in float64, restarts and the
+    folded scale included, on wide, tall and batched matrices."""
+    torch.manual_seed(3)
+    x = torch.randn(*shape, dtype=torch.float64)
+    assert uses_gram("gram", shape[-2], shape[-1], steps)
+    args = ((3.4445, -4.775, 2.0315), steps, 1e-7, torch.float64, 1.7)
+    standard = newton_schulz(x, *args, method="standard")
+    gram = newton_schulz(x, *args, method="gram")
+    torch.testing.assert_close(gram, standard, rtol=1e-12, atol=1e-12)
+
+
+def test_gram_is_used_only_where_it_is_cheaper() -> None:
+    assert not uses_gram("gram", 768, 768, 5)  # square: the standard iteration is cheaper
+    assert not uses_gram("gram", 768, 1100, 5)
+    assert uses_gram("gram", 768, 2304, 5) and uses_gram("gram", 3072, 768, 5)
+    assert not uses_gram("standard", 768, 3072, 5)
+    assert gram_segments(5) == [3, 2] and gram_segments(7) == [3, 3, 1] and gram_segments(0) == []
+
+
+@pytest.mark.parametrize("spectrum", ["gaussian", "decaying", "rank 16"])
+def test_gram_in_bf16_is_as_accurate_as_torchs_iteration(spectrum: str) -> None:
+    """In bfloat16, Gram Newton-Schulz with its restart lands about as near the float64 iteration
+    as torch's bf16 iteration does; without the restart, rounding in the Gram matrix grows
+    (spurious negative eigenvalues) and it lands far further on a decaying spectrum."""
+    torch.manual_seed(6)
+    rows, cols = 96, 384
+    u, _ = torch.linalg.qr(torch.randn(rows, rows, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, rows, dtype=torch.float64))
+    singular = {
+        "gaussian": torch.linalg.svdvals(torch.randn(rows, cols, dtype=torch.float64)),
+        "decaying": torch.logspace(0, -6, rows, dtype=torch.float64),
+        "rank 16": (torch.arange(rows) < 16).double(),
+    }[spectrum]
+    x = u @ torch.diag(singular) @ v.T
+    args = ((3.4445, -4.775, 2.0315), 5, 1e-7)
+    exact = newton_schulz(x, *args, torch.float64)
+
+    def error(method: str) -> float:
+        out = newton_schulz(x, *args, torch.bfloat16, method=method).double()
+        return float((out - exact).norm() / exact.norm())
+
+    # Flat spectra: up to ~1.5x torch's error (both about one bf16 ulp); decaying or low-rank
+    # spectra, the common case for momentum: below torch's.
+    bound = 1.6 if spectrum == "gaussian" else 1.0
+    assert error("gram") <= bound * error("standard"), (error("gram"), error("standard"))
+    if spectrum == "decaying":
+        restart_every = muon_module.GRAM_RESTART_EVERY
+        try:
+            muon_module.GRAM_RESTART_EVERY = 5
+            assert error("gram") > 2 * error("standard")
+        finally:
+            muon_module.GRAM_RESTART_EVERY = restart_every
 
 
 def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -219,6 +279,7 @@ def test_conv_weights_are_flattened() -> None:
         [conv],
         lr=0.05,
         ns_dtype=torch.bfloat16,
+        ns_method="standard",
         adjust_lr_fn="match_rms_adamw",
         backend="reference",
     )
@@ -253,9 +314,12 @@ def test_checkpoints_load_both_ways_with_torch_muon(backend: str) -> None:
     mine = [p.detach().clone().requires_grad_() for p in params]
     first = torch.optim.Muon(mine, lr=0.02)
     steps(first, mine, range(2))
-    second = onepass.Muon(mine, lr=1.0, ns_dtype=torch.bfloat16, backend=backend)
+    second = onepass.Muon(
+        mine, lr=1.0, ns_dtype=torch.bfloat16, ns_method="standard", backend=backend
+    )
     second.load_state_dict(first.state_dict())
     assert second.param_groups[0]["use_muon"] and second.param_groups[0]["lr"] == 0.02
+    assert second.param_groups[0]["ns_method"] == "standard"  # its own, not the default
     steps(second, mine, range(2, 4))
     # The native path's bfloat16 Newton-Schulz is batched and carries lr'/lr: bf16 rounding
     tol = {"rtol": 1e-5, "atol": 1e-6} if backend == "reference" else {"rtol": 2e-3, "atol": 5e-4}
@@ -309,6 +373,7 @@ def test_rejects_bad_hyperparameters() -> None:
         ({"ns_steps": 100}, "Number of steps must be less than 100"),
         ({"ns_coefficients": (1.0, 2.0)}, "exactly 3 values"),
         ({"ns_dtype": torch.float16}, "ns_dtype"),
+        ({"ns_method": "svd"}, "ns_method"),
     ]:
         with pytest.raises(ValueError, match=message):
             onepass.Muon([p], **kwargs)

@@ -43,6 +43,13 @@ class Muon(FusedOptimizer):
     - ``ns_dtype``: the Newton-Schulz dtype; None picks bfloat16 (torch's choice) on GPUs and on
       CPUs with native bf16 matmuls (AVX512-BF16, AMX), float32 on other CPUs, where bf16
       matmuls are emulated and slower; float64 for float64 params.
+    - ``ns_method``: "gram" (default) runs Gram Newton-Schulz (Dao et al., 2026) on matrices
+      whose aspect ratio makes it cheaper (above ~1.5 for 5 steps): the same polynomial
+      iteration on the small X X^T, restarted after 3 iterations for bf16 stability
+      (onepass.algorithms.muon.gram_segments). It equals torch's iteration up to rounding, in
+      bf16 no further from the float64 result than torch's bf16 iteration, with ~40% fewer
+      multiply-adds on 1:3 and 1:4 matrices. "standard" is torch's iteration, operation for
+      operation (the reference backend then gives torch.optim.Muon's bits).
     - Every same-shape matrix of a bucket is orthogonalised together in batched matmuls; the
       momentum pass before and the decay + scaled update after are one fused multi-tensor pass
       each (onepass.algorithms.muon).
@@ -56,6 +63,7 @@ class Muon(FusedOptimizer):
     torch_keys: Mapping[str, Any] = {
         "use_muon": True,
         "ns_dtype": None,
+        "ns_method": "gram",
         "adamw_betas": (0.9, 0.95),
         "adamw_eps": 1e-8,
         "decay": "decoupled",
@@ -76,6 +84,7 @@ class Muon(FusedOptimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         ns_dtype: torch.dtype | None = None,
+        ns_method: str = "gram",
         capturable: bool = False,
         **options: Unpack[Options],
     ) -> None:
@@ -92,6 +101,7 @@ class Muon(FusedOptimizer):
             "adamw_betas": adamw_betas,
             "adamw_eps": adamw_eps,
             "ns_dtype": ns_dtype,
+            "ns_method": ns_method,
             "decay": "decoupled",
             "capturable": capturable,
         }
