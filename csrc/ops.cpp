@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <vector>
@@ -221,30 +223,37 @@ void muon_momentum_cpu(const Params& updates, const Grads& grads, Tensor momentu
 // The sum of squares of every element of `tensors` (one float dtype), in float64: the global
 // gradient norm of the fused clip, one parallel pass over all tensors (torch's per-tensor norms
 // cost ~7 us a tensor here). Chunk sums by NovoGrad's reduce kernel, combined in chunk order:
-// the same bits whatever the thread split.
-Tensor sum_of_squares_cpu(at::TensorList tensors) {
+// the same bits whatever the thread split. `table_built` runs once the pointers are read (the
+// eager entry releases the GIL there); the storages stay alive until the sum is done.
+double sum_of_squares(const std::vector<const Tensor*>& tensors,
+                      const std::function<void()>& table_built = {}) {
   Table t;
   TORCH_CHECK(!tensors.empty(), "onepass: sum_of_squares of no tensors");
-  t.dtype = tensors[0].scalar_type();
+  t.dtype = tensors[0]->scalar_type();
   for (int64_t i = 0; i < static_cast<int64_t>(tensors.size()); ++i) {
-    Tensor x = tensors[i];
+    const Tensor& x = *tensors[i];
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == t.dtype,
                 "onepass: sum_of_squares takes CPU tensors of one dtype; tensor ", i, " is ",
                 x.scalar_type(), " on ", x.device());
     TORCH_CHECK(x.layout() == at::kStrided && !x.is_complex(),
                 "onepass: sum_of_squares takes dense real tensors (tensor ", i, ")");
     if (x.numel() == 0) continue;
-    if (!x.is_contiguous()) {
-      x = x.contiguous();
-      t.keep_alive.push_back(x);
+    const void* data = nullptr;
+    if (x.is_contiguous()) {
+      t.storages.push_back(x.storage());
+      data = x.data_ptr();
+    } else {
+      t.keep_alive.push_back(x.contiguous());
+      data = t.keep_alive.back().data_ptr();
     }
     const int64_t segment = static_cast<int64_t>(t.segments.size());
-    t.segments.push_back(Segment{nullptr, x.data_ptr(), 0, x.numel(), i, 0.0});
+    t.segments.push_back(Segment{nullptr, data, 0, x.numel(), i, 0.0});
     for (int64_t begin = 0; begin < x.numel(); begin += kChunkElements) {
       t.chunks.push_back(Chunk{segment, begin, std::min(begin + kChunkElements, x.numel())});
     }
     t.elements += x.numel();
   }
+  if (table_built) table_built();
   double total = 0.0;
   if (!t.chunks.empty()) {
     std::vector<double> partial_sums(t.chunks.size(), 0.0);
@@ -257,7 +266,14 @@ Tensor sum_of_squares_cpu(at::TensorList tensors) {
     run_chunks(t, [&](int64_t b, int64_t e) { reduce(launch, b, e); });
     for (const double s : partial_sums) total += s;
   }
-  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
+  return total;
+}
+
+Tensor sum_of_squares_cpu(at::TensorList tensors) {
+  std::vector<const Tensor*> refs;
+  refs.reserve(tensors.size());
+  for (const Tensor& x : tensors) refs.push_back(&x);
+  return at::scalar_tensor(sum_of_squares(refs), at::TensorOptions().dtype(at::kDouble));
 }
 
 template <class Params, class Grads>
@@ -591,6 +607,50 @@ class EagerCall {
   onepass::glue::EagerGrads grads_;
 };
 
+// The sum of squares of the grads of `params` (a Python list; params without a grad are left
+// out) in float64, and whether the first grad is float64 (the norm's dtype then); None where a
+// grad is not a dense CPU float tensor (the caller then takes torch's norm). The grads are read
+// here, borrowed, a block at a time (unpack_params): no Python list of 4,000 p.grad, and no
+// dispatcher conversion of one (~1 ms each).
+pybind11::object grads_sum_of_squares(const pybind11::list& params) {
+  const int64_t n = PyList_GET_SIZE(params.ptr());
+  PyObject* const* items = reinterpret_cast<PyListObject*>(params.ptr())->ob_item;
+  constexpr int64_t kBlock = 64;
+  const at::Tensor* block[kBlock];
+  const at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
+  std::vector<const at::Tensor*> by_dtype[std::size(kDtypes)];
+  std::optional<bool> first_is_double;
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t end = std::min(n, begin + kBlock);
+    unpack_params(items, begin, end, block, /*with_grads=*/true);
+    for (int64_t i = begin; i < end; ++i) {
+      const at::Tensor& grad = block[i - begin]->grad();
+      if (!grad.defined()) continue;
+      if (!grad.device().is_cpu() || grad.layout() != at::kStrided) return pybind11::none();
+      const auto* slot = std::find(std::begin(kDtypes), std::end(kDtypes), grad.scalar_type());
+      if (slot == std::end(kDtypes)) return pybind11::none();
+      if (!first_is_double.has_value()) first_is_double = grad.scalar_type() == at::kDouble;
+      by_dtype[slot - std::begin(kDtypes)].push_back(&grad);
+    }
+  }
+  double total = 0.0;
+  {
+    // The GIL goes once the last dtype's table holds the pointers (and keeps the storages).
+    std::optional<pybind11::gil_scoped_release> no_gil;
+    const auto last = std::find_if(std::rbegin(by_dtype), std::rend(by_dtype),
+                                   [](const auto& group) { return !group.empty(); });
+    for (auto& group : by_dtype) {
+      if (group.empty()) continue;
+      const bool is_last = &group == &*last;
+      total += onepass::sum_of_squares(group, [&] {
+        if (is_last) no_gil.emplace();
+      });
+    }
+  }
+  return pybind11::make_tuple(at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble)),
+                              first_is_double.value_or(false));
+}
+
 // Whether params[i].grad is the tensor whose TensorImpl address is impls[i], for every i: the
 // check of flatten=True that every grad is still its view of the flat grad buffer. In Python it
 // costs ~0.3 us a param (1.3 ms for 4,000 params after a step has flushed the caches); here the
@@ -618,6 +678,8 @@ PYBIND11_MODULE(_C, m) {
   namespace py = pybind11;
   using Opt = std::optional<at::Tensor>;
   m.doc() = "onepass native operators (torch.ops.onepass) and their eager entry points";
+  m.def("grads_sum_of_squares", &grads_sum_of_squares,
+        "the sum of squares of the params' grads, and whether the first is float64; or None");
   m.def("grads_are", &grads_are, "whether every params[i].grad is the TensorImpl at impls[i]");
   m.def(
       "adam_",

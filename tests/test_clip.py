@@ -219,3 +219,34 @@ def test_native_total_norm_equals_torch() -> None:
     )
     with pytest.raises(RuntimeError, match="one dtype"):
         torch.ops.onepass.sum_of_squares([torch.randn(3), torch.randn(3).double()])
+
+
+@pytest.mark.skipif(not onepass.native_available(), reason="onepass._C not built")
+def test_native_grads_norm_reads_the_grads_itself() -> None:
+    """The clip's norm of an optimizer's grads, read natively from the params: params without a
+    grad are left out, dtypes mix, non-contiguous and zero-size grads count; a grad the native
+    reduction does not take (sparse; on CUDA, every grad) is left to torch's norm."""
+    from onepass import _ops
+
+    torch.manual_seed(10)
+    params = [
+        torch.randn(70_001, requires_grad=True),
+        torch.randn(5, 9, requires_grad=True),
+        torch.randn(0, requires_grad=True),
+        torch.randn(333, requires_grad=True),
+        torch.randn(17, dtype=torch.bfloat16, requires_grad=True),
+        torch.randn(1000, requires_grad=True),  # no grad
+    ]
+    for p in params[:5]:
+        p.grad = torch.randn(tuple(reversed(p.shape))).t() if p.dim() == 2 else torch.randn_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
+    expected = torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in grads]))
+    norm = _ops.grads_total_norm(params)
+    assert norm is not None and norm.dtype == torch.float32
+    torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
+    opt = onepass.AdamW(params, max_grad_norm=1.0, backend="reference")
+    torch.testing.assert_close(opt.norm_for_next_step(), norm, rtol=0, atol=0)
+
+    params[3].grad = params[3].grad.to_sparse()  # not the native reduction's (nor torch's)
+    assert _ops.grads_total_norm(params) is None
+    assert _ops.total_norm([p.grad for p in params if p.grad is not None], 2.0) is None

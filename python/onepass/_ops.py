@@ -43,10 +43,10 @@ def cpu_capabilities() -> list[str]:
 def total_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor | None:
     """The global norm of ``tensors`` by onepass's native CPU reduction (one parallel pass over
     all of them, float64 sums), or None where it does not apply (not the 2-norm, a tensor off
-    the CPU, no native build): the caller then uses torch's."""
+    the CPU or sparse, no native build): the caller then uses torch's."""
     if NATIVE_ERROR is not None or norm_type != 2.0 or not tensors:
         return None
-    if any(t.device.type != "cpu" for t in tensors):
+    if any(t.device.type != "cpu" or t.layout != torch.strided for t in tensors):
         return None
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
@@ -56,6 +56,20 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor | 
     # float32 (float64 for float64 grads): a 16-bit norm would put its rounding in the clip
     out = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     return total.sqrt().to(out)
+
+
+def grads_total_norm(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The global 2-norm of the grads of ``params`` (those that have one) by the native CPU
+    reduction, reading each ``p.grad`` natively (no Python list of them, no dispatcher call), or
+    None where it does not apply (a grad off the CPU or not dense, no native build, under
+    torch.compile): the caller then takes :func:`total_norm` of the grads or torch's."""
+    if NATIVE_ERROR is not None or torch.compiler.is_compiling():
+        return None
+    result = _C.grads_sum_of_squares(params)
+    if result is None:
+        return None
+    total, first_is_double = result
+    return total.sqrt().to(torch.float64 if first_is_double else torch.float32)
 
 
 def grads_are(params: list[torch.Tensor], impls: torch.Tensor) -> bool:
