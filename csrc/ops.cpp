@@ -526,6 +526,12 @@ void prefetch_storage(const at::Tensor& t) {
   }
 }
 
+// A param's .grad, read from its TensorImpl: Tensor::grad() first asks autograd whether the
+// tensor is a leaf (a virtual call and another cache miss, for a warning about non-leaves).
+const at::Tensor& grad_of(const at::Tensor& param) {
+  return param.unsafeGetTensorImpl()->grad();
+}
+
 // Unpacks the tensors of the Python objects items[begin:end] into out[0:end-begin], and brings
 // their TensorImpls into cache, with their autograd meta (where .grad lives) if `with_grads`.
 // Reading a param's .grad chases pointers: the Python object, its TensorImpl, the autograd meta,
@@ -589,7 +595,7 @@ class EagerCall {
     for (int64_t i = begin; i < end; ++i) prefetch_storage(*params[i]);
     for (int64_t i = begin; i < end; ++i) {
       if (own_grads_) {
-        grads_[i] = &params[i]->grad();
+        grads_[i] = &grad_of(*params[i]);
       } else {
         grads_[i] = owned_[i].has_value() ? &*owned_[i] : nullptr;
       }
@@ -624,7 +630,7 @@ pybind11::object grads_sum_of_squares(const pybind11::list& params) {
     const int64_t end = std::min(n, begin + kBlock);
     unpack_params(items, begin, end, block, /*with_grads=*/true);
     for (int64_t i = begin; i < end; ++i) {
-      const at::Tensor& grad = block[i - begin]->grad();
+      const at::Tensor& grad = grad_of(*block[i - begin]);
       if (!grad.defined()) continue;
       if (!grad.device().is_cpu() || grad.layout() != at::kStrided) return pybind11::none();
       const auto* slot = std::find(std::begin(kDtypes), std::end(kDtypes), grad.scalar_type());
@@ -665,7 +671,7 @@ bool grads_are(const pybind11::list& params, const at::Tensor& impls) {
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* obj = PyList_GET_ITEM(params.ptr(), i);
     if (!THPVariable_Check(obj)) return false;
-    const at::Tensor& grad = THPVariable_Unpack(obj).grad();
+    const at::Tensor& grad = grad_of(THPVariable_Unpack(obj));
     // No early exit: a branch per param would serialise the misses the loop overlaps.
     same &= grad.defined() && reinterpret_cast<int64_t>(grad.unsafeGetTensorImpl()) == want[i];
   }
