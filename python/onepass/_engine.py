@@ -400,7 +400,8 @@ class Engine:
             if isinstance(bucket, FlatBucket):
                 bucket.finish()
                 bucket, grads = bucket.bucket, list(bucket.bucket.grad_views)
-            elif bucket.flat_param is not None:
+            elif bucket.flat_param is not None and not bucket.per_tensor:
+                # (per-tensor algorithms never take the flat path: no need to track it)
                 grads = _grads_of(bucket) if grads is None else grads
                 if any(g is None for g in grads):
                     bucket.uniform_steps = False  # the tensors without a grad did not advance
