@@ -499,3 +499,39 @@ def test_replaced_state_is_honoured(how: str, backend_name: str) -> None:
     _reset(expected, how, theirs[3])
     step_both(ours, expected, params, theirs, range(4, 6))
     assert_same_as_torch(ours, expected, params, theirs)
+
+
+@pytest.mark.skipif(not onepass.native_available(), reason="onepass._C not built")
+def test_the_native_step_lets_other_python_threads_run() -> None:
+    """The eager ops borrow the params and grads under the GIL, then release it for the kernels
+    (as torch's own ops do): another Python thread runs while a long CPU step is in its kernel."""
+    import threading
+    import time
+
+    p = torch.zeros(1 << 25, requires_grad=True)  # a step of ~100 ms on 2 cores
+    p.grad = torch.ones_like(p)
+    opt = onepass.AdamW([p], backend="cpu")
+    opt.step()
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0)
+
+    thread = threading.Thread(target=tick)
+    thread.start()
+    while not ticks:
+        time.sleep(0.001)
+    inside = 0
+    for _ in range(3):
+        start = time.perf_counter()
+        opt.step()
+        end = time.perf_counter()
+        # ticks well inside the call (the thread's own GIL turns at the ends excluded)
+        margin = 0.2 * (end - start)
+        inside += sum(start + margin < t < end - margin for t in ticks)
+    stop.set()
+    thread.join()
+    assert inside > 0
