@@ -16,6 +16,7 @@ namespace onepass::glue {
 
 using at::Tensor;
 using OptionalTensorList = c10::List<std::optional<Tensor>>;
+
 // The params and grads of an eager call, borrowed from their Python objects while the GIL is
 // held: no refcounts. In torch 2.10+ a second C++ reference to a tensor that has a Python object
 // increfs that object under the GIL, so owning copies of 4,000 params and grads cost ~0.3 ms a

@@ -585,10 +585,7 @@ class EagerCall {
   }
 
  private:
-  // Reading a param's .grad chases pointers: the Python object, its TensorImpl, the autograd
-  // meta, the grad's TensorImpl, and then both storages, each a cache miss once a step has
-  // streamed its buffers through the caches. Each level's loads are issued for the whole block
-  // before the next level needs them, so the misses overlap instead of queueing.
+  // Entries [begin, end), each pointer level prefetched for the whole block (unpack_params).
   void borrow(int64_t begin, int64_t end) {
     const at::Tensor** params = params_.tensors.data();
     unpack_params(items_, begin, end, params + begin, /*with_grads=*/own_grads_);
