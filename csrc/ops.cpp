@@ -223,10 +223,11 @@ void muon_momentum_cpu(const Params& updates, const Grads& grads, Tensor momentu
 // The sum of squares of every element of `tensors` (one float dtype), in float64: the global
 // gradient norm of the fused clip, one parallel pass over all tensors (torch's per-tensor norms
 // cost ~7 us a tensor here). Chunk sums by NovoGrad's reduce kernel, combined in chunk order:
-// the same bits whatever the thread split. `table_built` runs once the pointers are read (the
-// eager entry releases the GIL there); the storages stay alive until the sum is done.
+// the same bits whatever the thread split. `release_gil` (the eager entry's, where given) runs
+// once the pointers are read if the pass is long (glue::kReleaseGilElements); the storages then
+// stay alive until the sum is done.
 double sum_of_squares(const std::vector<const Tensor*>& tensors,
-                      const std::function<void()>& table_built = {}) {
+                      const std::function<void()>& release_gil = {}) {
   Table t;
   TORCH_CHECK(!tensors.empty(), "onepass: sum_of_squares of no tensors");
   t.dtype = tensors[0]->scalar_type();
@@ -240,7 +241,6 @@ double sum_of_squares(const std::vector<const Tensor*>& tensors,
     if (x.numel() == 0) continue;
     const void* data = nullptr;
     if (x.is_contiguous()) {
-      t.storages.push_back(x.storage());
       data = x.data_ptr();
     } else {
       t.keep_alive.push_back(x.contiguous());
@@ -253,7 +253,10 @@ double sum_of_squares(const std::vector<const Tensor*>& tensors,
     }
     t.elements += x.numel();
   }
-  if (table_built) table_built();
+  if (release_gil && t.elements >= glue::kReleaseGilElements) {
+    for (const Tensor* x : tensors) t.storages.push_back(x->storage());
+    release_gil();
+  }
   double total = 0.0;
   if (!t.chunks.empty()) {
     std::vector<double> partial_sums(t.chunks.size(), 0.0);
@@ -576,11 +579,11 @@ class EagerCall {
   EagerCall(const EagerCall&) = delete;
   EagerCall& operator=(const EagerCall&) = delete;
 
-  // Runs fn(params, grads), letting go of the GIL once the op has built its table.
+  // Runs fn(params, grads), letting go of the GIL once a long CPU step has built its table.
   template <class Fn>
   void run(const Fn& fn) {
     std::optional<pybind11::gil_scoped_release> no_gil;  // goes first: the rest drop with the GIL
-    params_.table_built = [&no_gil] { no_gil.emplace(); };
+    params_.release_gil = [&no_gil] { no_gil.emplace(); };
     fn(params_, grads_);
   }
 
@@ -638,16 +641,16 @@ pybind11::object grads_sum_of_squares(const pybind11::list& params) {
   }
   double total = 0.0;
   {
-    // The GIL goes once the last dtype's table holds the pointers (and keeps the storages).
+    // A long pass lets go of the GIL once the last dtype's table holds the pointers (earlier
+    // dtypes keep it: the later ones still read borrowed grads).
     std::optional<pybind11::gil_scoped_release> no_gil;
+    const std::function<void()> release_gil = [&no_gil] { no_gil.emplace(); };
     const auto last = std::find_if(std::rbegin(by_dtype), std::rend(by_dtype),
                                    [](const auto& group) { return !group.empty(); });
     for (auto& group : by_dtype) {
       if (group.empty()) continue;
-      const bool is_last = &group == &*last;
-      total += onepass::sum_of_squares(group, [&] {
-        if (is_last) no_gil.emplace();
-      });
+      total += onepass::sum_of_squares(
+          group, &group == &*last ? release_gil : std::function<void()>());
     }
   }
   return pybind11::make_tuple(at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble)),
