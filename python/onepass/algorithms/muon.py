@@ -139,9 +139,9 @@ def gram_segments(steps: int) -> list[int]:
     negative eigenvalues, which the polynomial then grows); a restart recomputes X and its Gram
     matrix. With torch's coefficients on 768 x 3072 matrices in bf16 (relative error to the
     float64 iteration; torch's bf16 iteration in brackets): restarting after 3 of the 5
-    iterations gave 0.013 (0.010) on a Gaussian matrix, 0.027-0.063 (0.029-0.078) on decaying
-    spectra and 0.14 (0.21) at rank 64; after 2, up to 0.020 where torch gives 0.011; no restart
-    was 6x worse on decaying spectra."""
+    iterations gave 0.011 (0.010) on a Gaussian matrix, 0.011-0.063 (0.011-0.078) on decaying
+    spectra and 0.14 (0.21) at rank 64; after 2, 0.019 where torch gives 0.011; no restart was
+    up to 100x worse on decaying spectra."""
     return [min(GRAM_RESTART_EVERY, steps - k) for k in range(0, steps, GRAM_RESTART_EVERY)]
 
 
@@ -203,11 +203,17 @@ def newton_schulz(
             gram = mm(ortho, ortho.mT)
             product = gram  # Q, set by the first iteration
             for k in range(length):
-                # P = a I + b R + c R^2, summed in opmath and rounded once: a bf16 P rounded
-                # twice (as b R + c R^2 by a fused addmm, then with a I) doubled the error
-                poly = mm(gram, gram).to(opmath).mul_(c).add_(gram.to(opmath), alpha=b)
-                poly.diagonal(dim1=-2, dim2=-1).add_(a)
-                poly = poly.to(dtype)
+                # P = a I + b R + c R^2. In 16 bits its diagonal is summed in opmath and
+                # rounded once ((R^2)_ii = ||R_i||^2): rounding b R_ii + c (R^2)_ii and then
+                # adding a doubled the error of bf16 Gram Newton-Schulz on flat spectra.
+                poly = addmm(gram, gram, gram, beta=b, alpha=c)
+                diagonal = poly.diagonal(dim1=-2, dim2=-1)
+                if dtype == opmath:
+                    diagonal.add_(a)
+                else:
+                    row_norms = torch.linalg.vector_norm(gram, dim=-1, dtype=opmath)
+                    diag = gram.diagonal(dim1=-2, dim2=-1).to(opmath).mul_(b).add_(a)
+                    diagonal.copy_(diag.add_(row_norms.square_(), alpha=c))
                 product = poly if k == 0 else mm(poly, product)
                 if k < length - 1:
                     gram = mm(poly, mm(gram, poly))  # R' = P R P
