@@ -250,3 +250,31 @@ def test_native_grads_norm_reads_the_grads_itself() -> None:
     params[3].grad = params[3].grad.to_sparse()  # not the native reduction's (nor torch's)
     assert _ops.grads_total_norm(params) is None
     assert _ops.total_norm([p.grad for p in params if p.grad is not None], 2.0) is None
+
+
+@pytest.mark.skipif(not onepass.native_available(), reason="onepass._C not built")
+def test_flattened_norm_reads_the_flat_buffers_while_every_grad_is_its_view() -> None:
+    """flatten=True: the clip norm is taken over the flat grad buffers while every grad is still
+    its view of them, and over the grads themselves once one is not (a new tensor, None)."""
+    torch.manual_seed(11)
+    params = [torch.randn(s, requires_grad=True) for s in [(37,), (9, 5), (4097,), (6, 6)]]
+    frozen = torch.randn(3, requires_grad=False)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = onepass.AdamW([*params, frozen], max_grad_norm=1.0, flatten=True, backend="cpu")
+    opt.step()
+    assert opt._engine.flat_grad_buffers() is not None
+
+    def torch_norm() -> torch.Tensor:
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+    for p in params:
+        p.grad.copy_(torch.randn_like(p))
+    torch.testing.assert_close(opt.norm_for_next_step(), torch_norm(), rtol=1e-6, atol=0)
+    opt.step()
+    params[1].grad = torch.randn_like(params[1])  # no longer its view
+    assert opt._engine.flat_grad_buffers() is None
+    torch.testing.assert_close(opt.norm_for_next_step(), torch_norm(), rtol=1e-6, atol=0)
+    opt.step()
+    params[2].grad = None
+    torch.testing.assert_close(opt.norm_for_next_step(), torch_norm(), rtol=1e-6, atol=0)

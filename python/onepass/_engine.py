@@ -345,6 +345,25 @@ class Engine:
                     views.update((id(p), v) for p, v in pairs)
         return views, buffers
 
+    def flat_grad_buffers(self) -> list[torch.Tensor] | None:
+        """The flat grad buffers holding every grad of the optimizer, when each group's plan is
+        current and flattened and every grad is still its view of them (a param outside the
+        buckets then has no grad: its plan would be stale); else None. A global grad norm over
+        them reads a few buffers instead of thousands of tensors (the padding is zero)."""
+        groups = self.optimizer.param_groups
+        if self.optimizer.state.dirty or len(self.plans) != len(groups):
+            return None
+        buffers: list[torch.Tensor] = []
+        for plan, group in zip(self.plans, groups, strict=True):
+            slots = self.spec.for_group(group).active_slots(group)
+            if plan is None or plan.stale(group, slots):
+                return None
+            for bucket in plan.buckets:
+                if bucket.flat_grad is None or not _ops.grads_are(bucket.params, bucket.grad_impls):
+                    return None
+                buffers.append(bucket.flat_grad)
+        return buffers
+
     def invalidate(self) -> None:
         """Forget every bucket; the next step rebuilds them from ``optimizer.state``."""
         self.plans = []

@@ -265,7 +265,13 @@ class FusedOptimizer(Optimizer):
         # torch.nn.utils.clip_grad_norm_, to rounding.
         norm = None
         if norm_type == 2.0:
-            norm = _ops.grads_total_norm([p for g in self.param_groups for p in g["params"]])
+            buffers = self._engine.flat_grad_buffers()  # flatten=True: a few flat buffers
+            if buffers:
+                norm = _ops.total_norm(buffers, 2.0)
+                if norm is None:  # off the CPU: torch's, still over the flat buffers
+                    norm = torch.nn.utils.get_total_norm(buffers, 2.0, error_if_nonfinite)
+            else:
+                norm = _ops.grads_total_norm([p for g in self.param_groups for p in g["params"]])
         if norm is None:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if not grads:
