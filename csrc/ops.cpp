@@ -564,9 +564,8 @@ void unpack_params(PyObject* const* items, int64_t begin, int64_t end, const at:
 class EagerCall {
  public:
   EagerCall(const pybind11::list& params, const pybind11::object& grads)
-      : items_(reinterpret_cast<PyListObject*>(params.ptr())->ob_item),
-        own_grads_(grads.is_none()) {
-    const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+      : list_(params.ptr()), own_grads_(grads.is_none()) {
+    const Py_ssize_t n = PyList_GET_SIZE(list_);
     params_.tensors.resize(n);
     grads_.resize(n);
     if (!own_grads_) {
@@ -582,7 +581,9 @@ class EagerCall {
   // Runs fn(params, grads), letting go of the GIL once a long CPU step has built its table.
   template <class Fn>
   void run(const Fn& fn) {
-    std::optional<pybind11::gil_scoped_release> no_gil;  // goes first: the rest drop with the GIL
+    // Declared after the tensors it guards: they drop once the GIL is back (the table's own
+    // temporaries drop inside fn, without it).
+    std::optional<pybind11::gil_scoped_release> no_gil;
     params_.release_gil = [&no_gil] { no_gil.emplace(); };
     fn(params_, grads_);
   }
@@ -590,8 +591,13 @@ class EagerCall {
  private:
   // Entries [begin, end), each pointer level prefetched for the whole block (unpack_params).
   void borrow(int64_t begin, int64_t end) {
+    // The list is read afresh for each block: between blocks the checks may run Python (a
+    // dispatch mode behind .contiguous()), which may let another thread change the list.
+    TORCH_CHECK(PyList_GET_SIZE(list_) == static_cast<Py_ssize_t>(params_.tensors.size()),
+                "onepass: the params list changed during the step");
+    PyObject* const* items = reinterpret_cast<PyListObject*>(list_)->ob_item;
     const at::Tensor** params = params_.tensors.data();
-    unpack_params(items_, begin, end, params + begin, /*with_grads=*/own_grads_);
+    unpack_params(items, begin, end, params + begin, /*with_grads=*/own_grads_);
     for (int64_t i = begin; i < end; ++i) prefetch_storage(*params[i]);
     for (int64_t i = begin; i < end; ++i) {
       if (own_grads_) {
@@ -606,7 +612,7 @@ class EagerCall {
     }
   }
 
-  PyObject* const* items_;
+  PyObject* list_;  // the caller's list, alive for the call
   bool own_grads_;
   std::vector<std::optional<at::Tensor>> owned_;
   onepass::glue::EagerParams params_;

@@ -217,9 +217,10 @@ def newton_schulz(
                 product = poly if k == 0 else mm(poly, product)
                 if k < length - 1:
                     gram = mm(poly, mm(gram, poly))  # R' = P R P
-            if index == len(segments) - 1 and scale != 1.0:
-                product = product.mul_(scale)
-            ortho = mm(product, ortho)
+            if index == len(segments) - 1 and scale != 1.0:  # folded in: one rounding
+                ortho = addmm(ortho, product, ortho, beta=0.0, alpha=scale)
+            else:
+                ortho = mm(product, ortho)
         return ortho.mT if tall else ortho
     for i in range(steps):
         gram = mm(ortho, ortho.mT)
