@@ -34,6 +34,17 @@ struct EagerParams {
 constexpr int64_t kReleaseGilElements = int64_t(1) << 24;
 using EagerGrads = std::vector<const Tensor*>;  // null: no grad this step
 
+// The two calling conventions every op implementation is instantiated for (its template
+// argument): the dispatcher's lists, and an eager call's borrowed tensors.
+struct Dispatched {
+  using Params = at::TensorList;
+  using Grads = OptionalTensorList;
+};
+struct Eager {
+  using Params = EagerParams;
+  using Grads = EagerGrads;
+};
+
 // Param i and grad i of either kind of call: the dispatcher's lists, or an eager call's. A
 // dispatcher grad is a copy (the list holds IValues), so the caller keeps it while it reads.
 inline int64_t param_count(at::TensorList params) { return static_cast<int64_t>(params.size()); }

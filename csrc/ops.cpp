@@ -88,8 +88,9 @@ float* master_data(const std::optional<Tensor>& master) {
   return master.has_value() ? master->data_ptr<float>() : nullptr;
 }
 
-template <class Params, class Grads>
-void adam_cpu(const Params& params, const Grads& grads, Tensor exp_avg,
+template <class Call>
+void adam_cpu(const typename Call::Params& params,
+              const typename Call::Grads& grads, Tensor exp_avg,
               Tensor exp_avg_sq, const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
               const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
@@ -127,8 +128,9 @@ void adam_cpu(const Params& params, const Grads& grads, Tensor exp_avg,
   finish(t, step);
 }
 
-template <class Params, class Grads>
-void sgd_cpu(const Params& params, const Grads& grads,
+template <class Call>
+void sgd_cpu(const typename Call::Params& params,
+             const typename Call::Grads& grads,
              const std::optional<Tensor>& momentum_buffer, Tensor step,
              const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
              const std::optional<Tensor>& found_inf, const Tensor& lr, double momentum,
@@ -166,8 +168,9 @@ void sgd_cpu(const Params& params, const Grads& grads,
   finish(t, step);
 }
 
-template <class Params, class Grads>
-void lion_cpu(const Params& params, const Grads& grads, Tensor exp_avg, Tensor step,
+template <class Call>
+void lion_cpu(const typename Call::Params& params,
+              const typename Call::Grads& grads, Tensor exp_avg, Tensor step,
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
               const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
               double beta2, double weight_decay, double decay_coefficient, bool maximize,
@@ -195,8 +198,9 @@ void lion_cpu(const Params& params, const Grads& grads, Tensor exp_avg, Tensor s
 }
 
 // Muon's momentum pass: `updates` are the tensors' slices of the update workspace (written).
-template <class Params, class Grads>
-void muon_momentum_cpu(const Params& updates, const Grads& grads, Tensor momentum_buffer,
+template <class Call>
+void muon_momentum_cpu(const typename Call::Params& updates,
+                       const typename Call::Grads& grads, Tensor momentum_buffer,
                        Tensor step, const Tensor& state_offsets,
                        const std::optional<Tensor>& grad_scale,
                        const std::optional<Tensor>& found_inf, double momentum, bool nesterov) {
@@ -279,8 +283,9 @@ Tensor sum_of_squares_cpu(at::TensorList tensors) {
   return at::scalar_tensor(sum_of_squares(refs), at::TensorOptions().dtype(at::kDouble));
 }
 
-template <class Params, class Grads>
-void novograd_cpu(const Params& params, const Grads& grads, Tensor exp_avg, Tensor exp_avg_sq,
+template <class Call>
+void novograd_cpu(const typename Call::Params& params,
+                  const typename Call::Grads& grads, Tensor exp_avg, Tensor exp_avg_sq,
                   const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
                   const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                   const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
@@ -358,8 +363,9 @@ void novograd_cpu(const Params& params, const Grads& grads, Tensor exp_avg, Tens
   finish(t, step);
 }
 
-template <class Params, class Grads>
-void fadam_cpu(const Params& params, const Grads& grads, Tensor fim, Tensor momentum, Tensor step,
+template <class Call>
+void fadam_cpu(const typename Call::Params& params,
+               const typename Call::Grads& grads, Tensor fim, Tensor momentum, Tensor step,
                const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                double beta2, double eps, double clip, double p, double weight_decay,
@@ -481,12 +487,12 @@ TORCH_LIBRARY(onepass, m) {
 }
 
 TORCH_LIBRARY_IMPL(onepass, CPU, m) {
-  m.impl("adam_", &onepass::adam_cpu<at::TensorList, onepass::glue::OptionalTensorList>);
-  m.impl("sgd_", &onepass::sgd_cpu<at::TensorList, onepass::glue::OptionalTensorList>);
-  m.impl("lion_", &onepass::lion_cpu<at::TensorList, onepass::glue::OptionalTensorList>);
-  m.impl("muon_momentum_", &onepass::muon_momentum_cpu<at::TensorList, onepass::glue::OptionalTensorList>);
-  m.impl("novograd_", &onepass::novograd_cpu<at::TensorList, onepass::glue::OptionalTensorList>);
-  m.impl("fadam_", &onepass::fadam_cpu<at::TensorList, onepass::glue::OptionalTensorList>);
+  m.impl("adam_", &onepass::adam_cpu<onepass::glue::Dispatched>);
+  m.impl("sgd_", &onepass::sgd_cpu<onepass::glue::Dispatched>);
+  m.impl("lion_", &onepass::lion_cpu<onepass::glue::Dispatched>);
+  m.impl("muon_momentum_", &onepass::muon_momentum_cpu<onepass::glue::Dispatched>);
+  m.impl("novograd_", &onepass::novograd_cpu<onepass::glue::Dispatched>);
+  m.impl("fadam_", &onepass::fadam_cpu<onepass::glue::Dispatched>);
   m.impl("sum_of_squares", &onepass::sum_of_squares_cpu);
 }
 
@@ -497,12 +503,12 @@ namespace {
 
 const bool kCpuEagerRegistered = [] {
   onepass::glue::EagerOps& ops = onepass::glue::eager_ops(c10::DeviceType::CPU);
-  ops.adam = &onepass::adam_cpu<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
-  ops.sgd = &onepass::sgd_cpu<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
-  ops.lion = &onepass::lion_cpu<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
-  ops.muon_momentum = &onepass::muon_momentum_cpu<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
-  ops.novograd = &onepass::novograd_cpu<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
-  ops.fadam = &onepass::fadam_cpu<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
+  ops.adam = &onepass::adam_cpu<onepass::glue::Eager>;
+  ops.sgd = &onepass::sgd_cpu<onepass::glue::Eager>;
+  ops.lion = &onepass::lion_cpu<onepass::glue::Eager>;
+  ops.muon_momentum = &onepass::muon_momentum_cpu<onepass::glue::Eager>;
+  ops.novograd = &onepass::novograd_cpu<onepass::glue::Eager>;
+  ops.fadam = &onepass::fadam_cpu<onepass::glue::Eager>;
   return true;
 }();
 
@@ -513,11 +519,11 @@ Fn eager_kernel(Fn onepass::glue::EagerOps::*member, const at::Tensor& on) {
   return fn;
 }
 
-// Prefetches the cache lines of one object (kWrite: to be written, as a refcount is).
-template <int kWrite = 0, class T>
+// Prefetches the cache lines of one object.
+template <class T>
 void prefetch_object(const T* x) {
   for (size_t b = 0; b < sizeof(T); b += 64) {
-    __builtin_prefetch(reinterpret_cast<const char*>(x) + b, kWrite);
+    __builtin_prefetch(reinterpret_cast<const char*>(x) + b);
   }
 }
 
@@ -703,9 +709,9 @@ PYBIND11_MODULE(_C, m) {
          const Opt& master_param, int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::adam, exp_avg);
         EagerCall(params, grads).run([&](const auto& tensors, const auto& grad_list) {
-          fn(tensors, grad_list, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_offsets, grad_scale,
-           found_inf, lr, beta1, beta2, eps, weight_decay, decay_coefficient, amsgrad, maximize,
-           l2_decay, master_param, sr_seed);
+          fn(tensors, grad_list, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_offsets,
+             grad_scale, found_inf, lr, beta1, beta2, eps, weight_decay, decay_coefficient, amsgrad,
+             maximize, l2_decay, master_param, sr_seed);
         });
       },
       "torch.ops.onepass.adam_ without the dispatcher (eager calls only)");
@@ -719,8 +725,8 @@ PYBIND11_MODULE(_C, m) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::sgd, step);
         EagerCall(params, grads).run([&](const auto& tensors, const auto& grad_list) {
           fn(tensors, grad_list, momentum_buffer, step, state_offsets, grad_scale, found_inf, lr,
-           momentum, dampening, weight_decay, decay_coefficient, nesterov, maximize, l2_decay,
-           master_param, sr_seed);
+             momentum, dampening, weight_decay, decay_coefficient, nesterov, maximize, l2_decay,
+             master_param, sr_seed);
         });
       },
       "torch.ops.onepass.sgd_ without the dispatcher (eager calls only)");
@@ -733,8 +739,8 @@ PYBIND11_MODULE(_C, m) {
          const Opt& master_param, int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::lion, exp_avg);
         EagerCall(params, grads).run([&](const auto& tensors, const auto& grad_list) {
-          fn(tensors, grad_list, exp_avg, step, state_offsets, grad_scale, found_inf, lr, beta1, beta2,
-           weight_decay, decay_coefficient, maximize, l2_decay, master_param, sr_seed);
+          fn(tensors, grad_list, exp_avg, step, state_offsets, grad_scale, found_inf, lr, beta1,
+             beta2, weight_decay, decay_coefficient, maximize, l2_decay, master_param, sr_seed);
         });
       },
       "torch.ops.onepass.lion_ without the dispatcher (eager calls only)");
@@ -745,8 +751,8 @@ PYBIND11_MODULE(_C, m) {
          const Opt& grad_scale, const Opt& found_inf, double momentum, bool nesterov) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::muon_momentum, momentum_buffer);
         EagerCall(updates, grads).run([&](const auto& tensors, const auto& grad_list) {
-          fn(tensors, grad_list, momentum_buffer, step, state_offsets, grad_scale, found_inf, momentum,
-           nesterov);
+          fn(tensors, grad_list, momentum_buffer, step, state_offsets, grad_scale, found_inf,
+             momentum, nesterov);
         });
       },
       "torch.ops.onepass.muon_momentum_ without the dispatcher (eager calls only)");
@@ -760,9 +766,9 @@ PYBIND11_MODULE(_C, m) {
          int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::novograd, exp_avg);
         EagerCall(params, grads).run([&](const auto& tensors, const auto& grad_list) {
-          fn(tensors, grad_list, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_offsets, grad_scale,
-           found_inf, lr, beta1, beta2, eps, weight_decay, grad_averaging, amsgrad, maximize,
-           master_param, sr_seed);
+          fn(tensors, grad_list, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_offsets,
+             grad_scale, found_inf, lr, beta1, beta2, eps, weight_decay, grad_averaging, amsgrad,
+             maximize, master_param, sr_seed);
         });
       },
       "torch.ops.onepass.novograd_ without the dispatcher (eager calls only)");
@@ -775,8 +781,8 @@ PYBIND11_MODULE(_C, m) {
          const Opt& master_param, int64_t sr_seed) {
         const auto fn = eager_kernel(&onepass::glue::EagerOps::fadam, fim);
         EagerCall(params, grads).run([&](const auto& tensors, const auto& grad_list) {
-          fn(tensors, grad_list, fim, momentum, step, state_offsets, grad_scale, found_inf, lr, beta1,
-           beta2, eps, clip, p, weight_decay, maximize, master_param, sr_seed);
+          fn(tensors, grad_list, fim, momentum, step, state_offsets, grad_scale, found_inf, lr,
+             beta1, beta2, eps, clip, p, weight_decay, maximize, master_param, sr_seed);
         });
       },
       "torch.ops.onepass.fadam_ without the dispatcher (eager calls only)");

@@ -108,8 +108,9 @@ float* master_data(const std::optional<Tensor>& master) {
   return master.has_value() ? master->data_ptr<float>() : nullptr;
 }
 
-template <class Params, class Grads>
-void adam_cuda(const Params& params, const Grads& grads, Tensor exp_avg,
+template <class Call>
+void adam_cuda(const typename Call::Params& params,
+               const typename Call::Grads& grads, Tensor exp_avg,
                Tensor exp_avg_sq, const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
                const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
@@ -149,8 +150,9 @@ void adam_cuda(const Params& params, const Grads& grads, Tensor exp_avg,
   glue::write_back(t);
 }
 
-template <class Params, class Grads>
-void sgd_cuda(const Params& params, const Grads& grads,
+template <class Call>
+void sgd_cuda(const typename Call::Params& params,
+              const typename Call::Grads& grads,
               const std::optional<Tensor>& momentum_buffer, Tensor step,
               const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
               const std::optional<Tensor>& found_inf, const Tensor& lr, double momentum,
@@ -193,8 +195,9 @@ void sgd_cuda(const Params& params, const Grads& grads,
   glue::write_back(t);
 }
 
-template <class Params, class Grads>
-void lion_cuda(const Params& params, const Grads& grads, Tensor exp_avg, Tensor step,
+template <class Call>
+void lion_cuda(const typename Call::Params& params,
+               const typename Call::Grads& grads, Tensor exp_avg, Tensor step,
                const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                double beta2, double weight_decay, double decay_coefficient, bool maximize,
@@ -224,8 +227,9 @@ void lion_cuda(const Params& params, const Grads& grads, Tensor exp_avg, Tensor 
   glue::write_back(t);
 }
 
-template <class Params, class Grads>
-void muon_momentum_cuda(const Params& updates, const Grads& grads, Tensor momentum_buffer,
+template <class Call>
+void muon_momentum_cuda(const typename Call::Params& updates,
+                        const typename Call::Grads& grads, Tensor momentum_buffer,
                         Tensor step, const Tensor& state_offsets,
                         const std::optional<Tensor>& grad_scale,
                         const std::optional<Tensor>& found_inf, double momentum,
@@ -258,8 +262,9 @@ void muon_momentum_cuda(const Params& updates, const Grads& grads, Tensor moment
   glue::write_back(t);
 }
 
-template <class Params, class Grads>
-void novograd_cuda(const Params& params, const Grads& grads, Tensor exp_avg, Tensor exp_avg_sq,
+template <class Call>
+void novograd_cuda(const typename Call::Params& params,
+                   const typename Call::Grads& grads, Tensor exp_avg, Tensor exp_avg_sq,
                    const std::optional<Tensor>& max_exp_avg_sq, Tensor step,
                    const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                    const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
@@ -306,8 +311,9 @@ void novograd_cuda(const Params& params, const Grads& grads, Tensor exp_avg, Ten
   glue::write_back(t);
 }
 
-template <class Params, class Grads>
-void fadam_cuda(const Params& params, const Grads& grads, Tensor fim, Tensor momentum,
+template <class Call>
+void fadam_cuda(const typename Call::Params& params,
+                const typename Call::Grads& grads, Tensor fim, Tensor momentum,
                 Tensor step, const Tensor& state_offsets, const std::optional<Tensor>& grad_scale,
                 const std::optional<Tensor>& found_inf, const Tensor& lr, double beta1,
                 double beta2, double eps, double clip, double p, double weight_decay,
@@ -355,21 +361,21 @@ void fadam_cuda(const Params& params, const Grads& grads, Tensor fim, Tensor mom
 namespace {
 const bool kCudaEagerRegistered = [] {
   onepass::glue::EagerOps& ops = onepass::glue::eager_ops(c10::DeviceType::CUDA);
-  ops.adam = &onepass::adam_cuda<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
-  ops.sgd = &onepass::sgd_cuda<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
-  ops.lion = &onepass::lion_cuda<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
-  ops.muon_momentum = &onepass::muon_momentum_cuda<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
-  ops.novograd = &onepass::novograd_cuda<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
-  ops.fadam = &onepass::fadam_cuda<onepass::glue::EagerParams, onepass::glue::EagerGrads>;
+  ops.adam = &onepass::adam_cuda<onepass::glue::Eager>;
+  ops.sgd = &onepass::sgd_cuda<onepass::glue::Eager>;
+  ops.lion = &onepass::lion_cuda<onepass::glue::Eager>;
+  ops.muon_momentum = &onepass::muon_momentum_cuda<onepass::glue::Eager>;
+  ops.novograd = &onepass::novograd_cuda<onepass::glue::Eager>;
+  ops.fadam = &onepass::fadam_cuda<onepass::glue::Eager>;
   return true;
 }();
 }  // namespace
 
 TORCH_LIBRARY_IMPL(onepass, CUDA, m) {
-  m.impl("adam_", &onepass::adam_cuda<at::TensorList, onepass::glue::OptionalTensorList>);
-  m.impl("sgd_", &onepass::sgd_cuda<at::TensorList, onepass::glue::OptionalTensorList>);
-  m.impl("lion_", &onepass::lion_cuda<at::TensorList, onepass::glue::OptionalTensorList>);
-  m.impl("muon_momentum_", &onepass::muon_momentum_cuda<at::TensorList, onepass::glue::OptionalTensorList>);
-  m.impl("novograd_", &onepass::novograd_cuda<at::TensorList, onepass::glue::OptionalTensorList>);
-  m.impl("fadam_", &onepass::fadam_cuda<at::TensorList, onepass::glue::OptionalTensorList>);
+  m.impl("adam_", &onepass::adam_cuda<onepass::glue::Dispatched>);
+  m.impl("sgd_", &onepass::sgd_cuda<onepass::glue::Dispatched>);
+  m.impl("lion_", &onepass::lion_cuda<onepass::glue::Dispatched>);
+  m.impl("muon_momentum_", &onepass::muon_momentum_cuda<onepass::glue::Dispatched>);
+  m.impl("novograd_", &onepass::novograd_cuda<onepass::glue::Dispatched>);
+  m.impl("fadam_", &onepass::fadam_cuda<onepass::glue::Dispatched>);
 }
