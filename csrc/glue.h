@@ -3,7 +3,9 @@
 // written, so a refused call changes nothing.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <atomic>
 #include <functional>
 #include <optional>
 #include <utility>
@@ -27,7 +29,11 @@ using OptionalTensorList = c10::List<std::optional<Tensor>>;
 // Shorter steps, and CUDA ones (whose host work is short), keep the GIL and skip the refcounts.
 struct EagerParams {
   std::vector<const Tensor*> tensors;
-  std::function<void(int64_t, int64_t)> borrow;  // fills tensors[b:e] and the grads' entries
+  // borrow(b, e, concurrently) fills tensors[b:e] and the grads' entries. With `concurrently`
+  // it may run on any thread while the GIL holder waits for it: it then only reads Python
+  // objects, and returns false where it cannot (an item that is not exactly a Tensor or a
+  // Parameter: a subclass's isinstance may run Python).
+  std::function<bool(int64_t, int64_t, bool)> borrow;
   std::function<void()> release_gil;
 };
 // ~5 ms of AdamW on 2 cores; numpy too keeps the GIL for short loops.
@@ -53,7 +59,7 @@ inline int64_t param_count(const EagerParams& params) {
 }
 inline void borrow(at::TensorList, int64_t, int64_t) {}
 inline void borrow(const EagerParams& params, int64_t begin, int64_t end) {
-  params.borrow(begin, end);
+  params.borrow(begin, end, /*concurrently=*/false);
 }
 inline const Tensor& param_at(at::TensorList params, int64_t i) { return params[i]; }
 inline const Tensor& param_at(const EagerParams& params, int64_t i) {
@@ -80,6 +86,19 @@ inline DType storage_dtype(at::ScalarType t) {
 }
 
 
+// The value of a one-element floating-point CPU tensor, read from memory: Tensor::item goes
+// through the dispatcher (~20 us a call once a step has flushed the caches).
+inline double host_scalar(const Tensor& x) {
+  TORCH_CHECK(x.numel() == 1 && x.device().is_cpu(), "onepass: expected a one-element CPU tensor");
+  switch (x.scalar_type()) {
+    case at::kFloat: return *x.const_data_ptr<float>();
+    case at::kDouble: return *x.const_data_ptr<double>();
+    case at::kBFloat16: return static_cast<float>(*x.const_data_ptr<at::BFloat16>());
+    case at::kHalf: return static_cast<float>(*x.const_data_ptr<at::Half>());
+    default: return x.item<double>();
+  }
+}
+
 // The host tensor table of one launch: the tensors of a bucket that have a grad this step.
 struct Table {
   std::vector<Segment> segments;  // non-empty tensors with a grad
@@ -93,6 +112,202 @@ struct Table {
   int64_t elements = 0;
   int64_t needed_state = 0;  // elements every flat state buffer must hold
 };
+
+// Whether a param and its grad pass every check of build_table and need no contiguous copy: the
+// common case, which the parallel scan handles alone (anything else goes to the serial scan,
+// which explains a refusal).
+inline bool plain(const Tensor& p, const Tensor& g, at::ScalarType dtype,
+                  at::ScalarType grad_dtype, at::Device device) {
+  return p.device() == device && p.scalar_type() == dtype && g.layout() == at::kStrided &&
+         g.device() == device && g.scalar_type() == grad_dtype && g.sizes() == p.sizes() &&
+         p.is_contiguous() && g.is_contiguous();
+}
+
+// Tensors are borrowed and checked a block at a time (EagerParams::borrow).
+constexpr int64_t kTableBlock = 64;
+// An eager call with at least this many tensors is scanned by all of torch's threads: after a
+// step has streamed its buffers through the caches, every tensor's metadata is a chain of cache
+// and TLB misses (~0.25 us a tensor on one core), which each core resolves on its own.
+constexpr int64_t kParallelScanTensors = 1024;
+
+// How many tables the parallel scan has built (tests read it through _C.parallel_scans).
+inline std::atomic<int64_t>& parallel_scans() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+// The table's entries for the tensors of a contiguous range of a bucket, as the parallel scan
+// finds them; `plain` is false once it meets a tensor the serial scan must handle.
+struct TablePart {
+  std::vector<Segment> segments;
+  std::vector<int64_t> stepped;
+  std::optional<at::ScalarType> grad_dtype;  // the range's first grad's
+  int64_t elements = 0;
+  int64_t needed_state = 0;
+  bool plain = true;
+};
+
+inline Segment segment_of(int64_t i, int64_t numel, const int64_t* offsets, const float* steps,
+                          void* param, const void* grad) {
+  Segment s{};
+  s.param = param;
+  s.grad = grad;
+  s.numel = numel;
+  s.state_offset = offsets[i];
+  s.index = i;
+  s.step = steps != nullptr ? static_cast<double>(steps[i]) + 1.0 : 0.0;
+  return s;
+}
+
+// The parallel scan of params[begin:end] (an eager call's borrowed tensors): reads only, and
+// gives up (part.plain = false) on anything but the common case.
+template <class Grads>
+void scan_part(const EagerParams& params, const Grads& grads, int64_t begin, int64_t end,
+               at::ScalarType dtype, at::Device device, const int64_t* offsets,
+               const float* steps, TablePart& part) {
+  try {
+    for (int64_t b = begin; b < end; b += kTableBlock) {
+      const int64_t e = std::min(end, b + kTableBlock);
+      if (!params.borrow(b, e, /*concurrently=*/true)) {
+        part.plain = false;
+        return;
+      }
+      for (int64_t i = b; i < e; ++i) {
+        const Tensor* g = present(grad_at(grads, i));
+        if (g == nullptr) continue;
+        const Tensor& p = param_at(params, i);
+        if (!part.grad_dtype.has_value()) part.grad_dtype = g->scalar_type();
+        if (!plain(p, *g, dtype, *part.grad_dtype, device)) {
+          part.plain = false;
+          return;
+        }
+        part.stepped.push_back(i);
+        const int64_t numel = p.numel();
+        if (numel == 0) continue;
+        part.segments.push_back(segment_of(i, numel, offsets, steps, p.data_ptr(), g->data_ptr()));
+        part.elements += numel;
+        part.needed_state = std::max(part.needed_state, offsets[i] + numel);
+      }
+    }
+  } catch (...) {  // the serial scan meets it again and explains it
+    part.plain = false;
+  }
+}
+
+// Scans an eager call's tensors on all of torch's threads into `t` (see kParallelScanTensors).
+// False, with `t` untouched, where some tensor needs the serial scan: a refusal, a copy, a
+// Tensor subclass, or grads of more than one dtype.
+template <class Grads>
+bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64_t* offsets,
+                      const float* steps, at::Device device, Table& t) {
+  const int64_t n = param_count(params);
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || n < kParallelScanTensors || at::in_parallel_region() || !params.borrow) {
+    return false;
+  }
+  // Param 0 sets the bucket's dtype, as in the serial scan.
+  if (!params.borrow(0, 1, /*concurrently=*/true)) return false;
+  const at::ScalarType dtype = param_at(params, 0).scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kBFloat16 &&
+      dtype != at::kHalf) {
+    return false;
+  }
+  // Whole blocks per part, so that borrowing stays in blocks.
+  const int64_t blocks = (n + kTableBlock - 1) / kTableBlock;
+  const int64_t nparts = std::min(threads, blocks);
+  std::vector<TablePart> parts(nparts);
+  at::parallel_for(0, nparts, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      const int64_t begin = blocks * k / nparts * kTableBlock;
+      const int64_t end = std::min(n, blocks * (k + 1) / nparts * kTableBlock);
+      scan_part(params, grads, begin, end, dtype, device, offsets, steps, parts[k]);
+    }
+  });
+  std::optional<at::ScalarType> grad_dtype;
+  size_t segments = 0, stepped = 0;
+  for (const TablePart& part : parts) {
+    if (!part.plain) return false;
+    if (part.grad_dtype.has_value()) {
+      if (grad_dtype.has_value() && *grad_dtype != *part.grad_dtype) return false;
+      grad_dtype = part.grad_dtype;
+    }
+    segments += part.segments.size();
+    stepped += part.stepped.size();
+  }
+  t.dtype = dtype;
+  t.grad_dtype = grad_dtype.value_or(dtype);
+  t.segments.reserve(segments);
+  t.stepped.reserve(stepped);
+  for (const TablePart& part : parts) {
+    t.segments.insert(t.segments.end(), part.segments.begin(), part.segments.end());
+    t.stepped.insert(t.stepped.end(), part.stepped.begin(), part.stepped.end());
+    t.elements += part.elements;
+    t.needed_state = std::max(t.needed_state, part.needed_state);
+  }
+  parallel_scans().fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+// The serial scan: every check, with a message naming the tensor that fails it, and contiguous
+// copies of non-contiguous params (written back after the step) and grads.
+template <class Params, class Grads>
+void scan_serially(const Params& params, const Grads& grads, const int64_t* offsets,
+                   const float* steps, at::Device device, Table& t) {
+  const int64_t n = param_count(params);
+  bool have_grad_dtype = false;  // the first grad sets the launch's grad dtype
+  for (int64_t i = 0; i < n; ++i) {
+    if (i % kTableBlock == 0) borrow(params, i, std::min(n, i + kTableBlock));
+    if (i == 0) {
+      t.dtype = param_at(params, 0).scalar_type();
+      storage_dtype(t.dtype);
+      t.grad_dtype = t.dtype;
+    }
+    // No Tensor copies here, of params or grads, unless a copy is needed: dropping a second
+    // reference to a tensor that has a Python object takes the GIL (torch 2.10+).
+    const auto& held = grad_at(grads, i);
+    const Tensor* g = present(held);
+    if (g == nullptr) continue;
+    if (!have_grad_dtype) {
+      t.grad_dtype = g->scalar_type();
+      have_grad_dtype = true;
+    }
+    const Tensor& p = param_at(params, i);
+    if (!plain(p, *g, t.dtype, t.grad_dtype, device)) {
+      TORCH_CHECK(p.device() == device, "onepass: params[", i, "] is on ", p.device(),
+                  ", expected ", device);
+      TORCH_CHECK(p.scalar_type() == t.dtype, "onepass: params[", i, "] has dtype ",
+                  p.scalar_type(), " but its bucket holds ", t.dtype);
+      TORCH_CHECK(g->layout() == at::kStrided, "onepass: grads[", i,
+                  "] is sparse, which is not supported");
+      TORCH_CHECK(g->device() == p.device(), "onepass: grads[", i, "] is on ", g->device(),
+                  " but its param is on ", p.device());
+      TORCH_CHECK(g->scalar_type() == t.grad_dtype, "onepass: grads[", i, "] has dtype ",
+                  g->scalar_type(), " but the bucket's other grads have ", t.grad_dtype);
+      TORCH_CHECK(g->sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g->sizes(),
+                  " but its param has ", p.sizes());
+    }
+    t.stepped.push_back(i);
+    const int64_t numel = p.numel();
+    if (numel == 0) continue;  // zero-size tensors are legal; they only advance their step
+    void* param;
+    if (p.is_contiguous()) {
+      param = p.data_ptr();
+    } else {
+      t.write_back.emplace_back(p, p.contiguous());
+      param = t.write_back.back().second.data_ptr();
+    }
+    const void* grad;
+    if (g->is_contiguous()) {
+      grad = g->data_ptr();
+    } else {
+      t.keep_alive.push_back(g->contiguous());
+      grad = t.keep_alive.back().data_ptr();
+    }
+    t.segments.push_back(segment_of(i, numel, offsets, steps, param, grad));
+    t.elements += numel;
+    t.needed_state = std::max(t.needed_state, offsets[i] + numel);
+  }
+}
 
 // Checks a launch's tensors and builds its table. `device` is where every tensor must live;
 // `host_steps` (CPU launches) fills Segment::step, GPU kernels read the device step instead.
@@ -112,65 +327,15 @@ Table build_table(const Params& params, const Grads& grads, const Tensor& step,
                   step.is_contiguous(),
               "onepass: step must be a contiguous float32 tensor on ", device,
               " with one entry per param");
-  Table t;
-  t.segments.reserve(n);
-  t.stepped.reserve(n);
   const int64_t* offsets = state_offsets.data_ptr<int64_t>();
   const float* steps = host_steps ? step.data_ptr<float>() : nullptr;
-  bool have_grad_dtype = false;  // the first grad sets the launch's grad dtype
-  constexpr int64_t kBlock = 64;
-  for (int64_t i = 0; i < n; ++i) {
-    if (i % kBlock == 0) borrow(params, i, std::min(n, i + kBlock));
-    if (i == 0) {
-      t.dtype = param_at(params, 0).scalar_type();
-      storage_dtype(t.dtype);
-      t.grad_dtype = t.dtype;
-    }
-    // No Tensor copies here, of params or grads, unless a copy is needed: dropping a second
-    // reference to a tensor that has a Python object takes the GIL (torch 2.10+).
-    const auto& held = grad_at(grads, i);
-    const Tensor* g = present(held);
-    if (g == nullptr) continue;
-    if (!have_grad_dtype) {
-      t.grad_dtype = g->scalar_type();
-      have_grad_dtype = true;
-    }
-    const Tensor& p = param_at(params, i);
-    TORCH_CHECK(p.device() == device, "onepass: params[", i, "] is on ", p.device(),
-                ", expected ", device);
-    TORCH_CHECK(p.scalar_type() == t.dtype, "onepass: params[", i, "] has dtype ",
-                p.scalar_type(), " but its bucket holds ", t.dtype);
-    TORCH_CHECK(g->layout() == at::kStrided, "onepass: grads[", i,
-                "] is sparse, which is not supported");
-    TORCH_CHECK(g->device() == p.device(), "onepass: grads[", i, "] is on ", g->device(),
-                " but its param is on ", p.device());
-    TORCH_CHECK(g->scalar_type() == t.grad_dtype, "onepass: grads[", i, "] has dtype ",
-                g->scalar_type(), " but the bucket's other grads have ", t.grad_dtype);
-    TORCH_CHECK(g->sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g->sizes(),
-                " but its param has ", p.sizes());
-    t.stepped.push_back(i);
-    const int64_t numel = p.numel();
-    if (numel == 0) continue;  // zero-size tensors are legal; they only advance their step
-    Segment s{};
-    s.numel = numel;
-    s.state_offset = offsets[i];
-    s.index = i;
-    s.step = steps != nullptr ? static_cast<double>(steps[i]) + 1.0 : 0.0;
-    if (p.is_contiguous()) {
-      s.param = p.data_ptr();
-    } else {
-      t.write_back.emplace_back(p, p.contiguous());
-      s.param = t.write_back.back().second.data_ptr();
-    }
-    if (g->is_contiguous()) {
-      s.grad = g->data_ptr();
-    } else {
-      t.keep_alive.push_back(g->contiguous());
-      s.grad = t.keep_alive.back().data_ptr();
-    }
-    t.segments.push_back(s);
-    t.elements += numel;
-    t.needed_state = std::max(t.needed_state, s.state_offset + numel);
+  Table t;
+  bool scanned = false;
+  if constexpr (kBorrowed) scanned = scan_in_parallel(params, grads, offsets, steps, device, t);
+  if (!scanned) {
+    t.segments.reserve(n);
+    t.stepped.reserve(n);
+    scan_serially(params, grads, offsets, steps, device, t);
   }
   for (int64_t k = 0; k < static_cast<int64_t>(t.segments.size()); ++k) {
     const int64_t numel = t.segments[k].numel;

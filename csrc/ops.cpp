@@ -42,7 +42,7 @@ struct Amp {
 double read_lr(const Tensor& lr) {
   TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu() && at::isFloatingType(lr.scalar_type()),
               "onepass: lr must be a one-element floating-point CPU tensor for CPU params");
-  return lr.item<double>();
+  return glue::host_scalar(lr);
 }
 
 Amp read_amp(const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
@@ -50,8 +50,8 @@ Amp read_amp(const std::optional<Tensor>& grad_scale, const std::optional<Tensor
   glue::check_amp_scalar(grad_scale, "grad_scale", at::kCPU);
   glue::check_amp_scalar(found_inf, "found_inf", at::kCPU);
   Amp amp;
-  if (found_inf.has_value()) amp.skip = found_inf->item<float>() != 0.0f;
-  if (grad_scale.has_value()) amp.grad_scale = 1.0 / grad_scale->item<float>();
+  if (found_inf.has_value()) amp.skip = glue::host_scalar(*found_inf) != 0.0;
+  if (grad_scale.has_value()) amp.grad_scale = 1.0 / glue::host_scalar(*grad_scale);
   if (maximize) amp.grad_scale = -amp.grad_scale;
   return amp;
 }
@@ -548,20 +548,26 @@ const at::Tensor& grad_of(const at::Tensor& param) {
 // buffers through the caches. Here and in EagerCall::borrow each level's loads are issued for a
 // whole block before the next level needs them, so the misses overlap instead of queueing
 // (~0.3 ms a step on 4,000 params; the rest is mostly page walks, which prefetching does not
-// hide).
-void unpack_params(PyObject* const* items, int64_t begin, int64_t end, const at::Tensor** out,
-                   bool with_grads) {
+// hide). `exact_only` (off the GIL holder's thread): false, with `out` partly filled, at the first
+// item that is not exactly a Tensor or a Parameter, whose isinstance check may run Python.
+bool unpack_params(PyObject* const* items, int64_t begin, int64_t end, const at::Tensor** out,
+                   bool with_grads, bool exact_only = false) {
   for (int64_t i = begin; i < end; ++i) __builtin_prefetch(items[i]);
   for (int64_t i = begin; i < end; ++i) {
-    TORCH_CHECK(THPVariable_Check(items[i]), "onepass: params[", i, "] is not a tensor");
+    if (exact_only) {
+      if (!THPVariable_CheckExact(items[i])) return false;
+    } else {
+      TORCH_CHECK(THPVariable_Check(items[i]), "onepass: params[", i, "] is not a tensor");
+    }
     out[i - begin] = &THPVariable_Unpack(items[i]);
     prefetch_object(out[i - begin]->unsafeGetTensorImpl());
   }
-  if (!with_grads) return;
+  if (!with_grads) return true;
   for (int64_t i = begin; i < end; ++i) {
     const auto* meta = out[i - begin]->unsafeGetTensorImpl()->autograd_meta();
     if (meta != nullptr) __builtin_prefetch(meta);
   }
+  return true;
 }
 
 // The tensors of an eager call (glue::EagerParams): `params` the Python list of params, `grads`
@@ -579,7 +585,9 @@ class EagerCall {
       TORCH_CHECK(static_cast<Py_ssize_t>(owned_.size()) == n, "onepass: ", n, " params but ",
                   owned_.size(), " grads");
     }
-    params_.borrow = [this](int64_t begin, int64_t end) { borrow(begin, end); };
+    params_.borrow = [this](int64_t begin, int64_t end, bool concurrently) {
+      return borrow(begin, end, concurrently);
+    };
   }
   EagerCall(const EagerCall&) = delete;
   EagerCall& operator=(const EagerCall&) = delete;
@@ -596,14 +604,18 @@ class EagerCall {
 
  private:
   // Entries [begin, end), each pointer level prefetched for the whole block (unpack_params).
-  void borrow(int64_t begin, int64_t end) {
+  // `concurrently`: see glue::EagerParams::borrow.
+  bool borrow(int64_t begin, int64_t end, bool concurrently) {
     // The list is read afresh for each block: between blocks the checks may run Python (a
     // dispatch mode behind .contiguous()), which may let another thread change the list.
     TORCH_CHECK(PyList_GET_SIZE(list_) == static_cast<Py_ssize_t>(params_.tensors.size()),
                 "onepass: the params list changed during the step");
     PyObject* const* items = reinterpret_cast<PyListObject*>(list_)->ob_item;
     const at::Tensor** params = params_.tensors.data();
-    unpack_params(items, begin, end, params + begin, /*with_grads=*/own_grads_);
+    if (!unpack_params(items, begin, end, params + begin, /*with_grads=*/own_grads_,
+                       /*exact_only=*/concurrently)) {
+      return false;
+    }
     for (int64_t i = begin; i < end; ++i) prefetch_storage(*params[i]);
     for (int64_t i = begin; i < end; ++i) {
       if (own_grads_) {
@@ -616,6 +628,7 @@ class EagerCall {
     for (int64_t i = begin; i < end; ++i) {
       if (grads_[i] != nullptr) prefetch_storage(*grads_[i]);
     }
+    return true;
   }
 
   PyObject* list_;  // the caller's list, alive for the call
@@ -672,22 +685,38 @@ pybind11::object grads_sum_of_squares(const pybind11::list& params) {
 // Whether params[i].grad is the tensor whose TensorImpl address is impls[i], for every i: the
 // check of flatten=True that every grad is still its view of the flat grad buffer. In Python it
 // costs ~0.3 us a param (1.3 ms for 4,000 params after a step has flushed the caches); here the
-// loop's independent pointer chains overlap their cache misses.
+// loop's independent pointer chains overlap their cache misses, and a long list is read by all
+// of torch's threads (as glue::scan_in_parallel reads a table's tensors).
 bool grads_are(const pybind11::list& params, const at::Tensor& impls) {
-  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+  const int64_t n = PyList_GET_SIZE(params.ptr());
   TORCH_CHECK(impls.device().is_cpu() && impls.scalar_type() == at::kLong &&
                   impls.numel() == n && impls.is_contiguous(),
               "onepass: grads_are needs one int64 CPU entry per param");
+  PyObject* const* items = reinterpret_cast<PyListObject*>(params.ptr())->ob_item;
   const int64_t* want = impls.data_ptr<int64_t>();
-  bool same = true;
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* obj = PyList_GET_ITEM(params.ptr(), i);
-    if (!THPVariable_Check(obj)) return false;
-    const at::Tensor& grad = grad_of(THPVariable_Unpack(obj));
-    // No early exit: a branch per param would serialise the misses the loop overlaps.
-    same &= grad.defined() && reinterpret_cast<int64_t>(grad.unsafeGetTensorImpl()) == want[i];
-  }
-  return same;
+  // Items [begin, end): 1 where every grad is as expected, 0 where one is not, -1 where an item
+  // is not exactly a Tensor or a Parameter and `exact_only` (off the GIL holder's thread).
+  const auto check = [&](int64_t begin, int64_t end, bool exact_only) -> int {
+    bool same = true;
+    for (int64_t i = begin; i < end; ++i) {
+      PyObject* obj = items[i];
+      if (exact_only ? !THPVariable_CheckExact(obj) : !THPVariable_Check(obj)) {
+        return exact_only ? -1 : 0;
+      }
+      const at::Tensor& grad = grad_of(THPVariable_Unpack(obj));
+      // No early exit: a branch per param would serialise the misses the loop overlaps.
+      same &= grad.defined() && reinterpret_cast<int64_t>(grad.unsafeGetTensorImpl()) == want[i];
+    }
+    return same ? 1 : 0;
+  };
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), n / 512);
+  if (parts <= 1 || at::in_parallel_region()) return check(0, n, false) == 1;
+  std::vector<int> found(parts, 1);
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) found[k] = check(n * k / parts, n * (k + 1) / parts, true);
+  });
+  if (std::find(found.begin(), found.end(), -1) != found.end()) return check(0, n, false) == 1;
+  return std::find(found.begin(), found.end(), 0) == found.end();
 }
 
 }  // namespace
@@ -698,6 +727,9 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "onepass native operators (torch.ops.onepass) and their eager entry points";
   m.def("grads_sum_of_squares", &grads_sum_of_squares,
         "the sum of squares of the params' grads, and whether the first is float64; or None");
+  m.def(
+      "parallel_scans", [] { return onepass::glue::parallel_scans().load(); },
+      "how many eager steps have had their tensors scanned by all of torch's threads");
   m.def("grads_are", &grads_are, "whether every params[i].grad is the TensorImpl at impls[i]");
   m.def(
       "adam_",

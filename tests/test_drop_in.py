@@ -263,6 +263,19 @@ def test_step_hooks(backend_name: str) -> None:
     assert len(calls) == 2
 
 
+def test_step_shows_in_the_profiler() -> None:
+    """torch.optim's ``Optimizer.step#<class>.step`` range: onepass enters it only while a
+    profiler runs (FusedOptimizer.profile_hook_step), and a profiler sees it."""
+    params = make_params(F64)
+    ours = onepass.AdamW(params, lr=0.1)
+    set_grads(params, make_grads(params, 1))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        ours.step()
+    names = [event.name for event in profiler.events()]
+    assert "Optimizer.step#AdamW.step" in names
+    assert float(ours.state[params[0]]["step"]) == 1.0
+
+
 # ------------------------------------------------------------------------------------------------
 # LR schedulers and tensor lr
 # ------------------------------------------------------------------------------------------------

@@ -278,12 +278,22 @@ def test_complex_param_refused() -> None:
     assert len(optimizer.param_groups) == 2
 
 
+#: params[4:] of the "large-bucket" layout, 1,500 small tensors placed around params[:4]: a
+#: native step over this many tensors scans them on all threads (glue::kParallelScanTensors).
+FILLERS = 1500
+
+
 def _stepped_layout(layout: str, backend: str) -> tuple[onepass.FusedOptimizer, list[torch.Tensor]]:
     if layout == "many-buckets":
         return _stepped(backend=backend)
     params = [torch.randn(17).requires_grad_(), torch.randn(4, 5).requires_grad_()]
     params += [torch.randn(9).requires_grad_(), torch.randn(33).requires_grad_()]
-    optimizer = onepass.AdamW(params, backend=backend)
+    group = params
+    if layout == "large-bucket":
+        fillers = [torch.randn(i % 7 + 1).requires_grad_() for i in range(FILLERS)]
+        group = fillers[: FILLERS - 100] + params + fillers[FILLERS - 100 :]
+        params = params + fillers
+    optimizer = onepass.AdamW(group, backend=backend)
     for s in range(1, 3):
         set_grads(params, make_grads(params, s, none_pattern=False))
         optimizer.step()
@@ -291,7 +301,11 @@ def _stepped_layout(layout: str, backend: str) -> tuple[onepass.FusedOptimizer, 
 
 
 #: (group, index) of params[2] and params[3] in each layout
-VICTIMS = {"many-buckets": ((1, 0), (1, 1)), "one-bucket": ((0, 2), (0, 3))}
+VICTIMS = {
+    "many-buckets": ((1, 0), (1, 1)),
+    "one-bucket": ((0, 2), (0, 3)),
+    "large-bucket": ((0, FILLERS - 98), (0, FILLERS - 97)),
+}
 
 
 @pytest.mark.parametrize("layout", list(VICTIMS))

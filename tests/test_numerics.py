@@ -141,6 +141,32 @@ def test_many_small_tensors(info: OptimizerInfo, config: Config, backend: Backen
         check_against_reference(info, config, backend.name, dtype, params)
 
 
+class _TaggedParameter(torch.nn.Parameter):
+    """A Parameter subclass: its isinstance check may run Python (only the GIL holder may)."""
+
+
+@pytest.mark.parametrize("unusual", ["none", "non-contiguous", "subclass"])
+def test_many_tensors_scanned_in_parallel(unusual: str, backend: Backend) -> None:
+    """An eager step over 1,024+ tensors reads their metadata on all of torch's threads
+    (glue::scan_in_parallel). One tensor that only the serial scan handles, a non-contiguous
+    param (a copy) or a Tensor subclass, hands the whole table to it. Both match the reference,
+    None grads included."""
+    if backend.name != "cpu":
+        pytest.skip("the parallel scan is the native eager path's")
+    sizes = [(7 * i) % 61 + 1 for i in range(1500)]
+    params = [torch.randn(n).requires_grad_() for n in sizes]
+    odd = 1304  # never without a grad (helpers.grad_is_none)
+    if unusual == "non-contiguous":
+        params[odd] = torch.randn(2 * sizes[odd])[::2].requires_grad_()
+    elif unusual == "subclass":
+        params[odd] = _TaggedParameter(torch.randn(sizes[odd]))
+    before = onepass._C.parallel_scans()
+    check_against_reference(ADAMW_INFO, {"lr": 1e-2}, backend.name, torch.float32, params)
+    scans = onepass._C.parallel_scans() - before
+    if torch.get_num_threads() > 1:
+        assert scans == (STEPS if unusual == "none" else 0)
+
+
 @pytest.mark.parametrize(
     ("info", "config"),
     [

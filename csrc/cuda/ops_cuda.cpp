@@ -96,7 +96,7 @@ cuda::StepState step_state(Tensor& step, const std::optional<Tensor>& grad_scale
                     found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr, nullptr,
                     false};
   if (lr.device().is_cpu()) {
-    *host_lr = lr.item<double>();
+    *host_lr = glue::host_scalar(lr);
   } else {
     s.lr = lr.data_ptr();
     s.lr_is_double = lr.scalar_type() == at::kDouble;

@@ -217,6 +217,8 @@ class Bucket:
         # Backend-owned launch data (the Triton tensor table), rebuilt when addresses change.
         self.table_cache: dict[str, Any] = {}
         self._lr = torch.zeros((), dtype=torch.float64)
+        # A numpy view of it: writing a float there takes no torch op (~20 us on a cold cache)
+        self._lr_array = _numpy_view(self._lr)
         # Whether every tensor has taken the same number of steps (the flat path needs it).
         # Tracked on the host, so checking it never syncs with a GPU.
         self.uniform_steps = True
@@ -272,7 +274,10 @@ class Bucket:
         scalar."""
         if isinstance(lr, torch.Tensor):
             return lr
-        self._lr.fill_(lr)
+        if self._lr_array is None or torch.compiler.is_compiling():
+            self._lr.fill_(lr)
+        else:
+            self._lr_array[()] = lr
         return self._lr
 
     def expose(self, state: Any, step_in_state: bool, grads: list[torch.Tensor | None]) -> None:
@@ -298,6 +303,14 @@ class Bucket:
         }
 
 
+def _numpy_view(x: torch.Tensor) -> Any:
+    """A numpy array sharing a CPU tensor's memory, or None without numpy."""
+    try:
+        return x.numpy()
+    except RuntimeError:  # numpy is optional for torch
+        return None
+
+
 class FlatBucket:
     """A flattened bucket seen as one tensor: what a launcher needs, with a single segment."""
 
@@ -316,13 +329,16 @@ class FlatBucket:
         self.table_cache = bucket.table_cache
         self.lr_tensor = bucket.lr_tensor
         self.offsets = torch.zeros(1, dtype=torch.int64)
+        # views for finish(): one fill, not an indexing expression's three ops
+        self._first_step = bucket.step[0]
+        self._other_steps = bucket.step[1:]
 
     def slot_views(self, i: int) -> dict[str, torch.Tensor]:
         return dict(self.buffers)
 
     def finish(self) -> None:
         """Every tensor advanced with the first (or none did: a skipped AMP step)."""
-        self.bucket.step[1:] = self.bucket.step[0]
+        self._other_steps.fill_(self._first_step)
 
 
 class Engine:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks as _global_post_hooks
+from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hooks
 
 from onepass import _ops
 from onepass._engine import BACKENDS, Engine, resolve_backend
@@ -42,6 +45,29 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "master_weights": False,
     "state_dtype": None,
 }
+
+
+def _hooked_step(
+    step: Callable[..., Any], optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``step`` between the global and the optimizer's step pre and post hooks, as torch.optim
+    runs them (a pre hook may return new ``(args, kwargs)``)."""
+    pre_hooks = (*_global_pre_hooks.values(), *optimizer._optimizer_step_pre_hooks.values())
+    for pre_hook in pre_hooks:
+        result = pre_hook(optimizer, args, kwargs)
+        if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(
+                    f"{step} must return None or a tuple of (new_args, new_kwargs), but got "
+                    f"{result}."
+                )
+            args, kwargs = result
+    out = step(optimizer, *args, **kwargs)
+    optimizer._optimizer_step_code()  # where torch's Python tracer looks at the optimizer
+    post_hooks = (*optimizer._optimizer_step_post_hooks.values(), *_global_post_hooks.values())
+    for post_hook in post_hooks:
+        post_hook(optimizer, args, kwargs)
+    return out
 
 
 def _new_sr_seed() -> int:
@@ -96,6 +122,24 @@ class FusedOptimizer(Optimizer):
         self.spec.check_group(defaults)
         super().__init__(params, defaults)
         self._engine = Engine(self, self.spec)
+
+    @staticmethod
+    def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
+        """torch.optim.Optimizer's wrapper of ``step`` (it applies it where torch applies its
+        own): the same step pre and post hooks, and the same ``Optimizer.step#<class>.step``
+        profiler range, which is only entered while a profiler runs. Entering it costs
+        ~0.15 ms once a step has streamed its buffers through the caches, a tenth of a
+        4,000-tensor CPU step's host work."""
+
+        @functools.wraps(func)
+        def wrapper(self: FusedOptimizer, *args: Any, **kwargs: Any) -> Any:
+            if getattr(torch.autograd.profiler, "_is_profiler_enabled", True):
+                name = f"Optimizer.step#{type(self).__name__}.step"
+                with torch.autograd.profiler.record_function(name):
+                    return _hooked_step(func, self, args, kwargs)
+            return _hooked_step(func, self, args, kwargs)
+
+        return wrapper
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
