@@ -125,7 +125,7 @@ inline bool plain(const Tensor& p, const Tensor& g, at::ScalarType dtype,
 
 // Tensors are borrowed and checked a block at a time (EagerParams::borrow).
 constexpr int64_t kTableBlock = 64;
-// An eager call with at least this many tensors is scanned by all of torch's threads: after a
+// An eager CPU call with at least this many tensors is scanned by all of torch's threads: after a
 // step has streamed its buffers through the caches, every tensor's metadata is a chain of cache
 // and TLB misses (~0.25 us a tensor on one core), which each core resolves on its own.
 constexpr int64_t kParallelScanTensors = 1024;
@@ -202,7 +202,10 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
                       const float* steps, at::Device device, Table& t) {
   const int64_t n = param_count(params);
   const int64_t threads = at::get_num_threads();
-  if (threads <= 1 || n < kParallelScanTensors || at::in_parallel_region() || !params.borrow) {
+  // CPU launches only: a CUDA step's host work would first wake a CPU pool that sleeps while the
+  // GPU runs (not yet measured on a GPU).
+  if (!device.is_cpu() || threads <= 1 || n < kParallelScanTensors || at::in_parallel_region() ||
+      !params.borrow) {
     return false;
   }
   // Param 0 sets the bucket's dtype, as in the serial scan.
