@@ -90,6 +90,12 @@ inline DType storage_dtype(at::ScalarType t) {
 // through the dispatcher (~20 us a call once a step has flushed the caches).
 inline double host_scalar(const Tensor& x) {
   TORCH_CHECK(x.numel() == 1 && x.device().is_cpu(), "onepass: expected a one-element CPU tensor");
+  // Only a plain tensor's memory holds its value: not a negative or conjugate view, a zero
+  // tensor, or a subclass.
+  if (x.is_neg() || x.is_conj() || x._is_zerotensor() || !x.has_storage() ||
+      x.unsafeGetTensorImpl()->is_python_dispatch()) {
+    return x.item<double>();
+  }
   switch (x.scalar_type()) {
     case at::kFloat: return *x.const_data_ptr<float>();
     case at::kDouble: return *x.const_data_ptr<double>();
@@ -116,8 +122,8 @@ struct Table {
 // Whether a param and its grad pass every check of build_table and need no contiguous copy: the
 // common case, which the parallel scan handles alone (anything else goes to the serial scan,
 // which explains a refusal).
-inline bool plain(const Tensor& p, const Tensor& g, at::ScalarType dtype,
-                  at::ScalarType grad_dtype, at::Device device) {
+inline bool usable_as_is(const Tensor& p, const Tensor& g, at::ScalarType dtype,
+                         at::ScalarType grad_dtype, at::Device device) {
   return p.device() == device && p.scalar_type() == dtype && g.layout() == at::kStrided &&
          g.device() == device && g.scalar_type() == grad_dtype && g.sizes() == p.sizes() &&
          p.is_contiguous() && g.is_contiguous();
@@ -137,14 +143,15 @@ inline std::atomic<int64_t>& parallel_scans() {
 }
 
 // The table's entries for the tensors of a contiguous range of a bucket, as the parallel scan
-// finds them; `plain` is false once it meets a tensor the serial scan must handle.
-struct TablePart {
+// finds them (params' data pointers still unset); `usable` is false once it meets a tensor the
+// serial scan must handle. Own cache lines: each thread updates its part per tensor.
+struct alignas(64) TablePart {
   std::vector<Segment> segments;
   std::vector<int64_t> stepped;
   std::optional<at::ScalarType> grad_dtype;  // the range's first grad's
   int64_t elements = 0;
   int64_t needed_state = 0;
-  bool plain = true;
+  bool usable = true;
 };
 
 inline Segment segment_of(int64_t i, int64_t numel, const int64_t* offsets, const float* steps,
@@ -159,8 +166,13 @@ inline Segment segment_of(int64_t i, int64_t numel, const int64_t* offsets, cons
   return s;
 }
 
-// The parallel scan of params[begin:end] (an eager call's borrowed tensors): reads only, and
-// gives up (part.plain = false) on anything but the common case.
+// The parallel scan of params[begin:end] (an eager call's borrowed tensors), off the GIL
+// holder's thread: it only reads, and gives up (part.usable = false) on anything but the common
+// case. Never on a worker:
+// - a Python-dispatch tensor subclass, whose sizes or device may call into Python (which needs
+//   the GIL, held by the waiting caller: a deadlock);
+// - a param's mutable data pointer, whose access may materialise a copy-on-write storage or
+//   warn; the caller reads those after the workers are done.
 template <class Grads>
 void scan_part(const EagerParams& params, const Grads& grads, int64_t begin, int64_t end,
                at::ScalarType dtype, at::Device device, const int64_t* offsets,
@@ -169,34 +181,44 @@ void scan_part(const EagerParams& params, const Grads& grads, int64_t begin, int
     for (int64_t b = begin; b < end; b += kTableBlock) {
       const int64_t e = std::min(end, b + kTableBlock);
       if (!params.borrow(b, e, /*concurrently=*/true)) {
-        part.plain = false;
+        part.usable = false;
         return;
       }
       for (int64_t i = b; i < e; ++i) {
         const Tensor* g = present(grad_at(grads, i));
         if (g == nullptr) continue;
         const Tensor& p = param_at(params, i);
+        if (p.unsafeGetTensorImpl()->is_python_dispatch() ||
+            g->unsafeGetTensorImpl()->is_python_dispatch()) {
+          part.usable = false;
+          return;
+        }
         if (!part.grad_dtype.has_value()) part.grad_dtype = g->scalar_type();
-        if (!plain(p, *g, dtype, *part.grad_dtype, device)) {
-          part.plain = false;
+        if (!usable_as_is(p, *g, dtype, *part.grad_dtype, device)) {
+          part.usable = false;
           return;
         }
         part.stepped.push_back(i);
         const int64_t numel = p.numel();
         if (numel == 0) continue;
-        part.segments.push_back(segment_of(i, numel, offsets, steps, p.data_ptr(), g->data_ptr()));
+        const void* grad = g->const_data_ptr();
+        if (grad == nullptr) {
+          part.usable = false;
+          return;
+        }
+        part.segments.push_back(segment_of(i, numel, offsets, steps, nullptr, grad));
         part.elements += numel;
         part.needed_state = std::max(part.needed_state, offsets[i] + numel);
       }
     }
   } catch (...) {  // the serial scan meets it again and explains it
-    part.plain = false;
+    part.usable = false;
   }
 }
 
 // Scans an eager call's tensors on all of torch's threads into `t` (see kParallelScanTensors).
 // False, with `t` untouched, where some tensor needs the serial scan: a refusal, a copy, a
-// Tensor subclass, or grads of more than one dtype.
+// Tensor subclass, grads of more than one dtype, a tensor without data.
 template <class Grads>
 bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64_t* offsets,
                       const float* steps, at::Device device, Table& t) {
@@ -209,7 +231,7 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
     return false;
   }
   // Param 0 sets the bucket's dtype, as in the serial scan.
-  if (!params.borrow(0, 1, /*concurrently=*/true)) return false;
+  if (!params.borrow(0, 1, /*concurrently=*/false)) return false;
   const at::ScalarType dtype = param_at(params, 0).scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kBFloat16 &&
       dtype != at::kHalf) {
@@ -229,7 +251,7 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
   std::optional<at::ScalarType> grad_dtype;
   size_t segments = 0, stepped = 0;
   for (const TablePart& part : parts) {
-    if (!part.plain) return false;
+    if (!part.usable) return false;
     if (part.grad_dtype.has_value()) {
       if (grad_dtype.has_value() && *grad_dtype != *part.grad_dtype) return false;
       grad_dtype = part.grad_dtype;
@@ -237,16 +259,30 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
     segments += part.segments.size();
     stepped += part.stepped.size();
   }
-  t.dtype = dtype;
-  t.grad_dtype = grad_dtype.value_or(dtype);
-  t.segments.reserve(segments);
-  t.stepped.reserve(stepped);
+  Table scanned;
+  scanned.dtype = dtype;
+  scanned.grad_dtype = grad_dtype.value_or(dtype);
+  scanned.segments.reserve(segments);
+  scanned.stepped.reserve(stepped);
   for (const TablePart& part : parts) {
-    t.segments.insert(t.segments.end(), part.segments.begin(), part.segments.end());
-    t.stepped.insert(t.stepped.end(), part.stepped.begin(), part.stepped.end());
-    t.elements += part.elements;
-    t.needed_state = std::max(t.needed_state, part.needed_state);
+    scanned.segments.insert(scanned.segments.end(), part.segments.begin(), part.segments.end());
+    scanned.stepped.insert(scanned.stepped.end(), part.stepped.begin(), part.stepped.end());
+    scanned.elements += part.elements;
+    scanned.needed_state = std::max(scanned.needed_state, part.needed_state);
   }
+  // The params' data pointers, here on the GIL holder's thread (their metadata is now in the
+  // shared cache; prefetched a few tensors ahead).
+  constexpr size_t kAhead = 8;
+  for (size_t k = 0; k < scanned.segments.size(); ++k) {
+    if (k + kAhead < scanned.segments.size()) {
+      const Tensor& ahead = param_at(params, scanned.segments[k + kAhead].index);
+      __builtin_prefetch(ahead.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+    }
+    Segment& s = scanned.segments[k];
+    s.param = param_at(params, s.index).data_ptr();
+    if (s.param == nullptr) return false;
+  }
+  t = std::move(scanned);
   parallel_scans().fetch_add(1, std::memory_order_relaxed);
   return true;
 }
@@ -275,7 +311,7 @@ void scan_serially(const Params& params, const Grads& grads, const int64_t* offs
       have_grad_dtype = true;
     }
     const Tensor& p = param_at(params, i);
-    if (!plain(p, *g, t.dtype, t.grad_dtype, device)) {
+    if (!usable_as_is(p, *g, t.dtype, t.grad_dtype, device)) {
       TORCH_CHECK(p.device() == device, "onepass: params[", i, "] is on ", p.device(),
                   ", expected ", device);
       TORCH_CHECK(p.scalar_type() == t.dtype, "onepass: params[", i, "] has dtype ",
@@ -306,6 +342,11 @@ void scan_serially(const Params& params, const Grads& grads, const int64_t* offs
       t.keep_alive.push_back(g->contiguous());
       grad = t.keep_alive.back().data_ptr();
     }
+    // A Tensor subclass without storage (a wrapper) has no data to update.
+    TORCH_CHECK(param != nullptr, "onepass: params[", i, "] has no data (a tensor subclass "
+                "without storage?), which is not supported");
+    TORCH_CHECK(grad != nullptr, "onepass: grads[", i, "] has no data (a tensor subclass "
+                "without storage?), which is not supported");
     t.segments.push_back(segment_of(i, numel, offsets, steps, param, grad));
     t.elements += numel;
     t.needed_state = std::max(t.needed_state, offsets[i] + numel);

@@ -263,6 +263,36 @@ def test_step_hooks(backend_name: str) -> None:
     assert len(calls) == 2
 
 
+def test_step_hooks_see_torchs_arguments() -> None:
+    """The hooks get what torch.optim's wrapper gives them: ``args`` with the optimizer first,
+    and a pre hook may replace the arguments (here: a closure added)."""
+    seen: dict[str, list[tuple[int, bool, bool]]] = {"torch": [], "onepass": []}
+    losses: list[float] = []
+
+    def closure() -> float:
+        losses.append(1.0)
+        return 1.0
+
+    for name, cls in (("torch", torch.optim.SGD), ("onepass", onepass.SGD)):
+        params = make_params(F64)
+        opt = cls(params, lr=0.1)
+
+        def pre(o: Any, args: Any, kwargs: Any, name: str = name) -> Any:
+            seen[name].append((len(args), args[0] is o, "closure" in kwargs))
+            return (args, {"closure": closure}) if len(seen[name]) == 1 else None
+
+        def post(o: Any, args: Any, kwargs: Any, name: str = name) -> None:
+            seen[name].append((len(args), args[0] is o, "closure" in kwargs))
+
+        opt.register_step_pre_hook(pre)
+        opt.register_step_post_hook(post)
+        set_grads(params, make_grads(params, 1))
+        assert opt.step() == 1.0  # the pre hook's closure ran
+        opt.step()
+    assert seen["onepass"] == seen["torch"]
+    assert seen["onepass"][0] == (1, True, False) and len(losses) == 2
+
+
 def test_step_shows_in_the_profiler() -> None:
     """torch.optim's ``Optimizer.step#<class>.step`` range: onepass enters it only while a
     profiler runs (FusedOptimizer.profile_hook_step), and a profiler sees it."""

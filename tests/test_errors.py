@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 import onepass
 
@@ -337,6 +338,63 @@ def test_grad_shape_mismatch_refused(backend: str, layout: str) -> None:
 
     name = _name(*VICTIMS[layout][1])
     _refused(optimizer, action, RuntimeError, rf"{name}.*shape \(33,\).*\(32,\)")
+
+
+class _WrapperGrad(torch.Tensor):
+    """A __torch_dispatch__ wrapper without storage whose sizes come from Python: reading them
+    takes the GIL, so the parallel table scan must leave it to the GIL holder."""
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor) -> _WrapperGrad:
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls,
+            inner.shape,
+            dtype=inner.dtype,
+            device=inner.device,
+            dispatch_sizes_strides_policy="sizes",
+        )
+
+    def __init__(self, inner: torch.Tensor) -> None:
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        def unwrap(t: Any) -> Any:
+            return t.inner if isinstance(t, _WrapperGrad) else t
+
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["one-bucket", "large-bucket"])
+def test_grad_without_storage_refused(layout: str) -> None:
+    """The native step refuses it by name (it has no memory to update; it once crashed the
+    kernel), and over 1,024+ tensors the parallel scan hands it to the serial one (reading its
+    sizes on a worker thread once deadlocked on the GIL)."""
+    if "cpu" not in BACKEND_NAMES:
+        pytest.skip("no native CPU build")
+    optimizer, params = _stepped_layout(layout, "cpu")
+
+    def action() -> None:
+        set_grads(params, make_grads(params, 3, none_pattern=False))
+        params[3].grad = _WrapperGrad(torch.randn(33))
+        optimizer.step()
+
+    name = _name(*VICTIMS[layout][1])
+    _refused(optimizer, action, RuntimeError, f"{name}'s grad is a _WrapperGrad without storage")
+
+
+def test_negative_view_lr_is_read_as_its_value() -> None:
+    """A one-element lr is read from memory unless its value is not what the memory holds (a
+    negative view here; also conjugate views, zero tensors, subclasses)."""
+    lr = torch._neg_view(torch.tensor(-0.1, dtype=torch.float64))
+    assert float(lr) == pytest.approx(0.1)
+    results = []
+    for value in (lr, 0.1):
+        p = torch.ones(5, requires_grad=True)
+        p.grad = torch.ones(5)
+        onepass.SGD([p], lr=value).step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1]) and float(results[0][0]) == pytest.approx(0.9)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")

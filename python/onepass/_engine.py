@@ -274,10 +274,14 @@ class Bucket:
         scalar."""
         if isinstance(lr, torch.Tensor):
             return lr
-        if self._lr_array is None or torch.compiler.is_compiling():
-            self._lr.fill_(lr)
-        else:
+        if (
+            isinstance(lr, float | int)
+            and not torch.compiler.is_compiling()
+            and self._lr_array is not None
+        ):
             self._lr_array[()] = lr
+        else:
+            self._lr.fill_(lr)
         return self._lr
 
     def expose(self, state: Any, step_in_state: bool, grads: list[torch.Tensor | None]) -> None:
@@ -430,7 +434,9 @@ class Engine:
                 launch(bucket, grads, group, grad_scale, found_inf)
             except RuntimeError:
                 if checked_natively:  # raises with the param's name
-                    _check_grads(bucket, _grads_of(bucket) if grads is None else grads)
+                    named = _grads_of(bucket) if grads is None else grads
+                    _check_grads(bucket, named)
+                    _check_native_data(bucket, named)
                 raise
             if isinstance(bucket, FlatBucket):
                 bucket.finish()
@@ -596,6 +602,17 @@ def _check_grads(bucket: Bucket, grads: list[torch.Tensor | None]) -> None:
     if dtype not in grad_dtypes(bucket.dtype):
         i = next(i for i, g in enumerate(grads) if g is not None)
         _explain_bad_grad(bucket, i, grads[i], dtype)
+
+
+def _check_native_data(bucket: Bucket, grads: list[torch.Tensor | None]) -> None:
+    """The native backends update memory: a tensor subclass without storage (a wrapper) has none."""
+    for i, g in enumerate(grads):
+        for what, t in (("", bucket.params[i]), ("'s grad", g)):
+            if t is not None and t.numel() and t.data_ptr() == 0:
+                raise RuntimeError(
+                    f"onepass: {bucket.names[i]}{what} is a {type(t).__name__} without storage, "
+                    f"which backend {bucket.backend!r} does not support"
+                )
 
 
 def _explain_bad_grad(bucket: Bucket, i: int, g: torch.Tensor, grad_dtype: torch.dtype) -> None:
