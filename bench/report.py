@@ -111,7 +111,8 @@ class Row:
     copy_gbps: float
     scale_gbps: float
     roofline_gbps: float
-    pct_roofline: float
+    pct_roofline: float  # median over rounds of the round's roofline time / this one's
+    pct_roofline_of_medians: float  # the roofline's median time / this one's median time
     baseline: str  # the candidate the speedups are relative to
     speedup_vs_fused: float | None  # median over rounds of the baseline's time / this one's
     speedup_p10: float | None
@@ -140,6 +141,15 @@ def rows(group: GroupResult, env: Env) -> list[Row]:
     copy_gbps = gbps(2 * (probe_bytes // 2), statistics.median(times[ROOFLINE_COPY]))
     scale_gbps = gbps(2 * probe_bytes, statistics.median(times[ROOFLINE_SCALE]))
     roofline = copy_gbps if env.device.startswith("cuda") else max(copy_gbps, scale_gbps)
+
+    def round_roofline(r: int) -> float:
+        """The roofline of round r alone: the bandwidth drifts between rounds (on the CPU VM
+        by up to 2x within minutes), so a share of it is taken round by round, like a speedup."""
+        copy = gbps(2 * (probe_bytes // 2), times[ROOFLINE_COPY][r])
+        scale = gbps(2 * probe_bytes, times[ROOFLINE_SCALE][r])
+        return copy if env.device.startswith("cuda") else max(copy, scale)
+
+    rooflines = [round_roofline(r) for r in range(len(times[ROOFLINE_COPY]))]
     # The algorithm's baseline; torch fused where that peer is not installed (a GPU machine
     # without network has no lion-pytorch / pytorch-optimizer)
     baseline_name = ALGORITHMS[group.algorithm].baseline
@@ -175,7 +185,11 @@ def rows(group: GroupResult, env: Env) -> list[Row]:
                 copy_gbps=copy_gbps,
                 scale_gbps=scale_gbps,
                 roofline_gbps=roofline,
-                pct_roofline=100.0 * gbps(bytes_per_step, median) / roofline,
+                pct_roofline=statistics.median(
+                    100.0 * gbps(bytes_per_step, t) / roof
+                    for t, roof in zip(ts, rooflines, strict=True)
+                ),
+                pct_roofline_of_medians=100.0 * gbps(bytes_per_step, median) / roofline,
                 baseline=baseline_name,
                 speedup_vs_fused=speedup,
                 speedup_p10=s10,
@@ -234,7 +248,8 @@ def markdown(all_rows: Sequence[Row], env: Env, command: str, load: str) -> str:
         + "GB/s = the spec's bytes model (`bytes_per_element` x numel) / median time. Roofline = "
         f"{roofline_name(env.device)} (read + written) over as many param-sized "
         "arrays as the step touches (param, grad, state), "
-        "timed in the same rounds; % roofline = roofline time / measured time. "
+        "timed in the same rounds (roofline GB/s from their median times); % roofline = median "
+        "over rounds of the roofline's time / the candidate's time in the same round. "
         "vs baseline = median over rounds of the baseline's time / the candidate's time in the "
         "same round (> 1 is faster); the baseline is torch fused, for Lion lion-pytorch, for "
         "NovoGrad and FAdam pytorch-optimizer (kozistr), for Muon torch.optim.Muon. "

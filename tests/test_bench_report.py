@@ -1,0 +1,43 @@
+"""The benchmark's statistics (bench/report.py): a share of the roofline is paired by round."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from bench.core import ROOFLINE_COPY, ROOFLINE_SCALE, BytesModel, GroupResult, ShapeList
+from bench.report import Env, rows
+
+
+def test_share_of_the_roofline_is_paired_round_by_round() -> None:
+    """% roofline is the median over rounds of the round's roofline time over the step's (the
+    bandwidth drifts between rounds); the ratio of the two medians is kept beside it."""
+    numel, arrays, bytes_per_element = 1_000_000, 3, 20
+    model = BytesModel(bytes_per_element=bytes_per_element, state_slots=1, arrays=arrays)
+    shapes = ShapeList("toy", "", numel=numel, tensors=1, shapes=((numel,),))
+    scale = [1.0, 2.0, 1.5, 1.0, 2.0]  # ms per round of the in-place scale probe
+    copy = [9.0] * 5  # slower than the scale in every round: the scale is the roofline
+    step = [1.0, 1.2, 2.0, 1.9, 1.1]
+    group = GroupResult(
+        shapes=shapes,
+        algorithm="sgd",
+        dtype=torch.float32,
+        model=model,
+        times_ms={"onepass": step, ROOFLINE_COPY: copy, ROOFLINE_SCALE: scale},
+        host_ms={"onepass": step},
+        max_abs_diff={},
+        grads_shared=True,
+        warmup=1,
+    )
+    (row,) = rows(group, Env("cpu", "test", "0", "0", "0", "scalar", 1))
+    # the scale reads and writes `arrays` float32 tensors; the step moves 20 bytes an element
+    probe_bytes, step_bytes = 2 * arrays * 4 * numel, bytes_per_element * numel
+    paired = [
+        100.0 * (step_bytes / t) / (probe_bytes / s) for t, s in zip(step, scale, strict=True)
+    ]
+    of_medians = 100.0 * (step_bytes / 1.2) / (probe_bytes / 1.5)
+    assert row.pct_roofline == pytest.approx(statistics.median(paired))
+    assert row.pct_roofline_of_medians == pytest.approx(of_medians)
+    assert abs(row.pct_roofline - row.pct_roofline_of_medians) > 10.0  # the two differ here
