@@ -136,7 +136,7 @@ constexpr int64_t kTableBlock = 64;
 // and TLB misses (~0.25 us a tensor on one core), which each core resolves on its own.
 constexpr int64_t kParallelScanTensors = 1024;
 
-// How many tables the parallel scan has built (tests read it through _C.parallel_scans).
+// How many tables (and clip norms) the parallel scans have read (tests: _C.parallel_scans).
 inline std::atomic<int64_t>& parallel_scans() {
   static std::atomic<int64_t> count{0};
   return count;

@@ -646,22 +646,83 @@ class EagerCall {
 pybind11::object grads_sum_of_squares(const pybind11::list& params) {
   const int64_t n = PyList_GET_SIZE(params.ptr());
   PyObject* const* items = reinterpret_cast<PyListObject*>(params.ptr())->ob_item;
-  constexpr int64_t kBlock = 64;
-  const at::Tensor* block[kBlock];
+  constexpr int64_t kBlock = onepass::glue::kTableBlock;
   const at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
-  std::vector<const at::Tensor*> by_dtype[std::size(kDtypes)];
+  constexpr size_t kKinds = std::size(kDtypes);
+  // The grads of params[begin:end] by dtype. kUnsupported: a grad the native norm does not read
+  // (the caller takes torch's norm). kSerial (`exact_only`, off the GIL holder's thread): an item
+  // only the GIL holder may read (as in glue::scan_part), or a failed read.
+  enum Found { kGrads, kUnsupported, kSerial };
+  struct alignas(64) Part {
+    std::vector<const at::Tensor*> by_dtype[kKinds];
+    std::optional<bool> first_is_double;
+    Found found = kGrads;
+  };
+  const auto scan = [&](int64_t begin, int64_t end, bool exact_only, Part& part) {
+    const at::Tensor* block[kBlock];
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t e = std::min(end, b + kBlock);
+      if (!unpack_params(items, b, e, block, /*with_grads=*/true, exact_only)) {
+        part.found = kSerial;
+        return;
+      }
+      for (int64_t i = b; i < e; ++i) {
+        const at::Tensor& grad = grad_of(*block[i - b]);
+        if (!grad.defined()) continue;
+        // A Python subclass (its metadata may come from Python, its data from nowhere) is left
+        // to torch's norm; checked first, before anything that might call into Python.
+        if (grad.unsafeGetTensorImpl()->is_python_dispatch()) {
+          part.found = kUnsupported;
+          return;
+        }
+        const auto* slot = std::find(std::begin(kDtypes), std::end(kDtypes), grad.scalar_type());
+        if (!grad.device().is_cpu() || grad.layout() != at::kStrided ||
+            slot == std::end(kDtypes)) {
+          part.found = kUnsupported;
+          return;
+        }
+        if (!part.first_is_double.has_value()) {
+          part.first_is_double = grad.scalar_type() == at::kDouble;
+        }
+        part.by_dtype[slot - std::begin(kDtypes)].push_back(&grad);
+      }
+    }
+  };
+  // As the tables of the steps (glue::scan_in_parallel): a long list is read by all of torch's
+  // threads, and anything unusual is left to the serial scan.
+  std::vector<Part> parts;
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && n >= onepass::glue::kParallelScanTensors && !at::in_parallel_region()) {
+    const int64_t blocks = (n + kBlock - 1) / kBlock;
+    parts.resize(std::min(threads, blocks));
+    const int64_t nparts = static_cast<int64_t>(parts.size());
+    at::parallel_for(0, nparts, 1, [&](int64_t first, int64_t last) {
+      for (int64_t k = first; k < last; ++k) {
+        try {
+          scan(blocks * k / nparts * kBlock, std::min(n, blocks * (k + 1) / nparts * kBlock),
+               /*exact_only=*/true, parts[k]);
+        } catch (...) {
+          parts[k].found = kSerial;
+        }
+      }
+    });
+    if (std::any_of(parts.begin(), parts.end(), [](const Part& p) { return p.found == kSerial; })) {
+      parts.clear();
+    } else {
+      onepass::glue::parallel_scans().fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  if (parts.empty()) {
+    parts.resize(1);
+    scan(0, n, /*exact_only=*/false, parts[0]);
+  }
+  std::vector<const at::Tensor*> by_dtype[kKinds];
   std::optional<bool> first_is_double;
-  for (int64_t begin = 0; begin < n; begin += kBlock) {
-    const int64_t end = std::min(n, begin + kBlock);
-    unpack_params(items, begin, end, block, /*with_grads=*/true);
-    for (int64_t i = begin; i < end; ++i) {
-      const at::Tensor& grad = grad_of(*block[i - begin]);
-      if (!grad.defined()) continue;
-      if (!grad.device().is_cpu() || grad.layout() != at::kStrided) return pybind11::none();
-      const auto* slot = std::find(std::begin(kDtypes), std::end(kDtypes), grad.scalar_type());
-      if (slot == std::end(kDtypes)) return pybind11::none();
-      if (!first_is_double.has_value()) first_is_double = grad.scalar_type() == at::kDouble;
-      by_dtype[slot - std::begin(kDtypes)].push_back(&grad);
+  for (const Part& part : parts) {
+    if (part.found == kUnsupported) return pybind11::none();
+    if (!first_is_double.has_value()) first_is_double = part.first_is_double;
+    for (size_t k = 0; k < kKinds; ++k) {
+      by_dtype[k].insert(by_dtype[k].end(), part.by_dtype[k].begin(), part.by_dtype[k].end());
     }
   }
   double total = 0.0;
@@ -729,7 +790,7 @@ PYBIND11_MODULE(_C, m) {
         "the sum of squares of the params' grads, and whether the first is float64; or None");
   m.def(
       "parallel_scans", [] { return onepass::glue::parallel_scans().load(); },
-      "how many eager steps have had their tensors scanned by all of torch's threads");
+      "how many eager steps and grad norms have read their tensors on all of torch's threads");
   m.def("grads_are", &grads_are, "whether every params[i].grad is the TensorImpl at impls[i]");
   m.def(
       "adam_",

@@ -252,6 +252,50 @@ def test_native_grads_norm_reads_the_grads_itself() -> None:
     assert _ops.total_norm([p.grad for p in params if p.grad is not None], 2.0) is None
 
 
+class _TaggedParameter(torch.nn.Parameter):
+    """A Parameter subclass: only the GIL holder may check its type (isinstance)."""
+
+
+@pytest.mark.skipif(not onepass.native_available(), reason="onepass._C not built")
+def test_native_grads_norm_of_many_params_is_read_by_all_threads() -> None:
+    """1,500 params (glue::kParallelScanTensors and over): the norm is the same bits whether the
+    grads are read by one thread or all of them, with mixed dtypes, None grads, a non-contiguous
+    grad, and a Parameter subclass (serial scan); a sparse grad late in the list still hands
+    the norm to torch."""
+    from onepass import _ops
+
+    torch.manual_seed(11)
+    params = [torch.randn(i % 13 + 1, requires_grad=True) for i in range(1500)]
+    for i, p in enumerate(params):
+        if i % 7 != 3:
+            p.grad = torch.randn_like(p)
+    params[1200].grad = torch.randn(2 * params[1200].numel())[::2]
+    assert not params[1200].grad.is_contiguous()
+    params[901] = torch.randn(5, dtype=torch.bfloat16, requires_grad=True)
+    params[901].grad = torch.randn(5, dtype=torch.bfloat16)
+    grads = [p.grad for p in params if p.grad is not None]
+    expected = torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in grads]))
+    threads = torch.get_num_threads()
+    try:
+        norms = []
+        for count in (1, max(threads, 2)):
+            torch.set_num_threads(count)
+            before = onepass._C.parallel_scans()
+            norms.append(_ops.grads_total_norm(params))
+            assert onepass._C.parallel_scans() - before == (count > 1)
+        tagged = list(params)
+        tagged[5] = _TaggedParameter(params[5].detach())
+        tagged[5].grad = params[5].grad
+        norms.append(_ops.grads_total_norm(tagged))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(norm is not None for norm in norms)
+    torch.testing.assert_close(norms[0].double(), expected, rtol=1e-6, atol=0)
+    assert torch.equal(norms[0], norms[1]) and torch.equal(norms[0], norms[2])
+    params[1400].grad = params[1400].grad.to_sparse()
+    assert _ops.grads_total_norm(params) is None
+
+
 @pytest.mark.skipif(not onepass.native_available(), reason="onepass._C not built")
 def test_flattened_norm_reads_the_flat_buffers_while_every_grad_is_its_view() -> None:
     """flatten=True: the clip norm is taken over the flat grad buffers while every grad is still
