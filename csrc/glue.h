@@ -8,6 +8,7 @@
 #include <atomic>
 #include <functional>
 #include <optional>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -172,11 +173,12 @@ inline Segment segment_of(int64_t i, int64_t numel, const int64_t* offsets, cons
 // - a Python-dispatch tensor subclass, whose sizes or device may call into Python (which needs
 //   the GIL, held by the waiting caller: a deadlock);
 // - a param's mutable data pointer, whose access may materialise a copy-on-write storage or
-//   warn; the caller reads those after the workers are done.
+//   warn: the calling thread (`on_caller_thread`, which holds the GIL) reads those of its own
+//   part here, and the other parts' after the workers are done.
 template <class Grads>
 void scan_part(const EagerParams& params, const Grads& grads, int64_t begin, int64_t end,
                at::ScalarType dtype, at::Device device, const int64_t* offsets,
-               const float* steps, TablePart& part) {
+               const float* steps, bool on_caller_thread, TablePart& part) {
   try {
     for (int64_t b = begin; b < end; b += kTableBlock) {
       const int64_t e = std::min(end, b + kTableBlock);
@@ -202,11 +204,12 @@ void scan_part(const EagerParams& params, const Grads& grads, int64_t begin, int
         const int64_t numel = p.numel();
         if (numel == 0) continue;
         const void* grad = g->const_data_ptr();
-        if (grad == nullptr) {
+        void* param = on_caller_thread ? p.data_ptr() : nullptr;
+        if (grad == nullptr || (on_caller_thread && param == nullptr)) {
           part.usable = false;
           return;
         }
-        part.segments.push_back(segment_of(i, numel, offsets, steps, nullptr, grad));
+        part.segments.push_back(segment_of(i, numel, offsets, steps, param, grad));
         part.elements += numel;
         part.needed_state = std::max(part.needed_state, offsets[i] + numel);
       }
@@ -241,11 +244,14 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
   const int64_t blocks = (n + kTableBlock - 1) / kTableBlock;
   const int64_t nparts = std::min(threads, blocks);
   std::vector<TablePart> parts(nparts);
+  const std::thread::id caller = std::this_thread::get_id();
   at::parallel_for(0, nparts, 1, [&](int64_t first, int64_t last) {
+    const bool on_caller_thread = std::this_thread::get_id() == caller;
     for (int64_t k = first; k < last; ++k) {
       const int64_t begin = blocks * k / nparts * kTableBlock;
       const int64_t end = std::min(n, blocks * (k + 1) / nparts * kTableBlock);
-      scan_part(params, grads, begin, end, dtype, device, offsets, steps, parts[k]);
+      scan_part(params, grads, begin, end, dtype, device, offsets, steps, on_caller_thread,
+                parts[k]);
     }
   });
   std::optional<at::ScalarType> grad_dtype;
@@ -270,15 +276,17 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
     scanned.elements += part.elements;
     scanned.needed_state = std::max(scanned.needed_state, part.needed_state);
   }
-  // The params' data pointers, here on the GIL holder's thread (their metadata is now in the
-  // shared cache; prefetched a few tensors ahead).
+  // The data pointers of the params other threads scanned, here on the GIL holder's thread
+  // (their metadata is now in the shared cache; prefetched a few tensors ahead).
   constexpr size_t kAhead = 8;
-  for (size_t k = 0; k < scanned.segments.size(); ++k) {
-    if (k + kAhead < scanned.segments.size()) {
+  const size_t count = scanned.segments.size();
+  for (size_t k = 0; k < count; ++k) {
+    Segment& s = scanned.segments[k];
+    if (s.param != nullptr) continue;  // read by this thread during the scan
+    if (k + kAhead < count) {
       const Tensor& ahead = param_at(params, scanned.segments[k + kAhead].index);
       __builtin_prefetch(ahead.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
     }
-    Segment& s = scanned.segments[k];
     s.param = param_at(params, s.index).data_ptr();
     if (s.param == nullptr) return false;
   }
