@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/COW.h>
 
 #include <atomic>
 #include <functional>
@@ -167,6 +168,17 @@ inline Segment segment_of(int64_t i, int64_t numel, const int64_t* offsets, cons
   return s;
 }
 
+// Whether a tensor's storage hands out its mutable data pointer without materialising anything
+// (not copy-on-write, no materialiser where torch has them): at::parallel_for refuses that.
+inline bool plain_storage(const Tensor& t) {
+  const c10::StorageImpl* storage = t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+  if (storage == nullptr || c10::impl::cow::is_cow_data_ptr(storage->data_ptr())) return false;
+  if constexpr (requires { storage->has_materializer(); }) {
+    if (storage->has_materializer()) return false;
+  }
+  return true;
+}
+
 // The parallel scan of params[begin:end] (an eager call's borrowed tensors), off the GIL
 // holder's thread: it only reads, and gives up (part.usable = false) on anything but the common
 // case. Never on a worker:
@@ -174,7 +186,7 @@ inline Segment segment_of(int64_t i, int64_t numel, const int64_t* offsets, cons
 //   the GIL, held by the waiting caller: a deadlock);
 // - a param's mutable data pointer, whose access may materialise a copy-on-write storage or
 //   warn: the calling thread (`on_caller_thread`, which holds the GIL) reads those of its own
-//   part here, and the other parts' after the workers are done.
+//   part whose storage needs no materialising here, the rest after the parallel region.
 template <class Grads>
 void scan_part(const EagerParams& params, const Grads& grads, int64_t begin, int64_t end,
                at::ScalarType dtype, at::Device device, const int64_t* offsets,
@@ -204,11 +216,12 @@ void scan_part(const EagerParams& params, const Grads& grads, int64_t begin, int
         const int64_t numel = p.numel();
         if (numel == 0) continue;
         const void* grad = g->const_data_ptr();
-        void* param = on_caller_thread ? p.data_ptr() : nullptr;
-        if (grad == nullptr || (on_caller_thread && param == nullptr)) {
+        if (grad == nullptr) {
           part.usable = false;
           return;
         }
+        // Null: read after the parallel region (materialising a storage is refused inside one).
+        void* param = on_caller_thread && plain_storage(p) ? p.data_ptr() : nullptr;
         part.segments.push_back(segment_of(i, numel, offsets, steps, param, grad));
         part.elements += numel;
         part.needed_state = std::max(part.needed_state, offsets[i] + numel);
@@ -281,12 +294,12 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
   constexpr size_t kAhead = 8;
   const size_t count = scanned.segments.size();
   for (size_t k = 0; k < count; ++k) {
-    Segment& s = scanned.segments[k];
-    if (s.param != nullptr) continue;  // read by this thread during the scan
-    if (k + kAhead < count) {
+    if (k + kAhead < count && scanned.segments[k + kAhead].param == nullptr) {
       const Tensor& ahead = param_at(params, scanned.segments[k + kAhead].index);
       __builtin_prefetch(ahead.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
     }
+    Segment& s = scanned.segments[k];
+    if (s.param != nullptr) continue;  // read by this thread during the scan
     s.param = param_at(params, s.index).data_ptr();
     if (s.param == nullptr) return false;
   }

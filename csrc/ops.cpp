@@ -708,11 +708,10 @@ pybind11::object grads_sum_of_squares(const pybind11::list& params) {
     });
     if (std::any_of(parts.begin(), parts.end(), [](const Part& p) { return p.found == kSerial; })) {
       parts.clear();
-    } else {
-      onepass::glue::parallel_scans().fetch_add(1, std::memory_order_relaxed);
     }
   }
-  if (parts.empty()) {
+  const bool in_parallel = !parts.empty();
+  if (!in_parallel) {
     parts.resize(1);
     scan(0, n, /*exact_only=*/false, parts[0]);
   }
@@ -725,6 +724,7 @@ pybind11::object grads_sum_of_squares(const pybind11::list& params) {
       by_dtype[k].insert(by_dtype[k].end(), part.by_dtype[k].begin(), part.by_dtype[k].end());
     }
   }
+  if (in_parallel) onepass::glue::parallel_scans().fetch_add(1, std::memory_order_relaxed);
   double total = 0.0;
   {
     // A long pass lets go of the GIL once the last dtype's table holds the pointers (earlier
