@@ -138,6 +138,30 @@ constexpr int64_t kTableBlock = 64;
 // and TLB misses (~0.25 us a tensor on one core), which each core resolves on its own.
 constexpr int64_t kParallelScanTensors = 1024;
 
+// How many parts a scan of n list items takes on torch's threads: 0 where it stays on the calling
+// thread (one thread, a short list, or already inside a parallel region).
+inline int64_t scan_parts(int64_t n) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || n < kParallelScanTensors || at::in_parallel_region()) return 0;
+  return std::min(threads, (n + kTableBlock - 1) / kTableBlock);
+}
+
+// Runs fn(k, begin, end, on_caller_thread) for the k-th of `parts` ranges of [0, n), on torch's
+// threads. Ranges are whole blocks of kTableBlock items, so that borrowing stays in blocks;
+// `on_caller_thread` says whether fn runs on the thread that called (the GIL holder's).
+template <class Fn>
+void for_each_part(int64_t n, int64_t parts, const Fn& fn) {
+  const int64_t blocks = (n + kTableBlock - 1) / kTableBlock;
+  const std::thread::id caller = std::this_thread::get_id();
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    const bool on_caller_thread = std::this_thread::get_id() == caller;
+    for (int64_t k = first; k < last; ++k) {
+      fn(k, blocks * k / parts * kTableBlock, std::min(n, blocks * (k + 1) / parts * kTableBlock),
+         on_caller_thread);
+    }
+  });
+}
+
 // How many tables (and clip norms) the parallel scans have read (tests: _C.parallel_scans).
 inline std::atomic<int64_t>& parallel_scans() {
   static std::atomic<int64_t> count{0};
@@ -239,13 +263,10 @@ template <class Grads>
 bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64_t* offsets,
                       const float* steps, at::Device device, Table& t) {
   const int64_t n = param_count(params);
-  const int64_t threads = at::get_num_threads();
+  const int64_t nparts = scan_parts(n);
   // CPU launches only: a CUDA step's host work would first wake a CPU pool that sleeps while the
   // GPU runs (not yet measured on a GPU).
-  if (!device.is_cpu() || threads <= 1 || n < kParallelScanTensors || at::in_parallel_region() ||
-      !params.borrow) {
-    return false;
-  }
+  if (!device.is_cpu() || nparts == 0 || !params.borrow) return false;
   // Param 0 sets the bucket's dtype, as in the serial scan.
   if (!params.borrow(0, 1, /*concurrently=*/false)) return false;
   const at::ScalarType dtype = param_at(params, 0).scalar_type();
@@ -253,19 +274,10 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
       dtype != at::kHalf) {
     return false;
   }
-  // Whole blocks per part, so that borrowing stays in blocks.
-  const int64_t blocks = (n + kTableBlock - 1) / kTableBlock;
-  const int64_t nparts = std::min(threads, blocks);
   std::vector<TablePart> parts(nparts);
-  const std::thread::id caller = std::this_thread::get_id();
-  at::parallel_for(0, nparts, 1, [&](int64_t first, int64_t last) {
-    const bool on_caller_thread = std::this_thread::get_id() == caller;
-    for (int64_t k = first; k < last; ++k) {
-      const int64_t begin = blocks * k / nparts * kTableBlock;
-      const int64_t end = std::min(n, blocks * (k + 1) / nparts * kTableBlock);
-      scan_part(params, grads, begin, end, dtype, device, offsets, steps, on_caller_thread,
-                parts[k]);
-    }
+  for_each_part(n, nparts, [&](int64_t k, int64_t begin, int64_t end, bool on_caller_thread) {
+    scan_part(params, grads, begin, end, dtype, device, offsets, steps, on_caller_thread,
+              parts[k]);
   });
   std::optional<at::ScalarType> grad_dtype;
   size_t segments = 0, stepped = 0;

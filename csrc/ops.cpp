@@ -690,20 +690,13 @@ pybind11::object grads_sum_of_squares(const pybind11::list& params) {
   };
   // As the tables of the steps (glue::scan_in_parallel): a long list is read by all of torch's
   // threads, and anything unusual is left to the serial scan.
-  std::vector<Part> parts;
-  const int64_t threads = at::get_num_threads();
-  if (threads > 1 && n >= onepass::glue::kParallelScanTensors && !at::in_parallel_region()) {
-    const int64_t blocks = (n + kBlock - 1) / kBlock;
-    parts.resize(std::min(threads, blocks));
-    const int64_t nparts = static_cast<int64_t>(parts.size());
-    at::parallel_for(0, nparts, 1, [&](int64_t first, int64_t last) {
-      for (int64_t k = first; k < last; ++k) {
-        try {
-          scan(blocks * k / nparts * kBlock, std::min(n, blocks * (k + 1) / nparts * kBlock),
-               /*exact_only=*/true, parts[k]);
-        } catch (...) {
-          parts[k].found = kSerial;
-        }
+  std::vector<Part> parts(onepass::glue::scan_parts(n));
+  if (!parts.empty()) {
+    onepass::glue::for_each_part(n, static_cast<int64_t>(parts.size()), [&](int64_t k, int64_t begin, int64_t end, bool) {
+      try {
+        scan(begin, end, /*exact_only=*/true, parts[k]);
+      } catch (...) {
+        parts[k].found = kSerial;
       }
     });
     if (std::any_of(parts.begin(), parts.end(), [](const Part& p) { return p.found == kSerial; })) {
@@ -770,11 +763,11 @@ bool grads_are(const pybind11::list& params, const at::Tensor& impls) {
     }
     return same ? 1 : 0;
   };
-  const int64_t parts = std::min<int64_t>(at::get_num_threads(), n / 512);
-  if (parts <= 1 || at::in_parallel_region()) return check(0, n, false) == 1;
+  const int64_t parts = onepass::glue::scan_parts(n);
+  if (parts == 0) return check(0, n, false) == 1;
   std::vector<int> found(parts, 1);
-  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) found[k] = check(n * k / parts, n * (k + 1) / parts, true);
+  onepass::glue::for_each_part(n, parts, [&](int64_t k, int64_t begin, int64_t end, bool) {
+    found[k] = check(begin, end, true);
   });
   if (std::find(found.begin(), found.end(), -1) != found.end()) return check(0, n, false) == 1;
   return std::find(found.begin(), found.end(), 0) == found.end();
