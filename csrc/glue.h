@@ -7,8 +7,10 @@
 #include <c10/core/impl/COW.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <functional>
 #include <optional>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -162,6 +164,17 @@ void for_each_part(int64_t n, int64_t parts, const Fn& fn) {
   });
 }
 
+// Whether GPU launches scan in parallel too: yes, unless ONEPASS_PARALLEL_SCAN_CUDA=0 (an A/B
+// switch for bench/host_time.py). On an H200 machine (16 threads) it cut the host time of a
+// 4,000-tensor AdamW step from 429 to 292 us (median; bench/GPU_RESULTS.md, run 4).
+inline bool parallel_scan_on_gpu() {
+  static const bool on = [] {
+    const char* value = std::getenv("ONEPASS_PARALLEL_SCAN_CUDA");
+    return value == nullptr || std::string_view(value) != "0";
+  }();
+  return on;
+}
+
 // How many tables (and clip norms) the parallel scans have read (tests: _C.parallel_scans).
 inline std::atomic<int64_t>& parallel_scans() {
   static std::atomic<int64_t> count{0};
@@ -192,15 +205,23 @@ inline Segment segment_of(int64_t i, int64_t numel, const int64_t* offsets, cons
   return s;
 }
 
+// Whether a storage materialises its data on first mutable access (torch >= 2.12 has
+// materialisers; a template, so that the requires-expression is checked only where it is used).
+template <class Storage>
+bool has_materializer(const Storage& storage) {
+  if constexpr (requires { storage.has_materializer(); }) {
+    return storage.has_materializer();
+  } else {
+    return false;
+  }
+}
+
 // Whether a tensor's storage hands out its mutable data pointer without materialising anything
 // (not copy-on-write, no materialiser where torch has them): at::parallel_for refuses that.
 inline bool plain_storage(const Tensor& t) {
   const c10::StorageImpl* storage = t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
   if (storage == nullptr || c10::impl::cow::is_cow_data_ptr(storage->data_ptr())) return false;
-  if constexpr (requires { storage->has_materializer(); }) {
-    if (storage->has_materializer()) return false;
-  }
-  return true;
+  return !has_materializer(*storage);
 }
 
 // The parallel scan of params[begin:end] (an eager call's borrowed tensors), off the GIL
@@ -264,9 +285,7 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
                       const float* steps, at::Device device, Table& t) {
   const int64_t n = param_count(params);
   const int64_t nparts = scan_parts(n);
-  // CPU launches only: a CUDA step's host work would first wake a CPU pool that sleeps while the
-  // GPU runs (not yet measured on a GPU).
-  if (!device.is_cpu() || nparts == 0 || !params.borrow) return false;
+  if ((!device.is_cpu() && !parallel_scan_on_gpu()) || nparts == 0 || !params.borrow) return false;
   // Param 0 sets the bucket's dtype, as in the serial scan.
   if (!params.borrow(0, 1, /*concurrently=*/false)) return false;
   const at::ScalarType dtype = param_at(params, 0).scalar_type();

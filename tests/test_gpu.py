@@ -85,6 +85,20 @@ def test_gpu_matches_reference(
         assert float(optimizer.state[params[-1]]["step"]) == 7
 
 
+def test_many_cuda_tensors_scanned_in_parallel() -> None:
+    """A CUDA launch over 1,024+ tensors reads their metadata on all of torch's threads
+    (glue::scan_in_parallel; ONEPASS_PARALLEL_SCAN_CUDA=0 turns it off) and matches the
+    reference, None grads included."""
+    if not cuda_kernels_built():
+        pytest.skip("onepass._C was built without CUDA kernels")
+    sizes = [(7 * i) % 61 + 1 for i in range(1500)]
+    params = [torch.randn(n, device="cuda").requires_grad_() for n in sizes]
+    before = onepass._C.parallel_scans()
+    check_against_reference(ADAMW_INFO, {"lr": 1e-2}, "cuda", torch.float32, params)
+    if torch.get_num_threads() > 1 and os.environ.get("ONEPASS_PARALLEL_SCAN_CUDA") != "0":
+        assert onepass._C.parallel_scans() - before == 7
+
+
 @pytest.mark.parametrize(("info", "config"), _cases())
 def test_cuda_and_triton_agree(info: OptimizerInfo, config: Config) -> None:
     if not cuda_kernels_built() or triton_error() is not None:
