@@ -250,7 +250,10 @@ def muon_reference(
     With mixed storage (a state dtype other than the param's, fp32 grads of 16-bit params, or
     ``param`` an fp32 master) the step is the kernels' instead of torch's: the momentum in
     opmath, stored once; the update rounded to ``param``'s dtype (the kernels' workspace)
-    before Newton-Schulz; the param written once, from opmath."""
+    before Newton-Schulz. A 16-bit param is written once, from opmath, as the fused decay and
+    update pass writes it: torch.optim.Muon rounds after the decay and again after the update,
+    which loses the decay where it is under half a unit in the last place (lr*wd < 2^-9 in bf16)
+    and drifts from the float64 step by up to an ulp a step."""
     g = grad if grad_scale == 1.0 else grad / grad_scale
     if momentum_buffer.dtype == g.dtype == param.dtype:  # torch.optim.Muon: the storage dtype
         momentum_buffer.lerp_(g, 1 - s.momentum)
@@ -266,7 +269,7 @@ def muon_reference(
     matrix = as_matrix(update)
     ortho = newton_schulz(matrix, s.ns_coefficients, s.ns_steps, s.eps, dtype, method=s.ns_method)
     ratio = lr_ratio(s.adjust_lr_fn, *matrix.shape)
-    if mixed or (rounding.seed >= 0 and param.dtype == torch.bfloat16):  # one rounding
+    if mixed or param.dtype in (torch.bfloat16, torch.float16):  # one rounding
         p = param.to(opmath_dtype(param.dtype)).mul_(1 - s.lr * s.weight_decay)
         rounding.store(param, p.add_(ortho.reshape(param.shape), alpha=-s.lr * ratio))
         return
