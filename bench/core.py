@@ -399,18 +399,22 @@ def plan_memory(
 class Timer:
     """Times one call: ``(ms, host_ms)``.
 
-    On the CPU both are the wall-clock time of the call. On CUDA a sleep kernel queued ahead of
-    the call keeps the GPU busy while the host enqueues the step, as in training, where the host
-    runs ahead of the GPU; CUDA events then time the kernels alone. ``ms`` is the larger of that
-    and ``host_ms``, the host's time in the call: the step's cost in steady state, where neither
-    side can take less (many small tensors make the host the bound).
+    On the CPU both are the wall-clock time of the call. On CUDA the callable runs twice. First
+    on an idle GPU, for ``host_ms``, the host's time in the call. Then behind a sleep kernel
+    1.5x that long, which keeps the GPU busy while the host enqueues the step, as in training,
+    where the host runs ahead of the GPU; CUDA events then time the kernels alone. ``ms`` is the
+    larger of the two: the step's cost in steady state, where neither side can take less (many
+    small tensors make the host the bound).
+
+    The host is timed in a call of its own because a callable that launches more kernels than
+    the launch queue holds (a for-loop optimizer, torch.optim.Muon) blocks behind the sleep: its
+    host time would then include the sleep, and a sleep sized from it would grow every round.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"no timer for device {device}")
-        self._host_ms: dict[int, float] = {}  # last host time of each callable: the next sleep
         self._cycles_per_ms = self._calibrate() if device.type == "cuda" else 0.0
 
     def _calibrate(self) -> float:
@@ -429,25 +433,21 @@ class Timer:
         end.synchronize()
         return float(start.elapsed_time(end))
 
+    @staticmethod
+    def _wall_ms(fn: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
     def __call__(self, fn: Callable[[], object]) -> tuple[float, float]:
         if self.device.type == "cpu":
-            t0 = time.perf_counter()
-            fn()
-            ms = (time.perf_counter() - t0) * 1e3
+            ms = self._wall_ms(fn)
             return ms, ms
         torch.cuda.synchronize(self.device)
-        ahead_ms = 1.5 * self._host_ms.get(id(fn), 1.0) + 0.05
-        torch.cuda._sleep(int(ahead_ms * self._cycles_per_ms))
-        host_ms = 0.0
-
-        def call() -> None:
-            nonlocal host_ms
-            t0 = time.perf_counter()
-            fn()
-            host_ms = (time.perf_counter() - t0) * 1e3
-
-        device_ms = self._events(call)
-        self._host_ms[id(fn)] = host_ms
+        host_ms = self._wall_ms(fn)
+        torch.cuda.synchronize(self.device)
+        torch.cuda._sleep(int((1.5 * host_ms + 0.05) * self._cycles_per_ms))
+        device_ms = self._events(fn)
         return max(device_ms, host_ms), host_ms
 
 

@@ -240,8 +240,9 @@ def markdown(all_rows: Sequence[Row], env: Env, command: str, load: str) -> str:
         "ms/step: "
         + (
             "the larger of the GPU time (CUDA events, a sleep kernel queued ahead so that the "
-            "host's work overlaps, as in training) and the host time of the call (host ms): "
-            "the step's steady-state cost. "
+            "host's work overlaps, as in training) and the host time of the call (host ms, "
+            "timed in a call of its own on an idle GPU): the step's steady-state cost. Each "
+            "candidate steps twice a round. "
             if env.device.startswith("cuda")
             else "wall clock. "
         )

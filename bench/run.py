@@ -78,6 +78,20 @@ def log(line: str) -> None:
     print(line, flush=True)
 
 
+def _write_tables(
+    rows: list[report.Row], env: report.Env, command: str, load_start: float, out: Path
+) -> str:
+    """Writes out/latest.csv and latest.md; returns the Markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    load = "n/a"
+    if hasattr(os, "getloadavg"):  # other processes on the machine: read noisy numbers with it
+        load = f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
+    table = report.markdown(rows, env, command, load)
+    report.write_csv(rows, out / "latest.csv")
+    (out / "latest.md").write_text(table)
+    return table
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -101,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     rows: list[report.Row] = []
+    table = ""
     # Shape lists outer, algorithms inner; an algorithm with shape lists of its own (Muon: the
     # matrices it steps) runs on those after the others, unless --shapes names the lists.
     plan = [(name, a) for name in shapes for a in algorithms if ALGORITHMS[a].shapes is None]
@@ -125,16 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in report.rows(group, env):
             rows.append(row)
             log(report.progress_line(row))
+        # The tables so far after every group: a run stopped by a time limit leaves its results.
+        table = _write_tables(rows, env, command, load_start, args.out)
     if not rows:
         log("bench: nothing ran")
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    load = "n/a"
-    if hasattr(os, "getloadavg"):  # other processes on the machine: read noisy numbers with it
-        load = f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
-    table = report.markdown(rows, env, command, load)
-    report.write_csv(rows, args.out / "latest.csv")
-    (args.out / "latest.md").write_text(table)
     report.plot(rows, env, args.out / "latest.png")
     log(f"\nbench: done in {time.perf_counter() - start:.0f} s; wrote {args.out}/latest.*\n")
     print(table)
