@@ -7,6 +7,7 @@
 //     bench/cuda_sweep.cu csrc/cuda/optimizers.cu -o cuda_sweep && ./cuda_sweep [NUMEL...]
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -60,20 +61,26 @@ float time_ms(const Fn& fn) {
   return ms / kIters;
 }
 
-void run(int64_t n) {
-  float* param = device_floats(n, 0.5f);
-  float* grad = device_floats(n, 0.01f);
-  float* m = device_floats(n, 0.0f);
-  float* v = device_floats(n, 0.0f);
-  float* copy_from = device_floats(2 * n, 1.0f);
-  float* copy_to = device_floats(2 * n, 0.0f);
-  float* step = device_floats(1, 0.0f);
+// n elements of 2 bytes, all set to `bits` (a bf16 bit pattern).
+void* device_halves(int64_t n, uint16_t bits) {
+  void* p = nullptr;
+  CHECK(cudaMalloc(&p, n * sizeof(uint16_t)));
+  std::vector<uint16_t> host(1 << 20, bits);
+  for (int64_t at = 0; at < n; at += int64_t(host.size())) {
+    const int64_t count = n - at < int64_t(host.size()) ? n - at : int64_t(host.size());
+    CHECK(cudaMemcpy(static_cast<uint16_t*>(p) + at, host.data(), count * sizeof(uint16_t),
+                     cudaMemcpyHostToDevice));
+  }
+  return p;
+}
 
-  // One tensor of n elements: one segment, one chunk per block.
+// The device table of one tensor of n elements (one segment) cut into chunks of `chunk`
+// elements; freed by free_table.
+DeviceTable make_table(void* param, const void* grad, int64_t n, int64_t chunk) {
   const Segment segment{param, grad, 0, n, 0, 1.0};
   std::vector<Chunk> chunks;
-  for (int64_t begin = 0; begin < n; begin += kChunkElements) {
-    chunks.push_back({0, begin, begin + kChunkElements < n ? begin + kChunkElements : n});
+  for (int64_t begin = 0; begin < n; begin += chunk) {
+    chunks.push_back({0, begin, begin + chunk < n ? begin + chunk : n});
   }
   Segment* d_segments = nullptr;
   Chunk* d_chunks = nullptr;
@@ -85,8 +92,27 @@ void run(int64_t n) {
   CHECK(cudaMemcpy(d_segments, &segment, sizeof(Segment), cudaMemcpyHostToDevice));
   CHECK(cudaMemcpy(d_chunks, chunks.data(), chunks.size() * sizeof(Chunk), cudaMemcpyHostToDevice));
   CHECK(cudaMemcpy(d_stepped, &stepped, sizeof(int64_t), cudaMemcpyHostToDevice));
-  const DeviceTable table{d_segments, d_chunks, d_stepped, int64_t(chunks.size()), 1};
+  return DeviceTable{d_segments, d_chunks, d_stepped, int64_t(chunks.size()), 1};
+}
+
+void free_table(const DeviceTable& t) {
+  CHECK(cudaFree(const_cast<Segment*>(t.segments)));
+  CHECK(cudaFree(const_cast<Chunk*>(t.chunks)));
+  CHECK(cudaFree(const_cast<int64_t*>(t.stepped)));
+}
+
+const AdamHyper kAdamW{1e-4, 0.9, 0.999, 1e-8, 0.01, 0.01, 1.0};
+
+void run(int64_t n) {
+  float* param = device_floats(n, 0.5f);
+  float* grad = device_floats(n, 0.01f);
+  float* m = device_floats(n, 0.0f);
+  float* v = device_floats(n, 0.0f);
+  float* copy_from = device_floats(2 * n, 1.0f);
+  float* copy_to = device_floats(2 * n, 0.0f);
+  float* step = device_floats(1, 0.0f);
   const StepState steps{step, nullptr, nullptr, nullptr, false};
+  const DeviceTable table = make_table(param, grad, n, kChunkElements);
 
   AdamLaunch adam{};
   adam.layout = Layout{DType::kFloat32, DType::kFloat32, DType::kFloat32, false};
@@ -94,7 +120,7 @@ void run(int64_t n) {
   adam.steps = steps;
   adam.exp_avg = m;
   adam.exp_avg_sq = v;
-  adam.hyper = AdamHyper{1e-4, 0.9, 0.999, 1e-8, 0.01, 0.01, 1.0};
+  adam.hyper = kAdamW;
   SgdLaunch sgd{};
   sgd.layout = Layout{DType::kFloat32, DType::kFloat32, DType::kFloat32, false};
   sgd.table = table;
@@ -118,10 +144,36 @@ void run(int64_t n) {
       ONEPASS_CUDA_ILP, ONEPASS_CUDA_THREADS, ONEPASS_CUDA_CHUNK_LOG2, ONEPASS_CUDA_STREAMING,
       static_cast<long long>(n), copy_gbps, adam_ms, adam_gbps, 100 * adam_gbps / copy_gbps,
       sgd_ms, sgd_gbps, 100 * sgd_gbps / copy_gbps);
+  free_table(table);
+
+  // bf16 AdamW (params, grads and both moments in bf16) over the same element count, with the
+  // table cut into chunks of 1, 2 and 4 times kChunkElements: the chunk is cut on the host, so
+  // one binary compares the sizes (a 2-byte chunk of 2^14 elements moves half the bytes).
+  void* bparam = device_halves(n, 0x3F00);  // 0.5
+  void* bgrad = device_halves(n, 0x3C24);   // ~0.01
+  void* bm = device_halves(n, 0);
+  void* bv = device_halves(n, 0);
+  for (const int64_t times : {1, 2, 4}) {
+    AdamLaunch bf16{};
+    bf16.layout = Layout{DType::kBFloat16, DType::kBFloat16, DType::kBFloat16, false};
+    bf16.table = make_table(bparam, bgrad, n, times * kChunkElements);
+    bf16.steps = steps;
+    bf16.exp_avg = bm;
+    bf16.exp_avg_sq = bv;
+    bf16.hyper = kAdamW;
+    const float ms = time_ms([&] { CHECK(launch_adam(bf16, nullptr)); });
+    const double gbps = 7 * (gb / 2) / (ms * 1e-3);
+    std::printf(
+        "ilp=%d threads=%d chunk=2^%d*%lld streaming=%d numel=%lld | AdamW bf16 %.3f ms %.1f "
+        "GB/s %.1f%% of copy\n",
+        ONEPASS_CUDA_ILP, ONEPASS_CUDA_THREADS, ONEPASS_CUDA_CHUNK_LOG2,
+        static_cast<long long>(times), ONEPASS_CUDA_STREAMING, static_cast<long long>(n), ms,
+        gbps, 100 * gbps / copy_gbps);
+    free_table(bf16.table);
+  }
   for (void* p : {static_cast<void*>(param), static_cast<void*>(grad), static_cast<void*>(m),
                   static_cast<void*>(v), static_cast<void*>(copy_from), static_cast<void*>(copy_to),
-                  static_cast<void*>(step), static_cast<void*>(d_segments),
-                  static_cast<void*>(d_chunks), static_cast<void*>(d_stepped)}) {
+                  static_cast<void*>(step), bparam, bgrad, bm, bv}) {
     CHECK(cudaFree(p));
   }
 }

@@ -7,17 +7,18 @@
 #
 #   bench/gpu_check.sh OUT_DIR
 #
-# OUT_DIR gets: env.txt (card, driver, versions), build.log, tests-*.log (pytest -rA summaries),
-# sweep.log (the CUDA kernels alone at several launch shapes, bench/cuda_sweep.cu), main.log and
-# main/latest.{md,csv,png} (AdamW, SGD, SGDW fp32 on every shape list), bf16.log and bf16/latest.*
-# (AdamW in bf16), family.log and family/latest.* (Lion, NovoGrad, FAdam), muon.log and
-# muon/latest.* (Muon vs torch.optim.Muon), clip.log and clip/latest.* (the full AMP step).
-# Copy the tables into
-# bench/GPU_RESULTS.md with the card and date.
+# OUT_DIR gets: env.txt (card, driver, versions), build.log, tests-*.log (pytest -rfE summaries),
+# sweep.log (the CUDA kernels alone at several launch shapes, fp32 and bf16,
+# bench/cuda_sweep.cu), host.log (the host time of a many-small step, bench/host_time.py), and
+# NAME.log and NAME/latest.{md,csv,png} of each bench phase: lowp (bf16 + fp32 master AdamW,
+# bf16 state), muon (Muon vs torch.optim.Muon), family (Lion, NovoGrad, FAdam), clip (the full
+# AMP step), bf16 (AdamW in bf16), main (AdamW, SGD, SGDW fp32 on every shape list). Copy the
+# tables into bench/GPU_RESULTS.md with the card and date.
 #
-# For a short re-check: GPU_CHECK_PHASES (default "special reference main muon clip bf16 lowp family") picks
-# phases, GPU_CHECK_SWEEP ("ILP THREADS CHUNK_LOG2 STREAMING;...") the sweep's variants, and
-# GPU_CHECK_BUDGET (default 3) the main bench's seconds per group.
+# For a short re-check: GPU_CHECK_PHASES (default "special host reference lowp muon family clip
+# bf16 main") picks phases, GPU_CHECK_SWEEP ("ILP THREADS CHUNK_LOG2 STREAMING;...") the sweep's
+# variants, and GPU_CHECK_BUDGET (default 3) the main bench's seconds per group. Carry .whl (the
+# family's peers as wheels) and run it in one call of about 560 s (runs 2-4).
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -44,8 +45,9 @@ cat "$out/env.txt"
 
 # The launch-constant sweep (bench/cuda_sweep.cu: the CUDA kernels alone against a device copy),
 # built in the background while the extension builds: "ILP THREADS CHUNK_LOG2 STREAMING".
-SWEEP=("2 512 14 0" "4 512 14 0" "2 512 16 0" "4 512 16 0" "2 256 14 0" "2 512 12 0"
-       "2 512 14 1" "4 256 16 1")
+# fp32 settled on "2 512 14 0" (runs 2-4); each binary also times bf16 AdamW at 1, 2 and 4 times
+# the chunk, which run 4 found at 59% of copy (Triton: 89%).
+SWEEP=("2 512 14 0" "4 512 14 0" "1 512 14 0" "2 256 14 0" "2 1024 14 0")
 if [ -n "${GPU_CHECK_SWEEP:-}" ]; then IFS=';' read -r -a SWEEP <<< "$GPU_CHECK_SWEEP"; fi
 mkdir -p "$out/sweep"
 for v in "${SWEEP[@]}"; do
@@ -64,10 +66,15 @@ if ! timeout "$(limit 300)" python3 -m pip install --no-build-isolation --no-dep
   elapsed "BUILD FAILED"
   exit 1
 fi
+# The family bench's peers, carried as wheels (the machine has no network): pip download
+# --no-deps lion-pytorch pytorch-optimizer -d .whl, then carry .whl.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-deps --no-index .whl/*.whl >> "$out/build.log" 2>&1
+fi
 python3 -c "import onepass; from onepass._engine import cuda_kernels_built; print('cuda kernels:', cuda_kernels_built())" | tee -a "$out/env.txt"
 
 # One pytest process per phase, so that a crashed context (an illegal address) ends only its own.
-phases=" ${GPU_CHECK_PHASES:-special reference main muon clip bf16 lowp family} "
+phases=" ${GPU_CHECK_PHASES:-special host reference lowp muon family clip bf16 main} "
 tests() {  # tests NAME TIME_LIMIT PYTEST_ARGS...
   [[ "$phases" == *" $1 "* ]] || return 0
   local name=$1 seconds
@@ -112,26 +119,38 @@ rm -rf "$out/sweep"
 # What only a GPU shows first: > 2^31 elements, found_inf, CUDA graphs, no host sync,
 # torch.compile on CUDA.
 tests special 150 tests/test_gpu.py tests/test_compile.py -k "not matches_reference and not agree"
+# The host side of a many-small step, with and without the parallel table scan on CUDA launches.
+if [[ "$phases" == *" host "* ]]; then
+  elapsed "host: step() host time on many-small, serial vs parallel table scan"
+  for scan in 0 1; do
+    echo "ONEPASS_PARALLEL_SCAN_CUDA=$scan" >> "$out/host.log"
+    ONEPASS_PARALLEL_SCAN_CUDA=$scan timeout "$(limit 40)" python3 -m bench.host_time \
+      --device cuda --shapes many-small >> "$out/host.log" 2>&1 || failed+=("host scan=$scan")
+  done
+  cat "$out/host.log"
+fi
 # Every algorithm and option against the float64 reference, both backends, every dtype; the
 # Triton tests compiled. Several processes: most of the time is Triton compiling kernels and the
 # float64 reference on the CPU (2 threads per process, so that 8 do not oversubscribe the cores).
 OMP_NUM_THREADS=2 tests reference 200 -n 8 tests/test_gpu.py tests/test_triton.py -k "matches_reference or agree or not test_gpu"
-# The main job: onepass cuda / triton vs torch.optim fused / foreach / for-loop, fp32.
-bench main 150 --budget "${GPU_CHECK_BUDGET:-3}" --rounds 12
+# The benches, those that have not yet given a GPU table first: each gets what its own limit and
+# the deadline leave.
+# Low-precision storage: bf16 params + fp32 masters vs the copy / torch fused / copy-back
+# composition; fp32 params with bf16 state vs torch fused (fp32 state).
+bench lowp 40 --algorithms adamw-master adamw-bf16-state --shapes gpt2-small one-big many-small \
+  --budget 2 --rounds 10
 # Muon against torch.optim.Muon on GPT-2 small's matrices.
 bench muon 40 --algorithms muon --budget 3 --rounds 10
+# The weight-decay family. Their peers (lion-pytorch, pytorch-optimizer) are pure-Python wheels the
+# GPU machine lacks: carry them as wheels (see the build above) or the rows compare with torch fused.
+bench family 60 --algorithms lion novograd fadam --shapes gpt2-small many-small one-big \
+  --budget 2 --rounds 10
 # The full AMP step: onepass.GradScaler + max_grad_norm vs unscale_ + clip_grad_norm_ + fused.
 bench clip 40 --algorithms adamw-clip --shapes gpt2-small one-big many-small --budget 2
 # bf16 params, grads and state (AdamW; torch fused steps bf16 too).
 bench bf16 40 --dtype bfloat16 --algorithms adamw --shapes gpt2-small one-big --budget 2 \
   --rounds 10
-# Low-precision storage: bf16 params + fp32 masters vs the copy / torch fused / copy-back
-# composition; fp32 params with bf16 state vs torch fused (fp32 state).
-bench lowp 40 --algorithms adamw-master adamw-bf16-state --shapes gpt2-small one-big many-small \
-  --budget 2 --rounds 10
-# The weight-decay family. Their peers (lion-pytorch, pytorch-optimizer) are pure-Python wheels the
-# GPU machine lacks: carry them (see the device notes) or the rows compare with torch fused.
-bench family 60 --algorithms lion novograd fadam --shapes gpt2-small many-small one-big \
-  --budget 2 --rounds 10
+# The main job: onepass cuda / triton vs torch.optim fused / foreach / for-loop, fp32.
+bench main 150 --budget "${GPU_CHECK_BUDGET:-3}" --rounds 12
 elapsed "done${failed:+: failed: ${failed[*]}}"
 [ ${#failed[@]} -eq 0 ]
