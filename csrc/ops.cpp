@@ -12,12 +12,14 @@
 #include <algorithm>
 #include <functional>
 #include <iterator>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
 #include "glue.h"
+#include "onepass/device_hyper.h"
 
 namespace onepass {
 namespace {
@@ -785,6 +787,18 @@ PYBIND11_MODULE(_C, m) {
       "parallel_scans", [] { return onepass::glue::parallel_scans().load(); },
       "how many eager steps and grad norms have read their tensors on all of torch's threads");
   m.def("grads_are", &grads_are, "whether every params[i].grad is the TensorImpl at impls[i]");
+  m.def(
+      "device_block_fields",
+      [] {
+        using namespace onepass;
+        return std::map<std::string, int>{{"adam", kAdamBlock},
+                                          {"sgd", kSgdBlock},
+                                          {"lion", kLionBlock},
+                                          {"novograd", kNovoGradBlock},
+                                          {"fadam", kFAdamBlock}};
+      },
+      "how many float64 values a capturable step's hyperparameter block holds, per op "
+      "(onepass/device_hyper.h)");
   m.def(
       "adam_",
       [](const py::list& params, const py::object& grads, at::Tensor exp_avg,

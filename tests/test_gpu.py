@@ -191,11 +191,29 @@ def test_zero_and_tiny_lr_give_no_nan(backend: str, lr: float) -> None:
     assert all(bool(torch.isfinite(p).all()) for p in params)
 
 
+def _change_hyperparameters(group: dict, twin: dict, step: int) -> None:
+    """New values for a capturable group, in place on its device views (as a scheduler changes
+    them), and the same values for its eager twin's floats."""
+    lr = 1e-2 * 0.5 ** (step + 1)
+    group["lr"].fill_(lr)
+    twin["lr"] = lr
+    for key in ("weight_decay", "eps"):
+        if isinstance(group.get(key), torch.Tensor):
+            value = float(twin[key]) * 1.5 + (0.01 if key == "weight_decay" else 0.0)
+            group[key].fill_(value)
+            twin[key] = value
+    if "betas" in group:
+        beta1 = 0.85 - 0.02 * step
+        group["betas"][0].fill_(beta1)
+        twin["betas"] = (beta1, twin["betas"][1])
+
+
 @pytest.mark.parametrize("name", list(EVERY_OPTIMIZER))
-def test_capturable_cuda_graph_replays_with_a_changing_lr(name: str) -> None:
-    """capturable=True: a step captured in a CUDA graph, replayed while the lr changes in place
-    (as an LR scheduler changes a tensor lr), gives the eager result; the per-tensor reductions
-    (NovoGrad, FAdam) and Newton-Schulz (Muon) are captured too."""
+def test_capturable_cuda_graph_replays_with_changing_hyperparameters(name: str) -> None:
+    """capturable=True: a step captured in a CUDA graph, replayed while the lr, beta1, eps and
+    weight decay change in place on the device (as schedulers change them), gives the eager
+    result; the per-tensor reductions (NovoGrad, FAdam) and Newton-Schulz (Muon) are captured
+    too. The state_dict holds floats."""
     if not cuda_kernels_built():
         pytest.skip("needs the cuda backend")
     torch.manual_seed(0)
@@ -218,16 +236,17 @@ def test_capturable_cuda_graph_replays_with_a_changing_lr(name: str) -> None:
         graphed.step()
     for group in graphed.param_groups:
         assert isinstance(group["lr"], torch.Tensor) and group["lr"].is_cuda
+        assert isinstance(group["weight_decay"], torch.Tensor)
     for step in range(5):
-        new_lr = 1e-2 * 0.5 ** (step + 1)
-        for group, twin_group in zip(graphed.param_groups, eager.param_groups, strict=True):
-            group["lr"].fill_(new_lr)
-            twin_group["lr"] = new_lr
+        for group, twin in zip(graphed.param_groups, eager.param_groups, strict=True):
+            _change_hyperparameters(group, twin, step)
         graph.replay()
         eager.step()
     torch.cuda.synchronize()
     for p, q in zip(params, twins, strict=True):
         assert_verbose_allclose(p, q, 1e-6, 1e-7)
+    for saved in graphed.state_dict()["param_groups"]:
+        assert isinstance(saved["lr"], float) and isinstance(saved["weight_decay"], float)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

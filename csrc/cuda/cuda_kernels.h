@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "onepass/device_hyper.h"
 #include "onepass/dtypes.h"
 #include "onepass/math.h"
 #include "onepass/table.h"
@@ -34,14 +35,16 @@ struct DeviceTable {
   int64_t num_stepped;
 };
 
-// Per-tensor step counts, the AMP scalars and (capturable) the lr live on the device: a step makes
-// no host sync, and a step captured in a CUDA graph reads the values current at each replay.
+// Per-tensor step counts, the AMP scalars and (capturable) the lr or the group's whole block of
+// hyperparameters live on the device: a step makes no host sync, and a step captured in a CUDA
+// graph reads the values current at each replay.
 struct StepState {
   float* step;              // one per tensor of the bucket; bias corrections read step + 1
   const float* grad_scale;  // nullable: g /= *grad_scale
   const float* found_inf;   // nullable: nonzero means write nothing, advance nothing
   const void* lr;           // nullable: the lr on the device (else the hyper's host value)
   bool lr_is_double;        // the device lr is a double (else a float)
+  bool lr_block = false;    // lr points at a float64 block (onepass/device_hyper.h)
 };
 
 // Every launch: `layout` the storage types (onepass/dtypes.h); `master` the flat fp32 master

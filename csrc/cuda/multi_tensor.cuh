@@ -227,11 +227,18 @@ __device__ __forceinline__ double step_lr(double host_lr, const StepState& s) {
   return s.lr_is_double ? *static_cast<const double*>(s.lr) : double(*static_cast<const float*>(s.lr));
 }
 
-// A launch's hyperparameters as this step uses them: the device lr when the step is capturable
-// (hyperparameter sets without an lr: Muon's momentum) and the device AMP scale folded in.
+// A launch's hyperparameters as this step uses them: the device lr, or the device block of lr and
+// the group's other hyperparameters, when the step is capturable (hyperparameter sets without an
+// lr: Muon's momentum), and the device AMP scale folded in.
 template <class Hyper>
 __device__ __forceinline__ Hyper step_hyper(Hyper h, const StepState& s) {
-  if constexpr (requires { h.lr; }) h.lr = step_lr(h.lr, s);
+  if constexpr (requires { h.lr; }) {
+    if (s.lr_block) {
+      read_block(h, static_cast<const double*>(s.lr));
+    } else {
+      h.lr = step_lr(h.lr, s);
+    }
+  }
   h.grad_scale = grad_multiplier(h.grad_scale, s);
   return h;
 }

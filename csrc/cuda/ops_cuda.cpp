@@ -82,15 +82,22 @@ DeviceTables& device_tables() {
 }
 
 // The step's device-side scalars. lr: a CPU tensor is read here (no sync: host memory); a tensor
-// on the params' device (capturable) is read by the kernel at each launch or graph replay.
+// on the params' device (capturable) is read by the kernel at each launch or graph replay: one
+// element, or a contiguous float64 block of `block_fields` (the lr and the group's other
+// hyperparameters, onepass/device_hyper.h).
 cuda::StepState step_state(Tensor& step, const std::optional<Tensor>& grad_scale,
                            const std::optional<Tensor>& found_inf, const Tensor& lr,
-                           at::Device device, double* host_lr) {
+                           at::Device device, double* host_lr, int64_t block_fields) {
   glue::check_amp_scalar(grad_scale, "grad_scale", device);
   glue::check_amp_scalar(found_inf, "found_inf", device);
-  TORCH_CHECK(lr.numel() == 1 && (lr.device().is_cpu() || lr.device() == device) &&
-                  (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble),
-              "onepass: lr must be a one-element float32/float64 tensor on the CPU or on ", device);
+  const bool block = lr.numel() == block_fields && lr.numel() > 1;
+  TORCH_CHECK(!block || (lr.device() == device && lr.scalar_type() == at::kDouble &&
+                         lr.dim() == 1 && lr.is_contiguous()),
+              "onepass: a hyperparameter block must be a contiguous float64 vector on ", device);
+  TORCH_CHECK(block || (lr.numel() == 1 && (lr.device().is_cpu() || lr.device() == device) &&
+                        (lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble)),
+              "onepass: lr must be a one-element float32/float64 tensor on the CPU or on ", device,
+              ", or a float64 block of ", block_fields, " hyperparameters on ", device);
   cuda::StepState s{step.data_ptr<float>(),
                     grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr,
                     found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr, nullptr,
@@ -100,6 +107,7 @@ cuda::StepState step_state(Tensor& step, const std::optional<Tensor>& grad_scale
   } else {
     s.lr = lr.data_ptr();
     s.lr_is_double = lr.scalar_type() == at::kDouble;
+    s.lr_block = block;
   }
   return s;
 }
@@ -136,7 +144,7 @@ void adam_cuda(const typename Call::Params& params,
   launch.master = master_data(master_param);
   launch.table = device_tables().get(exp_avg.data_ptr(), t, device, stream);
   double host_lr = 0.0;
-  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
+  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr, kAdamBlock);
   launch.exp_avg = exp_avg.data_ptr();
   launch.exp_avg_sq = exp_avg_sq.data_ptr();
   launch.max_exp_avg_sq = amsgrad ? max_exp_avg_sq->data_ptr() : nullptr;
@@ -182,7 +190,7 @@ void sgd_cuda(const typename Call::Params& params,
   const void* key = has_momentum ? momentum_buffer->data_ptr() : step.data_ptr();
   launch.table = device_tables().get(key, t, device, stream);
   double host_lr = 0.0;
-  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
+  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr, kSgdBlock);
   launch.momentum_buffer = has_momentum ? momentum_buffer->data_ptr() : nullptr;
   launch.sr_seed = sr_seed;
   launch.hyper = SgdHyper{host_lr, momentum, dampening, weight_decay, decay_coefficient,
@@ -216,7 +224,7 @@ void lion_cuda(const typename Call::Params& params,
   launch.master = master_data(master_param);
   launch.table = device_tables().get(exp_avg.data_ptr(), t, device, stream);
   double host_lr = 0.0;
-  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
+  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr, kLionBlock);
   launch.exp_avg = exp_avg.data_ptr();
   launch.sr_seed = sr_seed;
   launch.hyper = LionHyper{host_lr, beta1, beta2, weight_decay, decay_coefficient,
@@ -289,7 +297,7 @@ void novograd_cuda(const typename Call::Params& params,
   launch.master = master_data(master_param);
   launch.table = device_tables().get(exp_avg.data_ptr(), t, device, stream);
   double host_lr = 0.0;
-  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
+  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr, kNovoGradBlock);
   launch.exp_avg = exp_avg.data_ptr();
   launch.exp_avg_sq = exp_avg_sq.data_ptr();
   launch.max_exp_avg_sq = amsgrad ? max_exp_avg_sq->data_ptr() : nullptr;
@@ -333,7 +341,7 @@ void fadam_cuda(const typename Call::Params& params,
   launch.master = master_data(master_param);
   launch.table = device_tables().get(fim.data_ptr(), t, device, stream);
   double host_lr = 0.0;
-  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr);
+  launch.steps = step_state(step, grad_scale, found_inf, lr, device, &host_lr, kFAdamBlock);
   launch.fim = fim.data_ptr();
   launch.momentum = momentum.data_ptr();
   // Device scratch (the caching allocator's, stream-ordered): two partial sums per chunk, three

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from onepass import _ops
+from onepass._capturable import DeviceHyper
 from onepass.algorithms.base import MASTER, scalar_slot_dtype
 
 if TYPE_CHECKING:
@@ -384,6 +385,11 @@ class Engine:
                 buffers.append(bucket.flat_grad)
         return buffers
 
+    def device_hyper(self, index: int) -> DeviceHyper | None:
+        """The device block of capturable group ``index`` (None before its first step)."""
+        plan = self.plans[index] if index < len(self.plans) else None
+        return None if plan is None else plan.hyper
+
     def invalidate(self) -> None:
         """Forget every bucket; the next step rebuilds them from ``optimizer.state``."""
         self.plans = []
@@ -411,9 +417,11 @@ class Engine:
         work = []
         for index, group in enumerate(self.optimizer.param_groups):
             plan = self._plan(index, group)
+            launch_group = plan.launch_group(group)
             for bucket in plan.buckets:
                 flat = bucket.flat_step()
-                work.append((group, bucket, None) if flat is None else (group, flat, flat.grads))
+                grads = None if flat is None else flat.grads
+                work.append((launch_group, bucket if flat is None else flat, grads))
         # Everything is checked before anything is written: a refused step changes nothing. One
         # native launch checks its own arguments before writing (and we name the culprit if it
         # refuses); with several launches, or the reference / Triton backends, check them all
@@ -466,6 +474,7 @@ class _GroupPlan:
         self.slots = slots
         self.backend_request = group["backend"]
         self.storage = _storage_keys(group)
+        self.hyper: DeviceHyper | None = None
         state = engine.optimizer.state
         keyed: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
         self.outside: list[torch.Tensor] = []
@@ -506,7 +515,7 @@ class _GroupPlan:
                     )
                 backend = "reference"
             if group.get("capturable"):
-                _make_capturable(group, names[0], device, backend)
+                self._make_capturable(spec, group, names[0], device, backend)
             state_dtype, master = storage_dtypes(group, dtype, names[0])
             bucket = Bucket(
                 params,
@@ -522,6 +531,43 @@ class _GroupPlan:
             if flatten:
                 bucket.flatten()
             self.buckets.append(bucket)
+
+    def _make_capturable(
+        self,
+        spec: AlgorithmSpec,
+        group: dict[str, Any],
+        name: str,
+        device: torch.device,
+        backend: str,
+    ) -> None:
+        """capturable=True: a step can be captured in a CUDA graph and replayed. Everything a
+        step reads then lives on the device: steps and AMP scalars (always, on GPU backends), and
+        the group's lr, betas, eps and weight decay, which move into a device block here
+        (onepass._capturable), so that in-place updates (an LR scheduler's) reach replays."""
+        if device.type == "cpu" and torch.compiler.is_compiling():
+            return  # Dynamo shows every group of a compiled optimizer as capturable: moot here
+        if backend != "cuda":
+            raise RuntimeError(
+                f"onepass: capturable=True needs CUDA params on backend 'cuda'; {name} is on "
+                f"{device} with backend {backend!r}"
+            )
+        if torch.compiler.is_compiling():  # compiled steps read the lr tensor (no block)
+            lr = group["lr"]
+            if not isinstance(lr, torch.Tensor) or lr.device != device:
+                group["lr"] = torch.as_tensor(lr, dtype=torch.float64).to(device)
+            return
+        if self.hyper is not None:
+            if self.hyper.block.device != device:
+                raise RuntimeError(
+                    f"onepass: a capturable group's params must share one device; {name} is on "
+                    f"{device}, an earlier param on {self.hyper.block.device}"
+                )
+            return
+        self.hyper = DeviceHyper(spec, group, device)
+
+    def launch_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group as this step's launchers read it (a capturable group's device block)."""
+        return group if self.hyper is None else self.hyper.launch_group(group)
 
     def stale(self, group: dict[str, Any], slots: tuple[str, ...]) -> bool:
         return (
@@ -540,23 +586,6 @@ class _GroupPlan:
 def _storage_keys(group: dict[str, Any]) -> tuple[Any, Any]:
     """How a group stores its state: a change rebuilds its buckets at the next step."""
     return bool(group.get("master_weights")), group.get("state_dtype")
-
-
-def _make_capturable(group: dict[str, Any], name: str, device: torch.device, backend: str) -> None:
-    """capturable=True: a step can be captured in a CUDA graph and replayed. Everything a step
-    reads then lives on the device: steps and AMP scalars (always, on GPU backends) and the lr,
-    which moves into a device tensor here, so an LR scheduler's in-place update reaches replays.
-    """
-    if device.type == "cpu" and torch.compiler.is_compiling():
-        return  # Dynamo shows every group of a compiled optimizer as capturable; moot on the CPU
-    if backend != "cuda":
-        raise RuntimeError(
-            f"onepass: capturable=True needs CUDA params on backend 'cuda'; {name} is on {device} "
-            f"with backend {backend!r}"
-        )
-    lr = group["lr"]
-    if not isinstance(lr, torch.Tensor) or lr.device != device:
-        group["lr"] = torch.as_tensor(lr, dtype=torch.float64).to(device)
 
 
 def _adopt_state(engine: Engine, bucket: Bucket, spec: AlgorithmSpec) -> None:

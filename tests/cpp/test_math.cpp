@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
+#include "onepass/device_hyper.h"
 #include "onepass/dtypes.h"
 #include "onepass/math.h"
 
@@ -196,6 +197,43 @@ void test_novograd_vs_rule() {
 // The fadam_* functions against the rule in long double over 7 steps of a 3-element tensor:
 // b2t-averaged F (F = g^2 at t = 1), eps_t from RMS(g), both clips active (clip 0.5), p 0.5 and
 // 0.25, maximize (grad_scale -1).
+// capturable blocks (onepass/device_hyper.h): each field lands where the kernels read it, the
+// decay coefficient is weight_decay * decay_scale, and what a block does not hold keeps the
+// host's value.
+void test_device_blocks() {
+  const double adam_block[kAdamBlock] = {1e-3, 0.8, 0.99, 1e-6, 0.05, 4.0};
+  AdamHyper adam{9, 9, 9, 9, 9, 9, -1.0};
+  read_block(adam, adam_block);
+  CHECK(adam.lr == 1e-3 && adam.beta1 == 0.8 && adam.beta2 == 0.99 && adam.eps == 1e-6 &&
+            adam.weight_decay == 0.05 && adam.decay_coefficient == 0.05 * 4.0 &&
+            adam.grad_scale == -1.0,
+        "adam block");
+  const double sgd_block[kSgdBlock] = {0.1, 0.02, 1.0};
+  SgdHyper sgd{9, 0.9, 0.1, 9, 9, 1.0};
+  read_block(sgd, sgd_block);
+  CHECK(sgd.lr == 0.1 && sgd.momentum == 0.9 && sgd.dampening == 0.1 && sgd.weight_decay == 0.02 &&
+            sgd.decay_coefficient == 0.02,
+        "sgd block");
+  const double lion_block[kLionBlock] = {1e-4, 0.9, 0.99, 0.1, 0.0};
+  LionHyper lion{9, 9, 9, 9, 9, 1.0};
+  read_block(lion, lion_block);
+  CHECK(lion.lr == 1e-4 && lion.beta1 == 0.9 && lion.beta2 == 0.99 && lion.weight_decay == 0.1 &&
+            lion.decay_coefficient == 0.0,
+        "lion block");
+  const double novograd_block[kNovoGradBlock] = {1e-2, 0.95, 0.98, 1e-8, 0.001};
+  NovoGradHyper novograd{9, 9, 9, 9, 9, 1.0, true};
+  read_block(novograd, novograd_block);
+  CHECK(novograd.lr == 1e-2 && novograd.beta1 == 0.95 && novograd.beta2 == 0.98 &&
+            novograd.eps == 1e-8 && novograd.weight_decay == 0.001 && novograd.grad_averaging,
+        "novograd block");
+  const double fadam_block[kFAdamBlock] = {1e-3, 0.9, 0.999, 1e-8, 0.1};
+  FAdamHyper fadam{9, 9, 9, 9, 1.0, 0.5, 9, 1.0};
+  read_block(fadam, fadam_block);
+  CHECK(fadam.lr == 1e-3 && fadam.beta1 == 0.9 && fadam.beta2 == 0.999 && fadam.eps == 1e-8 &&
+            fadam.clip == 1.0 && fadam.p == 0.5 && fadam.weight_decay == 0.1,
+        "fadam block");
+}
+
 void test_fadam_vs_rule() {
   const double grads[7][3] = {{0.3, -1.2, 0.01}, {2.5, -0.4, 0.9},  {-0.05, 0.2, 0.7},
                               {1.5, 1.1, -0.3},  {0.02, 0.03, -0.01}, {-2.0, 0.4, 0.4},
@@ -341,6 +379,7 @@ int main() {
   test_lion_vs_paper();
   test_novograd_vs_rule();
   test_fadam_vs_rule();
+  test_device_blocks();
   test_kernel_sets<float>(DType::kFloat32, 2e-6);
   test_kernel_sets<double>(DType::kFloat64, 1e-14);
   test_kernel_sets<bf16_t>(DType::kBFloat16, 8e-3);

@@ -22,6 +22,7 @@ from onepass.algorithms.base import (
     bucket_rounding,
     decay_coefficient,
     elementwise_bytes,
+    l2_decays,
     math_param,
     opmath_dtype,
     reference_steps,
@@ -63,7 +64,7 @@ class AdamScalars:
             eps=float(group["eps"]),
             weight_decay=weight_decay if l2 else 0.0,
             decay_coefficient=decay_coefficient(group),
-            l2_decay=l2 and weight_decay != 0.0,
+            l2_decay=l2_decays(group, weight_decay),
             amsgrad=bool(group["amsgrad"]),
             maximize=bool(group["maximize"]),
         )
@@ -184,6 +185,8 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
 
 ADAM = AlgorithmSpec(
     name="adam",
+    device_hyper=("lr", "betas", "eps", "weight_decay"),
+    decay_in_block=True,
     slots=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
     active_slots=_active_slots,
     step_in_state=True,

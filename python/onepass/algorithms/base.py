@@ -22,6 +22,18 @@ def scalar(value: float | torch.Tensor) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def decay_scale(group: Group) -> float:
+    """decay_coefficient / weight_decay: 1 for decoupled decay, 1 / initial_lr for independent
+    decay, 0 under L2 decay (which goes through the gradient). Groups without a decay mode
+    (Muon's) decay decoupled."""
+    mode = group.get("decay", "decoupled")
+    if mode == "decoupled":
+        return 1.0
+    if mode == "independent":
+        return 1.0 / scalar(group["initial_lr"])
+    return 0.0
+
+
 def decay_coefficient(group: Group) -> float:
     """c in ``p *= 1 - lr * c`` (applied before the update): wd for decoupled decay,
     wd / initial_lr for independent decay, 0 under L2 decay (which goes through the gradient).
@@ -29,12 +41,20 @@ def decay_coefficient(group: Group) -> float:
     The kernels take c and the lr separately, so an lr that lives in a tensor (torch.compile,
     CUDA graphs) reaches them without a host read."""
     weight_decay = scalar(group["weight_decay"])
-    mode = group["decay"]
-    if mode == "decoupled":
-        return weight_decay
-    if mode == "independent":
+    if group.get("decay") == "independent":
         return weight_decay / scalar(group["initial_lr"])
-    return 0.0
+    return weight_decay * decay_scale(group)
+
+
+#: The key that marks a launch's view of a capturable group whose lr, betas, eps and weight decay
+#: the kernels read from a device block (onepass._capturable): its host values may be stale.
+DEVICE_BLOCK = "_onepass_device_block"
+
+
+def l2_decays(group: Group, weight_decay: float) -> bool:
+    """Whether a step adds the L2 term weight_decay * p to the gradient: under L2 decay, with a
+    nonzero weight decay, or one that lives on the device (and may have changed there)."""
+    return group["decay"] == "l2" and (weight_decay != 0.0 or DEVICE_BLOCK in group)
 
 
 def state_itemsize(group: Group, itemsize: int) -> tuple[int, int]:
@@ -251,6 +271,9 @@ class AlgorithmSpec:
             AdamW groups), the spec of a group; None: this spec for every group.
         native_grads: the "cpu" / "cuda" launchers hand the grads to the native op untouched,
             so the engine may pass None for them and let the op read each param's .grad.
+        device_hyper: with capturable=True, the group keys that live on the device, in the
+            order of the op's hyperparameter block (csrc/include/onepass/device_hyper.h;
+            "betas" is two values); ``decay_in_block``: the block ends with decay_scale.
     """
 
     name: str
@@ -265,6 +288,8 @@ class AlgorithmSpec:
     scalar_slots: tuple[str, ...] = ()
     group_spec: Callable[[Group], AlgorithmSpec] | None = None
     native_grads: bool = False
+    device_hyper: tuple[str, ...] = ("lr",)
+    decay_in_block: bool = False
 
     def for_group(self, group: Group) -> AlgorithmSpec:
         """The spec that steps ``group``."""

@@ -203,6 +203,7 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
 
 FADAM = AlgorithmSpec(
     name="fadam",
+    device_hyper=("lr", "betas", "eps", "weight_decay"),
     slots=("fim", "momentum"),
     active_slots=_active_slots,
     step_in_state=True,

@@ -29,6 +29,7 @@ from onepass.algorithms.base import (
     bucket_rounding,
     decay_coefficient,
     elementwise_bytes,
+    l2_decays,
     math_param,
     opmath_dtype,
     reference_steps,
@@ -66,7 +67,7 @@ class LionScalars:
             beta2=scalar(beta2),
             weight_decay=weight_decay if l2 else 0.0,
             decay_coefficient=decay_coefficient(group),
-            l2_decay=l2 and weight_decay != 0.0,
+            l2_decay=l2_decays(group, weight_decay),
             maximize=bool(group["maximize"]),
         )
 
@@ -160,6 +161,8 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
 
 LION = AlgorithmSpec(
     name="lion",
+    device_hyper=("lr", "betas", "weight_decay"),
+    decay_in_block=True,
     slots=("exp_avg",),
     active_slots=_active_slots,
     step_in_state=False,  # lion-pytorch keeps none; the engine still counts steps per tensor

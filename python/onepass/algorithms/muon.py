@@ -474,6 +474,9 @@ _native = _native_step(_native_momentum, SGD_SPEC.launchers["cpu"])
 #: The matrices of a Muon group.
 MUON_MATRICES = AlgorithmSpec(
     name="muon",
+    # the final pass is an SGD launch: its block, decay decoupled
+    device_hyper=("lr", "weight_decay"),
+    decay_in_block=True,
     slots=("momentum_buffer",),
     active_slots=_active_slots,
     step_in_state=False,  # torch.optim.Muon keeps none

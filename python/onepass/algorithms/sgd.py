@@ -21,6 +21,7 @@ from onepass.algorithms.base import (
     bucket_rounding,
     decay_coefficient,
     elementwise_bytes,
+    l2_decays,
     math_param,
     opmath_dtype,
     reference_steps,
@@ -58,7 +59,7 @@ class SgdScalars:
             dampening=float(group["dampening"]),
             weight_decay=weight_decay if l2 else 0.0,
             decay_coefficient=decay_coefficient(group),
-            l2_decay=l2 and weight_decay != 0.0,
+            l2_decay=l2_decays(group, weight_decay),
             nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]),
         )
@@ -158,6 +159,8 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
 
 SGD_SPEC = AlgorithmSpec(
     name="sgd",
+    device_hyper=("lr", "weight_decay"),
+    decay_in_block=True,
     slots=("momentum_buffer",),
     active_slots=_active_slots,
     step_in_state=False,

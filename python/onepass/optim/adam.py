@@ -41,8 +41,9 @@ class Adam(FusedOptimizer):
     bf16/fp16 params (torch's for-loop Adam rounds every intermediate to the param dtype instead)
     and in float64 for float64. ``foreach`` and ``fused`` are accepted for compatibility and
     ignored (the step is always fused); ``differentiable`` is refused. ``capturable=True`` (CUDA
-    params, backend "cuda") keeps the lr on the device so that a step captured in a CUDA graph
-    replays with the lr current at each replay.
+    params, backend "cuda") keeps the lr, betas, eps and weight decay on the device (the group's
+    entries become views of one device block, onepass._capturable), so that a step captured in
+    a CUDA graph replays with the values current at each replay.
 
     Args:
         decay: "l2" (default for Adam), "decoupled" (AdamW) or "independent" (decay follows the

@@ -12,6 +12,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks as _global_post_h
 from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hooks
 
 from onepass import _ops
+from onepass._capturable import host_floats
 from onepass._engine import BACKENDS, Engine, resolve_backend
 from onepass._state import TrackedState
 from onepass.algorithms.base import DECAY_MODES, AlgorithmSpec, scalar, scalar_slot_dtype
@@ -201,6 +202,15 @@ class FusedOptimizer(Optimizer):
         """torch.optim's state_dict, its entries plain dicts (loadable with weights_only=True)."""
         state_dict = super().state_dict()
         state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        for index, saved in enumerate(state_dict["param_groups"]):
+            hyper = self._engine.device_hyper(index)
+            if hyper is None:
+                continue
+            # A capturable group's lr, betas, eps and weight decay are views of its device block:
+            # saved as the floats they hold, as torch.optim saves them.
+            for key, value in saved.items():
+                if hyper.is_view(value):
+                    saved[key] = host_floats(value)
         return state_dict
 
     def __getstate__(self) -> dict[str, Any]:

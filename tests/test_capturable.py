@@ -1,0 +1,151 @@
+"""capturable=True keeps a group's lr, betas, eps and weight decay in a device block
+(onepass._capturable): the layout each native op reads, the group's entries as views of it, and
+values assigned anew. The block only reaches kernels on CUDA (tests/test_gpu.py replays a
+captured step while the values change); its bookkeeping is device-independent and is checked
+here on CPU tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import onepass
+from onepass._capturable import DeviceHyper, host_floats
+from onepass.algorithms.adam import ADAM
+from onepass.algorithms.base import DEVICE_BLOCK, l2_decays
+from onepass.algorithms.fadam import FADAM
+from onepass.algorithms.lion import LION
+from onepass.algorithms.muon import MUON_MATRICES
+from onepass.algorithms.novograd import NOVOGRAD
+from onepass.algorithms.sgd import SGD_SPEC
+
+from helpers import needs_native
+
+# The op that reads each spec's block (Muon's matrices: its final pass is an SGD launch).
+BLOCK_OPS = {
+    "adam": ADAM,
+    "sgd": SGD_SPEC,
+    "lion": LION,
+    "novograd": NOVOGRAD,
+    "fadam": FADAM,
+}
+
+
+def _block_size(spec) -> int:
+    values = sum(2 if key == "betas" else 1 for key in spec.device_hyper)
+    return values + int(spec.decay_in_block)
+
+
+@needs_native
+def test_block_layouts_match_the_kernels() -> None:
+    """Python lays out as many values as csrc/include/onepass/device_hyper.h reads."""
+    fields = onepass._C.device_block_fields()
+    assert set(fields) == set(BLOCK_OPS)
+    for op, spec in BLOCK_OPS.items():
+        assert _block_size(spec) == fields[op], op
+        assert spec.device_hyper[0] == "lr"
+    assert _block_size(MUON_MATRICES) == fields["sgd"]
+
+
+def _adamw_group(**overrides) -> dict:
+    group = {
+        "params": [torch.zeros(3)],
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+        "amsgrad": False,
+        "maximize": False,
+        "decay": "decoupled",
+        "capturable": True,
+    }
+    group.update(overrides)
+    return group
+
+
+def test_group_entries_become_views_of_the_block() -> None:
+    group = _adamw_group(lr=torch.tensor(2e-3))
+    hyper = DeviceHyper(ADAM, group, torch.device("cpu"))
+    assert hyper.block.dtype == torch.float64
+    assert hyper.block.tolist() == pytest.approx([2e-3, 0.9, 0.999, 1e-8, 0.01, 1.0])
+    # In-place changes (a scheduler's) reach the block, with nothing to do at the next step.
+    group["lr"].fill_(5e-4)
+    group["betas"][0].fill_(0.8)
+    group["weight_decay"].fill_(0.05)
+    launch = hyper.launch_group(group)
+    assert hyper.block.tolist() == pytest.approx([5e-4, 0.8, 0.999, 1e-8, 0.05, 1.0])
+    assert launch["lr"] is hyper.block and launch[DEVICE_BLOCK]
+    # The launch's other values are host floats (no device read), the group keeps its views.
+    assert isinstance(launch["eps"], float) and isinstance(launch["betas"][1], float)
+    assert group["lr"].data_ptr() == hyper.block.data_ptr()
+    assert hyper.is_view(group["betas"]) and hyper.is_view(group["weight_decay"])
+    assert host_floats(group["betas"]) == pytest.approx((0.8, 0.999))
+
+
+def test_values_assigned_anew_are_checked_and_written() -> None:
+    group = _adamw_group()
+    hyper = DeviceHyper(ADAM, group, torch.device("cpu"))
+    group["eps"] = 1e-6
+    group["betas"] = (torch.tensor(0.95), torch.tensor(0.99))
+    hyper.launch_group(group)
+    assert hyper.block.tolist() == pytest.approx([1e-3, 0.95, 0.99, 1e-6, 0.01, 1.0])
+    assert hyper.is_view(group["eps"]) and hyper.is_view(group["betas"])
+    before = hyper.block.clone()
+    group["betas"] = (1.5, 0.99)
+    with pytest.raises(ValueError, match="beta parameter at index 0"):
+        hyper.launch_group(group)
+    assert torch.equal(hyper.block, before)  # a refused value writes nothing
+    group["betas"] = (0.9, 0.999)
+    hyper.launch_group(group)
+    assert hyper.block[1].item() == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    ("decay", "scale"), [("decoupled", 1.0), ("independent", 1.0 / 4e-3), ("l2", 0.0)]
+)
+def test_decay_scale_follows_the_decay_mode(decay: str, scale: float) -> None:
+    """decay_coefficient = weight_decay * the block's last value, which follows a mode change."""
+    group = _adamw_group(decay="decoupled", initial_lr=4e-3)
+    hyper = DeviceHyper(ADAM, group, torch.device("cpu"))
+    group["decay"] = decay
+    hyper.launch_group(group)
+    assert hyper.block[-1].item() == pytest.approx(scale)
+
+
+def test_l2_decay_stays_on_when_the_weight_decay_is_on_the_device() -> None:
+    """Under L2 decay a zero weight decay skips the L2 term, unless it lives on the device,
+    where it may change without the host seeing it."""
+    group = _adamw_group(decay="l2", weight_decay=0.0)
+    assert not l2_decays(group, 0.0)
+    hyper = DeviceHyper(ADAM, group, torch.device("cpu"))
+    assert l2_decays(hyper.launch_group(group), 0.0)
+
+
+def test_sgd_and_muon_blocks_hold_lr_and_weight_decay() -> None:
+    group = {
+        "params": [],
+        "lr": 0.1,
+        "momentum": 0.9,
+        "dampening": 0.0,
+        "weight_decay": 0.02,
+        "nesterov": False,
+        "maximize": False,
+        "decay": "independent",
+        "initial_lr": 0.2,
+    }
+    hyper = DeviceHyper(SGD_SPEC, group, torch.device("cpu"))
+    assert hyper.block.tolist() == pytest.approx([0.1, 0.02, 5.0])
+    assert isinstance(group["momentum"], float)  # structural: stays on the host
+    muon = {"params": [], "lr": 0.02, "weight_decay": 0.1, "decay": "decoupled"}
+    assert DeviceHyper(MUON_MATRICES, muon, torch.device("cpu")).block.tolist() == pytest.approx(
+        [0.02, 0.1, 1.0]
+    )
+
+
+def test_capturable_refuses_cpu_params() -> None:
+    params = [torch.zeros(3, requires_grad=True)]
+    params[0].grad = torch.ones(3)
+    optimizer = onepass.AdamW(params, capturable=True, backend="cpu")
+    with pytest.raises(RuntimeError, match="capturable=True needs CUDA params"):
+        optimizer.step()
+    assert torch.equal(params[0], torch.zeros(3))
