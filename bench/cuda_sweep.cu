@@ -32,13 +32,15 @@ namespace {
 constexpr int kWarmup = 3;
 constexpr int kIters = 20;
 
-float* device_floats(int64_t n, float value) {
-  float* p = nullptr;
-  CHECK(cudaMalloc(&p, n * sizeof(float)));
-  std::vector<float> host(1 << 20, value);
+// n elements of T on the device, all `value` (for bf16, uint16_t bit patterns).
+template <class T>
+T* device_filled(int64_t n, T value) {
+  T* p = nullptr;
+  CHECK(cudaMalloc(&p, n * sizeof(T)));
+  std::vector<T> host(1 << 20, value);
   for (int64_t at = 0; at < n; at += int64_t(host.size())) {
     const int64_t count = n - at < int64_t(host.size()) ? n - at : int64_t(host.size());
-    CHECK(cudaMemcpy(p + at, host.data(), count * sizeof(float), cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(p + at, host.data(), count * sizeof(T), cudaMemcpyHostToDevice));
   }
   return p;
 }
@@ -59,19 +61,6 @@ float time_ms(const Fn& fn) {
   CHECK(cudaEventDestroy(start));
   CHECK(cudaEventDestroy(end));
   return ms / kIters;
-}
-
-// n elements of 2 bytes, all set to `bits` (a bf16 bit pattern).
-void* device_halves(int64_t n, uint16_t bits) {
-  void* p = nullptr;
-  CHECK(cudaMalloc(&p, n * sizeof(uint16_t)));
-  std::vector<uint16_t> host(1 << 20, bits);
-  for (int64_t at = 0; at < n; at += int64_t(host.size())) {
-    const int64_t count = n - at < int64_t(host.size()) ? n - at : int64_t(host.size());
-    CHECK(cudaMemcpy(static_cast<uint16_t*>(p) + at, host.data(), count * sizeof(uint16_t),
-                     cudaMemcpyHostToDevice));
-  }
-  return p;
 }
 
 // The device table of one tensor of n elements (one segment) cut into chunks of `chunk`
@@ -104,13 +93,13 @@ void free_table(const DeviceTable& t) {
 const AdamHyper kAdamW{1e-4, 0.9, 0.999, 1e-8, 0.01, 0.01, 1.0};
 
 void run(int64_t n) {
-  float* param = device_floats(n, 0.5f);
-  float* grad = device_floats(n, 0.01f);
-  float* m = device_floats(n, 0.0f);
-  float* v = device_floats(n, 0.0f);
-  float* copy_from = device_floats(2 * n, 1.0f);
-  float* copy_to = device_floats(2 * n, 0.0f);
-  float* step = device_floats(1, 0.0f);
+  float* param = device_filled<float>(n, 0.5f);
+  float* grad = device_filled<float>(n, 0.01f);
+  float* m = device_filled<float>(n, 0.0f);
+  float* v = device_filled<float>(n, 0.0f);
+  float* copy_from = device_filled<float>(2 * n, 1.0f);
+  float* copy_to = device_filled<float>(2 * n, 0.0f);
+  float* step = device_filled<float>(1, 0.0f);
   const StepState steps{step, nullptr, nullptr, nullptr, false};
   const DeviceTable table = make_table(param, grad, n, kChunkElements);
 
@@ -149,10 +138,10 @@ void run(int64_t n) {
   // bf16 AdamW (params, grads and both moments in bf16) over the same element count, with the
   // table cut into chunks of 1, 2 and 4 times kChunkElements: the chunk is cut on the host, so
   // one binary compares the sizes (a 2-byte chunk of 2^14 elements moves half the bytes).
-  void* bparam = device_halves(n, 0x3F00);  // 0.5
-  void* bgrad = device_halves(n, 0x3C24);   // ~0.01
-  void* bm = device_halves(n, 0);
-  void* bv = device_halves(n, 0);
+  uint16_t* bparam = device_filled<uint16_t>(n, 0x3F00);  // 0.5
+  uint16_t* bgrad = device_filled<uint16_t>(n, 0x3C24);   // ~0.01
+  uint16_t* bm = device_filled<uint16_t>(n, 0);
+  uint16_t* bv = device_filled<uint16_t>(n, 0);
   for (const int64_t times : {1, 2, 4}) {
     AdamLaunch bf16{};
     bf16.layout = Layout{DType::kBFloat16, DType::kBFloat16, DType::kBFloat16, false};
@@ -173,7 +162,8 @@ void run(int64_t n) {
   }
   for (void* p : {static_cast<void*>(param), static_cast<void*>(grad), static_cast<void*>(m),
                   static_cast<void*>(v), static_cast<void*>(copy_from), static_cast<void*>(copy_to),
-                  static_cast<void*>(step), bparam, bgrad, bm, bv}) {
+                  static_cast<void*>(step), static_cast<void*>(bparam), static_cast<void*>(bgrad),
+                  static_cast<void*>(bm), static_cast<void*>(bv)}) {
     CHECK(cudaFree(p));
   }
 }

@@ -6,11 +6,13 @@ here on CPU tensors."""
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 import pytest
 import torch
 
 import onepass
-from onepass._capturable import DeviceHyper, host_floats
+from onepass._capturable import DeviceHyper, host_floats, is_block_view
 from onepass.algorithms.adam import ADAM
 from onepass.algorithms.base import DEVICE_BLOCK, l2_decays
 from onepass.algorithms.fadam import FADAM
@@ -47,27 +49,24 @@ def test_block_layouts_match_the_kernels() -> None:
     assert _block_size(MUON_MATRICES) == fields["sgd"]
 
 
-def _adamw_group(**overrides) -> dict:
-    group = {
-        "params": [torch.zeros(3)],
-        "lr": 1e-3,
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "weight_decay": 0.01,
-        "amsgrad": False,
-        "maximize": False,
-        "decay": "decoupled",
-        "capturable": True,
-    }
+def _group(make, shape: tuple[int, ...] = (3,), **overrides) -> dict:
+    """A param group as the optimizer class makes it (CPU params: the block's bookkeeping does
+    not depend on the device)."""
+    group = dict(make([torch.zeros(shape, requires_grad=True)]).param_groups[0])
     group.update(overrides)
     return group
 
 
+def _adamw_group(**overrides) -> dict:
+    make = lambda ps: onepass.AdamW(ps, lr=1e-3, weight_decay=0.01)  # noqa: E731
+    return _group(make, **overrides)
+
+
 def test_group_entries_become_views_of_the_block() -> None:
-    group = _adamw_group(lr=torch.tensor(2e-3))
+    group = _adamw_group()
     hyper = DeviceHyper(ADAM, group, torch.device("cpu"))
     assert hyper.block.dtype == torch.float64
-    assert hyper.block.tolist() == pytest.approx([2e-3, 0.9, 0.999, 1e-8, 0.01, 1.0])
+    assert hyper.block.tolist() == pytest.approx([1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0])
     # In-place changes (a scheduler's) reach the block, with nothing to do at the next step.
     group["lr"].fill_(5e-4)
     group["betas"][0].fill_(0.8)
@@ -78,18 +77,32 @@ def test_group_entries_become_views_of_the_block() -> None:
     # The launch's other values are host floats (no device read), the group keeps its views.
     assert isinstance(launch["eps"], float) and isinstance(launch["betas"][1], float)
     assert group["lr"].data_ptr() == hyper.block.data_ptr()
-    assert hyper.is_view(group["betas"]) and hyper.is_view(group["weight_decay"])
+    assert is_block_view(group["betas"][0]) and is_block_view(group["weight_decay"])
     assert host_floats(group["betas"]) == pytest.approx((0.8, 0.999))
+    assert host_floats(group["weight_decay"]) == pytest.approx(0.05)
+
+
+def test_the_users_device_tensors_are_copied_in_every_step() -> None:
+    """An lr tensor on the params' device stays the user's: each step copies it into the block
+    (on the device, so that a captured graph replays the copy)."""
+    lr = torch.tensor(2e-3)
+    group = _adamw_group(lr=lr)
+    hyper = DeviceHyper(ADAM, group, torch.device("cpu"))
+    assert group["lr"] is lr and not is_block_view(lr)
+    lr.fill_(7e-4)
+    hyper.launch_group(group)
+    assert hyper.block[0].item() == pytest.approx(7e-4)
+    assert host_floats(group["lr"]) is lr  # the user's own: saved as it is
 
 
 def test_values_assigned_anew_are_checked_and_written() -> None:
     group = _adamw_group()
     hyper = DeviceHyper(ADAM, group, torch.device("cpu"))
     group["eps"] = 1e-6
-    group["betas"] = (torch.tensor(0.95), torch.tensor(0.99))
+    group["betas"] = (0.95, group["betas"][1])  # as OneCycleLR cycles beta1
     hyper.launch_group(group)
-    assert hyper.block.tolist() == pytest.approx([1e-3, 0.95, 0.99, 1e-6, 0.01, 1.0])
-    assert hyper.is_view(group["eps"]) and hyper.is_view(group["betas"])
+    assert hyper.block.tolist() == pytest.approx([1e-3, 0.95, 0.999, 1e-6, 0.01, 1.0])
+    assert is_block_view(group["eps"]) and is_block_view(group["betas"][0])
     before = hyper.block.clone()
     group["betas"] = (1.5, 0.99)
     with pytest.raises(ValueError, match="beta parameter at index 0"):
@@ -105,7 +118,7 @@ def test_values_assigned_anew_are_checked_and_written() -> None:
 )
 def test_decay_scale_follows_the_decay_mode(decay: str, scale: float) -> None:
     """decay_coefficient = weight_decay * the block's last value, which follows a mode change."""
-    group = _adamw_group(decay="decoupled", initial_lr=4e-3)
+    group = _adamw_group(initial_lr=4e-3)
     hyper = DeviceHyper(ADAM, group, torch.device("cpu"))
     group["decay"] = decay
     hyper.launch_group(group)
@@ -122,24 +135,15 @@ def test_l2_decay_stays_on_when_the_weight_decay_is_on_the_device() -> None:
 
 
 def test_sgd_and_muon_blocks_hold_lr_and_weight_decay() -> None:
-    group = {
-        "params": [],
-        "lr": 0.1,
-        "momentum": 0.9,
-        "dampening": 0.0,
-        "weight_decay": 0.02,
-        "nesterov": False,
-        "maximize": False,
-        "decay": "independent",
-        "initial_lr": 0.2,
-    }
+    make_sgd = lambda ps: onepass.SGDW(ps, lr=0.1, momentum=0.9, weight_decay=0.02)  # noqa: E731
+    group = _group(make_sgd, decay="independent", initial_lr=0.2)
     hyper = DeviceHyper(SGD_SPEC, group, torch.device("cpu"))
     assert hyper.block.tolist() == pytest.approx([0.1, 0.02, 5.0])
     assert isinstance(group["momentum"], float)  # structural: stays on the host
-    muon = {"params": [], "lr": 0.02, "weight_decay": 0.1, "decay": "decoupled"}
-    assert DeviceHyper(MUON_MATRICES, muon, torch.device("cpu")).block.tolist() == pytest.approx(
-        [0.02, 0.1, 1.0]
-    )
+    muon = _group(lambda ps: onepass.Muon(ps, lr=0.02, weight_decay=0.1), shape=(4, 3))
+    assert muon["use_muon"]
+    hyper = DeviceHyper(MUON_MATRICES, muon, torch.device("cpu"))
+    assert hyper.block.tolist() == pytest.approx([0.02, 0.1, 1.0])
 
 
 def test_capturable_refuses_cpu_params() -> None:
@@ -149,3 +153,22 @@ def test_capturable_refuses_cpu_params() -> None:
     with pytest.raises(RuntimeError, match="capturable=True needs CUDA params"):
         optimizer.step()
     assert torch.equal(params[0], torch.zeros(3))
+
+
+def test_block_views_leave_the_group_as_floats() -> None:
+    """state_dict saves a capturable group's views as floats (also from a deepcopy, before its
+    first step), and a plan built without capturable turns leftover views back into floats."""
+    params = [torch.zeros(3, requires_grad=True)]
+    params[0].grad = torch.ones(3)
+    optimizer = onepass.AdamW(params, lr=1e-3)
+    group = optimizer.param_groups[0]
+    DeviceHyper(ADAM, group, torch.device("cpu"))  # the views a capturable plan installs
+    for copy in (optimizer, deepcopy(optimizer)):
+        saved = copy.state_dict()["param_groups"][0]
+        assert isinstance(saved["lr"], float) and isinstance(saved["weight_decay"], float)
+        assert saved["betas"] == pytest.approx((0.9, 0.999))
+        assert all(isinstance(b, float) for b in saved["betas"])
+    assert is_block_view(group["lr"])  # the live group keeps its views
+    optimizer.step()
+    assert isinstance(group["lr"], float) and isinstance(group["betas"][0], float)
+    assert params[0][0].item() == pytest.approx(-1e-3, rel=1e-3)

@@ -4,10 +4,17 @@ A step captured in a CUDA graph replays its kernels with the arguments of the ca
 value a replay must see change lives in device memory: the step counts and the AMP scalars (on
 the GPU backends always), and for a capturable group its lr, betas, eps and weight_decay, which
 the CUDA kernels read from one float64 block per group (csrc/include/onepass/device_hyper.h
-lays it out). The group's own entries become 0-d views into that block, so an in-place change,
-an LR scheduler's or ``group["weight_decay"].fill_(0.05)``, reaches the next launch and every
-replay. A value assigned anew (a float, another tensor) is checked and written into the block at
-the next eager step, and the view put back.
+lays it out).
+
+- A value given as a float (or a CPU tensor) moves into the block, and the group's entry becomes
+  a 0-d view of it: an in-place change, an LR scheduler's or ``group["weight_decay"].fill_(0.05)``,
+  reaches the next launch and every replay.
+- A value given as a tensor on the params' device stays the user's: every step copies it into
+  the block on the device (a copy a captured graph replays), so in-place changes to it reach
+  replays too.
+- A value assigned anew (a float, another tensor) is checked and written into the block at the
+  next eager step. Replays run no Python, so they see only in-place changes; a value assigned
+  anew just before a capture is refused there (the graph would replay the write).
 
 Structural hyperparameters (SGD's momentum and nesterov, FAdam's p and clip, amsgrad, maximize,
 the decay mode) stay on the host and are read when a step is captured.
@@ -19,19 +26,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from onepass.algorithms.base import DEVICE_BLOCK, decay_scale, scalar
+from onepass.algorithms.base import DEVICE_BLOCK, decay_scale
 
 if TYPE_CHECKING:
     from onepass.algorithms.base import AlgorithmSpec, Group
 
-
-def _entries(keys: tuple[str, ...]) -> list[tuple[str, int | None]]:
-    """(group key, index in the key's tuple or None) for each value of the block but decay_scale."""
-    return [(key, i) for key in keys for i in ((0, 1) if key == "betas" else (None,))]
+#: The attribute that marks a 0-d view of a block in a param group (it survives deepcopy).
+VIEW_MARK = "_onepass_block_view"
 
 
-def _host(value: Any) -> float:
-    return scalar(value) if isinstance(value, torch.Tensor) else float(value)
+def is_block_view(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and getattr(value, VIEW_MARK, False)
+
+
+def host_floats(value: Any) -> Any:
+    """A group entry with its block views as Python floats (state_dicts, non-capturable plans)."""
+    if isinstance(value, tuple | list) and any(is_block_view(v) for v in value):
+        return tuple(float(v) if is_block_view(v) else v for v in value)
+    return float(value) if is_block_view(value) else value
 
 
 class DeviceHyper:
@@ -39,73 +51,95 @@ class DeviceHyper:
     values that structural decisions and checks read (never the kernels)."""
 
     def __init__(self, spec: AlgorithmSpec, group: Group, device: torch.device) -> None:
-        self.keys = spec.device_hyper
         self.check_group = spec.check_group
         self.decay_in_block = spec.decay_in_block
-        self.host: dict[str, Any] = {key: self._host_value(group[key]) for key in self.keys}
-        values = [self._read(self.host, key, i) for key, i in _entries(self.keys)]
+        # (group key, index in the key's tuple or None), in block order; decay_scale last.
+        self.entries = [
+            (key, i) for key in spec.device_hyper for i in ((0, 1) if key == "betas" else (None,))
+        ]
+        self.block = torch.zeros(
+            len(self.entries) + int(self.decay_in_block), dtype=torch.float64, device=device
+        )
+        self.seen: list[Any] = [None] * len(self.entries)  # what the group held at each entry
+        self.host: list[float] = [0.0] * len(self.entries)
+        self.linked: dict[int, torch.Tensor] = {}  # the user's device tensors, copied each step
+        self._update(group, self._changes(group))  # every entry is new
+        self.decay = decay_scale(group) if self.decay_in_block else 0.0
         if self.decay_in_block:
-            values.append(decay_scale(group))
-        # Built at the first step of the group (or after a rebuild), never under capture.
-        self.block = torch.tensor(values, dtype=torch.float64, device=device)
-        self.decay = values[-1] if self.decay_in_block else 0.0
-        self.views: dict[str, Any] = {}
-        self._install(group)
+            self.block[-1].fill_(self.decay)
 
-    @staticmethod
-    def _host_value(value: Any) -> Any:
-        if isinstance(value, tuple | list):
-            return tuple(_host(v) for v in value)
-        return _host(value)
+    def _value(self, group: Group, at: int) -> Any:
+        key, i = self.entries[at]
+        return group[key] if i is None else group[key][i]
 
-    @staticmethod
-    def _read(values: dict[str, Any], key: str, i: int | None) -> float:
-        return float(values[key] if i is None else values[key][i])
+    def _changes(self, group: Group) -> list[int]:
+        entries = range(len(self.entries))
+        return [at for at in entries if self._value(group, at) is not self.seen[at]]
 
-    def _install(self, group: Group) -> None:
-        """The group's entries become views of the block (betas: a tuple of two)."""
-        at = 0
-        for key in self.keys:
-            if key == "betas":
-                group[key] = (self.block[at], self.block[at + 1])
-                at += 2
+    def _links(self, value: Any) -> bool:
+        return (
+            isinstance(value, torch.Tensor)
+            and value.device == self.block.device
+            and value.numel() == 1
+            and not is_block_view(value)
+        )
+
+    def _update(self, group: Group, changed: list[int]) -> None:
+        """Checks the group's new values (a refused one raises before anything is written),
+        writes them into the block and puts the views back."""
+        values = {at: self._value(group, at) for at in changed}
+        host = list(self.host)
+        for at, value in values.items():  # a device tensor is read once, here, to be checked
+            host[at] = float(value.item() if isinstance(value, torch.Tensor) else value)
+        self.check_group({**group, **self._host_group(host)})
+        for at, value in values.items():
+            self.linked.pop(at, None)
+            if self._links(value):
+                self.linked[at] = value
+            elif isinstance(value, torch.Tensor):
+                self.block[at].copy_(value.reshape(()))
             else:
-                group[key] = self.block[at]
-                at += 1
-            self.views[key] = group[key]
+                self.block[at].fill_(float(value))
+        self.host = host
+        for key in dict.fromkeys(key for key, _ in self.entries):
+            group[key] = self._group_value(group, key)
+        self.seen = [self._value(group, at) for at in range(len(self.entries))]
 
-    def is_view(self, value: Any) -> bool:
-        """Whether ``value`` is one of the block's views in the group (state_dict saves floats)."""
-        return any(value is v for v in self.views.values())
+    def _group_value(self, group: Group, key: str) -> Any:
+        """The group's entry for ``key``: block views, or the user's linked tensors."""
+        parts = []
+        for at, (k, _) in enumerate(self.entries):
+            if k == key:
+                if at in self.linked:
+                    parts.append(self.linked[at])
+                else:
+                    view = self.block[at]
+                    setattr(view, VIEW_MARK, True)
+                    parts.append(view)
+        return tuple(parts) if key == "betas" else parts[0]
+
+    def _host_group(self, host: list[float]) -> dict[str, Any]:
+        group: dict[str, Any] = {}
+        for (key, i), value in zip(self.entries, host, strict=True):
+            group[key] = value if i is None else (*group.get(key, ()), value)
+        return group
 
     def launch_group(self, group: Group) -> Group:
         """The group as the launchers read it: ``lr`` is the block, the other device values are
-        their host copies. Entries assigned anew since the last step are checked (a refused value
-        leaves the block and the group's views as they were) and written into the block."""
-        changed = {key: group[key] for key in self.keys if group[key] is not self.views[key]}
+        their host copies. Values assigned anew since the last step are checked and written."""
+        changed = self._changes(group)
+        decay = decay_scale(group) if self.decay_in_block else 0.0
+        capturing = self.block.is_cuda and torch.cuda.is_current_stream_capturing()
+        if (changed or decay != self.decay) and capturing:
+            raise RuntimeError(
+                "onepass: a capturable group's hyperparameters were assigned anew since the last "
+                "step; step once outside the capture, or change them in place"
+            )
         if changed:
-            host = {**self.host, **{k: self._host_value(v) for k, v in changed.items()}}
-            self.check_group({**group, **host})
-            for at, (key, i) in enumerate(_entries(self.keys)):
-                if key not in changed:
-                    continue
-                value = changed[key] if i is None else changed[key][i]
-                if isinstance(value, torch.Tensor):
-                    self.block[at].copy_(value.reshape(()))
-                else:
-                    self.block[at].fill_(float(value))
-            self.host = host
-            self._install(group)
-        if self.decay_in_block:  # the decay mode (or initial_lr) may change between steps
-            decay = decay_scale(group)
-            if decay != self.decay:
-                self.block[-1].fill_(decay)
-                self.decay = decay
-        return {**group, **self.host, "lr": self.block, DEVICE_BLOCK: True}
-
-
-def host_floats(value: Any) -> Any:
-    """A block view (or a tuple of them) as Python floats, for a state_dict."""
-    if isinstance(value, tuple):
-        return tuple(float(v) for v in value)
-    return float(value)
+            self._update(group, changed)
+        if decay != self.decay:  # the decay mode (or initial_lr) changed
+            self.block[-1].fill_(decay)
+            self.decay = decay
+        for at, tensor in self.linked.items():
+            self.block[at].copy_(tensor.reshape(()))
+        return {**group, **self._host_group(self.host), "lr": self.block, DEVICE_BLOCK: True}

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from onepass import _ops
-from onepass._capturable import DeviceHyper
+from onepass._capturable import DeviceHyper, host_floats
 from onepass.algorithms.base import MASTER, scalar_slot_dtype
 
 if TYPE_CHECKING:
@@ -385,11 +385,6 @@ class Engine:
                 buffers.append(bucket.flat_grad)
         return buffers
 
-    def device_hyper(self, index: int) -> DeviceHyper | None:
-        """The device block of capturable group ``index`` (None before its first step)."""
-        plan = self.plans[index] if index < len(self.plans) else None
-        return None if plan is None else plan.hyper
-
     def invalidate(self) -> None:
         """Forget every bucket; the next step rebuilds them from ``optimizer.state``."""
         self.plans = []
@@ -474,7 +469,12 @@ class _GroupPlan:
         self.slots = slots
         self.backend_request = group["backend"]
         self.storage = _storage_keys(group)
+        self.capturable = bool(group.get("capturable"))
         self.hyper: DeviceHyper | None = None
+        if not self.capturable:  # capturable switched off: the group's block views become floats
+            for key in spec.device_hyper:
+                if key in group:
+                    group[key] = host_floats(group[key])
         state = engine.optimizer.state
         keyed: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
         self.outside: list[torch.Tensor] = []
@@ -573,6 +573,7 @@ class _GroupPlan:
         return (
             slots != self.slots
             or group["backend"] != self.backend_request
+            or bool(group.get("capturable")) != self.capturable
             or _storage_keys(group) != self.storage
             # model.to(dtype / device) after the first step: one param per bucket tells
             or any(

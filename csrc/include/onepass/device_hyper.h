@@ -23,14 +23,30 @@ constexpr int kLionBlock = 5;      // lr, beta1, beta2, weight_decay, decay_scal
 constexpr int kNovoGradBlock = 5;  // lr, beta1, beta2, eps, weight_decay
 constexpr int kFAdamBlock = 5;     // lr, beta1, beta2, eps, weight_decay
 
-// Each sets the hyperparameters a block holds, lr included; the others keep the host's values.
-ONEPASS_HD ONEPASS_INLINE void read_block(AdamHyper& h, const double* b) {
+// Each read_block sets the hyperparameters a block holds, lr included; the others keep the
+// host's values.
+
+// Adam, NovoGrad and FAdam blocks start alike: lr, beta1, beta2, eps, weight_decay.
+template <class Hyper>
+ONEPASS_HD ONEPASS_INLINE void read_lr_betas_eps_decay(Hyper& h, const double* b) {
   h.lr = b[0];
   h.beta1 = b[1];
   h.beta2 = b[2];
   h.eps = b[3];
-  h.weight_decay = b[4];  // read by the L2 path only
+  h.weight_decay = b[4];
+}
+
+ONEPASS_HD ONEPASS_INLINE void read_block(AdamHyper& h, const double* b) {
+  read_lr_betas_eps_decay(h, b);  // the weight decay is read by the L2 path only
   h.decay_coefficient = b[4] * b[5];
+}
+
+ONEPASS_HD ONEPASS_INLINE void read_block(NovoGradHyper& h, const double* b) {
+  read_lr_betas_eps_decay(h, b);
+}
+
+ONEPASS_HD ONEPASS_INLINE void read_block(FAdamHyper& h, const double* b) {
+  read_lr_betas_eps_decay(h, b);
 }
 
 ONEPASS_HD ONEPASS_INLINE void read_block(SgdHyper& h, const double* b) {
@@ -45,22 +61,6 @@ ONEPASS_HD ONEPASS_INLINE void read_block(LionHyper& h, const double* b) {
   h.beta2 = b[2];
   h.weight_decay = b[3];
   h.decay_coefficient = b[3] * b[4];
-}
-
-ONEPASS_HD ONEPASS_INLINE void read_block(NovoGradHyper& h, const double* b) {
-  h.lr = b[0];
-  h.beta1 = b[1];
-  h.beta2 = b[2];
-  h.eps = b[3];
-  h.weight_decay = b[4];
-}
-
-ONEPASS_HD ONEPASS_INLINE void read_block(FAdamHyper& h, const double* b) {
-  h.lr = b[0];
-  h.beta1 = b[1];
-  h.beta2 = b[2];
-  h.eps = b[3];
-  h.weight_decay = b[4];
 }
 
 }  // namespace ONEPASS_CAPABILITY

@@ -40,10 +40,7 @@ def decay_coefficient(group: Group) -> float:
 
     The kernels take c and the lr separately, so an lr that lives in a tensor (torch.compile,
     CUDA graphs) reaches them without a host read."""
-    weight_decay = scalar(group["weight_decay"])
-    if group.get("decay") == "independent":
-        return weight_decay / scalar(group["initial_lr"])
-    return weight_decay * decay_scale(group)
+    return scalar(group["weight_decay"]) * decay_scale(group)
 
 
 #: The key that marks a launch's view of a capturable group whose lr, betas, eps and weight decay

@@ -202,15 +202,11 @@ class FusedOptimizer(Optimizer):
         """torch.optim's state_dict, its entries plain dicts (loadable with weights_only=True)."""
         state_dict = super().state_dict()
         state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
-        for index, saved in enumerate(state_dict["param_groups"]):
-            hyper = self._engine.device_hyper(index)
-            if hyper is None:
-                continue
-            # A capturable group's lr, betas, eps and weight decay are views of its device block:
-            # saved as the floats they hold, as torch.optim saves them.
+        for saved in state_dict["param_groups"]:
+            # A capturable group's lr, betas, eps and weight decay are views of its device block
+            # (onepass._capturable): saved as the floats they hold, as torch.optim saves them.
             for key, value in saved.items():
-                if hyper.is_view(value):
-                    saved[key] = host_floats(value)
+                saved[key] = host_floats(value)
         return state_dict
 
     def __getstate__(self) -> dict[str, Any]:
