@@ -128,11 +128,11 @@ void run(int64_t n) {
   const double adam_gbps = 7 * gb / (adam_ms * 1e-3);  // p, m, v read and written; g read
   const double sgd_gbps = 5 * gb / (sgd_ms * 1e-3);    // p, buf read and written; g read
   std::printf(
-      "ilp=%d threads=%d chunk=2^%d streaming=%d numel=%lld | copy %.1f GB/s | AdamW %.3f ms "
-      "%.1f GB/s %.1f%% | SGDW %.3f ms %.1f GB/s %.1f%%\n",
+      "ilp=%d threads=%d chunk=2^%d streaming=%d blocks=%d numel=%lld | copy %.1f GB/s | "
+      "AdamW %.3f ms %.1f GB/s %.1f%% | SGDW %.3f ms %.1f GB/s %.1f%%\n",
       ONEPASS_CUDA_ILP, ONEPASS_CUDA_THREADS, ONEPASS_CUDA_CHUNK_LOG2, ONEPASS_CUDA_STREAMING,
-      static_cast<long long>(n), copy_gbps, adam_ms, adam_gbps, 100 * adam_gbps / copy_gbps,
-      sgd_ms, sgd_gbps, 100 * sgd_gbps / copy_gbps);
+      ONEPASS_CUDA_MIN_BLOCKS, static_cast<long long>(n), copy_gbps, adam_ms, adam_gbps,
+      100 * adam_gbps / copy_gbps, sgd_ms, sgd_gbps, 100 * sgd_gbps / copy_gbps);
   free_table(table);
 
   // bf16 AdamW (params, grads and both moments in bf16) over the same element count, with the
@@ -153,11 +153,11 @@ void run(int64_t n) {
     const float ms = time_ms([&] { CHECK(launch_adam(bf16, nullptr)); });
     const double gbps = 7 * (gb / 2) / (ms * 1e-3);
     std::printf(
-        "ilp=%d threads=%d chunk=2^%d*%lld streaming=%d numel=%lld | AdamW bf16 %.3f ms %.1f "
-        "GB/s %.1f%% of copy\n",
+        "ilp=%d threads=%d chunk=2^%d*%lld streaming=%d blocks=%d numel=%lld | AdamW bf16 "
+        "%.3f ms %.1f GB/s %.1f%% of copy\n",
         ONEPASS_CUDA_ILP, ONEPASS_CUDA_THREADS, ONEPASS_CUDA_CHUNK_LOG2,
-        static_cast<long long>(times), ONEPASS_CUDA_STREAMING, static_cast<long long>(n), ms,
-        gbps, 100 * gbps / copy_gbps);
+        static_cast<long long>(times), ONEPASS_CUDA_STREAMING, ONEPASS_CUDA_MIN_BLOCKS,
+        static_cast<long long>(n), ms, gbps, 100 * gbps / copy_gbps);
     free_table(bf16.table);
   }
   for (void* p : {static_cast<void*>(param), static_cast<void*>(grad), static_cast<void*>(m),

@@ -16,9 +16,9 @@
 # tables into bench/GPU_RESULTS.md with the card and date.
 #
 # For a short re-check: GPU_CHECK_PHASES (default "special host reference lowp muon family clip
-# bf16 main") picks phases, GPU_CHECK_SWEEP ("ILP THREADS CHUNK_LOG2 STREAMING;...") the sweep's
-# variants, and GPU_CHECK_BUDGET (default 3) the main bench's seconds per group. Carry .whl (the
-# family's peers as wheels) and run it in one call of about 560 s (runs 2-4).
+# bf16 main") picks phases, GPU_CHECK_SWEEP ("ILP THREADS CHUNK_LOG2 STREAMING [MIN_BLOCKS];...")
+# the sweep's variants, and GPU_CHECK_BUDGET (default 3) the main bench's seconds per group.
+# Carry .whl (the family's peers as wheels) and run it in one call of about 560 s (runs 2-4).
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -46,17 +46,19 @@ cat "$out/env.txt"
 # The launch-constant sweep (bench/cuda_sweep.cu: the CUDA kernels alone against a device copy),
 # built in the background while the extension builds: "ILP THREADS CHUNK_LOG2 STREAMING".
 # fp32 settled on "2 512 14 0" (runs 2-4); each binary also times bf16 AdamW at 1, 2 and 4 times
-# the chunk, which run 4 found at 59% of copy (Triton: 89%).
-SWEEP=("2 512 14 0" "4 512 14 0" "1 512 14 0" "2 256 14 0" "2 1024 14 0")
+# the chunk, which run 4 found at 59% of copy (Triton: 89%). A fifth field sets
+# ONEPASS_CUDA_MIN_BLOCKS (multi_tensor.cuh): 2 caps bf16 AdamW's 106 registers at 64.
+SWEEP=("2 512 14 0" "4 512 14 0" "1 512 14 0" "2 256 14 0" "2 512 14 0 2" "4 512 14 0 2")
 if [ -n "${GPU_CHECK_SWEEP:-}" ]; then IFS=';' read -r -a SWEEP <<< "$GPU_CHECK_SWEEP"; fi
 mkdir -p "$out/sweep"
 for v in "${SWEEP[@]}"; do
-  read -r ilp threads chunk streaming <<< "$v"
-  name="i${ilp}_t${threads}_c${chunk}_s${streaming}"
+  read -r ilp threads chunk streaming blocks <<< "$v"
+  blocks=${blocks:-1}
+  name="i${ilp}_t${threads}_c${chunk}_s${streaming}_b${blocks}"
   nvcc -O3 -std=c++20 --fmad=false -arch=sm_90 -Icsrc/include -Icsrc -DONEPASS_CUDA_ILP="$ilp" \
     -DONEPASS_CUDA_THREADS="$threads" -DONEPASS_CUDA_CHUNK_LOG2="$chunk" \
-    -DONEPASS_CUDA_STREAMING="$streaming" bench/cuda_sweep.cu csrc/cuda/optimizers.cu \
-    -o "$out/sweep/$name" > "$out/sweep/$name.log" 2>&1 &
+    -DONEPASS_CUDA_STREAMING="$streaming" -DONEPASS_CUDA_MIN_BLOCKS="$blocks" \
+    bench/cuda_sweep.cu csrc/cuda/optimizers.cu -o "$out/sweep/$name" > "$out/sweep/$name.log" 2>&1 &
 done
 
 elapsed "build (sm_90, CUDA kernels required)"
@@ -105,8 +107,8 @@ bench() {  # bench NAME TIME_LIMIT BENCH_ARGS...
 wait  # the sweep's builds
 elapsed "sweep: the CUDA kernels alone vs a device copy"
 for v in "${SWEEP[@]}"; do
-  read -r ilp threads chunk streaming <<< "$v"
-  name="i${ilp}_t${threads}_c${chunk}_s${streaming}"
+  read -r ilp threads chunk streaming blocks <<< "$v"
+  name="i${ilp}_t${threads}_c${chunk}_s${streaming}_b${blocks:-1}"
   if [ -x "$out/sweep/$name" ]; then
     timeout 60 "$out/sweep/$name" >> "$out/sweep.log" 2>&1 || echo "$name failed" >> "$out/sweep.log"
   else

@@ -25,6 +25,17 @@ namespace onepass::cuda {
 
 constexpr int kIlp = ONEPASS_CUDA_ILP;  // vectors per thread per iteration, all loaded first
 
+// Thread blocks per SM that kernels with fp32 math leave registers for (the second argument of
+// __launch_bounds__). 1 lets a 16-bit layout's unpacked values take up to 128 registers a
+// thread, which ptxas uses (106 for all-bf16 AdamW at ILP 2): one 512-thread block per SM, half
+// the loads in flight of fp32's two. 2 caps them at 64, with some spilling; bench/cuda_sweep.cu
+// measures both. Float64 math always gets 1.
+#ifndef ONEPASS_CUDA_MIN_BLOCKS
+#define ONEPASS_CUDA_MIN_BLOCKS 1
+#endif
+template <class T>
+constexpr int kMinBlocks = std::is_same_v<typename T::O, float> ? ONEPASS_CUDA_MIN_BLOCKS : 1;
+
 // kN elements of X moved by one load or store: 16 bytes (the default), or 8 for the narrower
 // streams of a mixed layout (see for_each_element).
 template <class X, int kN = int(16 / sizeof(X))>

@@ -19,7 +19,7 @@ __global__ void advance_steps(StepState s, const int64_t* stepped, int64_t n) {
 namespace {
 
 template <class T, bool kAmsgrad, bool kL2Decay>
-__global__ void __launch_bounds__(kThreads) adam_kernel(AdamLaunch L) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>) adam_kernel(AdamLaunch L) {
   using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
@@ -60,7 +60,7 @@ __device__ __forceinline__ void sgd_chunk(const SgdLaunch& L, const Chunk& chunk
 }
 
 template <class T, bool kL2Decay>
-__global__ void __launch_bounds__(kThreads) sgd_kernel(SgdLaunch L) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>) sgd_kernel(SgdLaunch L) {
   using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(SgdLaunch L) {
 }
 
 template <class T, bool kL2Decay>
-__global__ void __launch_bounds__(kThreads) lion_kernel(LionLaunch L) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>) lion_kernel(LionLaunch L) {
   using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) lion_kernel(LionLaunch L) {
 }
 
 template <class T, bool kNesterov>
-__global__ void __launch_bounds__(kThreads) muon_momentum_kernel(MuonLaunch L) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>) muon_momentum_kernel(MuonLaunch L) {
   using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
@@ -183,7 +183,7 @@ __device__ __forceinline__ void novograd_chunk(const NovoGradLaunch& L, const Ch
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) novograd_kernel(NovoGradLaunch L) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>) novograd_kernel(NovoGradLaunch L) {
   using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
@@ -277,7 +277,7 @@ __device__ __forceinline__ FAdamConsts<O> fadam_consts(const FAdamLaunch& L, int
 // Pass 2: the chunk's sums of gn^2 and wn^2 with the tensor's new den. With master weights the
 // weights are the master's (what the update reads), not the rounded param.
 template <class T>
-__global__ void __launch_bounds__(kThreads) fadam_norms_kernel(FAdamLaunch L) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>) fadam_norms_kernel(FAdamLaunch L) {
   using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
@@ -308,7 +308,7 @@ __global__ void __launch_bounds__(kThreads) fadam_norms_kernel(FAdamLaunch L) {
 
 // Pass 3: F, momentum and the param.
 template <class T>
-__global__ void __launch_bounds__(kThreads) fadam_kernel(FAdamLaunch L) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>) fadam_kernel(FAdamLaunch L) {
   using O = typename T::O;
   if (skip_step(L.steps)) return;
   const Chunk chunk = L.table.chunks[blockIdx.x];
