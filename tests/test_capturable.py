@@ -172,3 +172,46 @@ def test_block_views_leave_the_group_as_floats() -> None:
     optimizer.step()
     assert isinstance(group["lr"], float) and isinstance(group["betas"][0], float)
     assert params[0][0].item() == pytest.approx(-1e-3, rel=1e-3)
+
+
+def test_views_keep_their_identity_and_aliases_read_as_they_were() -> None:
+    group = _adamw_group()
+    hyper = DeviceHyper(ADAM, group, torch.device("cpu"))
+    lr, beta1, beta2 = group["lr"], *group["betas"]
+    group["eps"] = 1e-6
+    hyper.launch_group(group)
+    assert group["lr"] is lr and group["betas"][0] is beta1  # untouched entries keep their views
+    group["betas"] = (beta2, beta1)  # each reads the value it had: a swap, not (0.999, 0.999)
+    hyper.launch_group(group)
+    assert hyper.block[1:3].tolist() == pytest.approx([0.999, 0.9])
+
+
+def test_another_blocks_view_is_linked() -> None:
+    """A view of another group's block (an lr tied across optimizers) is the user's tensor:
+    copied at every step, so the tie holds."""
+    first = _adamw_group()
+    DeviceHyper(ADAM, first, torch.device("cpu"))
+    second = _adamw_group(lr=first["lr"])
+    hyper = DeviceHyper(ADAM, second, torch.device("cpu"))
+    assert second["lr"] is first["lr"]
+    first["lr"].fill_(3e-4)
+    hyper.launch_group(second)
+    assert hyper.block[0].item() == pytest.approx(3e-4)
+
+
+def test_a_captured_link_cannot_be_replaced() -> None:
+    """A captured graph copies each linked tensor at every replay: replacing one afterwards
+    would be overwritten (or read freed memory), so it is refused, and nothing is written."""
+    lr = torch.tensor(2e-3)
+    group = _adamw_group(lr=lr)
+    hyper = DeviceHyper(ADAM, group, torch.device("cpu"))
+    hyper.captured = True  # as launch_group marks it under a CUDA graph capture
+    group["lr"] = 1e-3
+    before = hyper.block.clone()
+    with pytest.raises(RuntimeError, match="capture again"):
+        hyper.launch_group(group)
+    assert torch.equal(hyper.block, before)
+    group["lr"] = lr
+    group["eps"] = 1e-7  # a view's value may still change
+    hyper.launch_group(group)
+    assert hyper.block[3].item() == pytest.approx(1e-7)

@@ -81,3 +81,24 @@ def test_compiled_step_matches_eager_without_recompiling(make, device: str) -> N
         assert_verbose_allclose(p, q, 1e-6, 1e-7, f"param {i}")
         for name, value in ref.state[q].items():
             assert_verbose_allclose(opt.state[p][name], value, 1e-6, 1e-7, f"{name} {i}")
+
+
+def test_eager_and_compiled_steps_share_the_buckets() -> None:
+    """Dynamo shows every group as capturable while it traces a step: eager steps between
+    compiled ones must still find the same buckets (a rebuild copies all the state)."""
+    torch._dynamo.reset()
+    params = [torch.randn(5, 3).requires_grad_(), torch.randn(7).requires_grad_()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = onepass.AdamW(params, lr=torch.tensor(0.01))
+
+    @torch.compile(fullgraph=True)
+    def compiled_step() -> None:
+        opt.step()
+
+    opt.step()
+    plan = opt._engine.plans[0]
+    for _ in range(2):
+        compiled_step()
+        opt.step()
+    assert opt._engine.plans[0] is plan

@@ -60,9 +60,13 @@ class DeviceHyper:
         self.block = torch.zeros(
             len(self.entries) + int(self.decay_in_block), dtype=torch.float64, device=device
         )
+        self.views = [self.block[at] for at in range(len(self.entries))]  # made once: stable ids
+        for view in self.views:
+            setattr(view, VIEW_MARK, True)
         self.seen: list[Any] = [None] * len(self.entries)  # what the group held at each entry
         self.host: list[float] = [0.0] * len(self.entries)
         self.linked: dict[int, torch.Tensor] = {}  # the user's device tensors, copied each step
+        self.captured = False  # a graph replays the copies of the links it captured
         self._update(group, self._changes(group))  # every entry is new
         self.decay = decay_scale(group) if self.decay_in_block else 0.0
         if self.decay_in_block:
@@ -77,46 +81,43 @@ class DeviceHyper:
         return [at for at in entries if self._value(group, at) is not self.seen[at]]
 
     def _links(self, value: Any) -> bool:
-        return (
-            isinstance(value, torch.Tensor)
-            and value.device == self.block.device
-            and value.numel() == 1
-            and not is_block_view(value)
-        )
+        """Whether a new value is a tensor to copy into the block at every step: one on the
+        block's device that is not a view of this block (another group's view is linked too)."""
+        if not isinstance(value, torch.Tensor) or value.device != self.block.device:
+            return False
+        ours = value.untyped_storage().data_ptr() == self.block.untyped_storage().data_ptr()
+        return value.numel() == 1 and not ours
 
     def _update(self, group: Group, changed: list[int]) -> None:
         """Checks the group's new values (a refused one raises before anything is written),
         writes them into the block and puts the views back."""
         values = {at: self._value(group, at) for at in changed}
+        links = {at for at, value in values.items() if self._links(value)}
+        if self.captured and (links | (set(self.linked) & set(values))):
+            raise RuntimeError(
+                "onepass: a captured CUDA graph copies the capturable group's linked tensors "
+                "into its hyperparameters at every replay; change them in place, or capture "
+                "again after replacing them"
+            )
         host = list(self.host)
         for at, value in values.items():  # a device tensor is read once, here, to be checked
             host[at] = float(value.item() if isinstance(value, torch.Tensor) else value)
         self.check_group({**group, **self._host_group(host)})
-        for at, value in values.items():
+        for at in values:
             self.linked.pop(at, None)
-            if self._links(value):
-                self.linked[at] = value
-            elif isinstance(value, torch.Tensor):
-                self.block[at].copy_(value.reshape(()))
-            else:
-                self.block[at].fill_(float(value))
+            if at in links:
+                self.linked[at] = values[at]
+            else:  # from the value read above: an alias of another entry reads as it was
+                self.block[at].fill_(host[at])
         self.host = host
-        for key in dict.fromkeys(key for key, _ in self.entries):
-            group[key] = self._group_value(group, key)
+        for key in dict.fromkeys(self.entries[at][0] for at in changed):
+            parts = [
+                self.linked.get(at, self.views[at])
+                for at, (k, _) in enumerate(self.entries)
+                if k == key
+            ]
+            group[key] = tuple(parts) if key == "betas" else parts[0]
         self.seen = [self._value(group, at) for at in range(len(self.entries))]
-
-    def _group_value(self, group: Group, key: str) -> Any:
-        """The group's entry for ``key``: block views, or the user's linked tensors."""
-        parts = []
-        for at, (k, _) in enumerate(self.entries):
-            if k == key:
-                if at in self.linked:
-                    parts.append(self.linked[at])
-                else:
-                    view = self.block[at]
-                    setattr(view, VIEW_MARK, True)
-                    parts.append(view)
-        return tuple(parts) if key == "betas" else parts[0]
 
     def _host_group(self, host: list[float]) -> dict[str, Any]:
         group: dict[str, Any] = {}
@@ -142,4 +143,5 @@ class DeviceHyper:
             self.decay = decay
         for at, tensor in self.linked.items():
             self.block[at].copy_(tensor.reshape(()))
+        self.captured = self.captured or capturing
         return {**group, **self._host_group(self.host), "lr": self.block, DEVICE_BLOCK: True}

@@ -397,6 +397,12 @@ class Engine:
         plan = self.plans[index]
         slots = self.spec.for_group(group).active_slots(group)
         if plan is None or plan.stale(group, slots):
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "onepass: the optimizer builds its buffers at a group's first step (and after "
+                    "a state_dict load or a change of params); take one step outside the CUDA "
+                    "graph capture first"
+                )
             plan = _GroupPlan(self, index, group, slots)
             self.plans[index] = plan
         return plan
@@ -469,9 +475,11 @@ class _GroupPlan:
         self.slots = slots
         self.backend_request = group["backend"]
         self.storage = _storage_keys(group)
-        self.capturable = bool(group.get("capturable"))
+        # Dynamo shows every group of a compiled optimizer as capturable: only eager steps tell.
+        compiling = torch.compiler.is_compiling()
+        self.capturable = bool(group.get("capturable")) and not compiling
         self.hyper: DeviceHyper | None = None
-        if not self.capturable:  # capturable switched off: the group's block views become floats
+        if not self.capturable and not compiling:  # switched off: block views become floats
             for key in spec.device_hyper:
                 if key in group:
                     group[key] = host_floats(group[key])
@@ -573,7 +581,10 @@ class _GroupPlan:
         return (
             slots != self.slots
             or group["backend"] != self.backend_request
-            or bool(group.get("capturable")) != self.capturable
+            or (
+                not torch.compiler.is_compiling()
+                and bool(group.get("capturable")) != self.capturable
+            )
             or _storage_keys(group) != self.storage
             # model.to(dtype / device) after the first step: one param per bucket tells
             or any(
