@@ -7,7 +7,7 @@ import importlib
 import json
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -287,8 +287,10 @@ def candidates(
     dtype: torch.dtype,
     include_reference: bool,
     log: Callable[[str], None],
+    skip: Sequence[str] = (),
 ) -> list[Candidate]:
-    """Every onepass backend that runs here (reference only when asked), then torch.optim's."""
+    """Every onepass backend that runs here (reference only when asked), then torch.optim's,
+    but those named in ``skip``."""
     gpu = device.type == "cuda"  # the Triton interpreter on CPU is no benchmark
     backends = [
         b
@@ -322,6 +324,8 @@ def candidates(
         ]
     found = []
     for name, make in named:
+        if name in skip:
+            continue
         why = _why_not(make, device, dtype)
         if why is None:
             found.append(Candidate(name, make))
@@ -617,8 +621,10 @@ def run_group(
     schedule: Schedule,
     include_reference: bool,
     log: Callable[[str], None],
+    skip: Sequence[str] = (),
 ) -> GroupResult | None:
-    """Times every candidate of one (shape list, algorithm); None when it cannot run here."""
+    """Times every candidate of one (shape list, algorithm) but those named in ``skip``; None
+    when it cannot run here."""
     algorithm = ALGORITHMS[algorithm_key]
     dtype = algorithm.dtype or dtype
     model = bytes_model(algorithm, device, dtype)
@@ -630,7 +636,7 @@ def run_group(
         " GB/step"
     )
     log(header)
-    cands = candidates(algorithm, device, dtype, include_reference, log)
+    cands = candidates(algorithm, device, dtype, include_reference, log, skip)
     log(f"  candidates: {', '.join(c.name for c in cands)}")
     if not cands:
         log("  skipped: no candidate runs here")

@@ -63,6 +63,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also time onepass's pure-torch reference backend (slow)",
     )
     parser.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        metavar="CANDIDATE",
+        help='candidates not to time, by name (e.g. "torch forloop": on a GPU it launches a '
+        "kernel per tensor and op, minutes on many-small)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path(__file__).parent / "results",
@@ -134,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Schedule(args.rounds, args.warmup, args.budget),
             args.include_reference,
             log,
+            args.skip,
         )
         if group is None:
             continue
