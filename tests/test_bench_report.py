@@ -7,7 +7,15 @@ import statistics
 import pytest
 import torch
 
-from bench.core import ROOFLINE_COPY, ROOFLINE_SCALE, BytesModel, GroupResult, ShapeList
+from bench.core import (
+    ALGORITHMS,
+    ROOFLINE_COPY,
+    ROOFLINE_SCALE,
+    BytesModel,
+    GroupResult,
+    ShapeList,
+    candidates,
+)
 from bench.report import Env, rows
 
 
@@ -41,3 +49,16 @@ def test_share_of_the_roofline_is_paired_round_by_round() -> None:
     assert row.pct_roofline == pytest.approx(statistics.median(paired))
     assert row.pct_roofline_of_medians == pytest.approx(of_medians)
     assert abs(row.pct_roofline - row.pct_roofline_of_medians) > 10.0  # the two differ here
+
+
+def test_skipped_candidates_are_not_timed() -> None:
+    """--skip leaves the named candidates out (the GPU check skips torch's for-loop steps)."""
+
+    def names(skip: tuple[str, ...]) -> list[str]:
+        cpu = torch.device("cpu")
+        found = candidates(ALGORITHMS["sgd"], cpu, torch.float32, False, print, skip)
+        return [c.name for c in found]
+
+    every = names(())
+    assert "torch forloop" in every and "torch fused" in every
+    assert names(("torch forloop",)) == [n for n in every if n != "torch forloop"]
