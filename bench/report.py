@@ -234,15 +234,15 @@ def markdown(all_rows: Sequence[Row], env: Env, command: str, load: str) -> str:
         f"`{command}`: torch {env.torch_version}, onepass {env.onepass_version} "
         f"({env.onepass_commit or 'commit unknown'}), "
         f"{env.cpu_capability}, {env.threads} threads. Candidates interleaved round-robin "
-        f"(one step each per round) after {r0.warmup} warm-up rounds; statistics over rounds. "
+        f"({'two steps' if env.device.startswith('cuda') else 'one step'} each per round) after "
+        f"{r0.warmup} warm-up rounds; statistics over rounds. "
         f"Load average (1 min): {load}.",
         "",
         "ms/step: "
         + (
             "the larger of the GPU time (CUDA events, a sleep kernel queued ahead so that the "
             "host's work overlaps, as in training) and the host time of the call (host ms, "
-            "timed in a call of its own on an idle GPU): the step's steady-state cost. Each "
-            "candidate steps twice a round. "
+            "timed in a call of its own on an idle GPU): the step's steady-state cost. "
             if env.device.startswith("cuda")
             else "wall clock. "
         )

@@ -219,7 +219,8 @@ bool has_materializer(const Storage& storage) {
 // Whether a tensor's storage hands out its mutable data pointer without materialising anything
 // (not copy-on-write, no materialiser where torch has them): at::parallel_for refuses that.
 inline bool plain_storage(const Tensor& t) {
-  const c10::StorageImpl* storage = t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+  const c10::StorageImpl* storage =
+      t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
   if (storage == nullptr || c10::impl::cow::is_cow_data_ptr(storage->data_ptr())) return false;
   return !has_materializer(*storage);
 }
@@ -285,7 +286,9 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
                       const float* steps, at::Device device, Table& t) {
   const int64_t n = param_count(params);
   const int64_t nparts = scan_parts(n);
-  if ((!device.is_cpu() && !parallel_scan_on_gpu()) || nparts == 0 || !params.borrow) return false;
+  if (nparts == 0 || !params.borrow || (!device.is_cpu() && !parallel_scan_on_gpu())) {
+    return false;
+  }
   // Param 0 sets the bucket's dtype, as in the serial scan.
   if (!params.borrow(0, 1, /*concurrently=*/false)) return false;
   const at::ScalarType dtype = param_at(params, 0).scalar_type();

@@ -694,7 +694,8 @@ pybind11::object grads_sum_of_squares(const pybind11::list& params) {
   // threads, and anything unusual is left to the serial scan.
   std::vector<Part> parts(onepass::glue::scan_parts(n));
   if (!parts.empty()) {
-    onepass::glue::for_each_part(n, static_cast<int64_t>(parts.size()), [&](int64_t k, int64_t begin, int64_t end, bool) {
+    const int64_t count = static_cast<int64_t>(parts.size());
+    onepass::glue::for_each_part(n, count, [&](int64_t k, int64_t begin, int64_t end, bool) {
       try {
         scan(begin, end, /*exact_only=*/true, parts[k]);
       } catch (...) {

@@ -65,6 +65,7 @@ class DeviceHyper:
             setattr(view, VIEW_MARK, True)
         self.seen: list[Any] = [None] * len(self.entries)  # what the group held at each entry
         self.host: list[float] = [0.0] * len(self.entries)
+        self.host_group: dict[str, Any] = {}  # the host values as group entries (betas a tuple)
         self.linked: dict[int, torch.Tensor] = {}  # the user's device tensors, copied each step
         self.captured = False  # a graph replays the copies of the links it captured
         self._update(group, self._changes(group))  # every entry is new
@@ -110,6 +111,7 @@ class DeviceHyper:
             else:  # from the value read above: an alias of another entry reads as it was
                 self.block[at].fill_(host[at])
         self.host = host
+        self.host_group = self._host_group(host)
         for key in dict.fromkeys(self.entries[at][0] for at in changed):
             parts = [
                 self.linked.get(at, self.views[at])
@@ -144,4 +146,4 @@ class DeviceHyper:
         for at, tensor in self.linked.items():
             self.block[at].copy_(tensor.reshape(()))
         self.captured = self.captured or capturing
-        return {**group, **self._host_group(self.host), "lr": self.block, DEVICE_BLOCK: True}
+        return {**group, **self.host_group, "lr": self.block, DEVICE_BLOCK: True}
