@@ -35,6 +35,14 @@ if TYPE_CHECKING:
 VIEW_MARK = "_onepass_block_view"
 
 
+def stream_is_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph. False while torch.compile traces a
+    step: dynamo cannot trace the query (it returns no tensor), and a trace is no capture."""
+    if torch.compiler.is_compiling() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.is_current_stream_capturing()
+
+
 def is_block_view(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and getattr(value, VIEW_MARK, False)
 
@@ -132,7 +140,7 @@ class DeviceHyper:
         their host copies. Values assigned anew since the last step are checked and written."""
         changed = self._changes(group)
         decay = decay_scale(group) if self.decay_in_block else 0.0
-        capturing = self.block.is_cuda and torch.cuda.is_current_stream_capturing()
+        capturing = self.block.is_cuda and stream_is_capturing()
         if (changed or decay != self.decay) and capturing:
             raise RuntimeError(
                 "onepass: a capturable group's hyperparameters were assigned anew since the last "

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from onepass import _ops
-from onepass._capturable import DeviceHyper, host_floats
+from onepass._capturable import DeviceHyper, host_floats, stream_is_capturing
 from onepass.algorithms.base import MASTER, scalar_slot_dtype
 
 if TYPE_CHECKING:
@@ -397,7 +397,7 @@ class Engine:
         plan = self.plans[index]
         slots = self.spec.for_group(group).active_slots(group)
         if plan is None or plan.stale(group, slots):
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            if stream_is_capturing():
                 raise RuntimeError(
                     "onepass: the optimizer builds its buffers at a group's first step (and after "
                     "a state_dict load or a change of params); take one step outside the CUDA "
