@@ -24,6 +24,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
+tl = triton.language
 
 import onepass  # noqa: E402
 from onepass.algorithms import (  # noqa: E402
@@ -38,6 +39,7 @@ from onepass.algorithms import (  # noqa: E402
     novograd_reference,
     sgd_reference,
 )
+from onepass.triton_kernels.common import sum_partials  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
@@ -363,6 +365,25 @@ def test_multi_tile_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     ):
         make = {**ADAM_CASES, **SGD_CASES, **LION_CASES, **NOVOGRAD_CASES, **FADAM_CASES}[name]
         _run(make, family, torch.float32, sizes=(1, 1500, 4096, 9000))
+
+
+@triton.jit
+def _sum_partials_kernel(
+    partial_ptr, out_ptr, first, count, STRIDE: tl.constexpr, BLOCK: tl.constexpr
+):
+    tl.store(out_ptr, sum_partials(partial_ptr + 1, first, count, STRIDE, BLOCK))
+
+
+@pytest.mark.parametrize("count", [1, 63, 64, 1000])
+def test_sum_partials_reads_every_partial_of_the_tensor(count: int) -> None:
+    """NovoGrad's and FAdam's last program sums its tensor's partials BLOCK at a time: every one
+    of them (several blocks, a masked tail), every STRIDE-th value, none of its neighbours'."""
+    first = 5
+    partials = torch.randn(2 * (first + count + 5), dtype=torch.float64, device=DEVICE)
+    out = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+    _sum_partials_kernel[(1,)](partials, out, first, count, STRIDE=2, BLOCK=64)
+    want = partials[1::2][first : first + count].sum()
+    torch.testing.assert_close(out[0], want, rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("shift", [0, 3], ids=["aligned", "unaligned"])

@@ -35,6 +35,7 @@ from onepass.triton_kernels.common import (
     prepare,
     store_param,
     store_state,
+    sum_partials,
     tl_dtypes,
 )
 
@@ -119,9 +120,7 @@ def fadam_reduce_kernel(
         tl.store(partial_ptr + 2 * pid, tl.sum(acc, axis=0))
         if _last_program(done_ptr, row, programs):
             first_chunk = pid - start // CHUNK
-            total = tl.load(partial_ptr + 2 * first_chunk, volatile=True)
-            for k in range(1, programs):
-                total += tl.load(partial_ptr + 2 * (first_chunk + k), volatile=True)
+            total = sum_partials(partial_ptr, first_chunk, programs, 2, BLOCK)
             grad_scale = _grad_scale(grad_scale_ptr, grad_sign_bits, HAS_GRAD_SCALE)
             rms = tl.sqrt(total * (grad_scale * grad_scale) / numel.to(tl.float64))
             tl.store(scalars_ptr + 3 * row, _f64(eps_bits) * tl.minimum(rms, 1.0))
@@ -186,11 +185,8 @@ def fadam_norms_kernel(
         tl.store(partial_ptr + 2 * pid + 1, tl.sum(wn_acc, axis=0))
         if _last_program(done_ptr, row, programs):
             first_chunk = pid - start // CHUNK
-            gn_sq = tl.load(partial_ptr + 2 * first_chunk, volatile=True)
-            wn_sq = tl.load(partial_ptr + 2 * first_chunk + 1, volatile=True)
-            for k in range(1, programs):
-                gn_sq += tl.load(partial_ptr + 2 * (first_chunk + k), volatile=True)
-                wn_sq += tl.load(partial_ptr + 2 * (first_chunk + k) + 1, volatile=True)
+            gn_sq = sum_partials(partial_ptr, first_chunk, programs, 2, BLOCK)
+            wn_sq = sum_partials(partial_ptr + 1, first_chunk, programs, 2, BLOCK)
             n = numel.to(tl.float64)
             clip = _f64(clip_bits)
             tl.store(scalars_ptr + 3 * row + 1, tl.maximum(tl.sqrt(gn_sq / n) / clip, 1.0))

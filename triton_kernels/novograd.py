@@ -32,6 +32,7 @@ from onepass.triton_kernels.common import (
     prepare,
     store_param,
     store_state,
+    sum_partials,
     tl_dtypes,
 )
 
@@ -110,9 +111,7 @@ def novograd_reduce_kernel(
             # after the acquiring atomic; volatile loads bypass a stale L1.
             tl.debug_barrier()
             first_chunk = pid - start // CHUNK
-            total = tl.load(partial_ptr + first_chunk, volatile=True)
-            for k in range(1, programs):
-                total += tl.load(partial_ptr + first_chunk + k, volatile=True)
+            total = sum_partials(partial_ptr, first_chunk, programs, 1, BLOCK)
             grad_scale = _grad_scale(grad_scale_ptr, grad_sign_bits, HAS_GRAD_SCALE)
             n = total * (grad_scale * grad_scale)
             beta2 = _f64(beta2_bits)

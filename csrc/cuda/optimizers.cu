@@ -112,6 +112,49 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) muon_momentum_kernel(
       [&](O& u, O g, O* s) { muon_momentum<kNesterov>(u, g, s[0], c); });
 }
 
+// Reduces two doubles over the block in a fixed tree order; thread 0 holds the sums.
+__device__ __forceinline__ void block_sum2(double& a, double& b) {
+  __shared__ double pa[kThreads], pb[kThreads];
+  pa[threadIdx.x] = a;
+  pb[threadIdx.x] = b;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width /= 2) {
+    if (int(threadIdx.x) < width) {
+      pa[threadIdx.x] += pa[threadIdx.x + width];
+      pb[threadIdx.x] += pb[threadIdx.x + width];
+    }
+    __syncthreads();
+  }
+  a = pa[0];
+  b = pb[0];
+}
+
+// The first chunk of segment k (chunks are sorted by segment).
+__device__ __forceinline__ int64_t first_chunk(const DeviceTable& table, int64_t k) {
+  int64_t lo = 0, hi = table.num_chunks;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (table.chunks[mid].segment < k) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// The sums of segment k's chunk partials (`width` doubles a chunk, the first two summed) by the
+// whole block: a strided share per thread, then block_sum2. One thread summing a tensor's
+// partials alone took a millisecond on a tensor of 2^26 elements (4,096 dependent loads).
+// Thread 0 holds the sums.
+__device__ __forceinline__ void segment_sums(const DeviceTable& table, const double* partials,
+                                             int width, int64_t k, double& a, double& b) {
+  const int64_t end = first_chunk(table, k + 1);
+  a = 0.0;
+  b = 0.0;
+  for (int64_t c = first_chunk(table, k) + threadIdx.x; c < end; c += blockDim.x) {
+    a += partials[width * c];
+    if (width > 1) b += partials[width * c + 1];
+  }
+  block_sum2(a, b);
+}
+
 // NovoGrad pass 1: the chunk's sum of squares in double, reduced in a fixed tree order. Reads the
 // gradients only: a template over their storage type G.
 template <class G>
@@ -135,32 +178,22 @@ __global__ void __launch_bounds__(kThreads) novograd_reduce_kernel(NovoGradLaunc
   if (threadIdx.x == 0) L.partial_sums[blockIdx.x] = partial[0];
 }
 
-// NovoGrad pass 2: one thread per tensor with a grad (zero-size ones too: their v decays).
+// NovoGrad pass 2: one block per tensor with a grad (zero-size ones too: their v decays).
 // Segments are sorted by bucket index and chunks by segment (glue::build_table), so both are
 // found by binary search in the device table: no extra upload.
 template <class V>
-__global__ void novograd_scalar_kernel(NovoGradLaunch L) {
+__global__ void __launch_bounds__(kThreads) novograd_scalar_kernel(NovoGradLaunch L) {
   if (skip_step(L.steps)) return;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= L.table.num_stepped) return;
-  const int64_t b = L.table.stepped[i];
+  const int64_t b = L.table.stepped[blockIdx.x];
   int64_t lo = 0, hi = L.num_segments;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
     if (L.table.segments[mid].index < b) lo = mid + 1; else hi = mid;
   }
   const bool has_segment = lo < L.num_segments && L.table.segments[lo].index == b;
-  double sum = 0.0;
-  if (has_segment) {
-    int64_t c_lo = 0, c_hi = L.table.num_chunks;
-    while (c_lo < c_hi) {
-      const int64_t mid = (c_lo + c_hi) / 2;
-      if (L.table.chunks[mid].segment < lo) c_lo = mid + 1; else c_hi = mid;
-    }
-    for (int64_t c = c_lo; c < L.table.num_chunks && L.table.chunks[c].segment == lo; ++c) {
-      sum += L.partial_sums[c];
-    }
-  }
+  double sum = 0.0, unused = 0.0;
+  if (has_segment) segment_sums(L.table, L.partial_sums, 1, lo, sum, unused);  // block-uniform
+  if (threadIdx.x != 0) return;
   const NovoGradHyper h = step_hyper(L.hyper, L.steps);
   V* v = static_cast<V*>(L.exp_avg_sq);
   V* v_max = L.amsgrad ? static_cast<V*>(L.max_exp_avg_sq) + b : nullptr;
@@ -195,33 +228,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) novograd_kernel(NovoG
                                   : novograd_chunk<T, false>(L, chunk, seg, c);
 }
 
-// FAdam. Reduces two doubles over the block in a fixed tree order; thread 0 holds the sums.
-__device__ __forceinline__ void block_sum2(double& a, double& b) {
-  __shared__ double pa[kThreads], pb[kThreads];
-  pa[threadIdx.x] = a;
-  pb[threadIdx.x] = b;
-  __syncthreads();
-  for (int width = kThreads / 2; width > 0; width /= 2) {
-    if (int(threadIdx.x) < width) {
-      pa[threadIdx.x] += pa[threadIdx.x + width];
-      pb[threadIdx.x] += pb[threadIdx.x + width];
-    }
-    __syncthreads();
-  }
-  a = pa[0];
-  b = pb[0];
-}
-
-// The first chunk of segment k (chunks are sorted by segment).
-__device__ __forceinline__ int64_t first_chunk(const DeviceTable& table, int64_t k) {
-  int64_t lo = 0, hi = table.num_chunks;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (table.chunks[mid].segment < k) lo = mid + 1; else hi = mid;
-  }
-  return lo;
-}
-
 __device__ __forceinline__ FAdamHyper fadam_hyper(const FAdamLaunch& L) {
   const FAdamHyper h = step_hyper(L.hyper, L.steps);
   return h;
@@ -244,17 +250,14 @@ __global__ void __launch_bounds__(kThreads) fadam_reduce_kernel(FAdamLaunch L) {
 }
 
 // Pass 1 -> 2 (kClip false): eps_t per segment; pass 2 -> 3 (kClip true): the clip divisors.
+// One block per segment.
 template <bool kClip>
-__global__ void fadam_scalar_kernel(FAdamLaunch L) {
+__global__ void __launch_bounds__(kThreads) fadam_scalar_kernel(FAdamLaunch L) {
   if (skip_step(L.steps)) return;
-  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k >= L.num_segments) return;
-  double a = 0.0, b = 0.0;
-  for (int64_t c = first_chunk(L.table, k); c < L.table.num_chunks && L.table.chunks[c].segment == k;
-       ++c) {
-    a += L.partial_sums[2 * c];
-    b += L.partial_sums[2 * c + 1];
-  }
+  const int64_t k = blockIdx.x;
+  double a, b;
+  segment_sums(L.table, L.partial_sums, 2, k, a, b);
+  if (threadIdx.x != 0) return;
   const int64_t numel = L.table.segments[k].numel;
   if constexpr (kClip) {
     L.gn_divisor[k] = fadam_clip_divisor(a, numel, L.hyper.clip);
@@ -426,12 +429,11 @@ cudaError_t launch_novograd(const NovoGradLaunch& L, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   if (L.table.num_stepped > 0) {
-    const int threads = 256;
-    const unsigned blocks = unsigned((L.table.num_stepped + threads - 1) / threads);
+    const dim3 tensors(static_cast<unsigned>(L.table.num_stepped));
     // The per-tensor second moment: float, double for float64 params (glue::check_scalar_state).
     L.layout.param == DType::kFloat64
-        ? novograd_scalar_kernel<double><<<blocks, threads, 0, stream>>>(L)
-        : novograd_scalar_kernel<float><<<blocks, threads, 0, stream>>>(L);
+        ? novograd_scalar_kernel<double><<<tensors, kThreads, 0, stream>>>(L)
+        : novograd_scalar_kernel<float><<<tensors, kThreads, 0, stream>>>(L);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -449,20 +451,19 @@ cudaError_t launch_fadam(const FAdamLaunch& L, cudaStream_t stream) {
   if (!built_for(L.layout)) return cudaErrorInvalidValue;
   if (L.table.num_chunks > 0) {
     const dim3 grid(static_cast<unsigned>(L.table.num_chunks));
-    const int threads = 256;
-    const unsigned seg_blocks = unsigned((L.num_segments + threads - 1) / threads);
+    const dim3 segments(static_cast<unsigned>(L.num_segments));
     cudaError_t err = cudaSuccess;
     dispatch_dtype(L.layout.grad, [&]<class G>() {
       fadam_reduce_kernel<G><<<grid, kThreads, 0, stream>>>(L);
     });
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    fadam_scalar_kernel<false><<<seg_blocks, threads, 0, stream>>>(L);
+    fadam_scalar_kernel<false><<<segments, kThreads, 0, stream>>>(L);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     dispatch_layout(L.layout, [&]<class T>() {
       fadam_norms_kernel<T><<<grid, kThreads, 0, stream>>>(L);
     });
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    fadam_scalar_kernel<true><<<seg_blocks, threads, 0, stream>>>(L);
+    fadam_scalar_kernel<true><<<segments, kThreads, 0, stream>>>(L);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     dispatch_layout(L.layout, [&]<class T>() {
       fadam_kernel<T><<<grid, kThreads, 0, stream>>>(L);
