@@ -130,7 +130,7 @@ void run(int64_t n) {
   std::printf(
       "ilp=%d threads=%d chunk=2^%d streaming=%d blocks=%d numel=%lld | copy %.1f GB/s | "
       "AdamW %.3f ms %.1f GB/s %.1f%% | SGDW %.3f ms %.1f GB/s %.1f%%\n",
-      ONEPASS_CUDA_ILP_FP32, ONEPASS_CUDA_THREADS, ONEPASS_CUDA_CHUNK_LOG2, ONEPASS_CUDA_STREAMING,
+      ONEPASS_CUDA_ILP, ONEPASS_CUDA_THREADS, ONEPASS_CUDA_CHUNK_LOG2, ONEPASS_CUDA_STREAMING,
       ONEPASS_CUDA_MIN_BLOCKS, static_cast<long long>(n), copy_gbps, adam_ms, adam_gbps,
       100 * adam_gbps / copy_gbps, sgd_ms, sgd_gbps, 100 * sgd_gbps / copy_gbps);
   free_table(table);

@@ -56,7 +56,7 @@ for v in "${SWEEP[@]}"; do
   blocks=${blocks:-1}
   name="i${ilp}_t${threads}_c${chunk}_s${streaming}_b${blocks}"
   nvcc -O3 -std=c++20 --fmad=false -arch=sm_90 -Icsrc/include -Icsrc -DONEPASS_CUDA_ILP="$ilp" \
-    -DONEPASS_CUDA_ILP_FP32="$ilp" -DONEPASS_CUDA_THREADS="$threads" -DONEPASS_CUDA_CHUNK_LOG2="$chunk" \
+    -DONEPASS_CUDA_THREADS="$threads" -DONEPASS_CUDA_CHUNK_LOG2="$chunk" \
     -DONEPASS_CUDA_STREAMING="$streaming" -DONEPASS_CUDA_MIN_BLOCKS="$blocks" \
     bench/cuda_sweep.cu csrc/cuda/optimizers.cu -o "$out/sweep/$name" > "$out/sweep/$name.log" 2>&1 &
 done

@@ -15,22 +15,15 @@
 
 namespace onepass::cuda {
 
-// Vectors in flight per thread per iteration, all loaded first: ONEPASS_CUDA_ILP_FP32 for the
-// layouts whose widest stream is 4 bytes (4 elements a vector), ONEPASS_CUDA_ILP for the others
-// (16-bit throughout: 8 a vector; float64: 2). On an H200 the all-fp32 kernels reach 96-98% of
-// copy at 4 and 93-96% at 2 (bench/GPU_RESULTS.md, sweeps of runs 3-5); all-bf16 AdamW loses at
-// 4 (55-57% of copy, 60-61% at 2).
 #ifndef ONEPASS_CUDA_ILP
 #define ONEPASS_CUDA_ILP 2
-#endif
-#ifndef ONEPASS_CUDA_ILP_FP32
-#define ONEPASS_CUDA_ILP_FP32 4
 #endif
 // Streaming cache hints (ld/st .cs, evict first) on the vector path: every byte is touched once.
 #ifndef ONEPASS_CUDA_STREAMING
 #define ONEPASS_CUDA_STREAMING 0
 #endif
 
+constexpr int kIlp = ONEPASS_CUDA_ILP;  // vectors per thread per iteration, all loaded first
 
 // Thread blocks per SM that kernels with fp32 math leave registers for (the second argument of
 // __launch_bounds__). 1 lets a 16-bit layout's unpacked values take up to 128 registers a
@@ -115,9 +108,6 @@ struct VectorElements {
   static_assert(value >= 1 && 16 % kWidest == 0);
 };
 
-template <class T>
-constexpr int kIlp = VectorElements<T>::value == 4 ? ONEPASS_CUDA_ILP_FP32 : ONEPASS_CUDA_ILP;
-
 // Applies fn(p, g, s) to every element of one chunk: p the param, g the gradient, s[k] the k-th
 // state slot, in opmath registers. With master weights p is read from and written to the
 // master, and the param gets it rounded to nearest; without, the param store rounds as
@@ -126,7 +116,7 @@ constexpr int kIlp = VectorElements<T>::value == 4 ? ONEPASS_CUDA_ILP_FP32 : ONE
 // index_base is the chunk's state offset). kParamWriteOnly: the "param" is an output only
 // (Muon's update workspace): not loaded, fn sees 0.
 // Vector path when every stream is aligned to its pack: V elements per step (VectorElements),
-// kIlp<T> steps in flight per thread; a scalar path when not, and for the tail.
+// kIlp steps in flight per thread; a scalar path when not, and for the tail.
 template <class T, int kSlots, bool kParamWriteOnly = false, class Fn>
 __device__ __forceinline__ void for_each_element(const Streams<T, kSlots>& io, int64_t n,
                                                  const Fn& fn,
@@ -151,14 +141,14 @@ __device__ __forceinline__ void for_each_element(const Streams<T, kSlots>& io, i
   int64_t done = 0;
   if (vector) {
     const int64_t packs = n / V;
-    const int64_t stride = int64_t(blockDim.x) * kIlp<T>;
+    const int64_t stride = int64_t(blockDim.x) * kIlp;
     for (int64_t base = threadIdx.x; base < packs; base += stride) {
-      Pack<P, V> p[kIlp<T>];
-      Pack<float, V> m[kIlp<T>];  // master weights only
-      Pack<G, V> g[kIlp<T>];
-      Pack<S, V> s[kIlp<T>][kSlotsArr];
+      Pack<P, V> p[kIlp];
+      Pack<float, V> m[kIlp];  // master weights only
+      Pack<G, V> g[kIlp];
+      Pack<S, V> s[kIlp][kSlotsArr];
 #pragma unroll
-      for (int u = 0; u < kIlp<T>; ++u) {
+      for (int u = 0; u < kIlp; ++u) {
         const int64_t i = base + int64_t(u) * blockDim.x;
         if (i < packs) {
           if constexpr (T::kMaster) {
@@ -172,7 +162,7 @@ __device__ __forceinline__ void for_each_element(const Streams<T, kSlots>& io, i
         }
       }
 #pragma unroll
-      for (int u = 0; u < kIlp<T>; ++u) {
+      for (int u = 0; u < kIlp; ++u) {
         const int64_t i = base + int64_t(u) * blockDim.x;
         if (i >= packs) continue;
 #pragma unroll
