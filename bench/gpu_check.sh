@@ -45,10 +45,13 @@ cat "$out/env.txt"
 
 # The launch-constant sweep (bench/cuda_sweep.cu: the CUDA kernels alone against a device copy),
 # built in the background while the extension builds: "ILP THREADS CHUNK_LOG2 STREAMING".
-# fp32 settled on "2 512 14 0" (runs 2-4); each binary also times bf16 AdamW at 1, 2 and 4 times
-# the chunk, which run 4 found at 59% of copy (Triton: 89%). A fifth field sets
-# ONEPASS_CUDA_MIN_BLOCKS (multi_tensor.cuh): 2 caps bf16 AdamW's 106 registers at 64.
-SWEEP=("2 512 14 0" "4 512 14 0" "1 512 14 0" "2 256 14 0" "2 512 14 0 2" "4 512 14 0 2")
+# fp32 settled on "2 512 14 0" (runs 2-5; 4 is ahead in the sweep alone); each binary also times
+# bf16 AdamW at 1, 2 and 4 times the chunk, which runs 4-5 found at 59-61% of copy (Triton: 90%).
+# A fifth field sets ONEPASS_CUDA_MIN_BLOCKS (multi_tensor.cuh): 2 caps registers at 64 (run 5:
+# bf16 66-70%, but 17% with ILP 4). Run 5's bf16 gains came with fewer threads a block (256:
+# up to 72%): at 106 registers a thread one 512-thread block fills an SM, so nothing overlaps
+# each block's start (its table entry, then its segment). 128 threads tests that further.
+SWEEP=("2 512 14 0" "4 512 14 0" "2 128 14 0" "1 128 14 0" "2 256 14 0" "1 256 14 0")
 if [ -n "${GPU_CHECK_SWEEP:-}" ]; then IFS=';' read -r -a SWEEP <<< "$GPU_CHECK_SWEEP"; fi
 mkdir -p "$out/sweep"
 for v in "${SWEEP[@]}"; do
