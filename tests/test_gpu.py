@@ -15,7 +15,7 @@ from test_mixed import LAYOUTS, check_layout
 from test_numerics import check_against_reference
 
 import onepass
-from onepass._engine import cuda_kernels_built, triton_error
+from onepass._engine import TRITON_MIN_MEAN_NUMEL, cuda_kernels_built, triton_error
 
 from helpers import (
     ADAMW_INFO,
@@ -275,15 +275,31 @@ def test_grad_scaler_step_makes_no_host_sync(backend: str, max_grad_norm: float 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_auto_picks_the_measured_gpu_backend(dtype: torch.dtype) -> None:
-    param = torch.randn(5, device="cuda", dtype=dtype, requires_grad=True)
+@pytest.mark.parametrize("numel", [5, TRITON_MIN_MEAN_NUMEL], ids=["small", "large"])
+@pytest.mark.parametrize("master_weights", [False, True], ids=["no-master", "master"])
+def test_auto_picks_the_measured_gpu_backend(
+    dtype: torch.dtype, numel: int, master_weights: bool
+) -> None:
+    """The bucket's layout and mean tensor size reach the choice (bench/GPU_RESULTS.md)."""
+    param = torch.randn(numel, device="cuda", dtype=dtype, requires_grad=True)
     param.grad = torch.randn_like(param)
-    optimizer = onepass.AdamW([param])
+    optimizer = onepass.AdamW([param], master_weights=master_weights)
     optimizer.step()
+    master = master_weights and dtype == torch.bfloat16
     want = onepass._engine.auto_gpu_backend(
-        "adam", dtype, False, cuda_kernels_built(), triton_error() is None
+        "adam",
+        dtype,
+        False,
+        cuda_kernels_built(),
+        triton_error() is None,
+        state_dtype=torch.float32 if master else dtype,
+        master=master,
+        mean_numel=numel,
     )
     assert optimizer._engine.plans[0].buckets[0].backend == want
+    if cuda_kernels_built() and triton_error() is None:
+        large_16_bit = dtype == torch.bfloat16 and numel >= TRITON_MIN_MEAN_NUMEL
+        assert want == ("triton" if large_16_bit and not master else "cuda")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -57,27 +57,48 @@ def cuda_kernels_built() -> bool:
     return _CUDA_KERNELS_BUILT
 
 
-#: Elementwise algorithms whose low-precision (bf16/fp16) steps Triton runs faster than the CUDA
-#: kernels: AdamW bf16 on an H200 ran at 90% of copy bandwidth in Triton and 71% in CUDA on
-#: one-big (bench/GPU_RESULTS.md, 2026-11-27); SGD and Lion share the CUDA kernels' bf16
-#: load/store path. In fp32 the two are within 2% of each other on large tensors, and CUDA
-#: is 1.4x faster on many small tensors (less host work per step) and 2x on NovoGrad and FAdam,
-#: whose reductions the CUDA backend runs better.
-TRITON_FASTER_LOW_PRECISION = ("adam", "sgd", "lion")
+#: Elementwise algorithms that Triton steps faster than the CUDA kernels when their params or
+#: state are stored in 16 bits without fp32 master weights (bench/GPU_RESULTS.md, H200):
+#: all-bf16 AdamW at 90-91% of copy in Triton, 61-71% in CUDA (runs 2, 4, 5); fp32 params with
+#: bf16 state 85% against 81% (run 5). SGD and Lion share the CUDA kernels' 16-bit load/store
+#: path. With fp32 masters CUDA is ahead (92% against 85%, run 5), and in fp32 the two are
+#: within 2% on large tensors; NovoGrad and FAdam keep CUDA's reductions.
+TRITON_FASTER_16BIT = ("adam", "sgd", "lion")
+#: The mean tensor size (elements) below which a bucket's step is bound by the host, where
+#: CUDA's launch (~0.1 us a tensor) beats Triton's (2-3 us): on 4,000 tensors of 2,560 the CUDA
+#: backend was 29-47x torch fused where Triton was 2.1-3.5x (run 5, lowp). 2^19 is where a 16-bit
+#: AdamW tensor's device time in Triton (~3.7 ps an element at 90% of copy) covers 2 us of host.
+TRITON_MIN_MEAN_NUMEL = 1 << 19
 
 
 def auto_gpu_backend(
-    algorithm: str, dtype: torch.dtype | None, capturable: bool, cuda: bool, triton: bool
+    algorithm: str,
+    dtype: torch.dtype | None,
+    capturable: bool,
+    cuda: bool,
+    triton: bool,
+    *,
+    state_dtype: torch.dtype | None = None,
+    master: bool = False,
+    mean_numel: float | None = None,
 ) -> str | None:
-    """backend="auto" on a GPU: the faster GPU backend as measured (see
-    TRITON_FASTER_LOW_PRECISION) of those available (``cuda``, ``triton``); CUDA when the step
-    must be capturable (the Triton launcher reads the lr on the host). None when neither runs."""
+    """backend="auto" on a GPU: the faster GPU backend as measured (see TRITON_FASTER_16BIT) of
+    those available (``cuda``, ``triton``) for a bucket of ``dtype`` params with ``state_dtype``
+    state (None: the params' dtype), fp32 ``master`` weights or not, and tensors of
+    ``mean_numel`` elements on average (None: large). CUDA when the step must be capturable
+    (the Triton launcher reads the lr on the host). None when neither runs."""
     if cuda and triton and not capturable:
-        low = dtype in (torch.bfloat16, torch.float16)
-        return "triton" if low and algorithm in TRITON_FASTER_LOW_PRECISION else "cuda"
+        narrow = dtype in LOW_PRECISION or state_dtype in LOW_PRECISION
+        large = mean_numel is None or mean_numel >= TRITON_MIN_MEAN_NUMEL
+        faster = narrow and not master and large and algorithm in TRITON_FASTER_16BIT
+        return "triton" if faster else "cuda"
     if cuda:
         return "cuda"
     return "triton" if triton else None
+
+
+def _mean_numel(params: list[torch.Tensor]) -> float:
+    return sum(p.numel() for p in params) / len(params)
 
 
 def resolve_backend(
@@ -86,16 +107,20 @@ def resolve_backend(
     algorithm: str = "",
     dtype: torch.dtype | None = None,
     capturable: bool = False,
+    **layout: Any,
 ) -> str:
     """The backend that steps ``algorithm``'s ``dtype`` tensors on ``device``; raises if
-    ``requested`` cannot."""
+    ``requested`` cannot. ``layout``: the bucket's state_dtype, master and mean_numel, for
+    auto_gpu_backend."""
     if requested == "auto":
         if device.type == "cpu" and _ops.native_available():
             return "cpu"
         if device.type == "cuda":
             interpreted = os.environ.get("TRITON_INTERPRET") == "1"
             triton = not interpreted and triton_error() is None
-            chosen = auto_gpu_backend(algorithm, dtype, capturable, cuda_kernels_built(), triton)
+            chosen = auto_gpu_backend(
+                algorithm, dtype, capturable, cuda_kernels_built(), triton, **layout
+            )
             if chosen is not None:
                 return chosen
         return "reference"
@@ -504,6 +529,7 @@ class _GroupPlan:
             members[1].append(name)
         self.buckets: list[Bucket] = []
         for (device, dtype), (params, names) in keyed.items():
+            state_dtype, master = storage_dtypes(group, dtype, names[0])
             backend = resolve_backend(
                 group["backend"],
                 device,
@@ -512,6 +538,9 @@ class _GroupPlan:
                 # Dynamo shows every group of a compiled optimizer as capturable: compiled steps
                 # get the CUDA kernels too (custom ops that read the lr on the device).
                 bool(group.get("capturable")),
+                state_dtype=state_dtype,
+                master=master,
+                mean_numel=_mean_numel(params) if device.type == "cuda" else None,
             )
             if backend not in spec.launchers:
                 # An algorithm that some backend does not implement yet: "auto" falls back to
@@ -524,7 +553,6 @@ class _GroupPlan:
                 backend = "reference"
             if group.get("capturable"):
                 self._make_capturable(spec, group, names[0], device, backend)
-            state_dtype, master = storage_dtypes(group, dtype, names[0])
             bucket = Bucket(
                 params,
                 names,
