@@ -739,6 +739,77 @@ pybind11::object grads_sum_of_squares(const pybind11::list& params) {
                               first_is_double.value_or(false));
 }
 
+// The tensors of a Python list of Tensors and Nones (nullptr for None); false at an item that is
+// neither, or where the lists' lengths differ.
+bool unpack_optional(PyObject* list, int64_t n, std::vector<const at::Tensor*>& out) {
+  if (!PyList_Check(list) || PyList_GET_SIZE(list) != n) return false;
+  out.resize(n);
+  PyObject* const* items = reinterpret_cast<PyListObject*>(list)->ob_item;
+  for (int64_t i = 0; i < n; ++i) {
+    if (items[i] == Py_None) {
+      out[i] = nullptr;
+    } else if (THPVariable_Check(items[i])) {
+      out[i] = &THPVariable_Unpack(items[i]);
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The engine's grad check (python/onepass/_engine.py, _check_grads) for the launches that do not
+// check natively (Triton, the reference, several buckets): whether every present grads[i] is a
+// strided tensor of the first present grad's dtype, on params[i]'s device, shaped as params[i],
+// which has numels[i] elements (its size when the bucket was built). False also for anything
+// unusual; Python then checks again and names the culprit. In Python the loop costs ~1 us a
+// param (4 ms a step on 4,000 params).
+bool grads_match(const pybind11::list& params, const pybind11::list& grads,
+                 const at::Tensor& numels) {
+  const int64_t n = PyList_GET_SIZE(params.ptr());
+  TORCH_CHECK(numels.device().is_cpu() && numels.scalar_type() == at::kLong &&
+                  numels.numel() == n && numels.is_contiguous(),
+              "onepass: grads_match needs one int64 CPU entry per param");
+  std::vector<const at::Tensor*> ps, gs;
+  if (!unpack_optional(params.ptr(), n, ps) || !unpack_optional(grads.ptr(), n, gs)) return false;
+  const int64_t* want = numels.data_ptr<int64_t>();
+  std::optional<at::ScalarType> dtype;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor* g = gs[i];
+    if (g == nullptr || !g->defined()) continue;
+    const at::Tensor* p = ps[i];
+    if (p == nullptr) return false;
+    if (!dtype) dtype = g->scalar_type();
+    if (g->scalar_type() != *dtype || g->layout() != at::kStrided || p->numel() != want[i] ||
+        g->device() != p->device() || g->sizes() != p->sizes()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The address key of a Triton launch (triton_kernels/common.py, prepare): key[2i] the address of
+// params[i], key[2i + 1] that of grads[i] (-1 for None). False, with `key` partly written, where
+// a param with a grad or its grad is not contiguous (the launcher stages it in Python). Reading
+// the addresses in Python costs ~1.5 us a param.
+bool launch_key(const pybind11::list& params, const pybind11::list& grads, const at::Tensor& key) {
+  const int64_t n = PyList_GET_SIZE(params.ptr());
+  TORCH_CHECK(key.device().is_cpu() && key.scalar_type() == at::kLong && key.numel() == 2 * n &&
+                  key.is_contiguous(),
+              "onepass: launch_key needs two int64 CPU entries per param");
+  std::vector<const at::Tensor*> ps, gs;
+  TORCH_CHECK(unpack_optional(params.ptr(), n, ps) && unpack_optional(grads.ptr(), n, gs),
+              "onepass: launch_key takes a list of params and a list of grads (or None)");
+  int64_t* out = key.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(ps[i] != nullptr, "onepass: params[", i, "] is None");
+    const at::Tensor* g = gs[i] != nullptr && gs[i]->defined() ? gs[i] : nullptr;
+    if (g != nullptr && (!ps[i]->is_contiguous() || !g->is_contiguous())) return false;
+    out[2 * i] = reinterpret_cast<int64_t>(ps[i]->data_ptr());
+    out[2 * i + 1] = g != nullptr ? reinterpret_cast<int64_t>(g->data_ptr()) : -1;
+  }
+  return true;
+}
+
 // Whether params[i].grad is the tensor whose TensorImpl address is impls[i], for every i: the
 // check of flatten=True that every grad is still its view of the flat grad buffer. In Python it
 // costs ~0.3 us a param (1.3 ms for 4,000 params after a step has flushed the caches); here the
@@ -788,6 +859,10 @@ PYBIND11_MODULE(_C, m) {
       "parallel_scans", [] { return onepass::glue::parallel_scans().load(); },
       "how many eager steps and grad norms have read their tensors on all of torch's threads");
   m.def("grads_are", &grads_are, "whether every params[i].grad is the TensorImpl at impls[i]");
+  m.def("grads_match", &grads_match,
+        "whether every present grad can be stepped as it is (else check in Python)");
+  m.def("launch_key", &launch_key,
+        "the params' and grads' addresses into key; false where one needs staging");
   m.def(
       "device_block_fields",
       [] {

@@ -383,6 +383,58 @@ def test_grad_without_storage_refused(layout: str) -> None:
     _refused(optimizer, action, RuntimeError, f"{name}'s grad is a _WrapperGrad without storage")
 
 
+def _native_only() -> None:
+    if not onepass.native_available():
+        pytest.skip("onepass._C not built")
+
+
+def test_native_grad_check_accepts_only_what_python_would() -> None:
+    """_ops.grads_match, the engine's native grad check for long lists: every reason to refuse
+    falls back to the Python check (which names the param); None grads are skipped."""
+    from onepass import _ops
+
+    _native_only()
+    params = [torch.randn(3, 4), torch.randn(5), torch.randn(0)]
+    numels = torch.tensor([p.numel() for p in params])
+
+    def grads(**replace: Any) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = [torch.randn_like(p) for p in params]
+        out[1] = None
+        for index, grad in replace.items():
+            out[int(index[1:])] = grad
+        return out
+
+    assert _ops.grads_match(params, grads(), numels)
+    assert _ops.grads_match(params, grads(g1=torch.randn(5)), numels)
+    refused = {
+        "dtype": grads(g2=torch.randn(0, dtype=torch.float64)),
+        "shape": grads(g0=torch.randn(4, 3)),
+        "sparse": grads(g0=torch.randn(3, 4).to_sparse()),
+        "device": grads(g0=torch.randn(3, 4, device="meta")),
+        "not a tensor": grads(g1=5),
+    }
+    for why, case in refused.items():
+        assert not _ops.grads_match(params, case, numels), why
+    assert not _ops.grads_match(params, grads(), torch.tensor([12, 5, 1])), "numel changed"
+    assert not _ops.grads_match(params, grads()[:2], numels), "lengths differ"
+
+
+def test_native_launch_key_reads_addresses() -> None:
+    """_ops.launch_key, the Triton launcher's address key: each param's address and its grad's
+    (-1 for None), or False where a stepped param or grad is not contiguous (staged in Python)."""
+    from onepass import _ops
+
+    _native_only()
+    params = [torch.randn(3, 4), torch.randn(4, 3).t(), torch.randn(2)]
+    grads: list[torch.Tensor | None] = [torch.randn(3, 4), None, torch.randn(2)]
+    key = torch.empty(6, dtype=torch.int64)
+    assert _ops.launch_key(params, grads, key)  # params[1] has no grad: not staged
+    want = [params[0].data_ptr(), grads[0].data_ptr(), params[1].data_ptr(), -1]
+    assert key.tolist() == [*want, params[2].data_ptr(), grads[2].data_ptr()]
+    assert not _ops.launch_key(params, [*grads[:1], torch.randn(3, 4), grads[2]], key)
+    assert not _ops.launch_key(params, [torch.randn(4, 3).t(), None, grads[2]], key)
+
+
 def test_negative_view_lr_is_read_as_its_value() -> None:
     """A one-element lr is read from memory unless its value is not what the memory holds (a
     negative view here; also conjugate views, zero tensors, subclasses)."""

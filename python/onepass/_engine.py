@@ -65,9 +65,11 @@ def cuda_kernels_built() -> bool:
 #: within 2% on large tensors; NovoGrad and FAdam keep CUDA's reductions.
 TRITON_FASTER_16BIT = ("adam", "sgd", "lion")
 #: The mean tensor size (elements) below which a bucket's step is bound by the host, where
-#: CUDA's launch (~0.1 us a tensor) beats Triton's (2-3 us): on 4,000 tensors of 2,560 the CUDA
+#: CUDA's launch (~0.1 us a tensor) beat Triton's (2-3 us): on 4,000 tensors of 2,560 the CUDA
 #: backend was 29-47x torch fused where Triton was 2.1-3.5x (run 5, lowp). 2^19 is where a 16-bit
 #: AdamW tensor's device time in Triton (~3.7 ps an element at 90% of copy) covers 2 us of host.
+#: Since run 5 the Triton launcher reads grads and addresses natively (~0.15 us a tensor on the
+#: CPU, from 1.3 us): the next GPU run is to measure where the two now cross.
 TRITON_MIN_MEAN_NUMEL = 1 << 19
 
 
@@ -213,6 +215,7 @@ class Bucket:
         self.dtype = params[0].dtype
         self.state_dtype = self.dtype if state_dtype is None else state_dtype
         self.shapes = [p.shape for p in params]
+        self.numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
         offsets, total = [], 0
         for p in params:
             offsets.append(total)
@@ -352,6 +355,7 @@ class FlatBucket:
         self.grads: list[torch.Tensor | None] = [bucket.flat_grad]
         self.names = ["the flattened params of " + bucket.names[0]]
         self.shapes = [bucket.flat_param.shape]
+        self.numels = torch.tensor([bucket.flat_param.numel()], dtype=torch.int64)
         self.dtype, self.device = bucket.dtype, bucket.device
         self.state_dtype = bucket.state_dtype
         self.buffers = bucket.buffers
@@ -655,9 +659,19 @@ def _adopt_state(engine: Engine, bucket: Bucket, spec: AlgorithmSpec) -> None:
         bucket.uniform_steps = bool((bucket.step == bucket.step[0]).all())
 
 
-def _check_grads(bucket: Bucket, grads: list[torch.Tensor | None]) -> None:
-    device, shapes = bucket.device, bucket.shapes
+#: From this many params a bucket's grads are checked natively first (_ops.grads_match).
+NATIVE_CHECK_PARAMS = 64
+
+
+def _check_grads(bucket: Bucket | FlatBucket, grads: list[torch.Tensor | None]) -> None:
     dtype = next((g.dtype for g in grads if g is not None), bucket.dtype)  # one per launch
+    if (
+        len(grads) >= NATIVE_CHECK_PARAMS
+        and dtype in grad_dtypes(bucket.dtype)
+        and _ops.grads_match(bucket.params, grads, bucket.numels)
+    ):
+        return
+    device, shapes = bucket.device, bucket.shapes
     for i, g in enumerate(grads):
         if g is None:
             continue

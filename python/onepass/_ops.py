@@ -81,6 +81,29 @@ def grads_are(params: list[torch.Tensor], impls: torch.Tensor) -> bool:
     return all(g is not None and g._cdata == i for g, i in zip(grads, impls.tolist(), strict=True))
 
 
+def grads_match(
+    params: list[torch.Tensor], grads: list[torch.Tensor | None], numels: torch.Tensor
+) -> bool:
+    """Whether every present ``grads[i]`` is a strided tensor of the first one's dtype, on
+    ``params[i]``'s device and of its shape, with ``params[i]`` still ``numels[i]`` elements:
+    natively where built (~1 us a param in Python). False when not built, or for anything
+    unusual: the caller then checks in Python, which names the culprit."""
+    if NATIVE_ERROR is None and not torch.compiler.is_compiling():
+        return bool(_C.grads_match(params, grads, numels))
+    return False
+
+
+def launch_key(
+    params: list[torch.Tensor], grads: list[torch.Tensor | None], key: torch.Tensor
+) -> bool:
+    """Writes the address of ``params[i]`` into ``key[2 * i]`` and of ``grads[i]`` (-1 for None)
+    into ``key[2 * i + 1]``, natively. False when not built, or where a param with a grad or its
+    grad is not contiguous (``key`` then partly written): the caller reads them in Python."""
+    if NATIVE_ERROR is None and not torch.compiler.is_compiling():
+        return bool(_C.launch_key(params, grads, key))
+    return False
+
+
 def set_cpu_capability(name: str) -> None:
     """Forces one build of the CPU kernels (tests use it to check every build on one machine)."""
     torch.ops.onepass.set_cpu_capability(name)
