@@ -349,29 +349,34 @@ void novograd_fused_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t e
   }
 }
 
-// FAdam: the reductions are plain element loops in opmath (the compiler vectorizes what it
-// can), one double accumulator per quantity per chunk, in element order. Each pass is a function
-// of one chunk, so the fused path can run all three on a chunk back to back.
+// FAdam: the reductions sum in double, in a fixed order within each chunk. Each pass is a
+// function of one chunk, so the fused path can run all three on a chunk back to back.
 
-// Pass 1 of chunk c: its sum of raw g^2.
+// Pass 1 of chunk c: its sum of raw g^2, one double accumulator per vector lane.
 template <class G>
 ONEPASS_INLINE void fadam_reduce_chunk(const cpu::FAdamLaunch& L, int64_t c) {
+  using V = VecFor<G>;
+  using O = opmath_t<G>;
   const Chunk& chunk = L.chunks[c];
   const G* g = static_cast<const G*>(L.segments[chunk.segment].grad) + chunk.begin;
   const int64_t n = chunk.end - chunk.begin;
-  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  double acc[V::kWidth] = {};
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    for (int k = 0; k < 4; ++k) {
-      const double x = static_cast<double>(to_opmath(g[i + k]));
-      acc[k] += x * x;
+  if constexpr (V::kWidth > 1) {
+    alignas(64) O lanes[V::kWidth];
+    for (; i + V::kWidth <= n; i += V::kWidth) {
+      VecFor<O>::store(lanes, V::load(g + i));
+      for (int k = 0; k < V::kWidth; ++k) acc[k] += double(lanes[k]) * double(lanes[k]);
     }
   }
   for (; i < n; ++i) {
     const double x = static_cast<double>(to_opmath(g[i]));
     acc[0] += x * x;
   }
-  L.partial_sums[2 * c] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  for (int width = V::kWidth / 2; width > 0; width /= 2) {  // a fixed tree order
+    for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
+  }
+  L.partial_sums[2 * c] = acc[0];
   L.partial_sums[2 * c + 1] = 0.0;
 }
 
@@ -383,25 +388,61 @@ FAdamConsts<O> fadam_consts(const cpu::FAdamLaunch& L, int64_t segment) {
 }
 
 // Pass 2 of chunk c: its sums of gn^2 and wn^2 with the tensor's new den (F read, not written).
+// gn and wn in SIMD vectors, as the update computes them (the same bits as the scalar math); the
+// squares summed in double, one accumulator per lane (a single chain of dependent adds, with a
+// scalar sqrt and two divisions an element, made this pass ~10x slower than its memory).
 template <class T>
 ONEPASS_INLINE void fadam_norms_chunk(const cpu::FAdamLaunch& L, int64_t c) {
+  using P = typename T::P;
+  using G = typename T::G;
+  using S = typename T::S;
   using O = typename T::O;
+  using V = VecFor<typename T::MathParam>;
   void* const slots[1] = {L.fim};
   const Chunk& chunk = L.chunks[c];
   const Segment& seg = L.segments[chunk.segment];
   const FAdamConsts<O> consts = fadam_consts<O>(L, chunk.segment);
   const Streams<T, 1> io = chunk_streams<T, 1>(seg, chunk, L.master, slots);
   const int64_t n = chunk.end - chunk.begin;
-  double gn_sq = 0.0, wn_sq = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
+  double gn_sq[V::kWidth] = {}, wn_sq[V::kWidth] = {};
+  int64_t i = 0;
+  if constexpr (V::kWidth > 1) {
+    using VT = typename V::type;
+    const FAdamConsts<VT> vconsts = fadam_consts<VT>(L, chunk.segment);
+    alignas(64) O gn_lanes[V::kWidth], wn_lanes[V::kWidth];
+    for (; i + V::kWidth <= n; i += V::kWidth) {
+      VT p;
+      if constexpr (T::kMaster) {
+        p = VecFor<float>::load(io.master + i);
+      } else {
+        p = VecFor<P>::load(io.param + i);
+      }
+      VT gn, wn;
+      fadam_norms<VT>(p, VecFor<G>::load(io.grad + i), VecFor<S>::load(io.state[0] + i), vconsts,
+                      gn, wn);
+      VecFor<O>::store(gn_lanes, gn);
+      VecFor<O>::store(wn_lanes, wn);
+      for (int k = 0; k < V::kWidth; ++k) {
+        gn_sq[k] += double(gn_lanes[k]) * double(gn_lanes[k]);
+        wn_sq[k] += double(wn_lanes[k]) * double(wn_lanes[k]);
+      }
+    }
+  }
+  for (; i < n; ++i) {
     O gn, wn;
     const O p = T::kMaster ? O(io.master[i]) : to_opmath(io.param[i]);
     fadam_norms<O>(p, to_opmath(io.grad[i]), to_opmath(io.state[0][i]), consts, gn, wn);
-    gn_sq += double(gn) * double(gn);
-    wn_sq += double(wn) * double(wn);
+    gn_sq[0] += double(gn) * double(gn);
+    wn_sq[0] += double(wn) * double(wn);
   }
-  L.partial_sums[2 * c] = gn_sq;
-  L.partial_sums[2 * c + 1] = wn_sq;
+  for (int width = V::kWidth / 2; width > 0; width /= 2) {  // a fixed tree order
+    for (int k = 0; k < width; ++k) {
+      gn_sq[k] += gn_sq[k + width];
+      wn_sq[k] += wn_sq[k + width];
+    }
+  }
+  L.partial_sums[2 * c] = gn_sq[0];
+  L.partial_sums[2 * c + 1] = wn_sq[0];
 }
 
 // Pass 3 of chunk c, vectorised (the update's math is elementwise; F^p is a SIMD sqrt for the
