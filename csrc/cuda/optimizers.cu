@@ -139,20 +139,39 @@ __device__ __forceinline__ int64_t first_chunk(const DeviceTable& table, int64_t
   return lo;
 }
 
-// The sums of segment k's chunk partials (`width` doubles a chunk, the first two summed) by the
-// whole block: a strided share per thread, then block_sum2. One thread summing a tensor's
-// partials alone took a millisecond on a tensor of 2^26 elements (4,096 dependent loads).
-// Thread 0 holds the sums.
-__device__ __forceinline__ void segment_sums(const DeviceTable& table, const double* partials,
-                                             int width, int64_t k, double& a, double& b) {
+// The per-tensor passes give each tensor one warp (kWarp lanes of a block): a warp-uniform
+// index, so whole warps leave together and every lane reaches the shuffles.
+constexpr int kWarp = 32;
+
+__device__ __forceinline__ int64_t warp_index() {
+  return (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+}
+
+// Blocks of kThreads threads for one warp per item.
+inline unsigned warp_blocks(int64_t items) {
+  return unsigned((items * kWarp + kThreads - 1) / kThreads);
+}
+
+// The sums of segment k's chunk partials (`stride` doubles a chunk: `a` sums the first, `b` the
+// second when stride is 2) by one warp: a lane-strided share each, then a fixed shuffle tree;
+// lane 0 holds the sums. One thread summing a tensor's partials alone took a millisecond on a
+// tensor of 2^26 elements (4,096 partials, GPU run 5); a block a tensor would idle most of its
+// threads on many small tensors.
+__device__ __forceinline__ void warp_segment_sums(const DeviceTable& table,
+                                                  const double* partials, int stride, int64_t k,
+                                                  double& a, double& b) {
+  const int lane = int(threadIdx.x % kWarp);
   const int64_t end = first_chunk(table, k + 1);
   a = 0.0;
   b = 0.0;
-  for (int64_t c = first_chunk(table, k) + threadIdx.x; c < end; c += blockDim.x) {
-    a += partials[width * c];
-    if (width > 1) b += partials[width * c + 1];
+  for (int64_t c = first_chunk(table, k) + lane; c < end; c += kWarp) {
+    a += partials[stride * c];
+    if (stride > 1) b += partials[stride * c + 1];
   }
-  block_sum2(a, b);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    a += __shfl_down_sync(0xffffffffu, a, offset);
+    b += __shfl_down_sync(0xffffffffu, b, offset);
+  }
 }
 
 // NovoGrad pass 1: the chunk's sum of squares in double, reduced in a fixed tree order. Reads the
@@ -178,13 +197,15 @@ __global__ void __launch_bounds__(kThreads) novograd_reduce_kernel(NovoGradLaunc
   if (threadIdx.x == 0) L.partial_sums[blockIdx.x] = partial[0];
 }
 
-// NovoGrad pass 2: one block per tensor with a grad (zero-size ones too: their v decays).
+// NovoGrad pass 2: one warp per tensor with a grad (zero-size ones too: their v decays).
 // Segments are sorted by bucket index and chunks by segment (glue::build_table), so both are
 // found by binary search in the device table: no extra upload.
 template <class V>
 __global__ void __launch_bounds__(kThreads) novograd_scalar_kernel(NovoGradLaunch L) {
   if (skip_step(L.steps)) return;
-  const int64_t b = L.table.stepped[blockIdx.x];
+  const int64_t i = warp_index();
+  if (i >= L.table.num_stepped) return;  // the whole warp
+  const int64_t b = L.table.stepped[i];
   int64_t lo = 0, hi = L.num_segments;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
@@ -192,8 +213,8 @@ __global__ void __launch_bounds__(kThreads) novograd_scalar_kernel(NovoGradLaunc
   }
   const bool has_segment = lo < L.num_segments && L.table.segments[lo].index == b;
   double sum = 0.0, unused = 0.0;
-  if (has_segment) segment_sums(L.table, L.partial_sums, 1, lo, sum, unused);  // block-uniform
-  if (threadIdx.x != 0) return;
+  if (has_segment) warp_segment_sums(L.table, L.partial_sums, 1, lo, sum, unused);
+  if (threadIdx.x % kWarp != 0) return;
   const NovoGradHyper h = step_hyper(L.hyper, L.steps);
   V* v = static_cast<V*>(L.exp_avg_sq);
   V* v_max = L.amsgrad ? static_cast<V*>(L.max_exp_avg_sq) + b : nullptr;
@@ -250,14 +271,15 @@ __global__ void __launch_bounds__(kThreads) fadam_reduce_kernel(FAdamLaunch L) {
 }
 
 // Pass 1 -> 2 (kClip false): eps_t per segment; pass 2 -> 3 (kClip true): the clip divisors.
-// One block per segment.
+// One warp per segment.
 template <bool kClip>
 __global__ void __launch_bounds__(kThreads) fadam_scalar_kernel(FAdamLaunch L) {
   if (skip_step(L.steps)) return;
-  const int64_t k = blockIdx.x;
+  const int64_t k = warp_index();
+  if (k >= L.num_segments) return;  // the whole warp
   double a, b;
-  segment_sums(L.table, L.partial_sums, 2, k, a, b);
-  if (threadIdx.x != 0) return;
+  warp_segment_sums(L.table, L.partial_sums, 2, k, a, b);
+  if (threadIdx.x % kWarp != 0) return;
   const int64_t numel = L.table.segments[k].numel;
   if constexpr (kClip) {
     L.gn_divisor[k] = fadam_clip_divisor(a, numel, L.hyper.clip);
@@ -429,7 +451,7 @@ cudaError_t launch_novograd(const NovoGradLaunch& L, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   if (L.table.num_stepped > 0) {
-    const dim3 tensors(static_cast<unsigned>(L.table.num_stepped));
+    const dim3 tensors(warp_blocks(L.table.num_stepped));
     // The per-tensor second moment: float, double for float64 params (glue::check_scalar_state).
     L.layout.param == DType::kFloat64
         ? novograd_scalar_kernel<double><<<tensors, kThreads, 0, stream>>>(L)
@@ -451,7 +473,7 @@ cudaError_t launch_fadam(const FAdamLaunch& L, cudaStream_t stream) {
   if (!built_for(L.layout)) return cudaErrorInvalidValue;
   if (L.table.num_chunks > 0) {
     const dim3 grid(static_cast<unsigned>(L.table.num_chunks));
-    const dim3 segments(static_cast<unsigned>(L.num_segments));
+    const dim3 segments(warp_blocks(L.num_segments));
     cudaError_t err = cudaSuccess;
     dispatch_dtype(L.layout.grad, [&]<class G>() {
       fadam_reduce_kernel<G><<<grid, kThreads, 0, stream>>>(L);
