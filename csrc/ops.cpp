@@ -758,10 +758,13 @@ bool unpack_optional(PyObject* list, int64_t n, std::vector<const at::Tensor*>& 
 }
 
 // The engine's grad check (python/onepass/_engine.py, _check_grads) for the launches that do not
-// check natively (Triton, the reference, several buckets): whether every present grads[i] is a
-// strided tensor of the first present grad's dtype, on params[i]'s device, shaped as params[i],
-// which has numels[i] elements (its size when the bucket was built). False also for anything
-// unusual; Python then checks again and names the culprit. In Python the loop costs ~1 us a
+// check natively (Triton, the reference, several buckets): whether every param with a grad has
+// the dtype and device of params[0] (the bucket's: a change of params[0] rebuilds the bucket)
+// and numels[i] elements (its size when the bucket was built), and its grad is a strided tensor
+// of the first grad's dtype, on that device and of the param's shape. False also for anything
+// unusual; Python then checks again and names the culprit. The one difference from the Python
+// check: a param reshaped since the bucket was built passes here with a grad of its new shape
+// (the kernels step the same elements in the same order). In Python the check costs ~1 us a
 // param (4 ms a step on 4,000 params).
 bool grads_match(const pybind11::list& params, const pybind11::list& grads,
                  const at::Tensor& numels) {
@@ -770,17 +773,23 @@ bool grads_match(const pybind11::list& params, const pybind11::list& grads,
                   numels.numel() == n && numels.is_contiguous(),
               "onepass: grads_match needs one int64 CPU entry per param");
   std::vector<const at::Tensor*> ps, gs;
-  if (!unpack_optional(params.ptr(), n, ps) || !unpack_optional(grads.ptr(), n, gs)) return false;
+  if (n == 0 || !unpack_optional(params.ptr(), n, ps) || !unpack_optional(grads.ptr(), n, gs) ||
+      ps[0] == nullptr) {
+    return false;
+  }
+  const at::Device device = ps[0]->device();
+  const at::ScalarType param_dtype = ps[0]->scalar_type();
   const int64_t* want = numels.data_ptr<int64_t>();
-  std::optional<at::ScalarType> dtype;
+  std::optional<at::ScalarType> grad_dtype;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor* g = gs[i];
     if (g == nullptr || !g->defined()) continue;
     const at::Tensor* p = ps[i];
     if (p == nullptr) return false;
-    if (!dtype) dtype = g->scalar_type();
-    if (g->scalar_type() != *dtype || g->layout() != at::kStrided || p->numel() != want[i] ||
-        g->device() != p->device() || g->sizes() != p->sizes()) {
+    if (!grad_dtype) grad_dtype = g->scalar_type();
+    if (p->scalar_type() != param_dtype || p->device() != device || p->numel() != want[i] ||
+        g->scalar_type() != *grad_dtype || g->layout() != at::kStrided || g->device() != device ||
+        g->sizes() != p->sizes()) {
       return false;
     }
   }

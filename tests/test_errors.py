@@ -340,6 +340,20 @@ def test_grad_shape_mismatch_refused(backend: str, layout: str) -> None:
     _refused(optimizer, action, RuntimeError, rf"{name}.*shape \(33,\).*\(32,\)")
 
 
+@pytest.mark.parametrize("layout", ["one-bucket", "large-bucket"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_param_cast_alone_refused(backend: str, layout: str) -> None:
+    """One param cast after the first step (not the bucket's first: that rebuilds the bucket)
+    cannot be stepped in its old bucket's table and state: refused by name, natively checked
+    lists of 64+ params included."""
+    optimizer, params = _stepped_layout(layout, backend)
+    set_grads(params, make_grads(params, 3, none_pattern=False))
+    params[2].data = params[2].data.double()
+    params[2].grad = torch.randn(9, dtype=torch.float64)
+    name = _name(*VICTIMS[layout][0])
+    _refused(optimizer, optimizer.step, RuntimeError, f"{name} is now torch.float64")
+
+
 class _WrapperGrad(torch.Tensor):
     """A __torch_dispatch__ wrapper without storage whose sizes come from Python: reading them
     takes the GIL, so the parallel table scan must leave it to the GIL holder."""
@@ -416,6 +430,9 @@ def test_native_grad_check_accepts_only_what_python_would() -> None:
     for why, case in refused.items():
         assert not _ops.grads_match(params, case, numels), why
     assert not _ops.grads_match(params, grads(), torch.tensor([12, 5, 1])), "numel changed"
+    cast = [params[0], params[1].double(), params[2]]
+    assert not _ops.grads_match(cast, grads(g1=torch.randn(5)), numels), "param dtype"
+    assert _ops.grads_match(cast, grads(), numels), "a param without a grad is not stepped"
     assert not _ops.grads_match(params, grads()[:2], numels), "lengths differ"
 
 

@@ -675,6 +675,15 @@ def _check_grads(bucket: Bucket | FlatBucket, grads: list[torch.Tensor | None]) 
     for i, g in enumerate(grads):
         if g is None:
             continue
+        p = bucket.params[i]
+        if p.dtype != bucket.dtype or p.device != device:
+            # params[0] tells a model.to(...) (the bucket is rebuilt); one param alone cannot
+            # change its storage under the bucket's table and state.
+            raise RuntimeError(
+                f"onepass: {bucket.names[i]} is now {p.dtype} on {p.device}, but its bucket "
+                f"steps {bucket.dtype} tensors on {device}; move or cast every param of the "
+                "group together, or give it its own param group"
+            )
         if (
             g.dtype != dtype
             or g.layout != torch.strided

@@ -84,10 +84,11 @@ def grads_are(params: list[torch.Tensor], impls: torch.Tensor) -> bool:
 def grads_match(
     params: list[torch.Tensor], grads: list[torch.Tensor | None], numels: torch.Tensor
 ) -> bool:
-    """Whether every present ``grads[i]`` is a strided tensor of the first one's dtype, on
-    ``params[i]``'s device and of its shape, with ``params[i]`` still ``numels[i]`` elements:
-    natively where built (~1 us a param in Python). False when not built, or for anything
-    unusual: the caller then checks in Python, which names the culprit."""
+    """Whether every ``params[i]`` with a grad still has ``params[0]``'s dtype and device and
+    ``numels[i]`` elements, and its grad is a strided tensor of the first grad's dtype, on that
+    device and of the param's shape. Native where built, for long lists: the same check in
+    Python costs ~1 us a param. False when not built, or for anything unusual: the caller then
+    checks in Python, which names the culprit."""
     if NATIVE_ERROR is None and not torch.compiler.is_compiling():
         return bool(_C.grads_match(params, grads, numels))
     return False
