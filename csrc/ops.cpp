@@ -758,7 +758,8 @@ bool unpack_optional(PyObject* list, int64_t n, std::vector<const at::Tensor*>& 
 }
 
 // The engine's grad check (python/onepass/_engine.py, _check_grads) for the launches that do not
-// check natively (Triton, the reference, several buckets): whether every param with a grad has
+// check natively (Triton, the reference, several buckets), over `grads` or, for None, each
+// param's own .grad: whether every param with a grad has
 // the dtype and device of params[0] (the bucket's: a change of params[0] rebuilds the bucket)
 // and numels[i] elements (its size when the bucket was built), and its grad is a strided tensor
 // of the first grad's dtype, on that device and of the param's shape. False also for anything
@@ -766,15 +767,18 @@ bool unpack_optional(PyObject* list, int64_t n, std::vector<const at::Tensor*>& 
 // check: a param reshaped since the bucket was built passes here with a grad of its new shape
 // (the kernels step the same elements in the same order). In Python the check costs ~1 us a
 // param (4 ms a step on 4,000 params).
-bool grads_match(const pybind11::list& params, const pybind11::list& grads,
+bool grads_match(const pybind11::list& params, const pybind11::object& grads,
                  const at::Tensor& numels) {
   const int64_t n = PyList_GET_SIZE(params.ptr());
   TORCH_CHECK(numels.device().is_cpu() && numels.scalar_type() == at::kLong &&
                   numels.numel() == n && numels.is_contiguous(),
               "onepass: grads_match needs one int64 CPU entry per param");
   std::vector<const at::Tensor*> ps, gs;
-  if (n == 0 || !unpack_optional(params.ptr(), n, ps) || !unpack_optional(grads.ptr(), n, gs) ||
-      ps[0] == nullptr) {
+  if (n == 0 || !unpack_optional(params.ptr(), n, ps) || ps[0] == nullptr) return false;
+  if (grads.is_none()) {  // each param's own .grad
+    gs.resize(n);
+    for (int64_t i = 0; i < n; ++i) gs[i] = ps[i] != nullptr ? &grad_of(*ps[i]) : nullptr;
+  } else if (!unpack_optional(grads.ptr(), n, gs)) {
     return false;
   }
   const at::Device device = ps[0]->device();
@@ -786,6 +790,13 @@ bool grads_match(const pybind11::list& params, const pybind11::list& grads,
     if (g == nullptr || !g->defined()) continue;
     const at::Tensor* p = ps[i];
     if (p == nullptr) return false;
+    // A Python subclass (its sizes may come from Python, its data from nowhere) or a tensor
+    // without storage goes to the Python check, which refuses a step that needs its memory.
+    if (p->unsafeGetTensorImpl()->is_python_dispatch() ||
+        g->unsafeGetTensorImpl()->is_python_dispatch() || !p->has_storage() ||
+        !g->has_storage()) {
+      return false;
+    }
     if (!grad_dtype) grad_dtype = g->scalar_type();
     if (p->scalar_type() != param_dtype || p->device() != device || p->numel() != want[i] ||
         g->scalar_type() != *grad_dtype || g->layout() != at::kStrided || g->device() != device ||

@@ -379,18 +379,19 @@ class _WrapperGrad(torch.Tensor):
         return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
 
 
-@pytest.mark.parametrize("layout", ["one-bucket", "large-bucket"])
+@pytest.mark.parametrize("layout", list(VICTIMS))
 def test_grad_without_storage_refused(layout: str) -> None:
     """The native step refuses it by name (it has no memory to update; it once crashed the
     kernel), and over 1,024+ tensors the parallel scan hands it to the serial one (reading its
-    sizes on a worker thread once deadlocked on the GIL)."""
+    sizes on a worker thread once deadlocked on the GIL). With several buckets it is refused
+    before the first one is stepped (it once was only when its own bucket's turn came)."""
     if "cpu" not in BACKEND_NAMES:
         pytest.skip("no native CPU build")
     optimizer, params = _stepped_layout(layout, "cpu")
 
     def action() -> None:
         set_grads(params, make_grads(params, 3, none_pattern=False))
-        params[3].grad = _WrapperGrad(torch.randn(33))
+        params[3].grad = _WrapperGrad(torch.randn(33).to(params[3].dtype))
         optimizer.step()
 
     name = _name(*VICTIMS[layout][1])

@@ -455,16 +455,27 @@ class Engine:
         # Everything is checked before anything is written: a refused step changes nothing. One
         # native launch checks its own arguments before writing (and we name the culprit if it
         # refuses); with several launches, or the reference / Triton backends, check them all
-        # here first. A native op that checks itself also reads the grads itself (grads=None:
-        # no Python list of every p.grad, which costs ~0.5 ms a step on 4,000 params).
-        checked_natively = len(work) == 1 and work[0][1].backend in ("cpu", "cuda")
-        own_grads = checked_natively and not torch.compiler.is_compiling()
+        # here first. A native op reads the grads itself (grads=None: no Python list of every
+        # p.grad, which costs ~0.5 ms a step on 4,000 params) where it checks them itself, or
+        # where the native check of every bucket (reading them too) has passed.
+        native = all(bucket.backend in ("cpu", "cuda") for _, bucket, _ in work)
+        checked_natively = len(work) == 1 and native
+        compiling = torch.compiler.is_compiling()
         for i, (group, bucket, grads) in enumerate(work):
-            if grads is None and not (own_grads and self.spec.for_group(group).native_grads):
-                work[i] = (group, bucket, _grads_of(bucket))
+            if grads is not None:
+                continue
+            if (
+                native
+                and not compiling
+                and self.spec.for_group(group).native_grads
+                and (checked_natively or _natively_checked(bucket))
+            ):
+                continue
+            work[i] = (group, bucket, _grads_of(bucket))
         if not checked_natively:
             for _, bucket, grads in work:
-                _check_grads(bucket, grads)
+                if grads is not None:  # None: checked natively above
+                    _check_grads(bucket, grads)
         for group, bucket, grads in work:
             spec = self.spec.for_group(group)
             launch: Callable[..., None] = spec.launchers[bucket.backend]
@@ -474,7 +485,6 @@ class Engine:
                 if checked_natively:  # raises with the param's name
                     named = _grads_of(bucket) if grads is None else grads
                     _check_grads(bucket, named)
-                    _check_native_data(bucket, named)
                 raise
             if isinstance(bucket, FlatBucket):
                 bucket.finish()
@@ -659,6 +669,15 @@ def _adopt_state(engine: Engine, bucket: Bucket, spec: AlgorithmSpec) -> None:
         bucket.uniform_steps = bool((bucket.step == bucket.step[0]).all())
 
 
+def _natively_checked(bucket: Bucket) -> bool:
+    """The pre-launch check of a native bucket's own grads (one of several launches), read
+    natively; False sends them to _check_grads, which explains a refusal."""
+    if not _ops.grads_match(bucket.params, None, bucket.numels):
+        return False
+    first = next((p.grad for p in bucket.params if p.grad is not None), None)
+    return first is None or first.dtype in grad_dtypes(bucket.dtype)
+
+
 #: From this many params a bucket's grads are checked natively first (_ops.grads_match).
 NATIVE_CHECK_PARAMS = 64
 
@@ -694,10 +713,12 @@ def _check_grads(bucket: Bucket | FlatBucket, grads: list[torch.Tensor | None]) 
     if dtype not in grad_dtypes(bucket.dtype):
         i = next(i for i, g in enumerate(grads) if g is not None)
         _explain_bad_grad(bucket, i, grads[i], dtype)
+    if bucket.backend != "reference" and not torch.compiler.is_compiling():
+        _check_native_data(bucket, grads)  # (a traced step has no data to check)
 
 
-def _check_native_data(bucket: Bucket, grads: list[torch.Tensor | None]) -> None:
-    """The native backends update memory: a tensor subclass without storage (a wrapper) has none."""
+def _check_native_data(bucket: Bucket | FlatBucket, grads: list[torch.Tensor | None]) -> None:
+    """The kernels update memory: a tensor subclass without storage (a wrapper) has none."""
     for i, g in enumerate(grads):
         for what, t in (("", bucket.params[i]), ("'s grad", g)):
             if t is not None and t.numel() and t.data_ptr() == 0:

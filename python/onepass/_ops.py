@@ -82,9 +82,10 @@ def grads_are(params: list[torch.Tensor], impls: torch.Tensor) -> bool:
 
 
 def grads_match(
-    params: list[torch.Tensor], grads: list[torch.Tensor | None], numels: torch.Tensor
+    params: list[torch.Tensor], grads: list[torch.Tensor | None] | None, numels: torch.Tensor
 ) -> bool:
-    """Whether every ``params[i]`` with a grad still has ``params[0]``'s dtype and device and
+    """Whether every ``params[i]`` with a grad (``grads[i]``, or for ``grads=None`` its own
+    ``.grad``, read natively) still has ``params[0]``'s dtype and device and
     ``numels[i]`` elements, and its grad is a strided tensor of the first grad's dtype, on that
     device and of the param's shape. Native where built, for long lists: the same check in
     Python costs ~1 us a param. False when not built, or for anything unusual: the caller then
