@@ -123,6 +123,29 @@ struct Table {
   int64_t needed_state = 0;  // elements every flat state buffer must hold
 };
 
+// Whether every element of t lies in memory its storage holds. A storage freed by resizing it to
+// 0 bytes (as FSDP frees a param's) still gives a view at an offset a non-null data pointer;
+// a Python subclass without storage (a wrapper) has none. Zero-size tensors need none.
+inline bool has_memory(const Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (impl->numel() == 0) return true;
+  if (!impl->has_storage()) return false;
+  const c10::Storage& storage = impl->unsafe_storage();
+  if (storage.data() == nullptr) return false;
+  int64_t last = impl->storage_offset();
+  const auto sizes = impl->sizes();
+  const auto strides = impl->strides();
+  for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
+  return (last + 1) * static_cast<int64_t>(impl->itemsize()) <=
+         static_cast<int64_t>(storage.nbytes());
+}
+
+// Whether the kernels may read and write t's memory as it is: contiguous, and no lazy negation
+// or conjugation (torch._neg_view: the memory holds -t).
+inline bool plain_memory(const Tensor& t) {
+  return t.is_contiguous() && !t.is_neg() && !t.is_conj();
+}
+
 // Whether a param and its grad pass every check of build_table and need no contiguous copy: the
 // common case, which the parallel scan handles alone (anything else goes to the serial scan,
 // which explains a refusal).
@@ -130,7 +153,7 @@ inline bool usable_as_is(const Tensor& p, const Tensor& g, at::ScalarType dtype,
                          at::ScalarType grad_dtype, at::Device device) {
   return p.device() == device && p.scalar_type() == dtype && g.layout() == at::kStrided &&
          g.device() == device && g.scalar_type() == grad_dtype && g.sizes() == p.sizes() &&
-         p.is_contiguous() && g.is_contiguous();
+         plain_memory(p) && plain_memory(g) && has_memory(p) && has_memory(g);
 }
 
 // Tensors are borrowed and checked a block at a time (EagerParams::borrow).
@@ -383,25 +406,28 @@ void scan_serially(const Params& params, const Grads& grads, const int64_t* offs
     t.stepped.push_back(i);
     const int64_t numel = p.numel();
     if (numel == 0) continue;  // zero-size tensors are legal; they only advance their step
+    // A Tensor subclass without storage (a wrapper), or a freed storage, has no data to update;
+    // checked before anything reads it.
+    TORCH_CHECK(has_memory(p), "onepass: params[", i, "] has no data (a tensor subclass "
+                "without storage, or a freed storage?), which is not supported");
+    TORCH_CHECK(has_memory(*g), "onepass: grads[", i, "] has no data (a tensor subclass "
+                "without storage, or a freed storage?), which is not supported");
     void* param;
-    if (p.is_contiguous()) {
+    if (plain_memory(p)) {
       param = p.data_ptr();
-    } else {
-      t.write_back.emplace_back(p, p.contiguous());
+    } else {  // stepped in a plain copy, written back after the launch
+      t.write_back.emplace_back(p, p.resolve_conj().resolve_neg().contiguous());
       param = t.write_back.back().second.data_ptr();
     }
     const void* grad;
-    if (g->is_contiguous()) {
+    if (plain_memory(*g)) {
       grad = g->data_ptr();
     } else {
-      t.keep_alive.push_back(g->contiguous());
+      t.keep_alive.push_back(g->resolve_conj().resolve_neg().contiguous());
       grad = t.keep_alive.back().data_ptr();
     }
-    // A Tensor subclass without storage (a wrapper) has no data to update.
-    TORCH_CHECK(param != nullptr, "onepass: params[", i, "] has no data (a tensor subclass "
-                "without storage?), which is not supported");
-    TORCH_CHECK(grad != nullptr, "onepass: grads[", i, "] has no data (a tensor subclass "
-                "without storage?), which is not supported");
+    TORCH_CHECK(param != nullptr && grad != nullptr, "onepass: params[", i, "] or its grad has "
+                "no data (a tensor subclass without storage?), which is not supported");
     t.segments.push_back(segment_of(i, numel, offsets, steps, param, grad));
     t.elements += numel;
     t.needed_state = std::max(t.needed_state, offsets[i] + numel);

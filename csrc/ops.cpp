@@ -759,20 +759,18 @@ bool unpack_optional(PyObject* list, int64_t n, std::vector<const at::Tensor*>& 
 
 // The engine's grad check (python/onepass/_engine.py, _check_grads) for the launches that do not
 // check natively (Triton, the reference, several buckets), over `grads` or, for None, each
-// param's own .grad: whether every param with a grad has
-// the dtype and device of params[0] (the bucket's: a change of params[0] rebuilds the bucket)
-// and numels[i] elements (its size when the bucket was built), and its grad is a strided tensor
-// of the first grad's dtype, on that device and of the param's shape. False also for anything
-// unusual; Python then checks again and names the culprit. The one difference from the Python
-// check: a param reshaped since the bucket was built passes here with a grad of its new shape
-// (the kernels step the same elements in the same order). In Python the check costs ~1 us a
-// param (4 ms a step on 4,000 params).
+// param's own .grad: whether every param with a grad still has params[0]'s dtype and device (the
+// bucket's: a change of params[0] rebuilds the bucket) and the shape it had when the bucket was
+// built (`shapes`: each param's number of dims, then its sizes), and its grad is a strided tensor
+// of the first grad's dtype, on that device and of that shape. False also for anything unusual;
+// Python then checks again and names the culprit. In Python the check costs ~1 us a param (4 ms
+// a step on 4,000 params).
 bool grads_match(const pybind11::list& params, const pybind11::object& grads,
-                 const at::Tensor& numels) {
+                 const at::Tensor& shapes) {
   const int64_t n = PyList_GET_SIZE(params.ptr());
-  TORCH_CHECK(numels.device().is_cpu() && numels.scalar_type() == at::kLong &&
-                  numels.numel() == n && numels.is_contiguous(),
-              "onepass: grads_match needs one int64 CPU entry per param");
+  TORCH_CHECK(shapes.device().is_cpu() && shapes.scalar_type() == at::kLong &&
+                  shapes.is_contiguous(),
+              "onepass: grads_match needs the params' shapes as int64 on the CPU");
   std::vector<const at::Tensor*> ps, gs;
   if (n == 0 || !unpack_optional(params.ptr(), n, ps) || ps[0] == nullptr) return false;
   if (grads.is_none()) {  // each param's own .grad
@@ -783,24 +781,28 @@ bool grads_match(const pybind11::list& params, const pybind11::object& grads,
   }
   const at::Device device = ps[0]->device();
   const at::ScalarType param_dtype = ps[0]->scalar_type();
-  const int64_t* want = numels.data_ptr<int64_t>();
+  const int64_t* shape = shapes.data_ptr<int64_t>();
+  const int64_t* const shapes_end = shape + shapes.numel();
   std::optional<at::ScalarType> grad_dtype;
   for (int64_t i = 0; i < n; ++i) {
+    if (shape >= shapes_end || shape + 1 + *shape > shapes_end) return false;
+    const c10::IntArrayRef built(shape + 1, static_cast<size_t>(*shape));
+    shape += 1 + *shape;
     const at::Tensor* g = gs[i];
     if (g == nullptr || !g->defined()) continue;
     const at::Tensor* p = ps[i];
     if (p == nullptr) return false;
     // A Python subclass (its sizes may come from Python, its data from nowhere) or a tensor
-    // without storage goes to the Python check, which refuses a step that needs its memory.
+    // without memory (glue::has_memory) goes to the Python check, which refuses it by name.
     if (p->unsafeGetTensorImpl()->is_python_dispatch() ||
-        g->unsafeGetTensorImpl()->is_python_dispatch() || !p->has_storage() ||
-        !g->has_storage()) {
+        g->unsafeGetTensorImpl()->is_python_dispatch() || !onepass::glue::has_memory(*p) ||
+        !onepass::glue::has_memory(*g)) {
       return false;
     }
     if (!grad_dtype) grad_dtype = g->scalar_type();
-    if (p->scalar_type() != param_dtype || p->device() != device || p->numel() != want[i] ||
+    if (p->scalar_type() != param_dtype || p->device() != device || p->sizes() != built ||
         g->scalar_type() != *grad_dtype || g->layout() != at::kStrided || g->device() != device ||
-        g->sizes() != p->sizes()) {
+        g->sizes() != built) {
       return false;
     }
   }
@@ -809,8 +811,8 @@ bool grads_match(const pybind11::list& params, const pybind11::object& grads,
 
 // The address key of a Triton launch (triton_kernels/common.py, prepare): key[2i] the address of
 // params[i], key[2i + 1] that of grads[i] (-1 for None). False, with `key` partly written, where
-// a param with a grad or its grad is not contiguous (the launcher stages it in Python). Reading
-// the addresses in Python costs ~1.5 us a param.
+// a param with a grad or its grad is not plain memory (glue::plain_memory: the launcher stages
+// it in Python). Reading the addresses in Python costs ~1.5 us a param.
 bool launch_key(const pybind11::list& params, const pybind11::list& grads, const at::Tensor& key) {
   const int64_t n = PyList_GET_SIZE(params.ptr());
   TORCH_CHECK(key.device().is_cpu() && key.scalar_type() == at::kLong && key.numel() == 2 * n &&
@@ -823,7 +825,10 @@ bool launch_key(const pybind11::list& params, const pybind11::list& grads, const
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(ps[i] != nullptr, "onepass: params[", i, "] is None");
     const at::Tensor* g = gs[i] != nullptr && gs[i]->defined() ? gs[i] : nullptr;
-    if (g != nullptr && (!ps[i]->is_contiguous() || !g->is_contiguous())) return false;
+    if (g != nullptr &&
+        (!onepass::glue::plain_memory(*ps[i]) || !onepass::glue::plain_memory(*g))) {
+      return false;
+    }
     out[2 * i] = reinterpret_cast<int64_t>(ps[i]->data_ptr());
     out[2 * i + 1] = g != nullptr ? reinterpret_cast<int64_t>(g->data_ptr()) : -1;
   }

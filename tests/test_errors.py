@@ -15,6 +15,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 import onepass
+from onepass._engine import packed_shapes
 
 from helpers import BACKEND_NAMES, assert_unchanged, make_grads, set_grads, snapshot
 
@@ -410,7 +411,7 @@ def test_native_grad_check_accepts_only_what_python_would() -> None:
 
     _native_only()
     params = [torch.randn(3, 4), torch.randn(5), torch.randn(0)]
-    numels = torch.tensor([p.numel() for p in params])
+    shapes = packed_shapes([p.shape for p in params])
 
     def grads(**replace: Any) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = [torch.randn_like(p) for p in params]
@@ -419,8 +420,8 @@ def test_native_grad_check_accepts_only_what_python_would() -> None:
             out[int(index[1:])] = grad
         return out
 
-    assert _ops.grads_match(params, grads(), numels)
-    assert _ops.grads_match(params, grads(g1=torch.randn(5)), numels)
+    assert _ops.grads_match(params, grads(), shapes)
+    assert _ops.grads_match(params, grads(g1=torch.randn(5)), shapes)
     refused = {
         "dtype": grads(g2=torch.randn(0, dtype=torch.float64)),
         "shape": grads(g0=torch.randn(4, 3)),
@@ -429,12 +430,23 @@ def test_native_grad_check_accepts_only_what_python_would() -> None:
         "not a tensor": grads(g1=5),
     }
     for why, case in refused.items():
-        assert not _ops.grads_match(params, case, numels), why
-    assert not _ops.grads_match(params, grads(), torch.tensor([12, 5, 1])), "numel changed"
+        assert not _ops.grads_match(params, case, shapes), why
+    reshaped = packed_shapes([torch.Size([4, 3]), torch.Size([5]), torch.Size([0])])
+    assert not _ops.grads_match(params, grads(), reshaped), "param reshaped"
+    freed = torch.randn(3, 4)
+    freed.untyped_storage().resize_(0)
+    assert not _ops.grads_match(params, grads(g0=freed), shapes), "freed storage"
+    own = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
+    own[0].grad = torch.randn(3, 4)
+    own_shapes = packed_shapes([p.shape for p in own])
+    assert _ops.grads_match(own, None, own_shapes), "each param's own grad"
+    own[1].grad_dtype = None  # torch's own switch for a grad of another dtype
+    own[1].grad = torch.randn(5, dtype=torch.float64)
+    assert not _ops.grads_match(own, None, own_shapes), "own grads of two dtypes"
     cast = [params[0], params[1].double(), params[2]]
-    assert not _ops.grads_match(cast, grads(g1=torch.randn(5)), numels), "param dtype"
-    assert _ops.grads_match(cast, grads(), numels), "a param without a grad is not stepped"
-    assert not _ops.grads_match(params, grads()[:2], numels), "lengths differ"
+    assert not _ops.grads_match(cast, grads(g1=torch.randn(5)), shapes), "param dtype"
+    assert _ops.grads_match(cast, grads(), shapes), "a param without a grad is not stepped"
+    assert not _ops.grads_match(params, grads()[:2], shapes), "lengths differ"
 
 
 def test_native_launch_key_reads_addresses() -> None:
@@ -451,6 +463,89 @@ def test_native_launch_key_reads_addresses() -> None:
     assert key.tolist() == [*want, params[2].data_ptr(), grads[2].data_ptr()]
     assert not _ops.launch_key(params, [*grads[:1], torch.randn(3, 4), grads[2]], key)
     assert not _ops.launch_key(params, [torch.randn(4, 3).t(), None, grads[2]], key)
+
+
+@pytest.mark.parametrize("layout", list(VICTIMS))
+def test_freed_grad_storage_refused(layout: str) -> None:
+    """A grad whose storage was freed (resized to 0 bytes, as FSDP frees a param's) is refused
+    by name before any bucket is stepped; a view at an offset into it (a non-null data pointer)
+    once made the kernel read freed memory."""
+    _native_only()
+    optimizer, params = _stepped_layout(layout, "cpu")
+
+    def action() -> None:
+        set_grads(params, make_grads(params, 3, none_pattern=False))
+        grad = torch.randn(40).to(params[3].dtype)[7:]
+        grad.untyped_storage().resize_(0)
+        params[3].grad = grad
+        optimizer.step()
+
+    name = _name(*VICTIMS[layout][1])
+    _refused(optimizer, action, RuntimeError, f"{name}'s grad is a Tensor without storage")
+
+
+def test_negated_view_grad_steps_as_its_value() -> None:
+    """A grad with torch's lazy negation (torch._neg_view: its memory holds -g) is stepped as g,
+    on every backend (the kernels read memory: they get a resolved copy)."""
+    results = {}
+    for backend in BACKEND_NAMES:
+        p = torch.ones(9, requires_grad=True)
+        p.grad = torch._neg_view(-torch.arange(9.0))
+        onepass.SGD([p], lr=0.1, backend=backend).step()
+        results[backend] = p.detach()
+    for backend, value in results.items():
+        torch.testing.assert_close(value, 1 - 0.1 * torch.arange(9.0), msg=backend)
+
+
+def _muon_stepped(matrices: int) -> tuple[onepass.Muon, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    mats = [torch.randn(4, 6, requires_grad=True) for _ in range(matrices)]
+    bias = torch.randn(5, requires_grad=True)
+    optimizer = onepass.Muon(
+        [{"params": [bias], "use_muon": False}, {"params": mats}], ns_dtype=torch.float32
+    )
+    for _ in range(2):
+        for p in [bias, *mats]:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    return optimizer, [bias, *mats]
+
+
+@pytest.mark.parametrize("matrices", [3, 70])
+def test_muon_refuses_a_reshaped_matrix_before_stepping(matrices: int) -> None:
+    """Muon keeps a matrix's shape in its workspace: one reshaped since its first step (the same
+    numel) is refused by name before the AdamW group or the momentum pass is stepped, natively
+    checked lists of 64+ params included."""
+    optimizer, params = _muon_stepped(matrices)
+
+    def action() -> None:
+        for p in params:
+            p.grad = torch.randn_like(p)
+        params[3].data = params[3].data.reshape(6, 4)
+        params[3].grad = torch.randn(6, 4)
+        optimizer.step()
+
+    before = snapshot(optimizer)
+    with pytest.raises(RuntimeError, match=rf"{_name(1, 2)} is now .* shape \(6, 4\)"):
+        action()
+    params[3].data = params[3].data.reshape(4, 6)
+    assert_unchanged(optimizer, before)
+
+
+def test_muon_refuses_a_freed_matrix_before_its_momentum_pass() -> None:
+    """One Muon bucket: the momentum pass writes before the update pass reads the params, so
+    the engine checks them first (a freed param storage once changed momentum_buffer)."""
+    _native_only()
+    optimizer, params = _muon_stepped(3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[0].grad = None  # the AdamW group takes no step: Muon's matrices alone, one bucket
+    buffers = [optimizer.state[p]["momentum_buffer"].clone() for p in params[1:]]
+    params[3].untyped_storage().resize_(0)  # (the snapshot helpers would read it)
+    with pytest.raises(RuntimeError, match=f"{_name(1, 2)} is a Tensor without storage"):
+        optimizer.step()
+    for p, before in zip(params[1:], buffers, strict=True):
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], before)
 
 
 def test_negative_view_lr_is_read_as_its_value() -> None:

@@ -724,3 +724,11 @@ def test_fadam_compiles_for_sm90() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(" ok") == 24  # 3 kernels x 8 variants
+
+
+def test_negated_view_grad_is_staged() -> None:
+    """A grad with torch's lazy negation (its memory holds -g) is staged as a plain copy."""
+    p = torch.ones(9, device=DEVICE, requires_grad=True)
+    p.grad = torch._neg_view(-torch.arange(9.0, device=DEVICE))
+    onepass.SGD([p], lr=0.1, backend="triton").step()
+    torch.testing.assert_close(p.detach(), 1 - 0.1 * torch.arange(9.0, device=DEVICE))

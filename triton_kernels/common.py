@@ -348,9 +348,9 @@ def check_device(device: torch.device) -> None:
 def prepare(bucket: Any, grads: list[torch.Tensor | None]) -> Prepared:
     """The bucket's table for these grads: the cached one while every address is unchanged.
 
-    A non-contiguous param or grad is copied into a contiguous staging buffer kept with the
-    table (so its address, and the table, stay the same from step to step); params are copied
-    back by :meth:`Prepared.finish`.
+    A non-contiguous (or lazily negated) param or grad is copied into a contiguous staging
+    buffer kept with the table (so its address, and the table, stay the same from step to
+    step); params are copied back by :meth:`Prepared.finish`.
     """
     check_device(bucket.device)
     grads = list(grads)
@@ -379,8 +379,9 @@ def prepare(bucket: Any, grads: list[torch.Tensor | None]) -> Prepared:
 def _stage(
     bucket: Any, grads: list[torch.Tensor | None], key: torch.Tensor
 ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The launch's params, with every non-contiguous param or grad of a stepped tensor
-    replaced (in ``grads`` too) by its contiguous staging buffer; the params to copy back; the
+    """The launch's params, with every param or grad of a stepped tensor that is not plain
+    memory (non-contiguous, or a lazy negation) replaced (in ``grads`` too) by its contiguous
+    staging buffer; the params to copy back; the
     addresses written into ``key``."""
     staging: dict[tuple[str, int], torch.Tensor] = bucket.table_cache.setdefault("staging", {})
     params: list[torch.Tensor] = []
@@ -388,11 +389,11 @@ def _stage(
     addresses: list[int] = []
     for i, (p, g) in enumerate(zip(bucket.params, grads, strict=True)):
         if g is not None:
-            if not p.is_contiguous():
+            if not _plain(p):
                 tmp = _staged(staging, ("param", i), p)
                 write_back.append((p, tmp))
                 p = tmp
-            if not g.is_contiguous():
+            if not _plain(g):
                 g = _staged(staging, ("grad", i), g)
         params.append(p)
         grads[i] = g
@@ -406,6 +407,11 @@ def master(bucket: Any) -> torch.Tensor | None:
     """The bucket's flat fp32 master weights (indexed like the state), or None without them: the
     kernels' ``master_ptr``."""
     return bucket.buffers.get(base.MASTER)
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """Whether the kernels may use t's memory as it is: contiguous, no lazy negation."""
+    return t.is_contiguous() and not t.is_neg() and not t.is_conj()
 
 
 def _staged(staging: dict[tuple[str, int], torch.Tensor], key: tuple[str, int], t: torch.Tensor):

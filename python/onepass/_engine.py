@@ -99,6 +99,11 @@ def auto_gpu_backend(
     return "triton" if triton else None
 
 
+def packed_shapes(shapes: list[torch.Size]) -> torch.Tensor:
+    """Shapes as _ops.grads_match reads them: each one's number of dims, then its sizes."""
+    return torch.tensor([x for shape in shapes for x in (len(shape), *shape)], dtype=torch.int64)
+
+
 def _mean_numel(params: list[torch.Tensor]) -> float:
     return sum(p.numel() for p in params) / len(params)
 
@@ -215,7 +220,7 @@ class Bucket:
         self.dtype = params[0].dtype
         self.state_dtype = self.dtype if state_dtype is None else state_dtype
         self.shapes = [p.shape for p in params]
-        self.numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+        self.shape_table = packed_shapes(self.shapes)
         offsets, total = [], 0
         for p in params:
             offsets.append(total)
@@ -355,7 +360,7 @@ class FlatBucket:
         self.grads: list[torch.Tensor | None] = [bucket.flat_grad]
         self.names = ["the flattened params of " + bucket.names[0]]
         self.shapes = [bucket.flat_param.shape]
-        self.numels = torch.tensor([bucket.flat_param.numel()], dtype=torch.int64)
+        self.shape_table = packed_shapes(self.shapes)
         self.dtype, self.device = bucket.dtype, bucket.device
         self.state_dtype = bucket.state_dtype
         self.buffers = bucket.buffers
@@ -459,7 +464,11 @@ class Engine:
         # p.grad, which costs ~0.5 ms a step on 4,000 params) where it checks them itself, or
         # where the native check of every bucket (reading them too) has passed.
         native = all(bucket.backend in ("cpu", "cuda") for _, bucket, _ in work)
-        checked_natively = len(work) == 1 and native
+        # Only an algorithm whose native launch is one op checks itself before writing (Muon's
+        # momentum pass writes before its update pass reads the params).
+        checked_natively = (
+            len(work) == 1 and native and self.spec.for_group(work[0][0]).native_grads
+        )
         compiling = torch.compiler.is_compiling()
         for i, (group, bucket, grads) in enumerate(work):
             if grads is not None:
@@ -672,7 +681,7 @@ def _adopt_state(engine: Engine, bucket: Bucket, spec: AlgorithmSpec) -> None:
 def _natively_checked(bucket: Bucket) -> bool:
     """The pre-launch check of a native bucket's own grads (one of several launches), read
     natively; False sends them to _check_grads, which explains a refusal."""
-    if not _ops.grads_match(bucket.params, None, bucket.numels):
+    if not _ops.grads_match(bucket.params, None, bucket.shape_table):
         return False
     first = next((p.grad for p in bucket.params if p.grad is not None), None)
     return first is None or first.dtype in grad_dtypes(bucket.dtype)
@@ -687,7 +696,7 @@ def _check_grads(bucket: Bucket | FlatBucket, grads: list[torch.Tensor | None]) 
     if (
         len(grads) >= NATIVE_CHECK_PARAMS
         and dtype in grad_dtypes(bucket.dtype)
-        and _ops.grads_match(bucket.params, grads, bucket.numels)
+        and _ops.grads_match(bucket.params, grads, bucket.shape_table)
     ):
         return
     device, shapes = bucket.device, bucket.shapes
@@ -695,13 +704,14 @@ def _check_grads(bucket: Bucket | FlatBucket, grads: list[torch.Tensor | None]) 
         if g is None:
             continue
         p = bucket.params[i]
-        if p.dtype != bucket.dtype or p.device != device:
+        if p.dtype != bucket.dtype or p.device != device or p.shape != shapes[i]:
             # params[0] tells a model.to(...) (the bucket is rebuilt); one param alone cannot
             # change its storage under the bucket's table and state.
             raise RuntimeError(
-                f"onepass: {bucket.names[i]} is now {p.dtype} on {p.device}, but its bucket "
-                f"steps {bucket.dtype} tensors on {device}; move or cast every param of the "
-                "group together, or give it its own param group"
+                f"onepass: {bucket.names[i]} is now {p.dtype} of shape {tuple(p.shape)} on "
+                f"{p.device}, but its bucket steps it as {bucket.dtype} of shape "
+                f"{tuple(shapes[i])} on {device}; move or cast every param of the group "
+                "together, or give it its own param group"
             )
         if (
             g.dtype != dtype
@@ -718,14 +728,25 @@ def _check_grads(bucket: Bucket | FlatBucket, grads: list[torch.Tensor | None]) 
 
 
 def _check_native_data(bucket: Bucket | FlatBucket, grads: list[torch.Tensor | None]) -> None:
-    """The kernels update memory: a tensor subclass without storage (a wrapper) has none."""
+    """The kernels update memory: a tensor subclass without storage (a wrapper) has none, and a
+    freed storage (resized to 0 bytes, as FSDP frees a param's) no longer holds the tensor."""
     for i, g in enumerate(grads):
+        if g is None:
+            continue
         for what, t in (("", bucket.params[i]), ("'s grad", g)):
-            if t is not None and t.numel() and t.data_ptr() == 0:
+            if t.numel() and not _has_memory(t):
                 raise RuntimeError(
-                    f"onepass: {bucket.names[i]}{what} is a {type(t).__name__} without storage, "
-                    f"which backend {bucket.backend!r} does not support"
+                    f"onepass: {bucket.names[i]}{what} is a {type(t).__name__} without storage "
+                    f"(or with a freed one), which backend {bucket.backend!r} does not support"
                 )
+
+
+def _has_memory(t: torch.Tensor) -> bool:
+    """glue::has_memory (csrc/glue.h) in Python: every element inside its storage's bytes."""
+    if t.data_ptr() == 0:
+        return False
+    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    return (last + 1) * t.element_size() <= t.untyped_storage().nbytes()
 
 
 def _explain_bad_grad(bucket: Bucket, i: int, g: torch.Tensor, grad_dtype: torch.dtype) -> None:

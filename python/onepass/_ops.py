@@ -82,16 +82,16 @@ def grads_are(params: list[torch.Tensor], impls: torch.Tensor) -> bool:
 
 
 def grads_match(
-    params: list[torch.Tensor], grads: list[torch.Tensor | None] | None, numels: torch.Tensor
+    params: list[torch.Tensor], grads: list[torch.Tensor | None] | None, shapes: torch.Tensor
 ) -> bool:
     """Whether every ``params[i]`` with a grad (``grads[i]``, or for ``grads=None`` its own
-    ``.grad``, read natively) still has ``params[0]``'s dtype and device and
-    ``numels[i]`` elements, and its grad is a strided tensor of the first grad's dtype, on that
-    device and of the param's shape. Native where built, for long lists: the same check in
-    Python costs ~1 us a param. False when not built, or for anything unusual: the caller then
-    checks in Python, which names the culprit."""
+    ``.grad``, read natively) still has ``params[0]``'s dtype and device and the shape packed in
+    ``shapes`` (_engine.packed_shapes), and its grad is a strided tensor of the first grad's
+    dtype, on that device and of that shape, both with memory to step. Native where built: the
+    same check in Python costs ~1 us a param. False when not built, or for anything unusual:
+    the caller then checks in Python, which names the culprit."""
     if NATIVE_ERROR is None and not torch.compiler.is_compiling():
-        return bool(_C.grads_match(params, grads, numels))
+        return bool(_C.grads_match(params, grads, shapes))
     return False
 
 
@@ -100,7 +100,8 @@ def launch_key(
 ) -> bool:
     """Writes the address of ``params[i]`` into ``key[2 * i]`` and of ``grads[i]`` (-1 for None)
     into ``key[2 * i + 1]``, natively. False when not built, or where a param with a grad or its
-    grad is not contiguous (``key`` then partly written): the caller reads them in Python."""
+    grad is not contiguous or is a lazy negation (``key`` then partly written): the caller reads
+    them in Python."""
     if NATIVE_ERROR is None and not torch.compiler.is_compiling():
         return bool(_C.launch_key(params, grads, key))
     return False

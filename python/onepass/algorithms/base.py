@@ -266,8 +266,9 @@ class AlgorithmSpec:
             for float64 params) and shows them as 0-d tensors in ``optimizer.state[p]``.
         group_spec: for an optimizer that runs a different algorithm per param group (Muon's
             AdamW groups), the spec of a group; None: this spec for every group.
-        native_grads: the "cpu" / "cuda" launchers hand the grads to the native op untouched,
-            so the engine may pass None for them and let the op read each param's .grad.
+        native_grads: the "cpu" / "cuda" launchers hand the grads to one native op untouched,
+            which checks every tensor before it writes: the engine may pass None for them and
+            let the op read each param's .grad, and skips its own check of a single launch.
         device_hyper: with capturable=True, the group keys that live on the device, in the
             order of the op's hyperparameter block (csrc/include/onepass/device_hyper.h;
             "betas" is two values); ``decay_in_block``: the block ends with decay_scale.
