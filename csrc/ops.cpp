@@ -840,7 +840,7 @@ bool launch_key(const pybind11::list& params, const pybind11::list& grads, const
 // costs ~0.3 us a param (1.3 ms for 4,000 params after a step has flushed the caches); here the
 // loop's independent pointer chains overlap their cache misses, and a long list is read by all
 // of torch's threads (as glue::scan_in_parallel reads a table's tensors).
-bool grads_are(const pybind11::list& params, const at::Tensor& impls) {
+bool grads_are(const pybind11::list& params, const at::Tensor& impls, int64_t storage) {
   const int64_t n = PyList_GET_SIZE(params.ptr());
   TORCH_CHECK(impls.device().is_cpu() && impls.scalar_type() == at::kLong &&
                   impls.numel() == n && impls.is_contiguous(),
@@ -856,9 +856,15 @@ bool grads_are(const pybind11::list& params, const at::Tensor& impls) {
       if (exact_only ? !THPVariable_CheckExact(obj) : !THPVariable_Check(obj)) {
         return exact_only ? -1 : 0;
       }
-      const at::Tensor& grad = grad_of(THPVariable_Unpack(obj));
+      const at::Tensor& param = THPVariable_Unpack(obj);
+      const at::Tensor& grad = grad_of(param);
       // No early exit: a branch per param would serialise the misses the loop overlaps.
       same &= grad.defined() && reinterpret_cast<int64_t>(grad.unsafeGetTensorImpl()) == want[i];
+      if (storage != 0) {  // the param is still a view of the flat buffer (no p.data = ...)
+        const c10::TensorImpl* impl = param.unsafeGetTensorImpl();
+        same &= impl->has_storage() &&
+                reinterpret_cast<int64_t>(impl->unsafe_storage().data()) == storage;
+      }
     }
     return same ? 1 : 0;
   };
@@ -883,7 +889,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "parallel_scans", [] { return onepass::glue::parallel_scans().load(); },
       "how many eager steps and grad norms have read their tensors on all of torch's threads");
-  m.def("grads_are", &grads_are, "whether every params[i].grad is the TensorImpl at impls[i]");
+  m.def("grads_are", &grads_are,
+        "whether every params[i].grad is the TensorImpl at impls[i] (and, for a storage "
+        "address other than 0, every param's storage starts there)",
+        pybind11::arg("params"), pybind11::arg("impls"), pybind11::arg("storage") = 0);
   m.def("grads_match", &grads_match,
         "whether every present grad can be stepped as it is (else check in Python)");
   m.def("launch_key", &launch_key,

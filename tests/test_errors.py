@@ -548,6 +548,34 @@ def test_muon_refuses_a_freed_matrix_before_its_momentum_pass() -> None:
         assert torch.equal(optimizer.state[p]["momentum_buffer"], before)
 
 
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_bad_lr_of_a_later_group_refused_before_stepping(backend: str) -> None:
+    """An lr the native ops cannot read (an integer tensor) in the second group: refused before
+    the first group's launch, which once had stepped."""
+    optimizer, params = _stepped(backend=backend)
+    set_grads(params, make_grads(params, 3, none_pattern=False))
+    optimizer.param_groups[1]["lr"] = torch.tensor(0)
+    if backend == "reference":  # torch ops read any lr: nothing to refuse
+        optimizer.step()
+        return
+    _refused(optimizer, optimizer.step, RuntimeError, "lr of the param group of .* torch.int64")
+
+
+def test_refused_state_dtype_of_a_later_group_changes_no_other_group() -> None:
+    """Every group's buckets are built before any is stored: a state_dtype one group cannot
+    keep leaves the others' state in its old dtype (it once had converted them, losing bits)."""
+    a = torch.randn(17, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    optimizer = onepass.AdamW([{"params": [a]}, {"params": [b]}])
+    for _ in range(2):
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        optimizer.step()
+    for group in optimizer.param_groups:
+        group["state_dtype"] = torch.bfloat16  # fine for float32, not for float64
+    _refused(optimizer, optimizer.step, RuntimeError, "cannot keep torch.bfloat16 state")
+    assert optimizer.state[a]["exp_avg"].dtype == torch.float32
+
+
 def test_negative_view_lr_is_read_as_its_value() -> None:
     """A one-element lr is read from memory unless its value is not what the memory holds (a
     negative view here; also conjugate views, zero tensors, subclasses)."""

@@ -96,6 +96,26 @@ def test_flatten_falls_back_when_grads_are_replaced() -> None:
         assert_verbose_allclose(p, q, 1.3e-6, 1e-5)
 
 
+def test_flatten_falls_back_when_a_param_is_replaced() -> None:
+    """p.data = ... after the flattening makes p a tensor of its own, which the one flat pass
+    would no longer update (it once silently did not): the per-tensor path takes over and the
+    result is still torch's."""
+    model = _model()
+    twin = copy.deepcopy(model)
+    opt = onepass.AdamW(model.parameters(), lr=1e-2, flatten=True)
+    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    x = torch.randn(9, 13)
+    for step in range(7):
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad(set_to_none=False)
+            if step == 3:  # a fresh tensor for the first weight (as a checkpoint loader might)
+                m[0].weight.data = m[0].weight.data.clone()
+            m(x).square().mean().backward()
+            o.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert_verbose_allclose(p, q, 1.3e-6, 1e-5)
+
+
 def test_flatten_state_dict_loads_into_torch() -> None:
     model = _model()
     twin = copy.deepcopy(model)
@@ -128,3 +148,11 @@ def test_grads_are_tells_views_from_replaced_grads(native: bool, monkeypatch) ->
     assert not _ops.grads_are(params, impls)
     params[1].grad = None
     assert not _ops.grads_are(params, impls)
+    params[1].grad = views[1]
+    flat = torch.zeros(15)
+    for p, (start, n) in zip(params, ((0, 3), (3, 5), (8, 7)), strict=True):
+        p.data = flat[start : start + n]
+    storage = flat.untyped_storage().data_ptr()
+    assert _ops.grads_are(params, impls, storage)
+    params[2].data = params[2].data.clone()  # no longer a view of the flat buffer
+    assert _ops.grads_are(params, impls) and not _ops.grads_are(params, impls, storage)

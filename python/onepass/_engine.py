@@ -248,6 +248,9 @@ class Bucket:
         # backends, whose kernels read and advance them there (no host sync).
         step_device = self.device if backend in ("triton", "cuda") else torch.device("cpu")
         self.step = torch.zeros(len(params), dtype=torch.float32, device=step_device)
+        # optimizer.state entries of the views that took over existing state (_adopt_state),
+        # put there when the plan is committed (_GroupPlan.commit).
+        self.adopted: list[tuple[torch.Tensor, dict[str, Any]]] = []
         # Backend-owned launch data (the Triton tensor table), rebuilt when addresses change.
         self.table_cache: dict[str, Any] = {}
         self._lr = torch.zeros((), dtype=torch.float64)
@@ -289,16 +292,20 @@ class Bucket:
         # The views' TensorImpl addresses, for the native identity check of flat_step (the
         # views are kept alive in grad_views, so no other tensor can take an address).
         self.grad_impls = torch.tensor([v._cdata for v in self.grad_views], dtype=torch.int64)
+        # Where every param's storage starts while it is a view of the flat buffer (p.data = ...
+        # since makes it a tensor of its own, which the flat pass would no longer update).
+        self.flat_storage = self.flat_param.untyped_storage().data_ptr()
         self.flat_view = FlatBucket(self)
 
     def flat_step(self) -> FlatBucket | None:
-        """The whole bucket as one segment, if it is flattened, every grad is still its view and
-        every tensor has taken the same number of steps; else None (the per-tensor path)."""
+        """The whole bucket as one segment, if it is flattened, every param and grad is still its
+        view and every tensor has taken the same number of steps; else None (the per-tensor
+        path)."""
         if self.flat_view is None or not self.uniform_steps or self.per_tensor:
             # Per-tensor reductions need per-tensor segments: one flat segment would reduce the
             # whole bucket into one norm.
             return None
-        if not _ops.grads_are(self.params, self.grad_impls):
+        if not _ops.grads_are(self.params, self.grad_impls, self.flat_storage):
             return None
         return self.flat_view
 
@@ -426,9 +433,8 @@ class Engine:
     # -- building ---------------------------------------------------------------------------
 
     def _plan(self, index: int, group: dict[str, Any]) -> _GroupPlan:
-        while len(self.plans) <= index:
-            self.plans.append(None)
-        plan = self.plans[index]
+        """The group's plan: the current one, or a new one (which the caller stores)."""
+        plan = self.plans[index] if index < len(self.plans) else None
         slots = self.spec.for_group(group).active_slots(group)
         if plan is None or plan.stale(group, slots):
             if stream_is_capturing():
@@ -438,7 +444,6 @@ class Engine:
                     "graph capture first"
                 )
             plan = _GroupPlan(self, index, group, slots)
-            self.plans[index] = plan
         return plan
 
     # -- stepping -----------------------------------------------------------------------------
@@ -448,10 +453,16 @@ class Engine:
         if state.dirty:  # written from outside: rebuild the buckets from what it holds now
             self.invalidate()
             state.dirty = False
+        # Every group's plan first, stored only once all are built: a group that cannot be
+        # (a refused state_dtype, say) leaves the others' buckets as they were.
+        groups = self.optimizer.param_groups
+        plans = [self._plan(index, group) for index, group in enumerate(groups)]
+        self.plans = list(plans)
+        for plan in plans:
+            plan.commit(self.optimizer.state)
         work: list[tuple[dict[str, Any], Bucket | FlatBucket, list[torch.Tensor | None] | None]]
         work = []
-        for index, group in enumerate(self.optimizer.param_groups):
-            plan = self._plan(index, group)
+        for plan, group in zip(plans, groups, strict=True):
             launch_group = plan.launch_group(group)
             for bucket in plan.buckets:
                 flat = bucket.flat_step()
@@ -485,6 +496,9 @@ class Engine:
             for _, bucket, grads in work:
                 if grads is not None:  # None: checked natively above
                     _check_grads(bucket, grads)
+        if len(work) > 1:  # a native op checks its lr only when its turn comes
+            for group, bucket, _ in work:
+                _check_native_lr(group, bucket)
         for group, bucket, grads in work:
             spec = self.spec.for_group(group)
             launch: Callable[..., None] = spec.launchers[bucket.backend]
@@ -624,6 +638,13 @@ class _GroupPlan:
             return
         self.hyper = DeviceHyper(spec, group, device)
 
+    def commit(self, state: Any) -> None:
+        """Points ``optimizer.state`` at the buckets' views of the state they took over."""
+        for bucket in self.buckets:
+            for p, entry in bucket.adopted:
+                state.put(p, entry)
+            bucket.adopted.clear()
+
     def launch_group(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group as this step's launchers read it (a capturable group's device block)."""
         return group if self.hyper is None else self.hyper.launch_group(group)
@@ -672,7 +693,7 @@ def _adopt_state(engine: Engine, bucket: Bucket, spec: AlgorithmSpec) -> None:
         if spec.step_in_state:
             new_entry["step"] = bucket.step[i]
         new_entry.update(views)
-        state.put(p, new_entry)
+        bucket.adopted.append((p, new_entry))  # into optimizer.state at commit()
         bucket.exposed[i] = True
     if len(bucket.params) > 1:
         bucket.uniform_steps = bool((bucket.step == bucket.step[0]).all())
@@ -725,6 +746,32 @@ def _check_grads(bucket: Bucket | FlatBucket, grads: list[torch.Tensor | None]) 
         _explain_bad_grad(bucket, i, grads[i], dtype)
     if bucket.backend != "reference" and not torch.compiler.is_compiling():
         _check_native_data(bucket, grads)  # (a traced step has no data to check)
+
+
+def _check_native_lr(group: dict[str, Any], bucket: Bucket | FlatBucket) -> None:
+    """The lr as the native ops take it (ops.cpp read_lr, ops_cuda.cpp step_state): one
+    floating-point element, on the CPU (or, for CUDA, float32/float64 on the params' device).
+    A capturable group's device block is the engine's own."""
+    lr = group["lr"]
+    if bucket.backend not in ("cpu", "cuda") or not isinstance(lr, torch.Tensor):
+        return
+    if bucket.backend == "cpu":
+        ok = lr.numel() == 1 and lr.device.type == "cpu" and lr.is_floating_point()
+    elif lr.numel() > 1:  # a capturable group's float64 block (launch_group)
+        ok = lr.dim() == 1 and lr.dtype == torch.float64 and lr.device == bucket.device
+    else:
+        ok = (
+            lr.numel() == 1
+            and lr.dtype in (torch.float32, torch.float64)
+            and lr.device in (torch.device("cpu"), bucket.device)
+        )
+    if not ok:
+        raise RuntimeError(
+            f"onepass: the lr of the param group of {bucket.names[0]} is a {lr.dtype} tensor of "
+            f"shape {tuple(lr.shape)} on {lr.device}; backend {bucket.backend!r} takes a float "
+            "or a one-element floating-point tensor on the CPU"
+            + (f" or on {bucket.device}" if bucket.backend == "cuda" else "")
+        )
 
 
 def _check_native_data(bucket: Bucket | FlatBucket, grads: list[torch.Tensor | None]) -> None:

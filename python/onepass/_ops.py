@@ -72,11 +72,14 @@ def grads_total_norm(params: list[torch.Tensor]) -> torch.Tensor | None:
     return total.sqrt().to(torch.float64 if first_is_double else torch.float32)
 
 
-def grads_are(params: list[torch.Tensor], impls: torch.Tensor) -> bool:
+def grads_are(params: list[torch.Tensor], impls: torch.Tensor, storage: int = 0) -> bool:
     """Whether every ``params[i].grad`` is the tensor whose TensorImpl address (``t._cdata``) is
-    ``impls[i]``: natively where built (4,000 params in ~0.1 ms instead of ~1.3 ms)."""
+    ``impls[i]`` and, for a ``storage`` address other than 0, every param's storage starts at
+    ``storage``: natively where built (4,000 params in ~0.1 ms instead of ~1.3 ms)."""
     if NATIVE_ERROR is None and not torch.compiler.is_compiling():
-        return bool(_C.grads_are(params, impls))
+        return bool(_C.grads_are(params, impls, storage))
+    if storage and any(p.untyped_storage().data_ptr() != storage for p in params):
+        return False
     grads = [p.grad for p in params]
     return all(g is not None and g._cdata == i for g, i in zip(grads, impls.tolist(), strict=True))
 
