@@ -75,9 +75,26 @@ def test_flatten_matches_torch_with_zeroed_grads(
     assert model[0].weight.data_ptr() == bucket.flat_param[start:].data_ptr()
 
 
-def test_flatten_falls_back_when_grads_are_replaced() -> None:
-    """zero_grad(set_to_none=True) and a fresh backward give grads that are not the flat views:
-    the per-tensor path takes over and the result is still torch's."""
+def _replace_grads(model: torch.nn.Module) -> None:
+    """New tensors for every grad (as zero_grad(set_to_none=True) and a backward give)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad = p.grad.clone()
+
+
+def _replace_a_param(model: torch.nn.Module) -> None:
+    """A fresh tensor for the first weight (p.data = ..., as a checkpoint loader might): p
+    is no longer a view of the flat buffer, which the one flat pass once silently stopped
+    updating."""
+    model[0].weight.data = model[0].weight.data.clone()
+
+
+@pytest.mark.parametrize("replace", [_replace_grads, _replace_a_param], ids=["grads", "param"])
+def test_flatten_falls_back_when_views_are_replaced(
+    replace: Callable[[torch.nn.Module], None],
+) -> None:
+    """Grads or params that are no longer the flat views: the per-tensor path takes over and
+    the result is still torch's."""
     model = _model()
     twin = copy.deepcopy(model)
     opt = onepass.AdamW(model.parameters(), lr=1e-2, flatten=True)
@@ -86,30 +103,8 @@ def test_flatten_falls_back_when_grads_are_replaced() -> None:
     for step in range(7):
         for m, o in ((model, opt), (twin, ref)):
             o.zero_grad(set_to_none=False)
-            if step == 3:  # replace every grad with a new tensor
-                for p in m.parameters():
-                    if p.grad is not None:
-                        p.grad = p.grad.clone()
-            m(x).square().mean().backward()
-            o.step()
-    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-        assert_verbose_allclose(p, q, 1.3e-6, 1e-5)
-
-
-def test_flatten_falls_back_when_a_param_is_replaced() -> None:
-    """p.data = ... after the flattening makes p a tensor of its own, which the one flat pass
-    would no longer update (it once silently did not): the per-tensor path takes over and the
-    result is still torch's."""
-    model = _model()
-    twin = copy.deepcopy(model)
-    opt = onepass.AdamW(model.parameters(), lr=1e-2, flatten=True)
-    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2)
-    x = torch.randn(9, 13)
-    for step in range(7):
-        for m, o in ((model, opt), (twin, ref)):
-            o.zero_grad(set_to_none=False)
-            if step == 3:  # a fresh tensor for the first weight (as a checkpoint loader might)
-                m[0].weight.data = m[0].weight.data.clone()
+            if step == 3:
+                replace(m)
             m(x).square().mean().backward()
             o.step()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
