@@ -505,7 +505,7 @@ class Engine:
             try:
                 launch(bucket, grads, group, grad_scale, found_inf)
             except RuntimeError:
-                if checked_natively:  # raises with the param's name
+                if bucket.backend in ("cpu", "cuda"):  # raises with the param's name
                     named = _grads_of(bucket) if grads is None else grads
                     _check_grads(bucket, named)
                 raise
