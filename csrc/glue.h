@@ -426,8 +426,6 @@ void scan_serially(const Params& params, const Grads& grads, const int64_t* offs
       t.keep_alive.push_back(g->resolve_conj().resolve_neg().contiguous());
       grad = t.keep_alive.back().data_ptr();
     }
-    TORCH_CHECK(param != nullptr && grad != nullptr, "onepass: params[", i, "] or its grad has "
-                "no data (a tensor subclass without storage?), which is not supported");
     t.segments.push_back(segment_of(i, numel, offsets, steps, param, grad));
     t.elements += numel;
     t.needed_state = std::max(t.needed_state, offsets[i] + numel);

@@ -17,7 +17,14 @@ from torch.utils._pytree import tree_map
 import onepass
 from onepass._engine import packed_shapes
 
-from helpers import BACKEND_NAMES, assert_unchanged, make_grads, set_grads, snapshot
+from helpers import (
+    BACKEND_NAMES,
+    assert_unchanged,
+    make_grads,
+    needs_native,
+    set_grads,
+    snapshot,
+)
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters: the same ValueError as torch.optim
@@ -399,17 +406,12 @@ def test_grad_without_storage_refused(layout: str) -> None:
     _refused(optimizer, action, RuntimeError, f"{name}'s grad is a _WrapperGrad without storage")
 
 
-def _native_only() -> None:
-    if not onepass.native_available():
-        pytest.skip("onepass._C not built")
-
-
+@needs_native
 def test_native_grad_check_accepts_only_what_python_would() -> None:
-    """_ops.grads_match, the engine's native grad check for long lists: every reason to refuse
+    """_ops.grads_match, the engine's native grad check: every reason to refuse
     falls back to the Python check (which names the param); None grads are skipped."""
     from onepass import _ops
 
-    _native_only()
     params = [torch.randn(3, 4), torch.randn(5), torch.randn(0)]
     shapes = packed_shapes([p.shape for p in params])
 
@@ -449,12 +451,12 @@ def test_native_grad_check_accepts_only_what_python_would() -> None:
     assert not _ops.grads_match(params, grads()[:2], shapes), "lengths differ"
 
 
+@needs_native
 def test_native_launch_key_reads_addresses() -> None:
     """_ops.launch_key, the Triton launcher's address key: each param's address and its grad's
     (-1 for None), or False where a stepped param or grad is not contiguous (staged in Python)."""
     from onepass import _ops
 
-    _native_only()
     params = [torch.randn(3, 4), torch.randn(4, 3).t(), torch.randn(2)]
     grads: list[torch.Tensor | None] = [torch.randn(3, 4), None, torch.randn(2)]
     key = torch.empty(6, dtype=torch.int64)
@@ -465,12 +467,12 @@ def test_native_launch_key_reads_addresses() -> None:
     assert not _ops.launch_key(params, [torch.randn(4, 3).t(), None, grads[2]], key)
 
 
+@needs_native
 @pytest.mark.parametrize("layout", list(VICTIMS))
 def test_freed_grad_storage_refused(layout: str) -> None:
     """A grad whose storage was freed (resized to 0 bytes, as FSDP frees a param's) is refused
     by name before any bucket is stepped; a view at an offset into it (a non-null data pointer)
     once made the kernel read freed memory."""
-    _native_only()
     optimizer, params = _stepped_layout(layout, "cpu")
 
     def action() -> None:
@@ -532,10 +534,10 @@ def test_muon_refuses_a_reshaped_matrix_before_stepping(matrices: int) -> None:
     assert_unchanged(optimizer, before)
 
 
+@needs_native
 def test_muon_refuses_a_freed_matrix_before_its_momentum_pass() -> None:
     """One Muon bucket: the momentum pass writes before the update pass reads the params, so
     the engine checks them first (a freed param storage once changed momentum_buffer)."""
-    _native_only()
     optimizer, params = _muon_stepped(3)
     for p in params:
         p.grad = torch.randn_like(p)

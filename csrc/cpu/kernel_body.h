@@ -261,6 +261,15 @@ void muon_momentum_typed(const cpu::MuonLaunch& L, int64_t begin, int64_t end) {
              : muon_momentum_chunks<T, false>(L, begin, end);
 }
 
+// acc[0] + ... + acc[kLanes - 1] in a fixed tree order (kLanes a power of two).
+template <int kLanes>
+ONEPASS_INLINE double tree_sum(double* acc) {
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
+  }
+  return acc[0];
+}
+
 // Sum of squares of n gradient elements (G their storage), in double whatever the storage:
 // kLanes independent accumulators in a fixed order, combined by a fixed tree (every build gives
 // the same bits: no reassociation). 16 lanes: the compiler keeps them in 4 AVX2 / 2 AVX-512
@@ -281,10 +290,7 @@ ONEPASS_INLINE double sum_of_squares(const G* g, int64_t n) {
     const double x = static_cast<double>(to_opmath(g[i]));
     acc[0] += x * x;
   }
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
-  }
-  return acc[0];
+  return tree_sum<kLanes>(acc);
 }
 
 // NovoGrad pass 1: each chunk's sum of squares.
@@ -352,31 +358,12 @@ void novograd_fused_typed(const cpu::NovoGradLaunch& L, int64_t begin, int64_t e
 // FAdam: the reductions sum in double, in a fixed order within each chunk. Each pass is a
 // function of one chunk, so the fused path can run all three on a chunk back to back.
 
-// Pass 1 of chunk c: its sum of raw g^2, one double accumulator per vector lane.
+// Pass 1 of chunk c: its sum of raw g^2.
 template <class G>
 ONEPASS_INLINE void fadam_reduce_chunk(const cpu::FAdamLaunch& L, int64_t c) {
-  using V = VecFor<G>;
-  using O = opmath_t<G>;
   const Chunk& chunk = L.chunks[c];
   const G* g = static_cast<const G*>(L.segments[chunk.segment].grad) + chunk.begin;
-  const int64_t n = chunk.end - chunk.begin;
-  double acc[V::kWidth] = {};
-  int64_t i = 0;
-  if constexpr (V::kWidth > 1) {
-    alignas(64) O lanes[V::kWidth];
-    for (; i + V::kWidth <= n; i += V::kWidth) {
-      VecFor<O>::store(lanes, V::load(g + i));
-      for (int k = 0; k < V::kWidth; ++k) acc[k] += double(lanes[k]) * double(lanes[k]);
-    }
-  }
-  for (; i < n; ++i) {
-    const double x = static_cast<double>(to_opmath(g[i]));
-    acc[0] += x * x;
-  }
-  for (int width = V::kWidth / 2; width > 0; width /= 2) {  // a fixed tree order
-    for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
-  }
-  L.partial_sums[2 * c] = acc[0];
+  L.partial_sums[2 * c] = sum_of_squares(g, chunk.end - chunk.begin);
   L.partial_sums[2 * c + 1] = 0.0;
 }
 
@@ -435,14 +422,8 @@ ONEPASS_INLINE void fadam_norms_chunk(const cpu::FAdamLaunch& L, int64_t c) {
     gn_sq[0] += double(gn) * double(gn);
     wn_sq[0] += double(wn) * double(wn);
   }
-  for (int width = V::kWidth / 2; width > 0; width /= 2) {  // a fixed tree order
-    for (int k = 0; k < width; ++k) {
-      gn_sq[k] += gn_sq[k + width];
-      wn_sq[k] += wn_sq[k + width];
-    }
-  }
-  L.partial_sums[2 * c] = gn_sq[0];
-  L.partial_sums[2 * c + 1] = wn_sq[0];
+  L.partial_sums[2 * c] = tree_sum<V::kWidth>(gn_sq);
+  L.partial_sums[2 * c + 1] = tree_sum<V::kWidth>(wn_sq);
 }
 
 // Pass 3 of chunk c, vectorised (the update's math is elementwise; F^p is a SIMD sqrt for the

@@ -456,10 +456,9 @@ class Engine:
         # Every group's plan first, stored only once all are built: a group that cannot be
         # (a refused state_dtype, say) leaves the others' buckets as they were.
         groups = self.optimizer.param_groups
-        plans = [self._plan(index, group) for index, group in enumerate(groups)]
-        self.plans = list(plans)
+        self.plans = plans = [self._plan(index, group) for index, group in enumerate(groups)]
         for plan in plans:
-            plan.commit(self.optimizer.state)
+            plan.commit(state)
         work: list[tuple[dict[str, Any], Bucket | FlatBucket, list[torch.Tensor | None] | None]]
         work = []
         for plan, group in zip(plans, groups, strict=True):
@@ -468,37 +467,27 @@ class Engine:
                 flat = bucket.flat_step()
                 grads = None if flat is None else flat.grads
                 work.append((launch_group, bucket if flat is None else flat, grads))
-        # Everything is checked before anything is written: a refused step changes nothing. One
-        # native launch checks its own arguments before writing (and we name the culprit if it
-        # refuses); with several launches, or the reference / Triton backends, check them all
-        # here first. A native op reads the grads itself (grads=None: no Python list of every
-        # p.grad, which costs ~0.5 ms a step on 4,000 params) where it checks them itself, or
-        # where the native check of every bucket (reading them too) has passed.
+        # Everything is checked before anything is written: a refused step changes nothing. The
+        # first launch, if it is one native op, checks its own arguments before it writes (and
+        # we name the culprit if it refuses); every later one, and the reference / Triton
+        # backends, are checked here first. A native op reads the grads itself (grads=None: no
+        # Python list of every p.grad, which costs ~0.5 ms a step on 4,000 params) where it
+        # checks them itself, or where the native check here (reading them too) has passed.
         native = all(bucket.backend in ("cpu", "cuda") for _, bucket, _ in work)
-        # Only an algorithm whose native launch is one op checks itself before writing (Muon's
-        # momentum pass writes before its update pass reads the params).
-        checked_natively = (
-            len(work) == 1 and native and self.spec.for_group(work[0][0]).native_grads
-        )
         compiling = torch.compiler.is_compiling()
         for i, (group, bucket, grads) in enumerate(work):
-            if grads is not None:
+            # Only an algorithm whose native launch is one op checks itself before writing
+            # (Muon's momentum pass writes before its update pass reads the params).
+            one_op = native and self.spec.for_group(group).native_grads
+            if grads is None and one_op and not compiling and (i == 0 or _native_check(bucket)):
                 continue
-            if (
-                native
-                and not compiling
-                and self.spec.for_group(group).native_grads
-                and (checked_natively or _natively_checked(bucket))
-            ):
-                continue
-            work[i] = (group, bucket, _grads_of(bucket))
-        if not checked_natively:
-            for _, bucket, grads in work:
-                if grads is not None:  # None: checked natively above
-                    _check_grads(bucket, grads)
-        if len(work) > 1:  # a native op checks its lr only when its turn comes
-            for group, bucket, _ in work:
-                _check_native_lr(group, bucket)
+            if grads is None:
+                grads = _grads_of(bucket)
+                work[i] = (group, bucket, grads)
+            if i > 0 or not one_op:
+                _check_grads(bucket, grads)
+        for group, bucket, _ in work[1:]:  # a native op checks its lr when its turn comes
+            _check_native_lr(group, bucket)
         for group, bucket, grads in work:
             spec = self.spec.for_group(group)
             launch: Callable[..., None] = spec.launchers[bucket.backend]
@@ -699,27 +688,23 @@ def _adopt_state(engine: Engine, bucket: Bucket, spec: AlgorithmSpec) -> None:
         bucket.uniform_steps = bool((bucket.step == bucket.step[0]).all())
 
 
-def _natively_checked(bucket: Bucket) -> bool:
-    """The pre-launch check of a native bucket's own grads (one of several launches), read
-    natively; False sends them to _check_grads, which explains a refusal."""
-    if not _ops.grads_match(bucket.params, None, bucket.shape_table):
+def _native_check(
+    bucket: Bucket | FlatBucket, grads: list[torch.Tensor | None] | None = None
+) -> bool:
+    """The engine's grad check, natively: _ops.grads_match over ``grads`` (None: each param's
+    own .grad), and the first grad's dtype one the bucket takes. False where it is not built or
+    refuses: _check_grads's Python loop then names the culprit."""
+    if not _ops.grads_match(bucket.params, grads, bucket.shape_table):
         return False
-    first = next((p.grad for p in bucket.params if p.grad is not None), None)
+    present = (p.grad for p in bucket.params) if grads is None else iter(grads)
+    first = next((g for g in present if g is not None), None)
     return first is None or first.dtype in grad_dtypes(bucket.dtype)
 
 
-#: From this many params a bucket's grads are checked natively first (_ops.grads_match).
-NATIVE_CHECK_PARAMS = 64
-
-
 def _check_grads(bucket: Bucket | FlatBucket, grads: list[torch.Tensor | None]) -> None:
-    dtype = next((g.dtype for g in grads if g is not None), bucket.dtype)  # one per launch
-    if (
-        len(grads) >= NATIVE_CHECK_PARAMS
-        and dtype in grad_dtypes(bucket.dtype)
-        and _ops.grads_match(bucket.params, grads, bucket.shape_table)
-    ):
+    if _native_check(bucket, grads):
         return
+    dtype = next((g.dtype for g in grads if g is not None), bucket.dtype)  # one per launch
     device, shapes = bucket.device, bucket.shapes
     for i, g in enumerate(grads):
         if g is None:
