@@ -522,9 +522,11 @@ def interleave(
     return times, host
 
 
-def _make_params(
+def make_params(
     shapes: ShapeList, device: torch.device, dtype: torch.dtype, like: list[torch.Tensor] | None
 ) -> list[torch.Tensor]:
+    """Leaf params of the shape list, each allocated on its own as a model's are: N(0, 0.02), or
+    copies of ``like`` (so that every candidate steps the same values)."""
     params = []
     for i, shape in enumerate(shapes.shapes):
         p = torch.empty(shape, device=device, dtype=dtype)
@@ -536,7 +538,7 @@ def _make_params(
     return params
 
 
-def _attach_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+def attach_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
     """Grads as views into one flat buffer (as DDP's gradient buckets lay them out)."""
     offset = 0
     for p in params:
@@ -568,7 +570,7 @@ def _build_and_time(
     tasks: dict[str, Callable[[], object]] = {}
     params_of: dict[str, list[torch.Tensor]] = {}
     for cand in cands:
-        params = _make_params(shapes, device, dtype, first_params)
+        params = make_params(shapes, device, dtype, first_params)
         if first_params is None:
             first_params = params
         if grads_flat is None:
@@ -576,7 +578,7 @@ def _build_and_time(
             flat = grads_flat
         else:
             flat = grads_flat if share_grads else grads_flat.clone()
-        _attach_grads(params, flat)
+        attach_grads(params, flat)
         tasks[cand.name] = cand.make(params).step
         params_of[cand.name] = params
     assert grads_flat is not None

@@ -22,16 +22,16 @@ from collections.abc import Callable, Sequence
 import torch
 
 import onepass
-from bench.core import load_shape_list, shape_list_names
+from bench.core import attach_grads, load_shape_list, make_params, shape_list_names
 
 SYNC_EVERY = 8
 
 
 def _params(name: str, device: torch.device) -> list[torch.Tensor]:
-    shapes = load_shape_list(name)
-    params = [torch.randn(s, device=device).requires_grad_() for s in shapes.shapes]
-    for p in params:
-        p.grad = torch.randn_like(p)
+    """The shape list's params with grads as views of one flat buffer, as the main bench has."""
+    params = make_params(load_shape_list(name), device, torch.float32, like=None)
+    with torch.no_grad():
+        attach_grads(params, torch.randn(sum(p.numel() for p in params), device=device))
     return params
 
 
