@@ -61,7 +61,8 @@ def _straight_fadam(
             t = state["step"] + 1
             b2t = b2 * (1 - b2 ** (t - 1)) / (1 - b2**t)
             fim = [b2t * f + (1 - b2t) * x * x for f, x in zip(state["F"], g, strict=True)]
-            eps_t = eps * min(1.0, _rms(g))
+            rms_g = _rms(g)
+            eps_t = eps * (min(1.0, rms_g) if rms_g > 0 else 1.0)  # all zeros: eps, no 0 / 0
             den = [f**power + eps_t for f in fim]
             gn = [x / d for x, d in zip(g, den, strict=True)]
             gn_div = max(1.0, _rms(gn) / clip)
@@ -120,6 +121,36 @@ def test_matches_the_rule_in_float64(backend: Any, config: dict[str, Any]) -> No
         torch.testing.assert_close(state["fim"], as_tensor(expected["F"], p), **tight)
         torch.testing.assert_close(state["momentum"], as_tensor(expected["m"], p), **tight)
     assert float(optimizer.state[params[late]]["step"]) == expected_states[late]["step"] < STEPS
+
+
+@pytest.mark.parametrize("backend", all_backends(), ids=lambda b: b.id)
+def test_an_all_zero_grad_steps_with_eps(backend: Any) -> None:
+    """An all-zero grad (an unused param after zero_grad(set_to_none=False)) takes eps_t = eps:
+    the rule's eps * RMS(g) = 0 would give den = 0 where F = 0, and 0 / 0 a NaN tensor. Zeros on
+    a tensor's first step (F = 0 everywhere) and later, where some of F is still 0."""
+    skip_unless_implemented(INFO, backend.name)
+    if backend.capability is not None:
+        onepass.set_cpu_capability(backend.capability)
+    torch.manual_seed(0)
+    params = [torch.randn(n, dtype=torch.float64).requires_grad_() for n in (7, 257)]
+    partly = torch.randn(257, dtype=torch.float64)
+    partly[::3] = 0.0  # these elements' F stays 0 until a later nonzero grad
+    grads_per_step: list[list[torch.Tensor | None]] = [
+        [torch.zeros(7, dtype=torch.float64), partly],
+        [torch.randn(7, dtype=torch.float64), torch.zeros(257, dtype=torch.float64)],
+        [torch.zeros(7, dtype=torch.float64), torch.randn(257, dtype=torch.float64)],
+    ]
+    lr = 3e-2
+    expected, _ = _straight_fadam(params, grads_per_step, lr, {})
+    optimizer = onepass.FAdam(params, lr=lr, backend=backend.name)
+    for grads in grads_per_step:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        optimizer.step()
+    for i, p in enumerate(params):
+        assert torch.isfinite(p).all() and torch.isfinite(optimizer.state[p]["momentum"]).all()
+        want = torch.tensor(expected[i], dtype=torch.float64)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-14)
 
 
 def test_clipping_is_active_in_the_tests() -> None:

@@ -2,7 +2,7 @@
 
 1. ``fadam_reduce_kernel``, one program per chunk: the chunk's sum of raw g^2 in float64 to a
    scratch slot; the last program of a tensor (the per-segment atomic counter, reset after use)
-   sums its tensor's slots in chunk order (deterministic) and stores eps_t = eps * min(1, RMS(g)).
+   sums its tensor's slots in chunk order (deterministic) and stores eps_t = eps * min(1, RMS(g)) (eps for an all-zero grad).
 2. ``fadam_norms_kernel``, one program per chunk: with the tensor's new den (F read, not written)
    the chunk's sums of gn^2 and wn^2; the tensor's last program stores the two clip divisors
    max(1, RMS / clip).
@@ -123,7 +123,9 @@ def fadam_reduce_kernel(
             total = sum_partials(partial_ptr, first_chunk, programs, 2, BLOCK)
             grad_scale = _grad_scale(grad_scale_ptr, grad_sign_bits, HAS_GRAD_SCALE)
             rms = tl.sqrt(total * (grad_scale * grad_scale) / numel.to(tl.float64))
-            tl.store(scalars_ptr + 3 * row, _f64(eps_bits) * tl.minimum(rms, 1.0))
+            # math.h fadam_eps_t: eps for an all-zero grad (F = 0 there would give 0 / 0)
+            eps_scale = tl.where(rms > 0.0, tl.minimum(rms, 1.0), 1.0)
+            tl.store(scalars_ptr + 3 * row, _f64(eps_bits) * eps_scale)
 
 
 @triton.jit(do_not_specialize=["beta2_bits", "power_bits", "clip_bits", "grad_sign_bits"])

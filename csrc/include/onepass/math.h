@@ -325,12 +325,13 @@ ONEPASS_HD ONEPASS_INLINE double fadam_clip_divisor(double sum_sq, int64_t numel
   return op_max(1.0, rms / clip);
 }
 
-// eps * min(1, RMS(g)), from the raw grad's sum of squares and the grad scale.
+// eps * min(1, RMS(g)), from the raw grad's sum of squares and the grad scale; eps where the
+// grad is all zeros (the rule's 0 would make den = 0 where F = 0, and 0 / 0 a NaN tensor).
 ONEPASS_HD ONEPASS_INLINE double fadam_eps_t(double raw_sum_sq, int64_t numel,
                                              const FAdamHyper& h) {
   const double sum_sq = raw_sum_sq * (h.grad_scale * h.grad_scale);
   const double rms = numel > 0 ? sqrt(sum_sq / double(numel)) : 0.0;
-  return h.eps * (rms < 1.0 ? rms : 1.0);
+  return h.eps * (rms > 0.0 && rms < 1.0 ? rms : 1.0);
 }
 
 ONEPASS_HD ONEPASS_INLINE float op_pow(float x, float y) { return powf(x, y); }

@@ -6,7 +6,7 @@ advance) and g the unscaled, maximize-signed gradient; RMS(x) = sqrt(mean(x^2)) 
 
     b2t = b2 * (1 - b2^(t-1)) / (1 - b2^t)           # 0 at t = 1: F = g^2
     F = b2t * F + (1 - b2t) * g^2                      # fim
-    eps_t = eps * min(1, RMS(g))
+    eps_t = eps * min(1, RMS(g))                       # eps if g is all zeros
     den = F^p + eps_t
     gn = g / den;  gn /= max(1, RMS(gn) / clip)
     m = b1 * m + (1 - b1) * gn                         # momentum
@@ -110,7 +110,8 @@ def fadam_reference(
     if s.maximize:
         g = -g
     n = g.numel()
-    eps_t = s.eps * min(1.0, rms_from_sum(float(g.to(torch.float64).square().sum()), n))
+    rms_g = rms_from_sum(float(g.to(torch.float64).square().sum()), n)
+    eps_t = s.eps * (min(1.0, rms_g) if rms_g > 0.0 else 1.0)  # all zeros: eps (no 0 / 0)
     b2t = s.beta2_t(step)
     f = b2t * fim.to(opmath) + (1.0 - b2t) * g * g
     den = f.pow(s.p) + eps_t

@@ -26,7 +26,7 @@ class FAdam(FusedOptimizer):
         g = -g if maximize else g
         b2t = b2 * (1 - b2 ** (t - 1)) / (1 - b2 ** t)      # 0 at t = 1: F = g ** 2
         F = b2t * F + (1 - b2t) * g ** 2                     # fim
-        eps_t = eps * min(1, RMS(g))
+        eps_t = eps * min(1, RMS(g))                         # eps if g is all zeros
         den = F ** p + eps_t
         gn = g / den;        gn = gn / max(1, RMS(gn) / clip)
         m = b1 * m + (1 - b1) * gn                           # momentum
@@ -44,7 +44,10 @@ class FAdam(FusedOptimizer):
     updates UP when clip > 1 and RMS <= 1) instead of ``max(1, RMS / clip)``; it initializes F to
     ones and rebinds ``fim`` without storing it, so its stored F stays at ones and each step uses
     ``b2t * 1 + (1 - b2t) * g^2``; defaults eps=1e-7, weight_decay=0.01. onepass follows the
-    paper. An empty tensor has RMS 0 (nothing to update). ``maximize``, GradScaler (grads
+    paper. An all-zero grad takes eps_t = eps: the rule's eps_t = 0 makes den = 0 wherever F is
+    0 too (a param the forward pass did not use, after ``zero_grad(set_to_none=False)``), and
+    0 / 0 would turn the whole tensor to NaN (pytorch-optimizer guards the same case). An empty
+    tensor has RMS 0 (nothing to update). ``maximize``, GradScaler (grads
     unscaled before every reduction; an inf/nan skips the
     whole step, step counts included) and ``backend``/``flatten`` are onepass additions
     (``flatten=True`` keeps the params in one buffer, but the step stays per tensor).
