@@ -2,7 +2,8 @@
 
 1. ``fadam_reduce_kernel``, one program per chunk: the chunk's sum of raw g^2 in float64 to a
    scratch slot; the last program of a tensor (the per-segment atomic counter, reset after use)
-   sums its tensor's slots in chunk order (deterministic) and stores eps_t = eps * min(1, RMS(g)) (eps for an all-zero grad).
+   sums its tensor's slots in chunk order (deterministic) and stores eps_t = eps * min(1, RMS(g))
+   (eps for an all-zero grad).
 2. ``fadam_norms_kernel``, one program per chunk: with the tensor's new den (F read, not written)
    the chunk's sums of gn^2 and wn^2; the tensor's last program stores the two clip divisors
    max(1, RMS / clip).
