@@ -878,6 +878,17 @@ bool grads_are(const pybind11::list& params, const at::Tensor& impls, int64_t st
   return std::find(found.begin(), found.end(), 0) == found.end();
 }
 
+// Whether two lists hold the same objects in the same order, by identity (a param's __eq__ is
+// elementwise): the engine's test that a group's params are still the ones it planned for.
+bool same_objects(const pybind11::list& a, const pybind11::list& b) {
+  const Py_ssize_t n = PyList_GET_SIZE(a.ptr());
+  if (PyList_GET_SIZE(b.ptr()) != n) return false;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (PyList_GET_ITEM(a.ptr(), i) != PyList_GET_ITEM(b.ptr(), i)) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -893,6 +904,8 @@ PYBIND11_MODULE(_C, m) {
         "whether every params[i].grad is the TensorImpl at impls[i] (and, for a storage "
         "address other than 0, every param's storage starts there)",
         pybind11::arg("params"), pybind11::arg("impls"), pybind11::arg("storage") = 0);
+  m.def("same_objects", &same_objects,
+        "whether two lists hold the same objects in the same order (identity)");
   m.def("grads_match", &grads_match,
         "whether every present grad can be stepped as it is (else check in Python)");
   m.def("launch_key", &launch_key,

@@ -147,6 +147,26 @@ def test_add_param_group_after_steps(
     assert_same_as_torch(ours, expected, params, theirs)
 
 
+@pytest.mark.parametrize("how", ["item", "whole-list"])
+def test_a_param_replaced_in_the_group_is_stepped(how: str, backend_name: str) -> None:
+    """A layer swapped for a new one of the same shape (group['params'][i] = new, or the whole
+    list reassigned at the same length) after some steps: the new param is stepped from fresh
+    state, as torch.optim does (which also keeps the old param's state)."""
+    params = make_params(F64)
+    theirs = clone_params(params)
+    ours = onepass.AdamW(params, lr=1e-2, backend=backend_name)
+    expected = torch.optim.AdamW(theirs, lr=1e-2)
+    step_both(ours, expected, params, theirs, range(1, 4))
+    for plist, opt in ((params, ours), (theirs, expected)):
+        plist[0] = torch.randn(plist[0].shape, dtype=F64).requires_grad_()
+        if how == "item":
+            opt.param_groups[0]["params"][0] = plist[0]
+        else:
+            opt.param_groups[0]["params"] = list(plist)
+    step_both(ours, expected, params, theirs, range(4, 8))
+    assert_same_as_torch(ours, expected, params, theirs)
+
+
 def test_frozen_param_unfrozen_later(backend_name: str) -> None:
     """A param with no grad for 3 steps gets one: the others keep their state, it starts at 1."""
     params = make_params(F64)

@@ -651,7 +651,8 @@ class _GroupPlan:
             or any(
                 b.params[0].dtype != b.dtype or b.params[0].device != b.device for b in self.buckets
             )
-            or len(group["params"]) != len(self.params)
+            # a param replaced in the list (same length included): the new one needs a bucket
+            or not _ops.same_objects(group["params"], self.params)
             or any(p.grad is not None for p in self.outside)
         )
 

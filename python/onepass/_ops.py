@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -82,6 +84,19 @@ def grads_are(params: list[torch.Tensor], impls: torch.Tensor, storage: int = 0)
         return False
     grads = [p.grad for p in params]
     return all(g is not None and g._cdata == i for g, i in zip(grads, impls.tolist(), strict=True))
+
+
+def same_objects(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Whether ``a`` and ``b`` hold the same objects in the same order, by identity (a tensor's
+    ``==`` is elementwise): natively for two lists (4,000 params in a few us, ~60 us in Python)."""
+    if (
+        NATIVE_ERROR is None
+        and type(a) is list
+        and type(b) is list
+        and not torch.compiler.is_compiling()
+    ):
+        return bool(_C.same_objects(a, b))
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 def grads_match(
