@@ -527,6 +527,36 @@ def test_state_dict_round_trip_keeps_onepass_options(backend_name: str) -> None:
     assert_same_as_torch(target, ours, target_params, params)
 
 
+def test_load_state_dict_pre_hooks_run_before_the_check(backend_name: str) -> None:
+    """A pre-hook that upgrades an old checkpoint (a renamed slot) runs before onepass checks
+    the state_dict, as torch.optim runs it before using it; the result continues like torch."""
+
+    def upgrade(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        renamed = {"m": "exp_avg"}
+        state = {
+            k: {renamed.get(key, key): v for key, v in entry.items()}
+            for k, entry in state_dict["state"].items()
+        }
+        return {**state_dict, "state": state}
+
+    params = make_params(F64)
+    source = torch.optim.AdamW(params, lr=1e-2)
+    for s in range(1, 3):
+        set_grads(params, make_grads(params, s))
+        source.step()
+    old = source.state_dict()
+    old["state"] = {
+        k: {("m" if key == "exp_avg" else key): v for key, v in entry.items()}
+        for k, entry in old["state"].items()
+    }
+    target_params = clone_params(params)
+    target = onepass.AdamW(target_params, lr=1e-2, backend=backend_name)
+    target.register_load_state_dict_pre_hook(upgrade)
+    target.load_state_dict(old)
+    step_both(target, source, target_params, params, range(3, 6))
+    assert_same_as_torch(target, source, target_params, params)
+
+
 def test_only_empty_tensors(backend_name: str) -> None:
     """A bucket whose every tensor has zero elements: legal, only the step counts advance."""
     params = [torch.randn(0, dtype=F64).requires_grad_(), torch.randn(0, 3, dtype=F64)]

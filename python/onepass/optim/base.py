@@ -374,15 +374,26 @@ class FusedOptimizer(Optimizer):
         """Loads a state_dict of this class or of the torch.optim class it replaces.
 
         Everything is checked first; a refused state_dict leaves the optimizer untouched.
+        The check runs as the last load_state_dict pre-hook, so it sees the state_dict as the
+        user's pre-hooks left it (one that upgrades an old checkpoint), as torch loads it.
         """
-        self._check_state_dict(state_dict)
+        loaded: list[dict[str, Any]] = []
+
+        def check(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+            self._check_state_dict(state_dict)
+            loaded.append(state_dict)
+
         # How state is stored is this optimizer's choice, not the checkpoint's: a checkpoint
         # without master weights loads into a run with them and the reverse.
         storage = [{key: g.get(key) for key in STORAGE_KEYS} for g in self.param_groups]
-        super().load_state_dict(state_dict)
+        handle = self.register_load_state_dict_pre_hook(check)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
         for group, kept in zip(self.param_groups, storage, strict=True):
             group.update(kept)
-        self._restore_saved_precision(state_dict)
+        self._restore_saved_precision(loaded[0])
         self._engine.invalidate()
 
     def _restore_saved_precision(self, state_dict: Mapping[str, Any]) -> None:
