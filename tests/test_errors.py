@@ -103,6 +103,34 @@ def test_add_param_group_refuses_bad_hyperparameters(
     assert_unchanged(optimizer, before)
 
 
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "name"),
+    [
+        pytest.param(onepass.AdamW, {"lr": "1e-3"}, "lr", id="AdamW-lr"),
+        pytest.param(onepass.Adam, {"betas": ("0.9", 0.999)}, "betas", id="Adam-betas"),
+        pytest.param(onepass.SGD, {"momentum": None}, "momentum", id="SGD-momentum"),
+        pytest.param(onepass.Lion, {"weight_decay": "0.1"}, "weight_decay", id="Lion-wd"),
+        pytest.param(onepass.Muon, {"adamw_eps": "1e-8"}, "adamw_eps", id="Muon-adamw_eps"),
+    ],
+)
+def test_a_hyperparameter_that_is_not_a_number_is_refused(
+    cls: type[onepass.FusedOptimizer], kwargs: dict[str, Any], name: str
+) -> None:
+    """A string hyperparameter (PyYAML reads ``lr: 1e-3`` as one) is a TypeError naming it, in
+    the constructor and in a later group (torch.optim raises TypeError comparing it), never a
+    failure halfway through a step."""
+    p = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(TypeError, match=rf"^onepass: {name} must be"):
+        cls([p], **kwargs)
+    optimizer, _ = _stepped(cls)
+    before = snapshot(optimizer)
+    groups = len(optimizer.param_groups)
+    with pytest.raises(TypeError, match=rf"^onepass: {name} must be"):
+        optimizer.add_param_group({"params": [torch.randn(3, requires_grad=True)], **kwargs})
+    assert len(optimizer.param_groups) == groups
+    assert_unchanged(optimizer, before)
+
+
 def _triton_runs_here() -> bool:
     try:
         import triton  # noqa: F401

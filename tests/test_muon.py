@@ -395,9 +395,15 @@ def test_rejects_bad_hyperparameters() -> None:
         ({"ns_coefficients": (1.0, 2.0)}, "exactly 3 values"),
         ({"ns_dtype": torch.float16}, "ns_dtype"),
         ({"ns_method": "svd"}, "ns_method"),
+        # named as such, even with no param for AdamW yet (a bias group may come later)
+        ({"adamw_betas": (1.5, 0.9)}, "Invalid adamw_betas parameter at index 0"),
+        ({"adamw_betas": (0.9, -1.0)}, "Invalid adamw_betas parameter at index 1"),
+        ({"adamw_eps": -1.0}, "Invalid adamw_eps value"),
     ]:
         with pytest.raises(ValueError, match=message):
             onepass.Muon([p], **kwargs)
+        with pytest.raises(ValueError, match=message):
+            onepass.Muon([p, torch.zeros(3, requires_grad=True)], **kwargs)
 
 
 def test_a_split_group_gets_its_own_tensor_lr() -> None:

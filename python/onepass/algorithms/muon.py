@@ -498,7 +498,21 @@ def _group_spec(group: Group) -> AlgorithmSpec:
     return MUON_MATRICES if group["use_muon"] else ADAM
 
 
+def _check_adamw_keys(group: Group) -> None:
+    """adamw_betas and adamw_eps, named as such (an AdamW group checks them again as betas and
+    eps), in every group: an optimizer of matrices only takes a bias group later."""
+    betas, eps = group.get("adamw_betas", (0.9, 0.95)), group.get("adamw_eps", 1e-8)
+    if len(betas) != 2:
+        raise ValueError(f"adamw_betas must be a pair, not {betas}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= scalar(beta) < 1.0:
+            raise ValueError(f"Invalid adamw_betas parameter at index {i}: {beta}")
+    if not scalar(eps) >= 0.0:
+        raise ValueError(f"Invalid adamw_eps value: {eps}")
+
+
 def _check_any_group(group: Group) -> None:
+    _check_adamw_keys(group)
     _group_spec(group).check_group(group)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, TypedDict
 
@@ -23,6 +24,42 @@ SR_SEED_MODULUS = 2**31 - 1
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 #: Group keys that say how state is stored; load_state_dict keeps the optimizer's own.
 STORAGE_KEYS = ("master_weights", "state_dtype")
+
+#: Hyperparameters that are a number (a float or a one-element tensor) or a tuple of numbers:
+#: _check_numbers refuses anything else (PyYAML reads ``lr: 1e-3`` as a string). Muon's
+#: adamw_* first: its AdamW groups carry them as betas / eps too, and the error names them.
+NUMBER_KEYS = {
+    "adamw_eps": False,
+    "adamw_betas": True,
+    "lr": False,
+    "eps": False,
+    "weight_decay": False,
+    "momentum": False,
+    "dampening": False,
+    "clip": False,
+    "p": False,
+    "ns_steps": False,
+    "betas": True,
+    "ns_coefficients": True,
+}
+
+
+def _check_numbers(group: Mapping[str, Any]) -> None:
+    """TypeError, naming the hyperparameter, for one that is not a number: float() would take
+    the string '1e-3' and a step would fail later (torch.optim raises TypeError as it compares
+    it)."""
+
+    def is_number(x: Any) -> bool:
+        return isinstance(x, torch.Tensor | numbers.Real)
+
+    for key, is_tuple in NUMBER_KEYS.items():
+        if key not in group:
+            continue
+        value = group[key]
+        if not is_tuple and not is_number(value):
+            raise TypeError(f"onepass: {key} must be a number, not {value!r}")
+        if is_tuple and not (isinstance(value, tuple | list) and all(map(is_number, value))):
+            raise TypeError(f"onepass: {key} must be a tuple of numbers, not {value!r}")
 
 
 class Options(TypedDict, total=False):
@@ -130,6 +167,7 @@ class FusedOptimizer(Optimizer):
             # Fail now, not at the first step, when the backend does not exist in this build.
             device = torch.device("cpu" if defaults["backend"] == "cpu" else "cuda")
             resolve_backend(defaults["backend"], device)
+        _check_numbers(defaults)
         self.spec.check_group(defaults)
         super().__init__(params, defaults)
         self._engine = Engine(self, self.spec)
@@ -157,6 +195,7 @@ class FusedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            _check_numbers(group)
             self.spec.check_group(group)
             if group.get("stochastic_rounding") and group.get("capturable"):
                 raise ValueError(
@@ -175,7 +214,7 @@ class FusedOptimizer(Optimizer):
                         "complex, which onepass does not support; optimise "
                         "torch.view_as_real(p) instead"
                     )
-        except ValueError:
+        except (ValueError, TypeError):
             self.param_groups.pop()
             raise
         if group["decay"] == "independent":
