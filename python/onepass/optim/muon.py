@@ -20,7 +20,9 @@ class Muon(FusedOptimizer):
     r"""Muon, MomentUm Orthogonalized by Newton-Schulz (Jordan et al., 2024), with the decoupled
     decay and update scaling of Moonlight (Liu et al., 2025, "Muon is scalable for LLM training").
 
-    The arguments, defaults and results of ``torch.optim.Muon`` for 2-D params, whose
+    The arguments and defaults of ``torch.optim.Muon`` for 2-D params, and its results with
+    ``ns_method="standard", ns_dtype=torch.bfloat16`` (the defaults, ``"gram"`` and an
+    ``ns_dtype`` chosen per device, run the same iteration with other roundings: see below);
     checkpoints load both ways (state ``momentum_buffer``). For each matrix with a gradient::
 
         buf = lerp(buf, g, 1 - momentum)
