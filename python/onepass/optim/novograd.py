@@ -42,9 +42,9 @@ class NovoGrad(FusedOptimizer):
     averages when it starts, not later); the first step's ``exp_avg`` is ``u`` itself, as in the
     paper, also with ``grad_averaging=True`` (torch-optimizer starts it from 0 and adds
     ``(1 - b1) * u``, so its first ``exp_avg`` is ``(1 - b1) * u`` there); ``maximize``,
-    GradScaler and ``backend``/``flatten`` are onepass additions (``flatten=True`` keeps the params in one buffer, but the step is per
-    tensor, since the second moment is). Math in float32 for bf16/fp16 (float64 for float64),
-    the sums of squares in float64 for every dtype.
+    GradScaler and ``backend``/``flatten`` are onepass additions (``flatten=True`` keeps the
+    params in one buffer, but the step is per tensor, since the second moment is). Math in
+    float32 for bf16/fp16 (float64 for float64), the sums of squares in float64 for every dtype.
     """
 
     spec = NOVOGRAD
