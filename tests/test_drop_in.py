@@ -167,6 +167,38 @@ def test_a_param_replaced_in_the_group_is_stepped(how: str, backend_name: str) -
     assert_same_as_torch(ours, expected, params, theirs)
 
 
+@pytest.mark.parametrize(
+    ("info", "key", "values"),
+    [
+        pytest.param(SGD_INFO, "momentum", [0.9, 0.0, 0.0, 0.9, 0.9], id="SGD-momentum"),
+        # (torch.optim.Adam raises KeyError here for the params whose first step came with
+        # amsgrad off; onepass starts their max at 0: compared while amsgrad stays off)
+        pytest.param(ADAM_INFO, "amsgrad", [True, False, False], id="Adam-amsgrad"),
+    ],
+)
+def test_a_slot_switched_off_is_kept_for_later(
+    info: OptimizerInfo, key: str, values: list[Any], backend_name: str
+) -> None:
+    """Momentum set to 0 (or amsgrad off) for some steps and back: torch.optim keeps the
+    momentum buffer (max_exp_avg_sq) meanwhile and resumes from it; so does onepass, and its
+    state_dict carries it meanwhile, loadable by either class."""
+    params = make_params(F64)
+    theirs = clone_params(params)
+    ours = info.onepass_cls(params, lr=1e-2, backend=backend_name)
+    assert info.torch_cls is not None
+    expected = info.torch_cls(theirs, lr=1e-2)
+    for s, value in enumerate(values, start=1):
+        ours.param_groups[0][key] = expected.param_groups[0][key] = value
+        step_both(ours, expected, params, theirs, range(s, s + 1))
+        assert_same_as_torch(ours, expected, params, theirs)
+        if s == 3:  # switched off: the kept slot round-trips through both classes
+            saved = ours.state_dict()
+            again = info.onepass_cls(clone_params(params), lr=1e-2, backend=backend_name)
+            again.load_state_dict(saved)
+            info.torch_cls(clone_params(theirs), lr=1e-2).load_state_dict(saved)
+            assert again.state_dict()["state"].keys() == saved["state"].keys()
+
+
 def test_frozen_param_unfrozen_later(backend_name: str) -> None:
     """A param with no grad for 3 steps gets one: the others keep their state, it starts at 1."""
     params = make_params(F64)

@@ -683,6 +683,12 @@ def _adopt_state(engine: Engine, bucket: Bucket, spec: AlgorithmSpec) -> None:
         if spec.step_in_state:
             new_entry["step"] = bucket.step[i]
         new_entry.update(views)
+        # What the bucket does not step stays, as torch.optim keeps it: a momentum buffer while
+        # momentum is 0 (it resumes from it), max_exp_avg_sq while amsgrad is off, user keys.
+        # Not an fp32 master once master weights are off: the param moves on without it.
+        for key, value in entry.items():
+            if key != MASTER:
+                new_entry.setdefault(key, value)
         bucket.adopted.append((p, new_entry))  # into optimizer.state at commit()
         bucket.exposed[i] = True
     if len(bucket.params) > 1:
