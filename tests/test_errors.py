@@ -131,6 +131,21 @@ def test_a_hyperparameter_that_is_not_a_number_is_refused(
     assert_unchanged(optimizer, before)
 
 
+def test_a_param_listed_twice_in_a_group_is_refused() -> None:
+    """torch.optim steps a param listed twice in one group twice a step over one state, and
+    warns that this will be an error; onepass's buckets would give it two states: refused."""
+    p = torch.randn(3, requires_grad=True)
+    twice = r"lists one param twice \(at 0 and 2\)"
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match=twice):
+        onepass.AdamW([p, torch.randn(2, requires_grad=True), p])
+    optimizer, _ = _stepped()
+    before = snapshot(optimizer)
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="twice"):
+        optimizer.add_param_group({"params": [p, p]})
+    assert len(optimizer.param_groups) == 2
+    assert_unchanged(optimizer, before)
+
+
 def _triton_runs_here() -> bool:
     try:
         import triton  # noqa: F401

@@ -207,7 +207,16 @@ class FusedOptimizer(Optimizer):
                     f"onepass: state_dtype={group['state_dtype']!r}; one of None, torch.float32, "
                     "torch.bfloat16"
                 )
+            seen: dict[int, int] = {}
             for j, p in enumerate(group["params"]):
+                first = seen.setdefault(id(p), j)
+                if first != j:
+                    raise ValueError(
+                        f"onepass: param_groups[{len(self.param_groups) - 1}]['params'] lists "
+                        f"one param twice (at {first} and {j}); torch.optim steps it twice a "
+                        "step over one state and warns that this will be an error: list each "
+                        "param once"
+                    )
                 if p.is_complex():
                     raise ValueError(
                         f"onepass: param_groups[{len(self.param_groups) - 1}]['params'][{j}] is "
