@@ -732,3 +732,28 @@ def test_negated_view_grad_is_staged() -> None:
     p.grad = torch._neg_view(-torch.arange(9.0, device=DEVICE))
     onepass.SGD([p], lr=0.1, backend="triton").step()
     torch.testing.assert_close(p.detach(), 1 - 0.1 * torch.arange(9.0, device=DEVICE))
+
+
+def test_fadam_all_zero_grad_takes_eps() -> None:
+    """An all-zero grad (F = 0 where it has never had a gradient) steps with eps_t = eps, as the
+    reference does (tests/test_fadam.py): finite, and the same values."""
+    torch.manual_seed(0)
+    partly = torch.randn(257, dtype=torch.float64)
+    partly[::3] = 0.0
+    grads = [
+        [torch.zeros(7, dtype=torch.float64), partly],
+        [torch.randn(7, dtype=torch.float64), torch.zeros(257, dtype=torch.float64)],
+    ]
+    start = [torch.randn(n, dtype=torch.float64) for n in (7, 257)]
+    results = []
+    for backend, device in (("triton", DEVICE), ("reference", torch.device("cpu"))):
+        params = [p.clone().to(device).requires_grad_() for p in start]
+        optimizer = onepass.FAdam(params, lr=3e-2, backend=backend)
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.to(device)
+            optimizer.step()
+        results.append([p.detach().cpu() for p in params])
+    for ours, expected in zip(*results, strict=True):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
