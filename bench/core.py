@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib
 import json
+import math
 import time
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -164,6 +165,14 @@ class Algorithm:
     steppers: tuple[Stepper, Stepper] | None = None
     #: bytes per element beyond the update pass's (the reads of a gradient norm, say)
     extra_bytes_per_element: int = 0
+    #: where torch's class stands in for another algorithm (NovoGrad, FAdam) or keeps other
+    #: state (fp32 moments): the param-sized arrays its step reads + writes, in the params'
+    #: dtype; its GB/s and share of the roofline count these, not the spec's bytes
+    torch_arrays_moved: int | None = None
+    #: param-sized arrays a later pass reads again (NovoGrad's grad; FAdam's grad twice, param
+    #: and F): counted by the spec's bytes model, but read from cache where the CPU kernels run
+    #: a tensor's passes back to back (every tensor one chunk, CPU_CHUNK_ELEMENTS)
+    rereads_in_cache: int = 0
     #: the params' dtype of this row whatever the run's --dtype (master weights: bfloat16)
     dtype: torch.dtype | None = None
 
@@ -210,6 +219,8 @@ ALGORITHMS: Mapping[str, Algorithm] = {
         peers=(
             ("pytorch-optimizer", "pytorch_optimizer:NovoGrad", {"lr": 1e-4, "weight_decay": 0.1}),
         ),
+        torch_arrays_moved=5,  # SGD with momentum: p, g, buf read; p, buf written
+        rereads_in_cache=1,  # the grad, by the update pass
     ),
     # FAdam keeps Adam's two param-sized slots; its peer is torch Adam (FAdam has no torch
     # class). It reads the grad three times and param / F twice (three passes: the bytes model).
@@ -222,6 +233,8 @@ ALGORITHMS: Mapping[str, Algorithm] = {
         peers=(
             ("pytorch-optimizer", "pytorch_optimizer:FAdam", {"lr": 1e-4, "weight_decay": 0.1}),
         ),
+        torch_arrays_moved=7,  # Adam: p, g, m, v read; p, m, v written
+        rereads_in_cache=4,  # the grad by passes 2 and 3, param and F by pass 3
     ),
     # The full step of AMP training: GradScaler unscale + global-norm clip + AdamW.
     "adamw-clip": Algorithm(
@@ -249,6 +262,7 @@ ALGORITHMS: Mapping[str, Algorithm] = {
         torch.optim.AdamW,
         {"lr": 1e-4},
         dtype=torch.float32,
+        torch_arrays_moved=7,  # its moments stay fp32
     ),
     # Muon's peer is torch.optim.Muon (no fused / foreach variants) on the matrices it steps.
     "muon": Algorithm(
@@ -343,9 +357,16 @@ def _stepping(make: Callable[[list[torch.Tensor]], Any], stepper: Stepper) -> Op
     return build
 
 
+#: Elements per unit of work of the CPU kernels (csrc/ops.cpp kChunkElements): where every tensor
+#: fits one, NovoGrad's and FAdam's passes run tensor by tensor, the later ones from cache.
+CPU_CHUNK_ELEMENTS = 1 << 15
+
+
 @dataclass(frozen=True)
 class BytesModel:
     bytes_per_element: int  # read + written per param element per step (the spec's model)
+    #: what torch's class moves where it differs (Algorithm.torch_arrays_moved), else None
+    torch_bytes_per_element: int | None
     state_slots: int
     #: param-sized arrays (in the params' dtype) as large as what a step touches: param, grad,
     #: state slots and masters, in their own dtypes. The roofline probes sweep a working set this
@@ -353,16 +374,27 @@ class BytesModel:
     arrays: int
 
 
-def bytes_model(algorithm: Algorithm, device: torch.device, dtype: torch.dtype) -> BytesModel:
+def bytes_model(
+    algorithm: Algorithm, device: torch.device, dtype: torch.dtype, shapes: ShapeList
+) -> BytesModel:
+    """The bytes a step of ``algorithm`` must move per element over ``shapes``: the spec's
+    model, less the re-reads that come from cache on the CPU when every tensor is one chunk."""
     probe = torch.zeros(1, 1, device=device, dtype=dtype, requires_grad=True)
     opt = algorithm.onepass_cls([probe], **algorithm.hyper, backend="reference")
     group = opt.param_groups[0]
     itemsize = probe.element_size()
-    slots = len(opt.spec.active_slots(group))
+    # param-sized slots (NovoGrad's second moment is one scalar per tensor)
+    slots = len([s for s in opt.spec.active_slots(group) if s not in opt.spec.scalar_slots])
     state, master = state_itemsize(group, itemsize)
     touched = 2 * itemsize + slots * state + master
+    moved = opt.spec.bytes_per_element(group, itemsize) + algorithm.extra_bytes_per_element
+    largest = max((math.prod(s) for s in shapes.shapes), default=0)
+    if device.type == "cpu" and largest <= CPU_CHUNK_ELEMENTS:
+        moved -= algorithm.rereads_in_cache * itemsize
+    torch_moved = algorithm.torch_arrays_moved
     return BytesModel(
-        opt.spec.bytes_per_element(group, itemsize) + algorithm.extra_bytes_per_element,
+        moved,
+        None if torch_moved is None else torch_moved * itemsize,
         slots,
         -(-touched // itemsize),
     )
@@ -388,16 +420,20 @@ def plan_memory(
 
     Each candidate owns its params and state (``state_slots`` param-sized arrays: the slots, and
     masters, in param-sized units); grads are per candidate when that fits, else one set is
-    shared (every candidate only reads them). Headroom: the roofline scratch buffer (param, grad
-    and state: 2 + state_slots arrays) and one param-sized temporary (torch's foreach and
-    for-loop steps allocate them).
+    shared (a candidate that writes them gets them back after each call). Headroom: the
+    roofline scratch buffer (param, grad and state: 2 + state_slots arrays), the pristine grads
+    and one param-sized temporary (torch's foreach and for-loop steps allocate them).
     """
-    own = n_candidates * (1 + state_slots) * tensor_bytes + (3 + state_slots) * tensor_bytes
+    own = n_candidates * (1 + state_slots) * tensor_bytes + (4 + state_slots) * tensor_bytes
     for share, grads in ((False, n_candidates), (True, 1)):
         need = own + grads * tensor_bytes
         if available is None or need <= 0.9 * available:
             return share, need
     return None
+
+
+#: What the sleep kernel adds to 1.5x the host time of a call (Timer).
+SLEEP_MARGIN_MS = 0.5
 
 
 class Timer:
@@ -450,7 +486,10 @@ class Timer:
         torch.cuda.synchronize(self.device)
         host_ms = self._wall_ms(fn)
         torch.cuda.synchronize(self.device)
-        torch.cuda._sleep(int((1.5 * host_ms + 0.05) * self._cycles_per_ms))
+        # The margin covers creating and recording the start event and the launch: a probe
+        # whose host time is ~20 us got 0.05 ms, and the GPU's idle wait after the sleep for
+        # the launch was timed as part of it (run 5's many-small rooflines: ~3x too slow).
+        torch.cuda._sleep(int((1.5 * host_ms + SLEEP_MARGIN_MS) * self._cycles_per_ms))
         device_ms = self._events(fn)
         return max(device_ms, host_ms), host_ms
 
@@ -486,12 +525,15 @@ def interleave(
     schedule: Schedule,
     timer: Timer,
     log: Callable[[str], None],
+    after: Mapping[str, Callable[[], object]] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Times one call of every task per round, the order rotating by one each round: per task
-    the times and the host times (Timer).
+    the times and the host times (Timer). ``after[name]``, where given, runs untimed after each
+    call of task ``name``.
 
     Warm-up rounds are timed but dropped. The garbage collector is off while timing.
     """
+    after = after or {}
     names = list(tasks)
     times: dict[str, list[float]] = {name: [] for name in names}
     host: dict[str, list[float]] = {name: [] for name in names}
@@ -506,6 +548,8 @@ def interleave(
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
                 ms, host_ms = timer(tasks[name])
+                if name in after:
+                    after[name]()
                 if r >= schedule.warmup:
                     times[name].append(ms)
                     host[name].append(host_ms)
@@ -546,6 +590,18 @@ def attach_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
         offset += p.numel()
 
 
+def _scaling(scratch: torch.Tensor) -> Callable[[], None]:
+    """The in-place scale probe: by 0.5 and 2 in turn (halving every call made the values
+    subnormal after ~100 calls, and subnormals are slow)."""
+    factor = [0.5]
+
+    def scale() -> None:
+        scratch.mul_(factor[0])
+        factor[0] = 1.0 / factor[0]
+
+    return scale
+
+
 @torch.no_grad()
 def _build_and_time(
     shapes: ShapeList,
@@ -569,6 +625,7 @@ def _build_and_time(
     grads_flat: torch.Tensor | None = None
     tasks: dict[str, Callable[[], object]] = {}
     params_of: dict[str, list[torch.Tensor]] = {}
+    grads_of: dict[str, torch.Tensor] = {}
     for cand in cands:
         params = make_params(shapes, device, dtype, first_params)
         if first_params is None:
@@ -581,7 +638,22 @@ def _build_and_time(
         attach_grads(params, flat)
         tasks[cand.name] = cand.make(params).step
         params_of[cand.name] = params
+        grads_of[cand.name] = flat
     assert grads_flat is not None
+    # A candidate that writes its grads (pytorch-optimizer's NovoGrad divides them in place;
+    # the composed AMP step unscales them) would step other grads from its second step on,
+    # and with shared grads change everyone's. Each takes one untimed step; one that changed
+    # its grads gets them back, untimed, after every call.
+    pristine = grads_flat.clone()
+    restore: dict[str, Callable[[], object]] = {}
+    for name, step in tasks.items():
+        step()
+        if not torch.equal(grads_of[name], pristine):
+            restore[name] = partial(grads_of[name].copy_, pristine)
+            restore[name]()
+            log(f"  {name} writes its grads: they are put back after each call")
+    if not restore:
+        del pristine
     # The roofline probes sweep a working set as large as the step's (`arrays` param-sized
     # arrays: a param-sized buffer alone can sit in the last-level cache where the step's four
     # arrays do not), and run with optimizer steps between them (the order only rotates).
@@ -597,13 +669,13 @@ def _build_and_time(
         [
             (ROOFLINE_COPY, partial(scratch[half : 2 * half].copy_, scratch[:half])),
             *steps[:middle],
-            (ROOFLINE_SCALE, partial(scratch.mul_, 0.5)),
+            (ROOFLINE_SCALE, _scaling(scratch)),
             *steps[middle:],
         ]
     )
     log(f"  setup {time.perf_counter() - t0:.1f} s")
-    times, host = interleave(tasks, schedule, Timer(device), log)
-    del tasks, steps, scratch  # room for the comparison's temporaries
+    times, host = interleave(tasks, schedule, Timer(device), log, restore)
+    del tasks, steps, scratch, restore  # room for the comparison's temporaries
     # Every candidate took the same steps from the same params and grads: they should agree.
     diffs = {}
     if baseline in params_of:
@@ -629,7 +701,7 @@ def run_group(
     when it cannot run here."""
     algorithm = ALGORITHMS[algorithm_key]
     dtype = algorithm.dtype or dtype
-    model = bytes_model(algorithm, device, dtype)
+    model = bytes_model(algorithm, device, dtype, shapes)
     tensor_bytes = shapes.numel * torch.empty(0, dtype=dtype).element_size()
     header = (
         f"[{shapes.name} / {algorithm.label} / {str(dtype).removeprefix('torch.')}] "

@@ -131,7 +131,12 @@ def _deciles(values: Sequence[float]) -> tuple[float, float, float]:
 def rows(group: GroupResult, env: Env) -> list[Row]:
     times = group.times_ms
     tensor_bytes = group.shapes.numel * torch.empty(0, dtype=group.dtype).element_size()
-    bytes_per_step = group.shapes.numel * group.model.bytes_per_element
+
+    def bytes_per_step_of(name: str) -> int:
+        """The spec's bytes, or a torch class's own where it runs another algorithm / state."""
+        torch_bytes = group.model.torch_bytes_per_element
+        own = torch_bytes is not None and name.startswith("torch ")
+        return group.shapes.numel * (torch_bytes if own else group.model.bytes_per_element)
 
     def gbps(nbytes: int, ms: float) -> float:
         return nbytes / (ms * 1e-3) / 1e9
@@ -161,6 +166,7 @@ def rows(group: GroupResult, env: Env) -> list[Row]:
         if name in (ROOFLINE_COPY, ROOFLINE_SCALE):
             continue
         p10, median, p90 = _deciles(ts)
+        bytes_per_step = bytes_per_step_of(name)
         speedup = s10 = s90 = None
         if baseline is not None:  # paired: the baseline's time over this one's, round by round
             s10, speedup, s90 = _deciles([b / t for b, t in zip(baseline, ts, strict=True)])
@@ -246,7 +252,11 @@ def markdown(all_rows: Sequence[Row], env: Env, command: str, load: str) -> str:
             if env.device.startswith("cuda")
             else "wall clock. "
         )
-        + "GB/s = the spec's bytes model (`bytes_per_element` x numel) / median time. Roofline = "
+        + "GB/s = the bytes the step must move (the spec's bytes model, `bytes_per_element` x "
+        "numel, less the re-reads of NovoGrad's and FAdam's later passes where the CPU runs them "
+        "tensor by tensor from cache; for a torch class standing in for another algorithm, or "
+        "keeping fp32 moments, its own) / median time: a candidate with extra passes moves more "
+        "than it is credited. Roofline = "
         f"{roofline_name(env.device)} (read + written) over as many param-sized "
         "arrays as the step touches (param, grad, state), "
         "timed in the same rounds (roofline GB/s from their median times); % roofline = median "
@@ -255,7 +265,9 @@ def markdown(all_rows: Sequence[Row], env: Env, command: str, load: str) -> str:
         "same round (> 1 is faster); the baseline is torch fused, for Lion lion-pytorch, for "
         "NovoGrad and FAdam pytorch-optimizer (kozistr), for Muon torch.optim.Muon. "
         "max abs dp: the largest difference of a param to that baseline's after the run (every "
-        "candidate took the same steps from the same params and grads).",
+        "candidate took the same steps from the same params and grads; a candidate that writes "
+        "its grads, as pytorch-optimizer's NovoGrad does, gets them back untimed after each "
+        "call).",
         "",
         "| shapes | algorithm | candidate | dtype | rounds | ms/step median [p10, p90] "
         "| host ms | GB/s | roofline GB/s | % roofline | vs baseline | max abs dp vs baseline |",

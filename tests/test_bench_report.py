@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import statistics
+import types
+from typing import Any
 
 import pytest
 import torch
@@ -12,8 +14,12 @@ from bench.core import (
     ROOFLINE_COPY,
     ROOFLINE_SCALE,
     BytesModel,
+    Candidate,
     GroupResult,
+    Schedule,
     ShapeList,
+    _build_and_time,
+    bytes_model,
     candidates,
 )
 from bench.report import Env, rows
@@ -23,7 +29,12 @@ def test_share_of_the_roofline_is_paired_round_by_round() -> None:
     """% roofline is the median over rounds of the round's roofline time over the step's (the
     bandwidth drifts between rounds); the ratio of the two medians is kept beside it."""
     numel, arrays, bytes_per_element = 1_000_000, 3, 20
-    model = BytesModel(bytes_per_element=bytes_per_element, state_slots=1, arrays=arrays)
+    model = BytesModel(
+        bytes_per_element=bytes_per_element,
+        torch_bytes_per_element=None,
+        state_slots=1,
+        arrays=arrays,
+    )
     shapes = ShapeList("toy", "", numel=numel, tensors=1, shapes=((numel,),))
     scale = [1.0, 2.0, 1.5, 1.0, 2.0]  # ms per round of the in-place scale probe
     copy = [9.0] * 5  # slower than the scale in every round: the scale is the roofline
@@ -62,3 +73,54 @@ def test_skipped_candidates_are_not_timed() -> None:
     every = names(())
     assert "torch forloop" in every and "torch fused" in every
     assert names(("torch forloop",)) == [n for n in every if n != "torch forloop"]
+
+
+def test_bytes_model_counts_what_memory_moves() -> None:
+    """NovoGrad's and FAdam's later passes re-read from cache where every tensor is one CPU
+    chunk (not credited there); NovoGrad's scalar slot is no param-sized array; a torch class
+    standing in for another algorithm is credited with its own traffic."""
+    cpu = torch.device("cpu")
+    small = ShapeList("small", "", 2 * 4096, 2, ((64, 64), (4096,)))
+    big = ShapeList("big", "", 1 << 16, 1, ((1 << 16,),))
+    expected = {"novograd": (24, 20, 20), "fadam": (44, 28, 28), "adamw": (28, 28, None)}
+    for key, (on_big, on_small, torch_bytes) in expected.items():
+        model_big = bytes_model(ALGORITHMS[key], cpu, torch.float32, big)
+        model_small = bytes_model(ALGORITHMS[key], cpu, torch.float32, small)
+        assert (model_big.bytes_per_element, model_small.bytes_per_element) == (
+            on_big,
+            on_small,
+        ), key
+        assert model_big.torch_bytes_per_element == torch_bytes, key
+    assert bytes_model(ALGORITHMS["novograd"], cpu, torch.float32, big).arrays == 3
+
+
+def test_a_candidate_that_writes_its_grads_gets_them_back() -> None:
+    """With grads shared, a candidate that scales its grads after using them must not change
+    what the others step: every call sees the same grads, so the params agree at the end."""
+
+    def make(writes: bool) -> Any:
+        def build(params: list[torch.Tensor]) -> Any:
+            def step() -> None:
+                for p in params:
+                    p.sub_(p.grad)
+                    if writes:
+                        p.grad.mul_(2.0)
+
+            return types.SimpleNamespace(step=step)
+
+        return build
+
+    shapes = ShapeList("toy", "", 10, 2, ((3, 2), (4,)))
+    cands = [Candidate("torch fused", make(False)), Candidate("writer", make(True))]
+    _, _, diffs = _build_and_time(
+        shapes,
+        cands,
+        torch.device("cpu"),
+        torch.float32,
+        True,
+        Schedule(rounds=3, warmup=1, budget_s=0.0),
+        lambda _: None,
+        3,
+        "torch fused",
+    )
+    assert diffs == {"torch fused": 0.0, "writer": 0.0}
