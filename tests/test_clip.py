@@ -322,3 +322,28 @@ def test_flattened_norm_reads_the_flat_buffers_while_every_grad_is_its_view() ->
     opt.step()
     params[2].grad = None
     torch.testing.assert_close(opt.norm_for_next_step(), torch_norm(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_refused_step_keeps_the_pending_clip(backend: str) -> None:
+    """clip_grad_norm_, then a step refused (a sparse grad): nothing changed, the clip is still
+    pending, and the step retried with a good grad is clipped."""
+    ours = _params()
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    fused = onepass.AdamW(ours, lr=1e-2, backend=backend)
+    plain = onepass.AdamW(theirs, lr=1e-2, backend=backend)
+    grads = [100.0 * g for g in _grads(ours, 0)]
+    for p, q, g in zip(ours, theirs, grads, strict=True):
+        p.grad, q.grad = g.clone(), g.clone()
+    onepass.clip_grad_norm_(fused, 1.0)
+    torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    good, ours[0].grad = ours[0].grad, ours[0].grad.to_sparse()
+    norm_before = fused.grad_norm
+    with pytest.raises((RuntimeError, ValueError), match="sparse"):
+        fused.step()
+    assert fused.grad_norm is norm_before
+    ours[0].grad = good
+    fused.step()
+    plain.step()
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

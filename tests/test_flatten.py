@@ -151,3 +151,68 @@ def test_grads_are_tells_views_from_replaced_grads(native: bool, monkeypatch) ->
     assert _ops.grads_are(params, impls, storage)
     params[2].data = params[2].data.clone()  # no longer a view of the flat buffer
     assert _ops.grads_are(params, impls) and not _ops.grads_are(params, impls, storage)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_zero_grad_to_none_skips_params_backward_did_not_reach(backend: str) -> None:
+    """zero_grad() (set_to_none=True) drops the flat grads as torch does: a branch that
+    backward reaches on some steps only is stepped on those only, like torch.optim.AdamW."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(5, 4), "b": torch.nn.Linear(5, 4)})
+    model = model.double()
+    twin = copy.deepcopy(model)
+    opt = onepass.AdamW(model.parameters(), lr=1e-2, backend=backend, flatten=True)
+    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    for step in range(6):
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            loss = m["a"](x).square().sum()
+            if step < 2:  # "b" only on the first two steps
+                loss = loss + m["b"](x).square().sum()
+            loss.backward()
+            o.step()
+        assert (model["b"].weight.grad is None) == (twin["b"].weight.grad is None)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert_verbose_allclose(p, q, 1e-12, 1e-14, name)
+        assert float(opt.state[p]["step"]) == float(ref.state[q]["step"]), name
+
+
+def test_zero_grad_after_a_cast_zeroes_the_grads() -> None:
+    """model.to(dtype) keeps each p.grad object and swaps its memory: zero_grad(False) after it
+    zeroes them (they are no longer views of the flat buffer), so the next step sees one
+    backward's grad, not two."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = onepass.SGD(model.parameters(), lr=0.1, backend="cpu", flatten=True)
+    x = torch.randn(2, 4)
+    opt.zero_grad(set_to_none=False)
+    model(x).sum().backward()
+    opt.step()
+    model.to(torch.float64)
+    opt.zero_grad(set_to_none=False)
+    assert model.bias.grad is not None and not model.bias.grad.any()
+    before = model.bias.detach().clone()
+    model(x.double()).sum().backward()  # d(sum)/d(bias) = 2 per element
+    opt.step()
+    torch.testing.assert_close(model.bias.detach(), before - 0.1 * 2.0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_grad_the_bucket_refuses_is_refused_before_flattening(backend: str) -> None:
+    """A float64 grad on a bf16 param is refused at the first step, as without flatten: not
+    cast into the flat bf16 grad buffer, and the params are not moved."""
+    params = [torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16)) for _ in range(2)]
+    params[1].grad_dtype = None  # torch 2.10+: let the param take a grad of another dtype
+    opt = onepass.SGD(params, lr=0.5, backend=backend, flatten=True)
+    params[0].grad = torch.ones(4, dtype=torch.bfloat16)
+    try:
+        params[1].grad = torch.full((4,), 1 / 3, dtype=torch.float64)
+    except RuntimeError:
+        pytest.skip("this torch refuses a grad of another dtype outright")
+    pointers = [p.data_ptr() for p in params]
+    with pytest.raises(RuntimeError, match=r"params'\]\[1\]"):
+        opt.step()
+    assert [p.data_ptr() for p in params] == pointers
+    assert all(torch.equal(p, torch.ones(4, dtype=torch.bfloat16)) for p in params)
+    assert params[1].grad.dtype == torch.float64

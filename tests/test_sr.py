@@ -161,3 +161,20 @@ def test_state_streams_never_reuse_a_later_steps_noise() -> None:
         draws[name] = out
     assert not torch.equal(draws["param t+1"], draws["slot 0 t"])
     assert not torch.equal(draws["slot 0 t"], draws["slot 1 t"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_switched_on_through_the_group_key(backend: str) -> None:
+    """group['stochastic_rounding'] = True after construction draws a seed at the next step
+    (it used to fail there on the missing seed) and rounds from then on."""
+    delta = 0.1 * 2**-7
+    p = torch.ones(8192, dtype=torch.bfloat16, requires_grad=True)
+    opt = onepass.SGD([p], lr=1.0, backend=backend)
+    p.grad = torch.full_like(p, -delta)
+    opt.step()
+    assert torch.equal(p, torch.ones_like(p))  # nearest: a tenth of an ulp never moves it
+    opt.param_groups[0]["stochastic_rounding"] = True
+    for _ in range(20):
+        opt.step()
+    assert "sr_seed" in opt.param_groups[0]
+    assert abs(float(p.detach().float().mean()) - (1.0 + 20 * delta)) < 0.05 * 20 * delta

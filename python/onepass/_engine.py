@@ -274,6 +274,9 @@ class Bucket:
         per-tensor work at all.
         """
         total = self.total
+        # The step's checks first: copying a grad of a dtype the bucket refuses into the flat
+        # buffer would cast it, and p.data / p.grad would be rebound before the refusal.
+        _check_grads(self, [p.grad for p in self.params])
         # The grads' dtype: the params' own, or the fp32 their grads already have (grad_dtype).
         grads = [p.grad for p in self.params if p.grad is not None]
         grad_dtype = grads[0].dtype if grads else self.dtype
@@ -396,11 +399,16 @@ class Engine:
         self.plans: list[_GroupPlan | None] = []
 
     def flat_grads(self) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
-        """The grad views of flattened params (by id) and their flat buffers."""
+        """The grad views of flattened params (by id) and their flat buffers. Not those of a
+        bucket whose params were moved or cast (model.to(...)): the grad objects it gave out
+        then hold other memory."""
         views: dict[int, torch.Tensor] = {}
         buffers: list[torch.Tensor] = []
         for plan in self.plans:
             for bucket in plan.buckets if plan is not None else ():
+                first = bucket.params[0]
+                if first.dtype != bucket.dtype or first.device != bucket.device:
+                    continue
                 if bucket.flat_grad is not None:
                     buffers.append(bucket.flat_grad)
                     pairs = zip(bucket.params, bucket.grad_views, strict=True)

@@ -52,10 +52,11 @@ class Adam(FusedOptimizer):
             elsewhere), "cpu" or "reference".
         flatten: move the params that have a grad into one flat buffer per bucket at the first
             step (``p.data`` and ``p.grad`` become views), so a step is one contiguous pass with
-            no per-tensor work: the fast path for thousands of small tensors. ``zero_grad`` then
-            zeroes the flat grads in place, so a flattened param always has a (possibly zero)
-            grad and steps every time: torch.optim's semantics under
-            ``zero_grad(set_to_none=False)``. Params that never get a grad are not flattened.
+            no per-tensor work: the fast path for thousands of small tensors, while the grads
+            stay those views: ``zero_grad(set_to_none=False)`` zeroes them in place, where
+            ``zero_grad()`` drops them as torch.optim does (a param backward does not reach is
+            not stepped; backward's fresh grads take the per-tensor path). Params that never
+            get a grad are not flattened.
     """
 
     spec = ADAM

@@ -291,10 +291,12 @@ class FusedOptimizer(Optimizer):
         return str(self.defaults.get("decay", "l2"))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch.optim's; the grads of ``flatten=True`` params are zeroed in place instead
-        (one fill per bucket), so they stay views of the flat grad buffer."""
+        """As torch.optim's. With ``set_to_none=False`` the grads of ``flatten=True`` params are
+        zeroed in place (one fill per bucket), so they stay views of the flat grad buffer and
+        the step stays one pass; ``set_to_none=True`` drops them as torch does (a param that
+        backward does not reach then has no grad and is not stepped)."""
         views, buffers = self._engine.flat_grads()
-        if not buffers:
+        if not buffers or set_to_none:
             super().zero_grad(set_to_none)
             return
         for group in self.param_groups:
@@ -302,14 +304,11 @@ class FusedOptimizer(Optimizer):
                 grad = p.grad
                 if grad is None or views.get(id(p)) is grad:
                     continue
-                if set_to_none:
-                    p.grad = None
+                if grad.grad_fn is not None:
+                    grad.detach_()
                 else:
-                    if grad.grad_fn is not None:
-                        grad.detach_()
-                    else:
-                        grad.requires_grad_(False)
-                    grad.zero_()
+                    grad.requires_grad_(False)
+                grad.zero_()
         for buffer in buffers:
             buffer.zero_()
 
@@ -322,10 +321,20 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        clip = self._clip_for_this_step()
-        if clip is not None:
-            grad_scale, found_inf = self._fold_clip(*clip, grad_scale, found_inf)
-        self._engine.step(grad_scale, found_inf)
+        for group in self.param_groups:  # switched on through the group key since
+            if group.get("stochastic_rounding") and "sr_seed" not in group:
+                group["sr_seed"] = _new_sr_seed()
+        # A refused step changes nothing, a pending clip_grad_norm_ and the last norm included:
+        # the retried step is clipped.
+        before = self._pending_clip, self.grad_norm, self.step_skipped
+        try:
+            clip = self._clip_for_this_step()
+            if clip is not None:
+                grad_scale, found_inf = self._fold_clip(*clip, grad_scale, found_inf)
+            self._engine.step(grad_scale, found_inf)
+        except Exception:
+            self._pending_clip, self.grad_norm, self.step_skipped = before
+            raise
         for group in self.param_groups:  # a new draw of the rounding noise for the next step
             if group.get("stochastic_rounding"):
                 group["sr_seed"] = (int(group["sr_seed"]) + 1) % SR_SEED_MODULUS
