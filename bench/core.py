@@ -157,6 +157,8 @@ class Algorithm:
     shapes: tuple[str, ...] | None = None
     #: whether to time flatten=True too (pointless where the step is per tensor anyway)
     flatten_variant: bool = True
+    #: more onepass candidates per backend: (name suffix, extra hyperparameters)
+    variants: tuple[tuple[str, Mapping[str, Any]], ...] = ()
     #: the implementations a user would pick instead: (candidate name, "module:Class", its
     #: hyperparameters), imported when timed (installed by `make install`; skipped if absent)
     peers: tuple[tuple[str, str, Mapping[str, Any]], ...] = ()
@@ -274,6 +276,8 @@ ALGORITHMS: Mapping[str, Algorithm] = {
         baseline="torch muon",
         shapes=("gpt2-small-matrices",),
         flatten_variant=False,
+        # torch's own iteration (onepass's default is Gram Newton-Schulz): like for like
+        variants=(("standard-ns", {"ns_method": "standard"}),),
     ),
 }
 
@@ -319,6 +323,9 @@ def candidates(
         if b != "reference" and algorithm.flatten_variant:  # flatten=True: one flat segment
             flat = partial(algorithm.onepass_cls, **algorithm.hyper, backend=b, flatten=True)
             named.append((f"onepass {b} flatten", flat))
+        for suffix, extra in algorithm.variants:
+            variant = partial(algorithm.onepass_cls, **algorithm.hyper, **extra, backend=b)
+            named.append((f"onepass {b} {suffix}", variant))
     for name, target, hyper in algorithm.peers:
         module, _, cls_name = target.partition(":")
         try:
