@@ -454,3 +454,19 @@ def test_use_muon_false_steps_matrices_with_adamw() -> None:
         theirs.step()
     torch.testing.assert_close(matrix, twin, rtol=1e-6, atol=1e-7)
     assert set(ours.state[matrix]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_refused_group_adds_neither_part(backend: str) -> None:
+    """add_param_group splits a group into its Muon and AdamW parts: when the AdamW part is
+    refused (a vector already in a group), the Muon part is not added either, and the call can
+    be retried once fixed."""
+    w, v = torch.zeros(8, 8, requires_grad=True), torch.zeros(8, requires_grad=True)
+    opt = onepass.Muon([w, v], backend=backend)
+    groups = len(opt.param_groups)
+    matrix, vector = torch.zeros(4, 4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [matrix, v]})
+    assert len(opt.param_groups) == groups
+    opt.add_param_group({"params": [matrix, vector]})
+    assert len(opt.param_groups) == groups + 2

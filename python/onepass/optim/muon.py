@@ -127,6 +127,16 @@ class Muon(FusedOptimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         use_muon = bool(param_group.get("use_muon", self.defaults["use_muon"]))
         is_matrix = [use_muon and isinstance(p, torch.Tensor) and p.dim() >= 2 for p in params]
+        added = len(self.param_groups)
+        try:
+            self._add_parts(param_group, params, is_matrix)
+        except Exception:
+            del self.param_groups[added:]  # a refused group adds neither part
+            raise
+
+    def _add_parts(
+        self, param_group: dict[str, Any], params: list[Any], is_matrix: list[bool]
+    ) -> None:
         for muon_part in (True, False):
             part = [p for p, m in zip(params, is_matrix, strict=True) if m == muon_part]
             if not part and (muon_part or any(is_matrix)):
