@@ -470,3 +470,19 @@ def test_a_refused_group_adds_neither_part(backend: str) -> None:
     assert len(opt.param_groups) == groups
     opt.add_param_group({"params": [matrix, vector]})
     assert len(opt.param_groups) == groups + 2
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 4, 4), (3, 0)], ids=["conv-no-rows", "no-cols"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_matrices_without_elements(backend: str, shape: tuple[int, ...]) -> None:
+    """A matrix or conv weight with no elements steps (nothing to update) beside a normal one,
+    which moves as it would alone (it used to fail reshaping it, or dividing by its width)."""
+    torch.manual_seed(0)
+    p, empty = torch.randn(4, 3, requires_grad=True), torch.zeros(shape, requires_grad=True)
+    alone = p.detach().clone().requires_grad_()
+    p.grad, empty.grad = torch.randn(4, 3), torch.zeros(shape)
+    alone.grad = p.grad.clone()
+    kwargs = {"lr": 0.02, "backend": backend, "ns_dtype": torch.float32}
+    onepass.Muon([p, empty], **kwargs).step()
+    onepass.Muon([alone], **kwargs).step()
+    torch.testing.assert_close(p, alone, rtol=0, atol=0)

@@ -83,11 +83,15 @@ def resolve_ns_dtype(
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     """The 2-D view Newton-Schulz works on: a conv weight (out, in, kh, kw) -> (out, in*kh*kw)."""
-    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+    # the width spelled out: reshape cannot infer -1 for a weight with no elements
+    return t if t.dim() == 2 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
-    """lr' / lr for a (rows, cols) matrix: torch.optim.Muon's ``_adjust_lr``."""
+    """lr' / lr for a (rows, cols) matrix: torch.optim.Muon's ``_adjust_lr`` (1 for a matrix
+    with no elements: nothing to scale, where rows / cols would divide by zero)."""
+    if rows == 0 or cols == 0:
+        return 1.0
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return math.sqrt(max(1.0, rows / cols))
     if adjust_lr_fn == "match_rms_adamw":
