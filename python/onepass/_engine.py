@@ -300,6 +300,12 @@ class Bucket:
         self.flat_storage = self.flat_param.untyped_storage().data_ptr()
         self.flat_view = FlatBucket(self)
 
+    def moved(self) -> bool:
+        """Whether its params were cast or moved since it was built (model.to(...): one param
+        tells, a single param cannot change alone under the table)."""
+        first = self.params[0]
+        return first.dtype != self.dtype or first.device != self.device
+
     def flat_step(self) -> FlatBucket | None:
         """The whole bucket as one segment, if it is flattened, every param and grad is still its
         view and every tensor has taken the same number of steps; else None (the per-tensor
@@ -406,10 +412,7 @@ class Engine:
         buffers: list[torch.Tensor] = []
         for plan in self.plans:
             for bucket in plan.buckets if plan is not None else ():
-                first = bucket.params[0]
-                if first.dtype != bucket.dtype or first.device != bucket.device:
-                    continue
-                if bucket.flat_grad is not None:
+                if bucket.flat_grad is not None and not bucket.moved():
                     buffers.append(bucket.flat_grad)
                     pairs = zip(bucket.params, bucket.grad_views, strict=True)
                     views.update((id(p), v) for p, v in pairs)
@@ -655,10 +658,7 @@ class _GroupPlan:
                 and bool(group.get("capturable")) != self.capturable
             )
             or _storage_keys(group) != self.storage
-            # model.to(dtype / device) after the first step: one param per bucket tells
-            or any(
-                b.params[0].dtype != b.dtype or b.params[0].device != b.device for b in self.buckets
-            )
+            or any(b.moved() for b in self.buckets)  # model.to(dtype / device)
             # a param replaced in the list (same length included): the new one needs a bucket
             or not _ops.same_objects(group["params"], self.params)
             or any(p.grad is not None for p in self.outside)
