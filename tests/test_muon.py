@@ -112,18 +112,52 @@ def test_newton_schulz_batches_and_transposes() -> None:
     assert bool((singular > 0.5).all() and (singular < 1.5).all()), singular
 
 
-@pytest.mark.parametrize("shape", [(20, 70), (70, 20), (3, 16, 40)], ids=str)
+@pytest.mark.parametrize("shape", [(20, 70), (70, 20), (3, 16, 40), (18, 18), (2, 21, 25)], ids=str)
 @pytest.mark.parametrize("steps", [2, 3, 5, 7])
-def test_gram_newton_schulz_is_the_standard_iteration(shape: tuple[int, ...], steps: int) -> None:
+@pytest.mark.parametrize("block_rows", [256, 8, 5], ids=lambda r: f"block_rows{r}")
+def test_gram_newton_schulz_is_the_standard_iteration(
+    shape: tuple[int, ...], steps: int, block_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Gram Newton-Schulz is the same polynomial iteration: equal in float64, restarts and the
-    folded scale included, on wide, tall and batched matrices."""
+    folded scale included, on wide, tall and batched matrices; so are its symmetric products
+    by blocks (2-4 blocks here, uneven ones included; none at 256 rows), which near-square
+    matrices use in the standard iteration."""
+    monkeypatch.setattr(muon_module, "SYMMETRIC_BLOCK_ROWS", block_rows)
     torch.manual_seed(3)
     x = torch.randn(*shape, dtype=torch.float64)
-    assert uses_gram("gram", shape[-2], shape[-1], steps)
+    square = shape[-1] == shape[-2] or max(shape[-2:]) < 1.5 * min(shape[-2:])
+    assert uses_gram("gram", shape[-2], shape[-1], steps) != square
     args = ((3.4445, -4.775, 2.0315), steps, 1e-7, torch.float64, 1.7)
     standard = newton_schulz(x, *args, method="standard")
     gram = newton_schulz(x, *args, method="gram")
     torch.testing.assert_close(gram, standard, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [(), (3,)], ids=["matrix", "batch"])
+@pytest.mark.parametrize("blocks", [0, 2, 3, 7])
+def test_symmetric_product_multiplies_the_upper_blocks(batch: tuple[int, ...], blocks: int) -> None:
+    """alpha * A @ B + beta * C for a symmetric result: the upper block triangle multiplied, the
+    blocks below the diagonal blocks mirrored from it; it equals the full product."""
+    torch.manual_seed(4)
+    x = torch.randn(*batch, 23, 40, dtype=torch.float64)
+    gram = x @ x.mT
+    gram = (gram + gram.mT) / 2
+    xxt = muon_module.symmetric_product(x, x.mT, blocks)
+    torch.testing.assert_close(xxt, x @ x.mT, rtol=1e-13, atol=1e-13)
+    poly = muon_module.symmetric_product(gram, gram, blocks, add=gram, beta=-4.7, alpha=2.0)
+    torch.testing.assert_close(poly, 2.0 * gram @ gram - 4.7 * gram, rtol=1e-12, atol=1e-10)
+    if blocks:  # below the first diagonal block: a mirror of the blocks above it
+        rows = 23 // blocks
+        assert torch.equal(xxt[..., rows:, :rows], xxt[..., :rows, rows:].mT)
+
+
+def test_symmetric_blocks_only_on_cpus_and_large_products() -> None:
+    """Blocks of ~256 rows on CPUs, where a matmul is compute-bound; never on a GPU."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert muon_module.symmetric_blocks(cpu, 768) == 3
+    assert muon_module.symmetric_blocks(cpu, 4096) == 16
+    assert muon_module.symmetric_blocks(cpu, 300) == 0  # one block: the full product
+    assert muon_module.symmetric_blocks(cuda, 4096) == 0
 
 
 def test_gram_is_used_only_where_it_is_cheaper() -> None:
@@ -135,10 +169,15 @@ def test_gram_is_used_only_where_it_is_cheaper() -> None:
 
 
 @pytest.mark.parametrize("spectrum", ["gaussian", "decaying", "rank 16"])
-def test_gram_in_bf16_is_as_accurate_as_torchs_iteration(spectrum: str) -> None:
+@pytest.mark.parametrize("block_rows", [256, 32], ids=lambda r: f"block_rows{r}")
+def test_gram_in_bf16_is_as_accurate_as_torchs_iteration(
+    spectrum: str, block_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """In bfloat16, Gram Newton-Schulz with its restart lands about as near the float64 iteration
-    as torch's bf16 iteration does; without the restart, rounding in the Gram matrix grows
-    (spurious negative eigenvalues) and it lands far further on a decaying spectrum."""
+    as torch's bf16 iteration does, with its symmetric products by blocks (3 here) or whole;
+    without the restart, rounding in the Gram matrix grows (spurious negative eigenvalues) and
+    it lands far further on a decaying spectrum."""
+    monkeypatch.setattr(muon_module, "SYMMETRIC_BLOCK_ROWS", block_rows)
     torch.manual_seed(6)
     rows, cols = 96, 384
     u, _ = torch.linalg.qr(torch.randn(rows, rows, dtype=torch.float64))

@@ -25,6 +25,7 @@ spec) in the same optimizer: see :class:`onepass.Muon`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -170,6 +171,66 @@ def uses_gram(method: str, rows: int, cols: int, steps: int) -> bool:
     )
 
 
+#: Rows per block of symmetric_product: ~256 keeps each block a matmul the CPU runs near its
+#: peak while skipping most of the lower triangle (3 blocks of a 768 x 768 product multiply
+#: 6 of its 9 blocks).
+SYMMETRIC_BLOCK_ROWS = 256
+
+
+def symmetric_blocks(device: torch.device, size: int) -> int:
+    """Row blocks for symmetric_product on a (size, size) result: on CPUs, where matmuls are
+    compute-bound, ``size / SYMMETRIC_BLOCK_ROWS`` rounded (0, the full product, under two
+    blocks); 0 on GPUs, where a 768 x 768 batched product is launch-bound and splitting it
+    would only add launches."""
+    if device.type != "cpu":
+        return 0
+    blocks = round(size / SYMMETRIC_BLOCK_ROWS)
+    return blocks if blocks >= 2 else 0
+
+
+def symmetric_product(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    blocks: int,
+    add: torch.Tensor | None = None,
+    beta: float = 0.0,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """``alpha * left @ right + beta * add`` for a product known to be symmetric (X X^T, and
+    every product of Gram Newton-Schulz: polynomials in one Gram matrix commute), on one
+    (m, m) matrix or a batch: with ``blocks`` row blocks only the blocks on and above the
+    diagonal are multiplied ((blocks + 1) / (2 * blocks) of the multiply-adds) and the blocks
+    below them mirrored. ``blocks`` 0 runs the full matmul.
+
+    Each block is one torch.mm per matrix of the batch, written in place: a batched matmul on
+    these sliced operands copies them first (bf16 on CPU)."""
+    if blocks == 0:
+        if add is None:
+            return (torch.bmm if left.dim() == 3 else torch.mm)(left, right)
+        addmm = torch.baddbmm if left.dim() == 3 else torch.addmm
+        return addmm(add, left, right, beta=beta, alpha=alpha)
+    size = left.shape[-2]
+    out = left.new_empty(*left.shape[:-1], size)
+    bounds = [size * i // blocks for i in range(blocks + 1)]
+    batch = (
+        (left, right, out, add)
+        if left.dim() == 3
+        else (left[None], right[None], out[None], None if add is None else add[None])
+    )
+    lefts, rights, outs, adds = batch
+    for k in range(lefts.shape[0]):
+        for start, stop in itertools.pairwise(bounds):
+            block = outs[k, start:stop, start:]
+            if adds is None:
+                torch.mm(lefts[k, start:stop], rights[k, :, start:], out=block)
+            else:
+                torch.addmm(adds[k, start:stop, start:], lefts[k, start:stop],
+                            rights[k, :, start:], beta=beta, alpha=alpha, out=block)  # fmt: skip
+    for start, stop in itertools.pairwise(bounds[:-1]):  # the lower blocks of each column
+        outs[:, stop:, start:stop] = outs[:, start:stop, stop:].mT
+    return out
+
+
 def newton_schulz(
     x: torch.Tensor,
     coefficients: tuple[float, float, float],
@@ -188,7 +249,10 @@ def newton_schulz(
     the same polynomial iteration rewritten on the m x m Gram matrix. Each iteration is
     X' = P X with P = a I + b R + c R^2 and R = X X^T, a polynomial in R, so R' = P R P and the
     iterations compose into one m x m product Q applied to X at the end: m^3 matmuls instead of
-    m^2 n ones. Restarted per gram_segments. Equal to the standard iteration up to rounding."""
+    m^2 n ones. Restarted per gram_segments. On CPUs its symmetric products (and X X^T and
+    A A of the standard iteration on near-square matrices) multiply only their upper block
+    triangle (symmetric_product). Equal to the standard iteration up to rounding.
+    ``method="standard"`` is torch.optim.Muon's iteration, operation for operation."""
     a, b, c = coefficients
     tall = x.shape[-2] > x.shape[-1]
     # A copy in dtype, whatever x's dtype: the normalisation below works in place.
@@ -200,17 +264,18 @@ def newton_schulz(
     batched = ortho.dim() == 3
     mm = torch.bmm if batched else torch.mm
     addmm = torch.baddbmm if batched else torch.addmm
+    blocks = symmetric_blocks(x.device, ortho.shape[-2]) if method == "gram" else 0
     if uses_gram(method, ortho.shape[-2], ortho.shape[-1], steps):
         opmath = opmath_dtype(dtype)
         segments = gram_segments(steps)
         for index, length in enumerate(segments):
-            gram = mm(ortho, ortho.mT)
+            gram = symmetric_product(ortho, ortho.mT, blocks)
             product = gram  # Q, set by the first iteration
             for k in range(length):
                 # P = a I + b R + c R^2. In 16 bits its diagonal is summed in opmath and
                 # rounded once ((R^2)_ii = ||R_i||^2): rounding b R_ii + c (R^2)_ii and then
                 # adding a doubled the error of bf16 Gram Newton-Schulz on flat spectra.
-                poly = addmm(gram, gram, gram, beta=b, alpha=c)
+                poly = symmetric_product(gram, gram, blocks, add=gram, beta=b, alpha=c)
                 diagonal = poly.diagonal(dim1=-2, dim2=-1)
                 if dtype == opmath:
                     diagonal.add_(a)
@@ -218,17 +283,17 @@ def newton_schulz(
                     row_norms = torch.linalg.vector_norm(gram, dim=-1, dtype=opmath)
                     diag = gram.diagonal(dim1=-2, dim2=-1).to(opmath).mul_(b).add_(a)
                     diagonal.copy_(diag.add_(row_norms.square_(), alpha=c))
-                product = poly if k == 0 else mm(poly, product)
-                if k < length - 1:
-                    gram = mm(poly, mm(gram, poly))  # R' = P R P
+                product = poly if k == 0 else symmetric_product(poly, product, blocks)
+                if k < length - 1:  # R' = P R P
+                    gram = symmetric_product(poly, symmetric_product(gram, poly, blocks), blocks)
             if index == len(segments) - 1 and scale != 1.0:  # folded in: one rounding
                 ortho = addmm(ortho, product, ortho, beta=0.0, alpha=scale)
             else:
                 ortho = mm(product, ortho)
         return ortho.mT if tall else ortho
     for i in range(steps):
-        gram = mm(ortho, ortho.mT)
-        gram_update = addmm(gram, gram, gram, beta=b, alpha=c)
+        gram = symmetric_product(ortho, ortho.mT, blocks)
+        gram_update = symmetric_product(gram, gram, blocks, add=gram, beta=b, alpha=c)
         last = i == steps - 1 and scale != 1.0
         ortho = addmm(
             ortho, gram_update, ortho, beta=a * scale if last else a, alpha=scale if last else 1
@@ -404,30 +469,44 @@ class _Workspace:
         )
 
 
+#: Elements of the matrices one batched Newton-Schulz takes on the CPU: 2^23 keeps each
+#: matmul's result and operands in bf16 under glibc's largest mmap threshold (32 MB), so the
+#: buffers are recycled from the heap; a whole batch of twelve 768 x 3072 matrices was
+#: allocated by mmap and page-faulted anew at every product, 9% slower (gpt2-small's matrices).
+CPU_NS_BATCH_ELEMENTS = 1 << 23
+
+
+def ns_batch(device: torch.device, rows: int, cols: int, count: int) -> int:
+    """How many same-shape matrices one batched Newton-Schulz takes: all on GPUs (fewer,
+    larger launches), as many as CPU_NS_BATCH_ELEMENTS holds on CPUs (at least one)."""
+    if device.type != "cpu":
+        return max(count, 1)
+    return max(1, min(count, CPU_NS_BATCH_ELEMENTS // max(rows * cols, 1)))
+
+
 def _orthogonalize(work: _Workspace, grads: list[torch.Tensor | None], s: MuonScalars) -> None:
-    """Newton-Schulz of every matrix with a grad, one batched chain per shape, written back into
-    the update workspace (in the params' dtype), lr'/lr folded in."""
+    """Newton-Schulz of every matrix with a grad, batched per shape (ns_batch), written back
+    into the update workspace (in the params' dtype), lr'/lr folded in."""
     dtype = resolve_ns_dtype(s.ns_dtype, work.buffer.dtype, work.buffer.device)
     for group in work.groups:
         stepped = [k for k, i in enumerate(group.indices) if grads[i] is not None]
         if not stepped:
             continue
         ratio = lr_ratio(s.adjust_lr_fn, group.rows, group.cols)
-        if len(stepped) == len(group.indices):
-            group.stack.copy_(
-                newton_schulz(
-                    group.stack, s.ns_coefficients, s.ns_steps, s.eps, dtype, ratio, s.ns_method
-                )
-            )
-        else:  # some matrices have no grad this step: orthogonalise only the others
-            index = torch.tensor(stepped)
+        args = (s.ns_coefficients, s.ns_steps, s.eps, dtype, ratio, s.ns_method)
+        every = len(stepped) == len(group.indices)
+        batch = ns_batch(group.stack.device, group.rows, group.cols, len(stepped))
+        for start in range(0, len(stepped), batch):
+            if every:
+                part = group.stack[start : start + batch]
+                part.copy_(newton_schulz(part, *args))
+                continue
+            # some matrices have no grad this step: orthogonalise only the others
+            index = torch.tensor(stepped[start : start + batch])
             if group.stack.device.type == "cuda":  # pinned, asynchronous: no host sync
                 index = index.pin_memory()
             index = index.to(group.stack.device, non_blocking=True)
-            ortho = newton_schulz(
-                group.stack.index_select(0, index), s.ns_coefficients, s.ns_steps, s.eps, dtype,
-                ratio, s.ns_method,
-            )  # fmt: skip
+            ortho = newton_schulz(group.stack.index_select(0, index), *args)
             group.stack.index_copy_(0, index, ortho.to(group.stack.dtype))
 
 
