@@ -181,8 +181,9 @@ def symmetric_blocks(device: torch.device, size: int) -> int:
     """Row blocks for symmetric_product on a (size, size) result: on CPUs, where matmuls are
     compute-bound, ``size / SYMMETRIC_BLOCK_ROWS`` rounded (0, the full product, under two
     blocks); 0 on GPUs, where a 768 x 768 batched product is launch-bound and splitting it
-    would only add launches."""
-    if device.type != "cpu":
+    would only add launches, and inside torch.compile, which cannot trace matmuls into the
+    blocks' views (non-contiguous ``out=``): a compiled CPU step multiplies whole products."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
         return 0
     blocks = round(size / SYMMETRIC_BLOCK_ROWS)
     return blocks if blocks >= 2 else 0
