@@ -176,6 +176,26 @@ def test_compiled_step_with_symmetric_blocks_matches_eager(monkeypatch: pytest.M
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_newton_schulz_runs_on_an_input_that_requires_grad() -> None:
+    """Blocks are written through out=, which autograd refuses where an input requires grad:
+    such an input gets whole products (a step never does: it runs under no_grad)."""
+    x = torch.randn(400, 800, requires_grad=True)
+    args = ((3.4445, -4.775, 2.0315), 2, 1e-7, torch.float32)
+    out = newton_schulz(x, *args, method="gram")
+    with torch.no_grad():
+        torch.testing.assert_close(out, newton_schulz(x, *args, method="gram"))
+
+
+def test_cpu_batches_stay_under_the_mmap_threshold() -> None:
+    """CPUs take as many same-shape matrices as 16 MiB holds in ns_dtype; GPUs take all."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert muon_module.ns_batch(cpu, 768, 3072, 12, 2) == 3
+    assert muon_module.ns_batch(cpu, 768, 3072, 12, 4) == 1
+    assert muon_module.ns_batch(cpu, 768, 768, 12, 2) == 12
+    assert muon_module.ns_batch(cpu, 4096, 4096, 2, 2) == 1  # one matrix at least
+    assert muon_module.ns_batch(cuda, 768, 3072, 12, 2) == 12
+
+
 def test_symmetric_blocks_only_on_cpus_and_large_products() -> None:
     """Blocks of ~256 rows on CPUs, where a matmul is compute-bound; never on a GPU."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -14,8 +14,9 @@ For each matrix with a gradient (torch.optim.Muon's step; a conv weight is flatt
 
 The native step (backends cpu, triton, cuda) is three stages per bucket: one fused multi-tensor
 pass for the momentum (kernel ``muon_momentum``: reads g and buf, writes buf and u into an update
-workspace laid out by matrix shape); Newton-Schulz on torch matmuls, every same-shape matrix of the
-bucket in one batched matmul chain, with the cast to ``ns_dtype`` folded into the normalisation
+workspace laid out by matrix shape); Newton-Schulz on torch matmuls, the same-shape matrices of the
+bucket in batched matmul chains (one per shape on GPUs; on CPUs batches of at most
+CPU_NS_BATCH_BYTES), with the cast to ``ns_dtype`` folded into the normalisation
 and lr' / lr folded into the last iteration; and one fused pass for decay and update (the SGD
 kernel without momentum, decoupled decay, the orthogonalised update as its gradient).
 
@@ -198,7 +199,7 @@ def symmetric_product(
     alpha: float = 1.0,
 ) -> torch.Tensor:
     """``alpha * left @ right + beta * add`` for a product known to be symmetric (X X^T, and
-    every product of Gram Newton-Schulz: polynomials in one Gram matrix commute), on one
+    the m x m products of Gram Newton-Schulz: polynomials in one Gram matrix commute), on one
     (m, m) matrix or a batch: with ``blocks`` row blocks only the blocks on and above the
     diagonal are multiplied ((blocks + 1) / (2 * blocks) of the multiply-adds) and the blocks
     below them mirrored. ``blocks`` 0 runs the full matmul.
@@ -265,7 +266,12 @@ def newton_schulz(
     batched = ortho.dim() == 3
     mm = torch.bmm if batched else torch.mm
     addmm = torch.baddbmm if batched else torch.addmm
-    blocks = symmetric_blocks(x.device, ortho.shape[-2]) if method == "gram" else 0
+    # Blocks are written through out=, which autograd refuses where an input requires grad:
+    # whole products then (never in a step, which runs under no_grad).
+    differentiable = torch.is_grad_enabled() and x.requires_grad
+    blocks = 0
+    if method == "gram" and not differentiable:
+        blocks = symmetric_blocks(x.device, ortho.shape[-2])
 
     def apply(left: torch.Tensor, beta: float, alpha: float, last: bool) -> torch.Tensor:
         """beta X + alpha left X. The last one of a tall matrix under "gram" comes out in the
@@ -445,8 +451,9 @@ class _ShapeGroup:
 
 
 class _Workspace:
-    """Per bucket: the update buffer (matrices of one shape contiguous, so each shape is one
-    batched Newton-Schulz), the views the two passes take, and the bucket views."""
+    """Per bucket: the update buffer (matrices of one shape contiguous, so that a shape's
+    batches of Newton-Schulz are slices of it), the views the two passes take, and the bucket
+    views."""
 
     def __init__(self, bucket: Any) -> None:
         by_shape: dict[tuple[int, int], list[int]] = {}
@@ -477,19 +484,20 @@ class _Workspace:
         )
 
 
-#: Elements of the matrices one batched Newton-Schulz takes on the CPU: 2^23 keeps each
-#: matmul's result and operands in bf16 under glibc's largest mmap threshold (32 MB), so the
+#: Bytes of the matrices one batched Newton-Schulz takes on the CPU, in ns_dtype: 16 MiB keeps
+#: each matmul's result and operands under glibc's largest mmap threshold (32 MiB), so the
 #: buffers are recycled from the heap; a whole batch of twelve 768 x 3072 matrices was
 #: allocated by mmap and page-faulted anew at every product, 9% slower (gpt2-small's matrices).
-CPU_NS_BATCH_ELEMENTS = 1 << 23
+CPU_NS_BATCH_BYTES = 16 << 20
 
 
-def ns_batch(device: torch.device, rows: int, cols: int, count: int) -> int:
+def ns_batch(device: torch.device, rows: int, cols: int, count: int, itemsize: int) -> int:
     """How many same-shape matrices one batched Newton-Schulz takes: all on GPUs (fewer,
-    larger launches), as many as CPU_NS_BATCH_ELEMENTS holds on CPUs (at least one)."""
+    larger launches), as many as CPU_NS_BATCH_BYTES holds in ``itemsize``-byte elements on CPUs
+    (at least one)."""
     if device.type != "cpu":
         return max(count, 1)
-    return max(1, min(count, CPU_NS_BATCH_ELEMENTS // max(rows * cols, 1)))
+    return max(1, min(count, CPU_NS_BATCH_BYTES // max(rows * cols * itemsize, 1)))
 
 
 def _orthogonalize(work: _Workspace, grads: list[torch.Tensor | None], s: MuonScalars) -> None:
@@ -503,7 +511,8 @@ def _orthogonalize(work: _Workspace, grads: list[torch.Tensor | None], s: MuonSc
         ratio = lr_ratio(s.adjust_lr_fn, group.rows, group.cols)
         args = (s.ns_coefficients, s.ns_steps, s.eps, dtype, ratio, s.ns_method)
         every = len(stepped) == len(group.indices)
-        batch = ns_batch(group.stack.device, group.rows, group.cols, len(stepped))
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        batch = ns_batch(group.stack.device, group.rows, group.cols, len(stepped), itemsize)
         for start in range(0, len(stepped), batch):
             if every:
                 part = group.stack[start : start + batch]

@@ -51,13 +51,14 @@ class Muon(FusedOptimizer):
       (onepass.algorithms.muon.gram_segments). It equals torch's iteration up to rounding: in
       bf16 within 1.3x of torch's bf16 error on flat spectra and nearer the float64 result on
       decaying or low-rank ones, with a third fewer multiply-adds on 1:3 and 1:4 matrices.
-      On CPUs, where matmuls are compute-bound, its symmetric products (X X^T, and every
-      product of the Gram iteration) multiply only their upper block triangle
-      (onepass.algorithms.muon.symmetric_product): 1.57x torch.optim.Muon on GPT-2 small's
-      matrices, against 0.97x for "standard".
+      On CPUs, where matmuls are compute-bound, its symmetric products (X X^T and the m x m
+      products of the Gram iteration, m >= 384, outside torch.compile) multiply only their
+      upper block triangle (onepass.algorithms.muon.symmetric_product): 1.57x
+      torch.optim.Muon on GPT-2 small's matrices, against 0.97x for "standard".
       "standard" is torch's iteration, operation for operation (the reference backend then
       gives torch.optim.Muon's bits).
-    - Every same-shape matrix of a bucket is orthogonalised together in batched matmuls; the
+    - Same-shape matrices of a bucket are orthogonalised together in batched matmuls (on
+      GPUs all of them; on CPUs batches of up to 16 MiB in ``ns_dtype``); the
       momentum pass before and the decay + scaled update after are one fused multi-tensor pass
       each (onepass.algorithms.muon).
 
