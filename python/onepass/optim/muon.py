@@ -52,7 +52,7 @@ class Muon(FusedOptimizer):
       bf16 within 1.3x of torch's bf16 error on flat spectra and nearer the float64 result on
       decaying or low-rank ones, with a third fewer multiply-adds on 1:3 and 1:4 matrices.
       On CPUs, where matmuls are compute-bound, its symmetric products (X X^T and the m x m
-      products of the Gram iteration, m >= 384, outside torch.compile) multiply only their
+      products of the Gram iteration, m >= ~640, outside torch.compile) multiply only their
       upper block triangle (onepass.algorithms.muon.symmetric_product): 1.57x
       torch.optim.Muon on GPT-2 small's matrices, against 0.97x for "standard".
       "standard" is torch's iteration, operation for operation (the reference backend then
