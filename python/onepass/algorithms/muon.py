@@ -193,6 +193,11 @@ def symmetric_blocks(device: torch.device, size: int) -> int:
     return blocks if blocks >= 3 else 0
 
 
+def _as_batch(t: torch.Tensor) -> torch.Tensor:
+    """A matrix as a batch of one (a view); a batch as it is."""
+    return t if t.dim() == 3 else t[None]
+
+
 def symmetric_product(
     left: torch.Tensor,
     right: torch.Tensor,
@@ -217,12 +222,8 @@ def symmetric_product(
     size = left.shape[-2]
     out = left.new_empty(*left.shape[:-1], size)
     bounds = [size * i // blocks for i in range(blocks + 1)]
-    batch = (
-        (left, right, out, add)
-        if left.dim() == 3
-        else (left[None], right[None], out[None], None if add is None else add[None])
-    )
-    lefts, rights, outs, adds = batch
+    lefts, rights, outs = _as_batch(left), _as_batch(right), _as_batch(out)
+    adds = None if add is None else _as_batch(add)
     for k in range(lefts.shape[0]):
         for start, stop in itertools.pairwise(bounds):
             block = outs[k, start:stop, start:]
