@@ -193,6 +193,11 @@ def symmetric_blocks(device: torch.device, size: int) -> int:
     return blocks if blocks >= 3 else 0
 
 
+def _matmul_ops(t: torch.Tensor) -> tuple[Any, Any]:
+    """(mm, addmm) for one matrix or a batch of them (bmm, baddbmm)."""
+    return (torch.bmm, torch.baddbmm) if t.dim() == 3 else (torch.mm, torch.addmm)
+
+
 def _as_batch(t: torch.Tensor) -> torch.Tensor:
     """A matrix as a batch of one (a view); a batch as it is."""
     return t if t.dim() == 3 else t[None]
@@ -215,9 +220,9 @@ def symmetric_product(
     Each block is one torch.mm per matrix of the batch, written in place: a batched matmul on
     these sliced operands copies them first (bf16 on CPU)."""
     if blocks == 0:
+        mm, addmm = _matmul_ops(left)
         if add is None:
-            return (torch.bmm if left.dim() == 3 else torch.mm)(left, right)
-        addmm = torch.baddbmm if left.dim() == 3 else torch.addmm
+            return mm(left, right)
         return addmm(add, left, right, beta=beta, alpha=alpha)
     size = left.shape[-2]
     out = left.new_empty(*left.shape[:-1], size)
@@ -267,9 +272,7 @@ def newton_schulz(
         ortho = ortho.mT
     norm = torch.linalg.vector_norm(ortho, dim=(-2, -1), keepdim=True)
     ortho = ortho.div_(norm.clamp_(min=eps))
-    batched = ortho.dim() == 3
-    mm = torch.bmm if batched else torch.mm
-    addmm = torch.baddbmm if batched else torch.addmm
+    mm, addmm = _matmul_ops(ortho)
     # Blocks are written through out=, which autograd refuses where an input requires grad:
     # whole products then (never in a step, which runs under no_grad).
     differentiable = torch.is_grad_enabled() and x.requires_grad
@@ -515,8 +518,7 @@ def _orthogonalize(work: _Workspace, grads: list[torch.Tensor | None], s: MuonSc
         ratio = lr_ratio(s.adjust_lr_fn, group.rows, group.cols)
         args = (s.ns_coefficients, s.ns_steps, s.eps, dtype, ratio, s.ns_method)
         every = len(stepped) == len(group.indices)
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        batch = ns_batch(group.stack.device, group.rows, group.cols, len(stepped), itemsize)
+        batch = ns_batch(group.stack.device, group.rows, group.cols, len(stepped), dtype.itemsize)
         for start in range(0, len(stepped), batch):
             if every:
                 part = group.stack[start : start + batch]
