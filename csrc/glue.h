@@ -209,6 +209,9 @@ inline std::atomic<int64_t>& parallel_scans() {
 // serial scan must handle. Own cache lines: each thread updates its part per tensor.
 struct alignas(64) TablePart {
   std::vector<Segment> segments;
+  // Per segment, where a param's data pointer is still to be read on the GIL holder's thread
+  // (Segment::param null): its storage and its byte offset in it. {nullptr, 0} where it is set.
+  std::vector<std::pair<c10::StorageImpl*, int64_t>> param_storages;
   std::vector<int64_t> stepped;
   std::optional<at::ScalarType> grad_dtype;  // the range's first grad's
   int64_t elements = 0;
@@ -289,9 +292,17 @@ void scan_part(const EagerParams& params, const Grads& grads, int64_t begin, int
           part.usable = false;
           return;
         }
-        // Null: read after the parallel region (materialising a storage is refused inside one).
+        // Null: read after the parallel region (materialising a storage is refused inside one),
+        // from the storage and offset found here.
         void* param = on_caller_thread && plain_storage(p) ? p.data_ptr() : nullptr;
         part.segments.push_back(segment_of(i, numel, offsets, steps, param, grad));
+        if (param == nullptr) {
+          const c10::TensorImpl* impl = p.unsafeGetTensorImpl();
+          part.param_storages.emplace_back(impl->unsafe_storage().unsafeGetStorageImpl(),
+                                           impl->storage_offset() * impl->itemsize());
+        } else {
+          part.param_storages.emplace_back(nullptr, 0);
+        }
         part.elements += numel;
         part.needed_state = std::max(part.needed_state, offsets[i] + numel);
       }
@@ -340,25 +351,30 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
   scanned.grad_dtype = grad_dtype.value_or(dtype);
   scanned.segments.reserve(segments);
   scanned.stepped.reserve(stepped);
+  std::vector<std::pair<c10::StorageImpl*, int64_t>> param_storages;
+  param_storages.reserve(segments);
   for (const TablePart& part : parts) {
     scanned.segments.insert(scanned.segments.end(), part.segments.begin(), part.segments.end());
     scanned.stepped.insert(scanned.stepped.end(), part.stepped.begin(), part.stepped.end());
+    param_storages.insert(param_storages.end(), part.param_storages.begin(),
+                          part.param_storages.end());
     scanned.elements += part.elements;
     scanned.needed_state = std::max(scanned.needed_state, part.needed_state);
   }
-  // The data pointers of the params other threads scanned, here on the GIL holder's thread
-  // (their metadata is now in the shared cache; prefetched a few tensors ahead).
-  constexpr size_t kAhead = 8;
+  // The data pointers of the params other threads scanned, here on the GIL holder's thread, as
+  // Tensor::data_ptr() gives them (the storage's mutable pointer, with its checks and any
+  // materialising, plus the offset): one cache line each, its storage's, prefetched ahead.
+  constexpr size_t kAhead = 16;
   const size_t count = scanned.segments.size();
   for (size_t k = 0; k < count; ++k) {
-    if (k + kAhead < count && scanned.segments[k + kAhead].param == nullptr) {
-      const Tensor& ahead = param_at(params, scanned.segments[k + kAhead].index);
-      __builtin_prefetch(ahead.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+    if (k + kAhead < count && param_storages[k + kAhead].first != nullptr) {
+      __builtin_prefetch(param_storages[k + kAhead].first);
     }
-    Segment& s = scanned.segments[k];
-    if (s.param != nullptr) continue;  // read by this thread during the scan
-    s.param = param_at(params, s.index).data_ptr();
-    if (s.param == nullptr) return false;
+    const auto [storage, byte_offset] = param_storages[k];
+    if (storage == nullptr) continue;  // read by this thread during the scan
+    char* data = static_cast<char*>(storage->mutable_data());
+    if (data == nullptr) return false;
+    scanned.segments[k].param = data + byte_offset;
   }
   t = std::move(scanned);
   parallel_scans().fetch_add(1, std::memory_order_relaxed);

@@ -148,9 +148,10 @@ class _TaggedParameter(torch.nn.Parameter):
 @pytest.mark.parametrize("unusual", ["none", "copy-on-write", "non-contiguous", "subclass"])
 def test_many_tensors_scanned_in_parallel(unusual: str, backend: Backend) -> None:
     """An eager step over 1,024+ tensors reads their metadata on all of torch's threads
-    (glue::scan_in_parallel); a copy-on-write param is materialised after the parallel region.
-    One tensor that only the serial scan handles, a non-contiguous param (a copy) or a Tensor
-    subclass, hands the whole table to it. All match the reference, None grads included."""
+    (glue::scan_in_parallel); a copy-on-write param, in the calling thread's part or another's,
+    is materialised after the parallel region. One tensor that only the serial scan handles, a
+    non-contiguous param (a copy) or a Tensor subclass, hands the whole table to it. All match
+    the reference, None grads included."""
     if backend.name != "cpu":
         pytest.skip("the parallel scan is the native eager path's")
     sizes = [(7 * i) % 61 + 1 for i in range(1500)]
@@ -160,16 +161,20 @@ def test_many_tensors_scanned_in_parallel(unusual: str, backend: Backend) -> Non
         params[odd] = torch.randn(2 * sizes[odd])[::2].requires_grad_()
     elif unusual == "subclass":
         params[odd] = _TaggedParameter(torch.randn(sizes[odd]))
-    source = torch.randn(sizes[4])
-    if unusual == "copy-on-write":  # in the calling thread's part: materialised after the scan
-        params[4] = torch._lazy_clone(source).requires_grad_()
-    untouched = source.clone()
+    # Parts are whole blocks of 64 tensors: 4 is in the first part (the calling thread's), 1400
+    # in the last. Both are materialised after the scan.
+    sources = {i: torch.randn(sizes[i]) for i in (4, 1400)}
+    if unusual == "copy-on-write":
+        for i, source in sources.items():
+            params[i] = torch._lazy_clone(source).requires_grad_()
+    untouched = {i: source.clone() for i, source in sources.items()}
     before = onepass._C.parallel_scans()
     check_against_reference(ADAMW_INFO, {"lr": 1e-2}, backend.name, torch.float32, params)
     scans = onepass._C.parallel_scans() - before
     if torch.get_num_threads() > 1:
         assert scans == (STEPS if unusual in ("none", "copy-on-write") else 0)
-    assert torch.equal(source, untouched)  # the copy-on-write param's source
+    for i, source in sources.items():  # the copy-on-write params' sources
+        assert torch.equal(source, untouched[i])
 
 
 @pytest.mark.parametrize(
