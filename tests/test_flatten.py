@@ -125,31 +125,37 @@ def test_flatten_state_dict_loads_into_torch() -> None:
         assert_verbose_allclose(p, q, 1.3e-6, 1e-5)
 
 
+@pytest.mark.parametrize("count", [3, 1500], ids=["3-params", "1500-params"])
 @pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
-def test_grads_are_tells_views_from_replaced_grads(native: bool, monkeypatch) -> None:
+def test_grads_are_tells_views_from_replaced_grads(native: bool, count: int, monkeypatch) -> None:
     """The identity check of the flat path (native where built, Python otherwise): every grad
-    is its view; a replaced or a missing grad is not."""
+    is its view; a replaced or a missing grad is not. 1,500 params are read a block of 64 at a
+    time on all of torch's threads: the changed param is in the last block of the last part."""
     if not native:
         monkeypatch.setattr(_ops, "NATIVE_ERROR", "forced off")
     elif _ops.NATIVE_ERROR is not None:
         pytest.skip("onepass._C is not built")
-    params = [torch.zeros(n, requires_grad=True) for n in (3, 5, 7)]
-    views = [torch.zeros(n) for n in (3, 5, 7)]
+    sizes = [(3, 5, 7)[i % 3] for i in range(count)]
+    params = [torch.zeros(n, requires_grad=True) for n in sizes]
+    views = [torch.zeros(n) for n in sizes]
     for p, v in zip(params, views, strict=True):
         p.grad = v
     impls = torch.tensor([v._cdata for v in views], dtype=torch.int64)
+    changed = count - 2
     assert _ops.grads_are(params, impls)
-    params[1].grad = views[1].clone()
+    params[changed].grad = views[changed].clone()
     assert not _ops.grads_are(params, impls)
-    params[1].grad = None
+    params[changed].grad = None
     assert not _ops.grads_are(params, impls)
-    params[1].grad = views[1]
-    flat = torch.zeros(15)
-    for p, (start, n) in zip(params, ((0, 3), (3, 5), (8, 7)), strict=True):
+    params[changed].grad = views[changed]
+    flat = torch.zeros(sum(sizes))
+    start = 0
+    for p, n in zip(params, sizes, strict=True):
         p.data = flat[start : start + n]
+        start += n
     storage = flat.untyped_storage().data_ptr()
     assert _ops.grads_are(params, impls, storage)
-    params[2].data = params[2].data.clone()  # no longer a view of the flat buffer
+    params[changed].data = params[changed].data.clone()  # no longer a view of the flat buffer
     assert _ops.grads_are(params, impls) and not _ops.grads_are(params, impls, storage)
 
 
