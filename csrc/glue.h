@@ -363,12 +363,15 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
   }
   // The data pointers of the params other threads scanned, here on the GIL holder's thread, as
   // Tensor::data_ptr() gives them (the storage's mutable pointer, with its checks and any
-  // materialising, plus the offset): one cache line each, its storage's, prefetched ahead.
+  // materialising, plus the offset): only the storage's first 64 bytes are read (the pointer
+  // and the check flags; one or two lines at malloc's 16-byte alignment), prefetched ahead.
   constexpr size_t kAhead = 16;
   const size_t count = scanned.segments.size();
   for (size_t k = 0; k < count; ++k) {
     if (k + kAhead < count && param_storages[k + kAhead].first != nullptr) {
-      __builtin_prefetch(param_storages[k + kAhead].first);
+      const char* ahead = reinterpret_cast<const char*>(param_storages[k + kAhead].first);
+      __builtin_prefetch(ahead);
+      __builtin_prefetch(ahead + 63);
     }
     const auto [storage, byte_offset] = param_storages[k];
     if (storage == nullptr) continue;  // read by this thread during the scan

@@ -162,7 +162,7 @@ def test_many_tensors_scanned_in_parallel(unusual: str, backend: Backend) -> Non
     elif unusual == "subclass":
         params[odd] = _TaggedParameter(torch.randn(sizes[odd]))
     # Parts are whole blocks of 64 tensors: 4 is in the first part (the calling thread's), 1400
-    # in the last. Both are materialised after the scan.
+    # in another thread's. Both are materialised after the scan.
     sources = {i: torch.randn(sizes[i]) for i in (4, 1400)}
     if unusual == "copy-on-write":
         for i, source in sources.items():
@@ -175,6 +175,28 @@ def test_many_tensors_scanned_in_parallel(unusual: str, backend: Backend) -> Non
         assert scans == (STEPS if unusual in ("none", "copy-on-write") else 0)
     for i, source in sources.items():  # the copy-on-write params' sources
         assert torch.equal(source, untouched[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=dtype_id)
+def test_parallel_scan_reads_views_at_an_offset(dtype: torch.dtype, backend: Backend) -> None:
+    """Params that are views at an offset into larger buffers, some copy-on-write, and zero-size
+    params, over 1,500 tensors scanned on all of torch's threads: each param's data pointer is
+    its storage's plus its offset in bytes, wherever in the list it lies."""
+    if backend.name != "cpu":
+        pytest.skip("the parallel scan is the native eager path's")
+    sizes = [0 if i % 97 == 5 else (7 * i) % 61 + 1 for i in range(1500)]
+    params = []
+    for i, n in enumerate(sizes):
+        offset = 3 + i % 5
+        base = torch.randn(n + offset + 2).to(dtype)
+        if i % 11 == 0:
+            base = torch._lazy_clone(base)
+        params.append(base[offset : offset + n].requires_grad_())
+    assert all(p.storage_offset() > 0 for p in params)
+    before = onepass._C.parallel_scans()
+    check_against_reference(ADAMW_INFO, {"lr": 1e-2}, backend.name, dtype, params)
+    if torch.get_num_threads() > 1:
+        assert onepass._C.parallel_scans() - before == STEPS
 
 
 @pytest.mark.parametrize(
