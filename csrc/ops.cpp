@@ -865,12 +865,11 @@ bool grads_are(const pybind11::list& params, const at::Tensor& impls, int64_t st
         block[i - b] = THPVariable_Unpack(obj).unsafeGetTensorImpl();
         __builtin_prefetch(block[i - b]);  // the line with the storage and autograd meta
       }
+      // The autograd meta (where .grad lives). Not the storages: while the check passes they
+      // are all the flat buffer's one storage, in cache after the first.
       for (int64_t i = b; i < e; ++i) {
-        const c10::TensorImpl* impl = block[i - b];
-        if (const auto* meta = impl->autograd_meta(); meta != nullptr) __builtin_prefetch(meta);
-        if (storage != 0 && impl->has_storage()) {
-          __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
-        }
+        const auto* meta = block[i - b]->autograd_meta();
+        if (meta != nullptr) __builtin_prefetch(meta);
       }
       for (int64_t i = b; i < e; ++i) {
         const c10::TensorImpl* impl = block[i - b];
