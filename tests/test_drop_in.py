@@ -214,6 +214,26 @@ def test_frozen_param_unfrozen_later(backend_name: str) -> None:
     assert_same_as_torch(ours, expected, params, theirs)
 
 
+
+@pytest.mark.parametrize("first", [[0, 1], [3], [1, 2, 3]], ids=str)
+def test_state_appears_when_a_param_first_has_a_grad(first: list[int], backend_name: str) -> None:
+    """Params whose grads are None at the first steps get ``optimizer.state`` entries at the
+    step that first gives them a grad, one by one, as torch.optim's do."""
+    params = make_params(F64)
+    theirs = clone_params(params)
+    ours = onepass.AdamW(params, lr=1e-2, backend=backend_name)
+    expected = torch.optim.AdamW(theirs, lr=1e-2)
+    for s, stepped in enumerate([first, first, [*first, 2], list(range(len(params)))], start=1):
+        grads = [g if i in stepped else None for i, g in enumerate(make_grads(params, s))]
+        set_grads(params, grads)
+        set_grads(theirs, grads)
+        ours.step()
+        expected.step()
+        assert sorted(i for i, p in enumerate(params) if p in ours.state) == sorted(
+            i for i, p in enumerate(theirs) if p in expected.state
+        )
+        assert_same_as_torch(ours, expected, params, theirs)
+
 # ------------------------------------------------------------------------------------------------
 # zero_grad, closure, hooks
 # ------------------------------------------------------------------------------------------------
