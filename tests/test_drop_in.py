@@ -214,7 +214,6 @@ def test_frozen_param_unfrozen_later(backend_name: str) -> None:
     assert_same_as_torch(ours, expected, params, theirs)
 
 
-
 @pytest.mark.parametrize("first", [[0, 1], [3], [1, 2, 3]], ids=str)
 def test_state_appears_when_a_param_first_has_a_grad(first: list[int], backend_name: str) -> None:
     """Params whose grads are None at the first steps get ``optimizer.state`` entries at the
@@ -233,6 +232,7 @@ def test_state_appears_when_a_param_first_has_a_grad(first: list[int], backend_n
             i for i, p in enumerate(theirs) if p in expected.state
         )
         assert_same_as_torch(ours, expected, params, theirs)
+
 
 # ------------------------------------------------------------------------------------------------
 # zero_grad, closure, hooks
