@@ -50,6 +50,7 @@ BAD_SGD = [
     {"weight_decay": -1.0},
     {"nesterov": True},
     {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
+    {"nesterov": True, "momentum": -0.5},  # the range check comes first
 ]
 Table = tuple[tuple[type[onepass.FusedOptimizer], type[torch.optim.Optimizer], list[Any]], ...]
 _TABLE: Table = (
@@ -87,17 +88,18 @@ def test_hyperparameter_errors_match_torch(
         pytest.param(onepass.AdamW, {"lr": -1e-3}, id="AdamW-lr"),
         pytest.param(onepass.Adam, {"betas": (0.9, 1.5)}, id="Adam-betas"),
         pytest.param(onepass.SGD, {"momentum": -1.0}, id="SGD-momentum"),
-        pytest.param(onepass.SGD, {"nesterov": True, "momentum": 0.0}, id="SGD-nesterov"),
     ],
 )
 def test_add_param_group_refuses_bad_hyperparameters(
     cls: type[onepass.FusedOptimizer], kwargs: dict[str, Any]
 ) -> None:
-    """Stricter than torch.optim, which only checks the constructor's defaults."""
+    """Out-of-range values: stricter than torch.optim, which only checks the constructor's
+    defaults. (Not nesterov's needs: a group may turn momentum off under nesterov=True, as in
+    torch; tests/test_fuzz_torch_optim.py.)"""
     extra: dict[str, Any] = {"momentum": 0.9} if cls is onepass.SGD else {}
     optimizer, _ = _stepped(cls, **extra)
     before = snapshot(optimizer)
-    with pytest.raises(ValueError, match=r"^(Invalid|Nesterov)"):
+    with pytest.raises(ValueError, match=r"^Invalid"):
         optimizer.add_param_group({"params": [torch.randn(3, requires_grad=True)], **kwargs})
     assert len(optimizer.param_groups) == 2
     assert_unchanged(optimizer, before)

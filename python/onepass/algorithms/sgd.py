@@ -106,8 +106,8 @@ def _check_group(group: Group) -> None:
         raise ValueError(f"Invalid momentum value: {group['momentum']}")
     if scalar(group["weight_decay"]) < 0.0:
         raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    # Not the nesterov check: torch.optim.SGD makes it on the constructor's arguments only (see
+    # onepass.SGD), so a group may set momentum=0 (plain SGD) or a dampening under nesterov.
 
 
 def _active_slots(group: Group) -> tuple[str, ...]:

@@ -73,6 +73,11 @@ class SGD(FusedOptimizer):
             "capturable": capturable,
         }
         super().__init__(params, defaults, options)
+        # As torch.optim.SGD: on the constructor's arguments, not on each group (a group may
+        # turn momentum off, or add dampening, under nesterov=True defaults), and after the
+        # range checks, so that the first bad value is the one named.
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
 class SGDW(SGD):
