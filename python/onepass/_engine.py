@@ -366,7 +366,9 @@ class Bucket:
 
 
 def _numpy_view(x: torch.Tensor) -> Any:
-    """A numpy array sharing a CPU tensor's memory, or None without numpy."""
+    """A numpy array sharing a CPU tensor's memory; None for other devices, or without numpy."""
+    if x.device.type != "cpu":
+        return None
     try:
         return x.numpy()
     except RuntimeError:  # numpy is optional for torch
@@ -392,16 +394,22 @@ class FlatBucket:
         self.table_cache = bucket.table_cache
         self.lr_tensor = bucket.lr_tensor
         self.offsets = torch.zeros(1, dtype=torch.int64)
-        # views for finish(): one fill, not an indexing expression's three ops
+        # views for finish(): one fill, not an indexing expression's three ops; numpy views of
+        # host steps, whose fill takes no torch op (~30 us less a step on cold caches)
         self._first_step = bucket.step[0]
         self._other_steps = bucket.step[1:]
+        self._first_step_array = _numpy_view(self._first_step)
+        self._other_steps_array = _numpy_view(self._other_steps)
 
     def slot_views(self, i: int) -> dict[str, torch.Tensor]:
         return dict(self.buffers)
 
     def finish(self) -> None:
         """Every tensor advanced with the first (or none did: a skipped AMP step)."""
-        self._other_steps.fill_(self._first_step)
+        if self._other_steps_array is not None and not torch.compiler.is_compiling():
+            self._other_steps_array.fill(self._first_step_array)
+        else:
+            self._other_steps.fill_(self._first_step)
 
 
 class Engine:
@@ -519,7 +527,10 @@ class Engine:
                 raise
             if isinstance(bucket, FlatBucket):
                 bucket.finish()
-                bucket, grads = bucket.bucket, list(bucket.bucket.grad_views)
+                # Every grad was its view of the flat buffer (flat_step checked): read them again
+                # only if some param's state is still to expose (a copy of the 4,000 views' list
+                # touches every view, ~40 us a step on cold caches).
+                bucket, grads = bucket.bucket, None
             elif bucket.flat_param is not None and not bucket.per_tensor:
                 # (per-tensor algorithms never take the flat path: no need to track it)
                 grads = _grads_of(bucket) if grads is None else grads
