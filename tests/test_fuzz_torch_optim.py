@@ -1,5 +1,6 @@
 """Seeded differential fuzz of the drop-in promise: onepass.AdamW / Adam / SGD against
-torch.optim.AdamW / Adam / SGD under the same random sequence of user operations.
+torch.optim.AdamW / Adam / SGD under the same random sequence of user operations (the engine:
+tests/fuzz.py).
 
 Each case builds two identical sets of float64 params (odd shapes, a 0-d and a 1-element tensor,
 a zero-size one, a non-contiguous one, a frozen one that never gets a grad), one optimizer of
@@ -15,11 +16,8 @@ flatten=True. A failure names the case and lists the operations so far.
 
 from __future__ import annotations
 
-import io
-import math
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -27,14 +25,14 @@ import torch
 
 import onepass
 
-F64 = torch.float64
+from fuzz import F64, Fuzz, ignore_scheduler_order, run_fuzz
+
 #: Same math in float64 on both sides; only operation order differs (~1 ulp a step). Not
 #: loosened: the worst comparison of the seeds below uses 5% of it. An element where Adam's L2
 #: term cancels the grad to ~eps (g + wd*p ~ 1e-7) amplifies that order difference (torch's
 #: add(alpha=wd) rounds once, with FMA; onepass twice) to ~1e-14: about one run in 600 of a
 #: wider seed sweep, on the reference backend, and not on these seeds.
 RTOL, ATOL = 1e-12, 1e-14
-N_OPS = 25
 
 PAIRS: dict[str, tuple[type[torch.optim.Optimizer], type[torch.optim.Optimizer]]] = {
     "AdamW": (onepass.AdamW, torch.optim.AdamW),
@@ -106,354 +104,83 @@ def valid_nesterov(overrides: dict[str, Any], defaults: dict[str, Any]) -> None:
         overrides["dampening"] = 0.0
 
 
-def new_param(shape: tuple[int, ...], gen: torch.Generator, strided: bool = False) -> torch.Tensor:
-    if strided and len(shape) == 2:  # a non-contiguous leaf (a transposed storage)
-        base = torch.randn(shape[::-1], generator=gen, dtype=F64)
-        return base.t().requires_grad_()
-    return torch.randn(shape, generator=gen, dtype=F64).requires_grad_()
-
-
-def twin(p: torch.Tensor) -> torch.Tensor:
-    """An independent leaf with the same values, strides and requires_grad."""
-    q = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype)
-    q.copy_(p.detach())
-    return q.requires_grad_(p.requires_grad)
-
-
-def draw_grad(p: torch.Tensor, rng: random.Random, gen: torch.Generator) -> torch.Tensor:
-    r = rng.random()
-    if r < 0.08:
-        return torch.zeros_like(p)
-    scale = 10 ** rng.uniform(-3, 1)
-    g = torch.randn(p.shape, generator=gen, dtype=F64) * scale
-    if r > 0.85 and p.dim() == 2:  # a grad laid out differently from its param
-        g = g.t().contiguous().t()
-    return g
-
-
 # ------------------------------------------------------------------------------------------------
 # The two runs
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Side:
-    """One run: its own params and the optimizer stepping them (onepass or torch.optim)."""
+class TorchOptimFuzz(Fuzz):
+    """Side A starts in onepass, side B in torch.optim; float64 params."""
 
-    name: str
-    params: list[torch.Tensor]
-    lib: str = ""
-    opt: torch.optim.Optimizer | None = None
-    sched: Any = None
+    GEN_SEED = 1000
 
+    def rng_key(self) -> str:
+        return f"{self.kind}/{self.seed}/{self.backend}"
 
-@dataclass
-class Fuzz:
-    kind: str
-    backend: str
-    seed: int
-    rng: random.Random
-    gen: torch.Generator
-    sides: tuple[Side, Side]
-    groups: list[list[int]]  # param indices of each group, the same on both sides
-    frozen: int
-    ctor: dict[str, Any]
-    flatten: bool
-    log: list[str] = field(default_factory=list)
-    sched_factory: Callable[[torch.optim.Optimizer], Any] | None = None
+    def pair(self) -> tuple[str, str]:
+        return "onepass", "torch"
 
-    # -- construction ---------------------------------------------------------------------------
-
-    def build(self, lib: str, side: Side) -> torch.optim.Optimizer:
-        """A fresh optimizer of ``lib`` over ``side``'s params, grouped as the run is."""
+    def build(self, lib: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         ours, theirs = PAIRS[self.kind]
-        groups = [{"params": [side.params[i] for i in idx]} for idx in self.groups]
         if lib == "onepass":
             return ours(groups, **self.ctor, backend=self.backend, flatten=self.flatten)
         return theirs(groups, **self.ctor)
 
-    def fail(self, what: str, error: AssertionError) -> None:
-        roles = ", ".join(f"{s.name}={s.lib}" for s in self.sides)
-        ops = "\n  ".join(self.log)
-        raise AssertionError(
-            f"{self.kind} backend={self.backend} flatten={self.flatten} seed={self.seed} "
-            f"({roles}): {what}\n"
-            f"{error}\nops:\n  {ops}"
-        ) from error
+    def tolerance(self) -> tuple[float, float]:
+        return RTOL, ATOL
 
-    # -- comparisons ----------------------------------------------------------------------------
+    def shared_keys(self) -> Sequence[str]:
+        return SHARED_KEYS
 
-    def check_params(self, what: str) -> None:
-        a, b = self.sides
-        for i, (pa, pb) in enumerate(zip(a.params, b.params, strict=True)):
-            try:
-                torch.testing.assert_close(pa.detach(), pb.detach(), rtol=RTOL, atol=ATOL)
-            except AssertionError as e:
-                self.fail(f"param {i} after {what}", e)
+    # -- random draws ---------------------------------------------------------------------------
 
-    def check_state(self, what: str) -> None:
-        a, b = self.sides
-        for i, (pa, pb) in enumerate(zip(a.params, b.params, strict=True)):
-            sa, sb = a.opt.state.get(pa, {}), b.opt.state.get(pb, {})
-            self.compare_entry(f"state of param {i} after {what}", sa, sb)
+    def draw_hparams(self) -> dict[str, Any]:
+        return draw_hparams(self.kind, self.rng)
 
-    def compare_entry(self, what: str, sa: Any, sb: Any) -> None:
-        try:
-            assert sorted(sa) == sorted(sb), f"slots {sorted(sa)} != {sorted(sb)}"
-            for key in sa:
-                va, vb = sa[key], sb[key]
-                if key == "step":
-                    assert va.dtype == vb.dtype, f"step dtype {va.dtype} != {vb.dtype}"
-                    assert float(va) == float(vb), f"step {float(va)} != {float(vb)}"
-                    continue
-                torch.testing.assert_close(va, vb, rtol=RTOL, atol=ATOL, msg=lambda m, k=key: k + m)
-        except AssertionError as e:
-            self.fail(what, e)
+    def initial_shapes(self) -> list[tuple[int, ...]]:
+        # 0-d, 1-element, zero-size, non-contiguous (4, 3), and one over a CPU chunk (2^15
+        # elements).
+        return [(3, 5), (), (1,), (0, 3), (2, 3, 2), (4, 3), (6,), (129, 257)]
 
-    def check_state_dicts(self, sda: dict[str, Any], sdb: dict[str, Any], what: str) -> None:
-        try:
-            assert len(sda["param_groups"]) == len(sdb["param_groups"])
-            for ga, gb in zip(sda["param_groups"], sdb["param_groups"], strict=True):
-                assert ga["params"] == gb["params"], f"param ids {ga['params']} != {gb['params']}"
-                for key in SHARED_KEYS:
-                    assert (key in ga) == (key in gb), f"group key {key!r} in one only"
-                    if key in ga:
-                        va, vb = ga[key], gb[key]
-                        assert va == vb, f"group {key}: {va!r} != {vb!r}"
-            assert sorted(sda["state"]) == sorted(sdb["state"]), (
-                f"state ids {sorted(sda['state'])} != {sorted(sdb['state'])}"
-            )
-        except AssertionError as e:
-            self.fail(f"state_dict after {what}", e)
-        for k in sda["state"]:
-            self.compare_entry(f"state_dict entry {k} at {what}", sda["state"][k], sdb["state"][k])
+    def new_shape(self) -> tuple[int, ...]:
+        return draw_shape(self.rng)
 
-    # -- operations -----------------------------------------------------------------------------
+    def mutable_keys(self, group: dict[str, Any]) -> Sequence[str]:
+        if self.kind != "SGD":
+            return ["lr", "weight_decay", "betas", "eps", "maximize"]
+        keys = ["lr", "weight_decay", "momentum", "maximize"]
+        if not group["nesterov"]:
+            keys.append("dampening")
+        return keys
 
-    def op_step(self, new_grads: bool) -> None:
-        a, b = self.sides
-        if new_grads:
-            # Per param, as backward and users leave it: not reached (grad as it was), grad
-            # set to None, a new grad tensor, or a grad accumulated into the one there.
-            drawn = []
-            for i, (pa, pb) in enumerate(zip(a.params, b.params, strict=True)):
-                r = self.rng.random()
-                if i == self.frozen or r < 0.2:
-                    drawn.append(".")
-                elif r < 0.3:
-                    drawn.append("-")
-                    pa.grad = pb.grad = None
-                else:
-                    g = draw_grad(pa, self.rng, self.gen)
-                    if r < 0.65 or pa.grad is None:
-                        drawn.append("g")
-                        pa.grad, pb.grad = g, twin(g)
-                    else:
-                        drawn.append("+")
-                        pa.grad.add_(g)
-                        pb.grad.add_(g)
-            self.log.append(f"grads {''.join(drawn)}; step")
-        else:
-            self.log.append("step (grads kept)")
-        a.opt.step()
-        b.opt.step()
-        self.check_params(self.log[-1])
-
-    def op_zero_grad(self) -> None:
-        set_to_none = self.rng.random() < 0.5
-        self.log.append(f"zero_grad(set_to_none={set_to_none})")
-        for s in self.sides:
-            s.opt.zero_grad(set_to_none=set_to_none)
-
-    def op_set_hparam(self) -> None:
-        g = self.rng.randrange(len(self.groups))
-        group = self.sides[0].opt.param_groups[g]
-        if self.kind == "SGD":
-            keys = ["lr", "weight_decay", "momentum", "maximize"]
-            if not group["nesterov"]:
-                keys.append("dampening")
-        else:
-            keys = ["lr", "weight_decay", "betas", "eps", "maximize"]
-        key = self.rng.choice(keys)
-        if key == "lr":
-            value: Any = float(group["lr"]) * self.rng.choice([0.1, 0.5, 2.0, 3.0])
-        elif key == "weight_decay":
-            value = self.rng.choice([0.0, self.rng.uniform(0.0, 0.3)])
-        elif key == "momentum":
+    def draw_value(self, key: str, group: dict[str, Any]) -> Any:
+        """Key by key (not from a whole draw_hparams): a nesterov group keeps a momentum."""
+        rng = self.rng
+        if key == "weight_decay":
+            return rng.choice([0.0, rng.uniform(0.0, 0.3)])
+        if key == "momentum":
             low = 0.1 if group["nesterov"] else 0.0  # nesterov needs a momentum
-            value = self.rng.choice([low, self.rng.uniform(0.1, 0.95)])
-        elif key == "dampening":
-            value = self.rng.uniform(0.0, 0.6)
-        elif key == "betas":
-            value = (self.rng.uniform(0.5, 0.95), self.rng.uniform(0.9, 0.9999))
-        elif key == "eps":
-            value = 10 ** self.rng.uniform(-10, -6)
-        else:
-            value = not group["maximize"]
-        self.log.append(f"param_groups[{g}][{key!r}] = {value!r}")
-        for s in self.sides:
-            s.opt.param_groups[g][key] = value
+            return rng.choice([low, rng.uniform(0.1, 0.95)])
+        if key == "dampening":
+            return rng.uniform(0.0, 0.6)
+        if key == "betas":
+            return (rng.uniform(0.5, 0.95), rng.uniform(0.9, 0.9999))
+        if key == "eps":
+            return 10 ** rng.uniform(-10, -6)
+        return super().draw_value(key, group)  # lr scaled, maximize flipped
 
-    def make_sched_factory(self) -> Callable[[torch.optim.Optimizer], Any]:
-        sched = torch.optim.lr_scheduler
-        kinds = ["StepLR", "LambdaLR", "ExponentialLR", "CosineAnnealingLR", "OneCycleLR"]
-        which = self.rng.choice(kinds)
-        step_size, gamma = self.rng.randint(1, 3), self.rng.uniform(0.5, 0.95)
-        self.log.append(f"scheduler {which} (step_size={step_size}, gamma={gamma!r})")
-        if which == "StepLR":
-            return lambda opt: sched.StepLR(opt, step_size=step_size, gamma=gamma)
-        if which == "LambdaLR":
-            return lambda opt: sched.LambdaLR(opt, lambda epoch: 1.0 / (1.0 + 0.3 * epoch))
-        if which == "ExponentialLR":
-            return lambda opt: sched.ExponentialLR(opt, gamma=gamma)
-        if which == "CosineAnnealingLR":
-            return lambda opt: sched.CosineAnnealingLR(opt, T_max=6, eta_min=1e-4)
-        # Also cycles SGD's momentum (from 0 too) or Adam's beta1 at every step.
-        return lambda opt: sched.OneCycleLR(opt, max_lr=0.05, total_steps=4 * N_OPS)
-
-    def op_scheduler(self) -> None:
-        if self.sched_factory is None:
-            self.sched_factory = self.make_sched_factory()
-        for s in self.sides:
-            if s.sched is None:
-                s.sched = self.sched_factory(s.opt)
-            s.sched.step()
-        self.log.append("scheduler.step()")
-        lrs = [[g["lr"] for g in s.opt.param_groups] for s in self.sides]
-        assert lrs[0] == lrs[1], lrs
-
-    def op_add_group(self) -> None:
-        shape = draw_shape(self.rng)
-        hp = draw_hparams(self.kind, self.rng)
-        # Some keys only: the group takes the rest from the optimizer's defaults.
+    def draw_overrides(self, hp: dict[str, Any]) -> dict[str, Any]:
+        if self.kind != "SGD":
+            return super().draw_overrides(hp)
+        # A group's own nesterov comes with its own momentum and dampening (see valid_group).
         keys = [k for k in hp if self.rng.random() < 0.5 and k != "nesterov"]
-        if self.kind == "SGD" and hp["nesterov"] and self.rng.random() < 0.5:
+        if hp["nesterov"] and self.rng.random() < 0.5:
             keys += ["nesterov", "momentum", "dampening"]
-        overrides = {k: hp[k] for k in dict.fromkeys(keys)}
+        return {k: hp[k] for k in dict.fromkeys(keys)}
+
+    def valid_group(self, overrides: dict[str, Any]) -> None:
         if self.kind == "SGD":
             valid_nesterov(overrides, self.ctor)
-        pa = new_param(shape, self.gen)
-        pb = twin(pa)
-        index = len(self.sides[0].params)
-        self.groups.append([index])
-        self.log.append(f"add_param_group(shape={shape}, {overrides})")
-        for s, p in zip(self.sides, (pa, pb), strict=True):
-            s.params.append(p)
-            s.opt.add_param_group({"params": [p], **overrides})
-            # A scheduler knows the groups it was made for (LambdaLR refuses a state_dict of
-            # fewer): the user makes a new one, at the next scheduler operation.
-            s.sched = None
-
-    def reload(self, cross: bool) -> None:
-        """Both sides' state_dicts, compared, then each loaded into a fresh optimizer of the
-        other library (cross) or of its own, over the same params; the run continues there."""
-        a, b = self.sides
-        sds = [s.opt.state_dict() for s in self.sides]
-        via_bytes = self.rng.random() < 0.5
-        self.log.append(f"{'cross-load' if cross else 'round trip'} (via torch.save={via_bytes})")
-        self.check_state_dicts(sds[0], sds[1], self.log[-1])
-        if via_bytes:  # a checkpoint on disk: independent tensors, loaded weights_only
-            for k, sd in enumerate(sds):
-                buf = io.BytesIO()
-                torch.save(sd, buf)
-                buf.seek(0)
-                sds[k] = torch.load(buf, weights_only=True)
-        for s, sd in zip(self.sides, sds, strict=True):
-            lib = s.lib
-            if cross:
-                lib = "torch" if lib == "onepass" else "onepass"
-            sched_sd = None if s.sched is None else s.sched.state_dict()
-            s.lib, s.opt = lib, self.build(lib, s)
-            s.opt.load_state_dict(sd)
-            if sched_sd is not None:
-                assert self.sched_factory is not None
-                s.sched = self.sched_factory(s.opt)
-                s.sched.load_state_dict(sched_sd)
-        self.check_state(self.log[-1])
-        self.check_state_dicts(a.opt.state_dict(), b.opt.state_dict(), f"{self.log[-1]}, reloaded")
-        self.check_params(self.log[-1])
-
-
-def make_fuzz(kind: str, seed: int, backend: str, flatten: bool = False) -> Fuzz:
-    rng = random.Random(f"{kind}/{seed}/{backend}")
-    gen = torch.Generator().manual_seed(1000 + seed)
-    # 0-d, 1-element, zero-size, non-contiguous (4, 3), and one over a CPU chunk (2^15 elements).
-    shapes = [(3, 5), (), (1,), (0, 3), (2, 3, 2), (4, 3), (6,), (129, 257)]
-    rng.shuffle(shapes)
-    params = [new_param(s, gen, strided=(s == (4, 3))) for s in shapes]
-    frozen = rng.randrange(len(params))
-    params[frozen].requires_grad_(False)
-    a = Side("A", params)
-    b = Side("B", [twin(p) for p in params])
-    ctor = draw_hparams(kind, rng)
-    order = list(range(len(params)))
-    if rng.random() < 0.5:  # two groups, the second with its own hyperparameters
-        cut = rng.randrange(1, len(params))
-        groups = [order[:cut], order[cut:]]
-        second = draw_hparams(kind, rng)
-        extra = [{k: second[k] for k in second if rng.random() < 0.6}]
-    else:
-        groups, extra = [order], []
-    fuzz = Fuzz(kind, backend, seed, rng, gen, (a, b), groups, frozen, ctor, flatten)
-    # The first optimizers take the second group's hyperparameters as group keys.
-    ours, theirs = PAIRS[kind]
-    for side, lib in ((a, "onepass"), (b, "torch")):
-        spec = [
-            {"params": [side.params[i] for i in idx], **(extra[k - 1] if k else {})}
-            for k, idx in enumerate(groups)
-        ]
-        if kind == "SGD" and len(spec) > 1:
-            valid_nesterov(spec[1], ctor)
-        if lib == "onepass":
-            side.opt = ours(spec, **ctor, backend=backend, flatten=flatten)
-        else:
-            side.opt = theirs(spec, **ctor)
-        side.lib = lib
-    fuzz.log.append(f"ctor {ctor}; groups {groups} {extra}; frozen {frozen}")
-    return fuzz
-
-
-OPS = {
-    "step": 10.0,
-    "step_kept": 1.5,
-    "zero_grad": 2.0,
-    "set_hparam": 3.0,
-    "scheduler": 2.0,
-    "add_group": 1.0,
-    "cross_load": 2.0,
-    "round_trip": 1.0,
-}
-
-
-def run_fuzz(kind: str, seed: int, backend: str, flatten: bool = False) -> None:
-    fuzz = make_fuzz(kind, seed, backend, flatten)
-    names, weights = list(OPS), list(OPS.values())
-    added = 0
-    for _ in range(N_OPS):
-        op = fuzz.rng.choices(names, weights)[0]
-        if op == "add_group" and added >= 2:
-            op = "step"
-        if op == "step":
-            fuzz.op_step(new_grads=True)
-        elif op == "step_kept":
-            fuzz.op_step(new_grads=False)
-        elif op == "zero_grad":
-            fuzz.op_zero_grad()
-        elif op == "set_hparam":
-            fuzz.op_set_hparam()
-        elif op == "scheduler":
-            fuzz.op_scheduler()
-        elif op == "add_group":
-            added += 1
-            fuzz.op_add_group()
-        else:
-            fuzz.reload(cross=op == "cross_load")
-        fuzz.check_params(fuzz.log[-1])
-    fuzz.op_step(new_grads=True)
-    fuzz.check_state("the end")
-    a, b = fuzz.sides
-    fuzz.check_state_dicts(a.opt.state_dict(), b.opt.state_dict(), "the end")
-    assert all(math.isfinite(float(p.detach().sum())) for p in a.params)
 
 
 CASES = [
@@ -475,13 +202,10 @@ CASES = [
 ]
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
+@ignore_scheduler_order
 @pytest.mark.parametrize(("kind", "seed", "backend", "flatten"), CASES)
 def test_fuzz_against_torch_optim(kind: str, seed: int, backend: str, flatten: bool) -> None:
-    if backend == "cpu":  # every SIMD build this CPU runs, in turn (the fixture restores it)
-        capabilities = onepass.cpu_capabilities()
-        onepass.set_cpu_capability(capabilities[seed % len(capabilities)])
-    run_fuzz(kind, seed, backend, flatten)
+    run_fuzz(TorchOptimFuzz, kind, seed, backend, F64, flatten)
 
 
 # ------------------------------------------------------------------------------------------------
