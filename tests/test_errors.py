@@ -83,6 +83,25 @@ def test_hyperparameter_errors_match_torch(
 
 
 @pytest.mark.parametrize(
+    "params",
+    [
+        pytest.param(lambda p: [], id="no-params"),
+        pytest.param(lambda p: [{"params": [p], "lr": -1.0}], id="bad-group"),
+        pytest.param(lambda p: [{"params": [p]}, {"params": [p]}], id="param-in-two-groups"),
+    ],
+)
+def test_nesterov_is_checked_before_the_groups_as_in_torch(params: Callable[..., Any]) -> None:
+    """torch.optim.SGD checks nesterov's needs before it builds any group: its error, not the
+    groups', is the one raised."""
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError) as error:
+        torch.optim.SGD(params(p), momentum=0.0, nesterov=True)
+    message = str(error.value)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        onepass.SGD(params(p), momentum=0.0, nesterov=True)
+
+
+@pytest.mark.parametrize(
     ("cls", "kwargs"),
     [
         pytest.param(onepass.AdamW, {"lr": -1e-3}, id="AdamW-lr"),

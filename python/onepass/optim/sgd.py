@@ -73,10 +73,12 @@ class SGD(FusedOptimizer):
             "capturable": capturable,
         }
         super().__init__(params, defaults, options)
-        # As torch.optim.SGD: on the constructor's arguments, not on each group (a group may
-        # turn momentum off, or add dampening, under nesterov=True defaults), and after the
-        # range checks, so that the first bad value is the one named.
-        if nesterov and (momentum <= 0 or dampening != 0):
+
+    @classmethod
+    def check_arguments(cls, defaults: Mapping[str, Any]) -> None:
+        # As torch.optim.SGD: nesterov's needs on the constructor's arguments, not on each group
+        # (a group may turn momentum off, or add dampening, under nesterov=True defaults).
+        if defaults["nesterov"] and (defaults["momentum"] <= 0 or defaults["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
