@@ -102,3 +102,35 @@ def test_eager_and_compiled_steps_share_the_buckets() -> None:
         compiled_step()
         opt.step()
     assert opt._engine.plans[0] is plan
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["per-tensor", "flatten"])
+def test_a_first_step_under_compile_without_fullgraph(flatten: bool) -> None:
+    """torch.compile (fullgraph=False) of a function whose first call takes the optimizer's
+    first step: building the buckets breaks the graph, Dynamo runs the engine's step eagerly and
+    still traces its launcher, which must get a grads list (the eager entry point reads .grad
+    itself; the operator takes the list). Then compiled and eager steps, as torch.optim's."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.randn(s, generator=gen).requires_grad_() for s in ((5, 3), (7,), (33,))]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = onepass.AdamW(ours, lr=torch.tensor(0.01), flatten=flatten)
+    expected = torch.optim.AdamW(theirs, lr=torch.tensor(0.01))
+
+    @torch.compile
+    def compiled_step() -> None:
+        opt.step()
+
+    for step in range(5):
+        for p, q in zip(ours, theirs, strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)  # in place, as after zero_grad(set_to_none=False)
+            q.grad = g
+        compiled_step() if step in (0, 2, 3) else opt.step()
+        expected.step()
+    for p, q in zip(ours, theirs, strict=True):
+        assert_verbose_allclose(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        assert float(opt.state[p]["step"]) == float(expected.state[q]["step"]) == 5.0

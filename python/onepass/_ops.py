@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -23,8 +24,16 @@ def native_op(name: str) -> Any:
     of 4,000-tensor lists costs about a millisecond a step), or under torch.compile the
     torch.ops.onepass operator, which Dynamo traces with its fake."""
     if torch.compiler.is_compiling():
-        return getattr(torch.ops.onepass, name).default
+        return functools.partial(_traced_op, getattr(torch.ops.onepass, name).default)
     return getattr(_C, name)
+
+
+def _traced_op(op: Any, params: list[torch.Tensor], grads: Any, *args: Any) -> None:
+    """``op`` with the grads list the operator takes: the engine passes None where the eager
+    entry point reads each param's .grad itself, and Dynamo may trace a launcher whose caller it
+    left to run eagerly (a graph break while a group's buckets are built, at a first compiled
+    step), which then still passes None."""
+    op(params, [p.grad for p in params] if grads is None else grads, *args)
 
 
 def native_available() -> bool:
