@@ -104,12 +104,18 @@ def test_eager_and_compiled_steps_share_the_buckets() -> None:
     assert opt._engine.plans[0] is plan
 
 
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-breaks", "fullgraph"])
 @pytest.mark.parametrize("flatten", [False, True], ids=["per-tensor", "flatten"])
-def test_a_first_step_under_compile_without_fullgraph(flatten: bool) -> None:
-    """torch.compile (fullgraph=False) of a function whose first call takes the optimizer's
-    first step: building the buckets breaks the graph, Dynamo runs the engine's step eagerly and
-    still traces its launcher, which must get a grads list (the eager entry point reads .grad
-    itself; the operator takes the list). Then compiled and eager steps, as torch.optim's."""
+def test_compiled_and_eager_steps_from_the_first(flatten: bool, fullgraph: bool) -> None:
+    """Compiled and eager steps from the optimizer's first step on, as torch.optim's.
+
+    Without fullgraph, a first compiled step breaks the graph where the buckets are built:
+    Dynamo runs the engine's step eagerly and still traces its launcher, which must get a grads
+    list (the eager entry point reads .grad itself; the operator takes the list). With
+    flatten=True the first step moves the params into the flat buffer, which only runs eagerly:
+    under fullgraph that step is eager. Compiled steps of a flattened bucket take the per-tensor
+    path (the flat path's identity check reads addresses Dynamo cannot trace)."""
+    first_compiled = not (flatten and fullgraph)
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
     ours = [torch.randn(s, generator=gen).requires_grad_() for s in ((5, 3), (7,), (33,))]
@@ -117,10 +123,11 @@ def test_a_first_step_under_compile_without_fullgraph(flatten: bool) -> None:
     opt = onepass.AdamW(ours, lr=torch.tensor(0.01), flatten=flatten)
     expected = torch.optim.AdamW(theirs, lr=torch.tensor(0.01))
 
-    @torch.compile
+    @torch.compile(fullgraph=fullgraph)
     def compiled_step() -> None:
         opt.step()
 
+    compiled_steps = (0, 2, 3) if first_compiled else (2, 3)
     for step in range(5):
         for p, q in zip(ours, theirs, strict=True):
             g = torch.randn(p.shape, generator=gen)
@@ -129,7 +136,7 @@ def test_a_first_step_under_compile_without_fullgraph(flatten: bool) -> None:
             else:
                 p.grad.copy_(g)  # in place, as after zero_grad(set_to_none=False)
             q.grad = g
-        compiled_step() if step in (0, 2, 3) else opt.step()
+        compiled_step() if step in compiled_steps else opt.step()
         expected.step()
     for p, q in zip(ours, theirs, strict=True):
         assert_verbose_allclose(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)

@@ -317,6 +317,10 @@ class Bucket:
             # Per-tensor reductions need per-tensor segments: one flat segment would reduce the
             # whole bucket into one norm.
             return None
+        if torch.compiler.is_compiling():
+            # The identity check reads addresses Dynamo cannot trace: a compiled step takes the
+            # per-tensor path (the same results; the views are tensors like any other).
+            return None
         if not _ops.grads_are(self.params, self.grad_impls, self.flat_storage):
             return None
         return self.flat_view
