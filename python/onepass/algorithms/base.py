@@ -256,6 +256,9 @@ class AlgorithmSpec:
         step_in_state: whether ``optimizer.state[p]["step"]`` exists (Adam yes, SGD no; the engine
             counts steps per tensor either way, SGD needs it for the first momentum step).
         check_group: raises ValueError, with torch.optim's messages, for out-of-range values.
+        check_arguments: the checks torch.optim's class makes on the constructor's arguments
+            only, never on a param group; run after ``check_group`` on them, before any group
+            is built.
         bytes_per_element: bytes one step reads and writes per param element (the bench's model),
             given the group and the storage element size.
         reduction: the reductions the update needs: "none", "per_tensor", "per_row" or "global".
@@ -288,6 +291,7 @@ class AlgorithmSpec:
     native_grads: bool = False
     device_hyper: tuple[str, ...] = ("lr",)
     decay_in_block: bool = False
+    check_arguments: Callable[[Group], None] | None = None
 
     def for_group(self, group: Group) -> AlgorithmSpec:
         """The spec that steps ``group``."""

@@ -106,8 +106,13 @@ def _check_group(group: Group) -> None:
         raise ValueError(f"Invalid momentum value: {group['momentum']}")
     if scalar(group["weight_decay"]) < 0.0:
         raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
-    # Not the nesterov check: torch.optim.SGD makes it on the constructor's arguments only (see
-    # onepass.SGD), so a group may set momentum=0 (plain SGD) or a dampening under nesterov.
+
+
+def _check_arguments(defaults: Group) -> None:
+    """nesterov's needs, which torch.optim.SGD checks on the constructor's arguments only: a
+    group may turn momentum off, or add dampening, under nesterov=True defaults."""
+    if defaults["nesterov"] and (defaults["momentum"] <= 0 or defaults["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
 def _active_slots(group: Group) -> tuple[str, ...]:
@@ -165,6 +170,7 @@ SGD_SPEC = AlgorithmSpec(
     active_slots=_active_slots,
     step_in_state=False,
     check_group=_check_group,
+    check_arguments=_check_arguments,
     bytes_per_element=elementwise_bytes(_active_slots),
     reference=sgd_reference,
     launchers={

@@ -171,14 +171,10 @@ class FusedOptimizer(Optimizer):
             resolve_backend(defaults["backend"], device)
         _check_numbers(defaults)
         self.spec.check_group(defaults)
-        self.check_arguments(defaults)
+        if self.spec.check_arguments is not None:
+            self.spec.check_arguments(defaults)
         super().__init__(params, defaults)
         self._engine = Engine(self, self.spec)
-
-    @classmethod
-    def check_arguments(cls, defaults: Mapping[str, Any]) -> None:
-        """Checks torch.optim's class makes on the constructor's arguments only, never on a
-        param group: run after the range checks and before any group is built, as torch's."""
 
     @staticmethod
     def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:

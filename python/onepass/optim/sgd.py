@@ -74,13 +74,6 @@ class SGD(FusedOptimizer):
         }
         super().__init__(params, defaults, options)
 
-    @classmethod
-    def check_arguments(cls, defaults: Mapping[str, Any]) -> None:
-        # As torch.optim.SGD: nesterov's needs on the constructor's arguments, not on each group
-        # (a group may turn momentum off, or add dampening, under nesterov=True defaults).
-        if defaults["nesterov"] and (defaults["momentum"] <= 0 or defaults["dampening"] != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-
 
 class SGDW(SGD):
     r"""SGDW (Loshchilov & Hutter, 2019): SGD with decoupled weight decay.
