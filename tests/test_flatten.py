@@ -235,3 +235,111 @@ def test_a_grad_the_bucket_refuses_is_refused_before_flattening(backend: str) ->
     assert [p.data_ptr() for p in params] == pointers
     assert all(torch.equal(p, torch.ones(4, dtype=torch.bfloat16)) for p in params)
     assert params[1].grad.dtype == torch.float64
+
+
+# Sizes for the per-tensor steps of flattened buckets: empty tensors (first, inside, last), odd
+# sizes, one longer than a chunk of parallel work (ops.cpp kChunkElements), so a tensor spans
+# several chunks.
+_SEGMENT_SHAPES = [(0,), (1,), (7,), (33, 5), (0, 4), (4097,), (70001,), (3, 0)]
+
+
+def _flat_and_plain(
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.optim.Optimizer, torch.optim.Optimizer]:
+    gen = torch.Generator().manual_seed(11)
+    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in _SEGMENT_SHAPES]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    return params, twins, make(params, flatten=True), make(twins, flatten=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps, **kw: onepass.NovoGrad(ps, lr=1e-2, weight_decay=0.1, amsgrad=True, **kw),
+        lambda ps, **kw: onepass.NovoGrad(ps, lr=1e-2, grad_averaging=True, **kw),
+        lambda ps, **kw: onepass.FAdam(ps, lr=1e-2, clip=0.5, **kw),
+    ],
+    ids=["novograd-amsgrad", "novograd-averaging", "fadam"],
+)
+def test_per_tensor_algorithms_step_flattened_params_tensor_by_tensor(
+    make: Callable[..., torch.optim.Optimizer], dtype: torch.dtype
+) -> None:
+    """A flattened NovoGrad / FAdam bucket never takes the one-segment path (its reductions are
+    per tensor): bit for bit the steps of separate params, params and every state tensor, over
+    7 steps, with empty tensors among them."""
+    params, twins, flat, plain = _flat_and_plain(make, dtype)
+    gen = torch.Generator().manual_seed(12)
+    for step in range(7):
+        for p, q in zip(params, twins, strict=True):
+            g = torch.randn(p.shape, generator=gen, dtype=dtype)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)  # (a view of the flat grad buffer from the first step on)
+            q.grad = g.clone()
+        if step > 0:
+            bucket = flat._engine.plans[0].buckets[0]
+            assert bucket.flat_param is not None and bucket.flat_step() is None
+        flat.step()
+        plain.step()
+    for i, (p, q) in enumerate(zip(params, twins, strict=True)):
+        assert torch.equal(p, q), f"params[{i}]"
+        assert flat.state[p].keys() == plain.state[q].keys()
+        for slot, value in plain.state[q].items():
+            assert torch.equal(flat.state[p][slot], value), f"params[{i}] {slot}"
+
+
+def test_uneven_steps_keep_flattened_params_off_the_one_segment_path() -> None:
+    """A checkpoint whose params took different numbers of steps, loaded into a flattened
+    AdamW: one segment would give every tensor one bias correction, so the bucket steps tensor
+    by tensor, each with its own step, as torch.optim.AdamW does."""
+    gen = torch.Generator().manual_seed(13)
+    twins = [torch.randn(s, generator=gen, dtype=torch.float64) for s in _SEGMENT_SHAPES]
+    twins = [q.requires_grad_() for q in twins]
+    ref = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1)
+    for step in range(3):  # the first params skip steps: their step counts fall behind
+        for i, q in enumerate(twins):
+            q.grad = torch.randn(q.shape, generator=gen, dtype=q.dtype) if i >= step else None
+        ref.step()
+    params = [q.detach().clone().requires_grad_() for q in twins]
+    opt = onepass.AdamW(params, lr=1e-2, weight_decay=0.1, flatten=True)
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for step in range(7):
+        for p, q in zip(params, twins, strict=True):
+            g = torch.randn(q.shape, generator=gen, dtype=q.dtype)
+            q.grad = g.clone()
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+        if step > 0:
+            bucket = opt._engine.plans[0].buckets[0]
+            assert not bucket.uniform_steps
+            assert bucket.flat_param is not None and bucket.flat_step() is None
+        opt.step()
+        ref.step()
+    for i, (p, q) in enumerate(zip(params, twins, strict=True)):
+        assert_verbose_allclose(p, q, 1e-12, 1e-14, f"params[{i}]")
+        for slot, value in ref.state[q].items():
+            assert_verbose_allclose(opt.state[p][slot], value, 1e-12, 1e-14, f"{i}.{slot}")
+
+
+def test_flattened_per_tensor_step_skips_on_found_inf() -> None:
+    """GradScaler's found_inf on a flattened NovoGrad: the flat params, every state buffer and
+    the steps stay as they were."""
+    params, _, opt, _ = _flat_and_plain(
+        lambda ps, **kw: onepass.NovoGrad(ps, lr=1e-2, **kw), torch.float32
+    )
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    bucket = opt._engine.plans[0].buckets[0]
+    assert bucket.flat_param is not None
+    before = copy.deepcopy((bucket.flat_param, bucket.buffers, bucket.step))
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+    opt.step()
+    after = (bucket.flat_param, bucket.buffers, bucket.step)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])
+    for name, buf in after[1].items():
+        assert torch.equal(buf, before[1][name]), name
