@@ -49,7 +49,10 @@ ONEPASS_INLINE void for_each_element(const Streams<T, kSlots>& io, int64_t n, co
   const G* __restrict grad = io.grad;
   S* const* state = io.state;
   int64_t i = 0;
-  if constexpr (V::kWidth > 1) {
+  // The vector loop, once per rounding mode: a store that rounds stochastically goes lane by
+  // lane, and a per-vector test of the seed in the common loop kept its state registers on the
+  // stack (AVX2 bf16 state: 3x the in-cache time of fp32 state).
+  const auto vector_loop = [&]<bool kStochastic>() {
     for (; i + V::kWidth <= n; i += V::kWidth) {
       if ((i & (64 / sizeof(M) - 1)) == 0) {  // once per opmath cache line, 256 bytes ahead
         if constexpr (T::kMaster) __builtin_prefetch(master + i + 64, 1);
@@ -72,10 +75,26 @@ ONEPASS_INLINE void for_each_element(const Streams<T, kSlots>& io, int64_t n, co
       if constexpr (T::kMaster) {
         VecFor<float>::store(master + i, p);
         VecFor<P>::store(param + i, p);
-      } else {
+      } else if constexpr (kStochastic) {
         store_rounded(param + i, p, rounding, 0u, i);
+      } else {
+        VecFor<P>::store(param + i, p);
       }
-      for (int k = 0; k < kSlots; ++k) store_rounded(state[k] + i, s[k], rounding, 1u + k, i);
+      for (int k = 0; k < kSlots; ++k) {
+        if constexpr (kStochastic) {
+          store_rounded(state[k] + i, s[k], rounding, 1u + k, i);
+        } else {
+          VecFor<S>::store(state[k] + i, s[k]);
+        }
+      }
+    }
+  };
+  if constexpr (V::kWidth > 1) {
+    constexpr bool kRoundsBf16 = std::is_same_v<P, bf16_t> || std::is_same_v<S, bf16_t>;
+    if (kRoundsBf16 && rounding.seed >= 0) {
+      vector_loop.template operator()<true>();
+    } else {
+      vector_loop.template operator()<false>();
     }
   }
   for (; i < n; ++i) {
