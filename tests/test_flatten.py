@@ -244,8 +244,9 @@ _SEGMENT_SHAPES = [(0,), (1,), (7,), (33, 5), (0, 4), (4097,), (70001,), (3, 0)]
 
 
 def _flat_and_plain(
-    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], dtype: torch.dtype
+    make: Callable[..., torch.optim.Optimizer], dtype: torch.dtype
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.optim.Optimizer, torch.optim.Optimizer]:
+    """Params of _SEGMENT_SHAPES and their twins, and make(...) of each, flattened and not."""
     gen = torch.Generator().manual_seed(11)
     params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in _SEGMENT_SHAPES]
     twins = [p.detach().clone().requires_grad_() for p in params]
