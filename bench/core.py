@@ -18,6 +18,7 @@ import torch
 
 import onepass
 from onepass.algorithms.base import state_itemsize
+from onepass.algorithms.muon import CPU_HAS_BF16_MATMUL
 
 SHAPES_DIR = Path(__file__).parent / "shapes"
 
@@ -155,6 +156,9 @@ class Algorithm:
     baseline: str = "torch fused"
     #: the shape lists it runs on by default (None: the run's)
     shapes: tuple[str, ...] | None = None
+    #: its default shape lists on a CPU without native bf16 matmuls, where a peer's bf16
+    #: matmuls are emulated (None: ``shapes``)
+    shapes_without_bf16_matmul: tuple[str, ...] | None = None
     #: whether to time flatten=True too (pointless where the step is per tensor anyway)
     flatten_variant: bool = True
     #: more onepass candidates per backend: (name suffix, extra hyperparameters)
@@ -177,6 +181,12 @@ class Algorithm:
     rereads_in_cache: int = 0
     #: the params' dtype of this row whatever the run's --dtype (master weights: bfloat16)
     dtype: torch.dtype | None = None
+
+    def own_shapes(self, device: torch.device) -> tuple[str, ...] | None:
+        """The shape lists it runs on unless --shapes names others (None: the run's)."""
+        if device.type == "cpu" and not CPU_HAS_BF16_MATMUL and self.shapes_without_bf16_matmul:
+            return self.shapes_without_bf16_matmul
+        return self.shapes
 
 
 # lr is small so that thousands of steps on fixed random grads stay finite.
@@ -275,6 +285,10 @@ ALGORITHMS: Mapping[str, Algorithm] = {
         torch_modes={"muon": {}},
         baseline="torch muon",
         shapes=("gpt2-small-matrices",),
+        # torch.optim.Muon's Newton-Schulz runs in bf16, ~1 GFLOP/s where the CPU has no bf16
+        # matmul (AVX2: 100x slower than fp32): ~70 s a step for one block's matrices, ~15 min
+        # for all 48. onepass defaults to fp32 there (default_ns_dtype).
+        shapes_without_bf16_matmul=("gpt2-small-block-matrices",),
         flatten_variant=False,
         # torch's own iteration (onepass's default is Gram Newton-Schulz): like for like
         variants=(("standard-ns", {"ns_method": "standard"}),),

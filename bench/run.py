@@ -126,13 +126,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = ""
     # Shape lists outer, algorithms inner; an algorithm with shape lists of its own (Muon: the
     # matrices it steps) runs on those after the others, unless --shapes names the lists.
-    plan = [(name, a) for name in shapes for a in algorithms if ALGORITHMS[a].shapes is None]
-    plan += [
-        (name, a)
-        for a in algorithms
-        if ALGORITHMS[a].shapes is not None
-        for name in (args.shapes or ALGORITHMS[a].shapes or ())
-    ]
+    own = {a: ALGORITHMS[a].own_shapes(device) for a in algorithms}
+    plan = [(name, a) for name in shapes for a in algorithms if own[a] is None]
+    plan += [(name, a) for a in algorithms if own[a] is not None for name in args.shapes or own[a]]
+    for a in algorithms:
+        usual = ALGORITHMS[a].shapes
+        if not args.shapes and own[a] is not None and usual is not None and own[a] != usual:
+            log(
+                f"{a}: on {', '.join(own[a])} instead of {', '.join(usual)}: this CPU has no "
+                "native bf16 matmul, and the peer's run in bf16 (--shapes picks the lists)"
+            )
     for name, algorithm in plan:
         group = run_group(
             load_shape_list(name),

@@ -21,6 +21,7 @@ from bench.core import (
     _build_and_time,
     bytes_model,
     candidates,
+    load_shape_list,
 )
 from bench.report import Env, rows
 
@@ -73,6 +74,26 @@ def test_skipped_candidates_are_not_timed() -> None:
     every = names(())
     assert "torch forloop" in every and "torch fused" in every
     assert names(("torch forloop",)) == [n for n in every if n != "torch forloop"]
+
+
+def test_muon_runs_on_one_block_where_bf16_matmuls_are_emulated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch.optim.Muon's bf16 Newton-Schulz takes minutes a block on a CPU without bf16
+    matmuls: there Muon's default list is one GPT-2 block's matrices, elsewhere all 48."""
+    import bench.core
+
+    muon = ALGORITHMS["muon"]
+    block = load_shape_list("gpt2-small-block-matrices")
+    every = load_shape_list("gpt2-small-matrices")
+    assert block.shapes == every.shapes[:4] and every.shapes == block.shapes * 12
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(bench.core, "CPU_HAS_BF16_MATMUL", False)
+    assert muon.own_shapes(cpu) == ("gpt2-small-block-matrices",)
+    assert muon.own_shapes(cuda) == ("gpt2-small-matrices",)
+    assert ALGORITHMS["adamw"].own_shapes(cpu) is None
+    monkeypatch.setattr(bench.core, "CPU_HAS_BF16_MATMUL", True)
+    assert muon.own_shapes(cpu) == ("gpt2-small-matrices",)
 
 
 def test_bytes_model_counts_what_memory_moves() -> None:
