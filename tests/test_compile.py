@@ -9,11 +9,14 @@ trace, for torch.optim's optimizers as for ours.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch._dynamo.testing
 
 import onepass
+import onepass._capturable
 from onepass._engine import cuda_kernels_built
 
 from helpers import assert_verbose_allclose
@@ -141,3 +144,33 @@ def test_compiled_and_eager_steps_from_the_first(flatten: bool, fullgraph: bool)
     for p, q in zip(ours, theirs, strict=True):
         assert_verbose_allclose(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
         assert float(opt.state[p]["step"]) == float(expected.state[q]["step"]) == 5.0
+
+
+def test_compiled_step_asks_no_cuda_capture_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step asks whether the CUDA stream is capturing a graph, but not while Dynamo traces it:
+    Dynamo cannot trace the query (GPU run 5 found every compiled CUDA step broken by it). Here
+    onepass sees a GPU whose query fails, so a trace that reached it would break the graph."""
+
+    def query() -> bool:
+        raise RuntimeError("the capture query was reached")
+
+    gpu = types.SimpleNamespace(is_available=lambda: True, is_current_stream_capturing=query)
+    seen_by_onepass = types.SimpleNamespace(**{**vars(torch), "cuda": gpu})
+    monkeypatch.setattr(onepass._capturable, "torch", seen_by_onepass)
+    params = [torch.randn(5, 3).requires_grad_(), torch.randn(7).requires_grad_()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for cls in (onepass.AdamW, onepass.SGD, onepass.NovoGrad, onepass.FAdam, onepass.Muon):
+        torch._dynamo.reset()
+        opt = cls(params, lr=torch.tensor(0.01))
+        counter = torch._dynamo.testing.CompileCounter()
+
+        @torch.compile(fullgraph=True, backend=counter)
+        def compiled_step() -> None:
+            opt.step()  # noqa: B023 (called only in this iteration)
+
+        compiled_step()
+        compiled_step()
+        assert counter.frame_count >= 1, cls.__name__
+    with pytest.raises(RuntimeError, match="capture query"):  # eager steps do ask it
+        onepass.AdamW(params, lr=0.01).step()
