@@ -5,7 +5,7 @@ PYTHON ?= python3
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -q setuptools wheel pytest ruff matplotlib
+	$(PYTHON) -m pip install -q setuptools wheel pytest ruff mypy matplotlib
 	@# The peers the bench compares Lion, NovoGrad and FAdam with (pure Python; torch is kept).
 	$(PYTHON) -m pip install -q lion-pytorch pytorch-optimizer
 	@# Triton for the Triton backend (its tests run on the CPU under TRITON_INTERPRET=1); a torch
@@ -28,3 +28,4 @@ test: install
 
 lint:
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy

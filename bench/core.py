@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -114,6 +114,12 @@ def composed_full_step(
     return step
 
 
+class Steppable(Protocol):
+    """What the bench times: an optimizer, or a composition of torch calls around one."""
+
+    def step(self) -> object: ...
+
+
 class MasterWeightsComposition:
     """What users write today for bf16 params with fp32 master weights (torch's fused AdamW
     needs one dtype for params, grads and state): copy the bf16 grads into the fp32 masters'
@@ -129,7 +135,9 @@ class MasterWeightsComposition:
 
     @torch.no_grad()
     def step(self) -> None:
-        stepped = []
+        stepped: list[tuple[torch.Tensor, torch.Tensor]] = []
+        master_grads: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
         for p, m in zip(self.params, self.masters, strict=True):
             if p.grad is None:
                 m.grad = None  # torch.optim skips the master, as the param has no grad
@@ -137,7 +145,9 @@ class MasterWeightsComposition:
             if m.grad is None:
                 m.grad = torch.empty_like(m)
             stepped.append((p, m))
-        torch._foreach_copy_([m.grad for _, m in stepped], [p.grad for p, _ in stepped])
+            master_grads.append(m.grad)
+            grads.append(p.grad)
+        torch._foreach_copy_(master_grads, grads)
         self.optimizer.step()
         torch._foreach_copy_([p for p, _ in stepped], [m for _, m in stepped])
 
@@ -148,7 +158,7 @@ class Algorithm:
 
     label: str
     onepass_cls: Callable[..., onepass.FusedOptimizer]
-    torch_cls: Callable[..., torch.optim.Optimizer]
+    torch_cls: Callable[..., Steppable]
     hyper: Mapping[str, Any] = field(default_factory=dict)
     #: torch's implementations to time (a class without fused / foreach: {"plain": {}})
     torch_modes: Mapping[str, Mapping[str, bool]] = field(default_factory=lambda: TORCH_MODES)

@@ -135,8 +135,9 @@ def rows(group: GroupResult, env: Env) -> list[Row]:
     def bytes_per_step_of(name: str) -> int:
         """The spec's bytes, or a torch class's own where it runs another algorithm / state."""
         torch_bytes = group.model.torch_bytes_per_element
-        own = torch_bytes is not None and name.startswith("torch ")
-        return group.shapes.numel * (torch_bytes if own else group.model.bytes_per_element)
+        if torch_bytes is not None and name.startswith("torch "):
+            return group.shapes.numel * torch_bytes
+        return group.shapes.numel * group.model.bytes_per_element
 
     def gbps(nbytes: int, ms: float) -> float:
         return nbytes / (ms * 1e-3) / 1e9

@@ -126,14 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = ""
     # Shape lists outer, algorithms inner; an algorithm with shape lists of its own (Muon: the
     # matrices it steps) runs on those after the others, unless --shapes names the lists.
-    own = {a: ALGORITHMS[a].own_shapes(device) for a in algorithms}
-    plan = [(name, a) for name in shapes for a in algorithms if own[a] is None]
-    plan += [(name, a) for a in algorithms if own[a] is not None for name in args.shapes or own[a]]
+    plan = [(name, a) for name in shapes for a in algorithms if ALGORITHMS[a].shapes is None]
     for a in algorithms:
-        usual = ALGORITHMS[a].shapes
-        if not args.shapes and own[a] is not None and usual is not None and own[a] != usual:
+        own, usual = ALGORITHMS[a].own_shapes(device), ALGORITHMS[a].shapes
+        if own is None or usual is None:
+            continue
+        plan += [(name, a) for name in args.shapes or own]
+        if not args.shapes and own != usual:
             log(
-                f"{a}: on {', '.join(own[a])} instead of {', '.join(usual)}: this CPU has no "
+                f"{a}: on {', '.join(own)} instead of {', '.join(usual)}: this CPU has no "
                 "native bf16 matmul, and the peer's run in bf16 (--shapes picks the lists)"
             )
     for name, algorithm in plan:

@@ -360,6 +360,7 @@ def prepare(bucket: Any, grads: list[torch.Tensor | None]) -> Prepared:
         key = cache["key"] = torch.empty(2 * len(grads), dtype=torch.int64)
     # Natively where built: every address, and whether anything needs staging (~1.5 us a param
     # in Python, below).
+    write_back: list[tuple[torch.Tensor, torch.Tensor]]
     if _ops.launch_key(bucket.params, grads, key):
         params, write_back = bucket.params, []
     else:
@@ -439,10 +440,10 @@ def _build(
         programs = max(1, -(-numel // CHUNK))
         rows.append([p.data_ptr(), g.data_ptr(), numel, int(offsets[i]), i, programs])
     segments = torch.tensor(rows, dtype=torch.int64).reshape(-1, SEGMENT_FIELDS)
-    programs = segments[:, 5]
-    num_chunks = int(programs.sum())
-    row_of_chunk = torch.repeat_interleave(torch.arange(len(rows)), programs)
-    first_chunk = torch.cumsum(programs, 0) - programs
+    per_row = segments[:, 5]  # each row's programs
+    num_chunks = int(per_row.sum())
+    row_of_chunk = torch.repeat_interleave(torch.arange(len(rows)), per_row)
+    first_chunk = torch.cumsum(per_row, 0) - per_row
     start = (torch.arange(num_chunks) - first_chunk[row_of_chunk]) * CHUNK
     chunks = torch.stack([row_of_chunk, start], dim=1)
     host = torch.cat([segments.reshape(-1), chunks.reshape(-1)])

@@ -58,7 +58,7 @@ class DeviceHyper:
     """One capturable group's block of hyperparameters on ``device``, and the host copy of its
     values that structural decisions and checks read (never the kernels)."""
 
-    def __init__(self, spec: AlgorithmSpec, group: Group, device: torch.device) -> None:
+    def __init__(self, spec: AlgorithmSpec, group: dict[str, Any], device: torch.device) -> None:
         self.check_group = spec.check_group
         self.decay_in_block = spec.decay_in_block
         # (group key, index in the key's tuple or None), in block order; decay_scale last.
@@ -97,7 +97,7 @@ class DeviceHyper:
         ours = value.untyped_storage().data_ptr() == self.block.untyped_storage().data_ptr()
         return value.numel() == 1 and not ours
 
-    def _update(self, group: Group, changed: list[int]) -> None:
+    def _update(self, group: dict[str, Any], changed: list[int]) -> None:
         """Checks the group's new values (a refused one raises before anything is written),
         writes them into the block and puts the views back."""
         values = {at: self._value(group, at) for at in changed}
@@ -135,7 +135,7 @@ class DeviceHyper:
             group[key] = value if i is None else (*group.get(key, ()), value)
         return group
 
-    def launch_group(self, group: Group) -> Group:
+    def launch_group(self, group: dict[str, Any]) -> Group:
         """The group as the launchers read it: ``lr`` is the block, the other device values are
         their host copies. Values assigned anew since the last step are checked and written."""
         changed = self._changes(group)

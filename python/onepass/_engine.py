@@ -26,7 +26,7 @@ from onepass._capturable import DeviceHyper, host_floats, stream_is_capturing
 from onepass.algorithms.base import MASTER, scalar_slot_dtype
 
 if TYPE_CHECKING:
-    from onepass.algorithms.base import AlgorithmSpec
+    from onepass.algorithms.base import AlgorithmSpec, Group
     from onepass.optim.base import FusedOptimizer
 
 #: Elements each tensor's slice of a flat buffer is aligned to: 64 bytes for float32, so every
@@ -422,7 +422,7 @@ class Engine:
     def __init__(self, optimizer: FusedOptimizer, spec: AlgorithmSpec) -> None:
         self.optimizer = optimizer
         self.spec = spec
-        self.plans: list[_GroupPlan | None] = []
+        self.plans: list[_GroupPlan] = []  # one a param group, built by the first step
 
     def flat_grads(self) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
         """The grad views of flattened params (by id) and their flat buffers. Not those of a
@@ -431,7 +431,7 @@ class Engine:
         views: dict[int, torch.Tensor] = {}
         buffers: list[torch.Tensor] = []
         for plan in self.plans:
-            for bucket in plan.buckets if plan is not None else ():
+            for bucket in plan.buckets:
                 if bucket.flat_grad is not None and not bucket.moved():
                     buffers.append(bucket.flat_grad)
                     pairs = zip(bucket.params, bucket.grad_views, strict=True)
@@ -449,7 +449,7 @@ class Engine:
         buffers: list[torch.Tensor] = []
         for plan, group in zip(self.plans, groups, strict=True):
             slots = self.spec.for_group(group).active_slots(group)
-            if plan is None or plan.stale(group, slots):
+            if plan.stale(group, slots):
                 return None
             for bucket in plan.buckets:
                 if bucket.flat_grad is None or not _ops.grads_are(bucket.params, bucket.grad_impls):
@@ -490,14 +490,14 @@ class Engine:
         self.plans = plans = [self._plan(index, group) for index, group in enumerate(groups)]
         for plan in plans:
             plan.commit(state)
-        work: list[tuple[dict[str, Any], Bucket | FlatBucket, list[torch.Tensor | None] | None]]
+        work: list[tuple[Group, Bucket | FlatBucket, list[torch.Tensor | None] | None]]
         work = []
-        for plan, group in zip(plans, groups, strict=True):
-            launch_group = plan.launch_group(group)
-            for bucket in plan.buckets:
-                flat = bucket.flat_step()
+        for plan, param_group in zip(plans, groups, strict=True):
+            launch_group = plan.launch_group(param_group)
+            for planned in plan.buckets:
+                flat = planned.flat_step()
                 grads = None if flat is None else flat.grads
-                work.append((launch_group, bucket if flat is None else flat, grads))
+                work.append((launch_group, planned if flat is None else flat, grads))
         # Everything is checked before anything is written: a refused step changes nothing. The
         # first launch, if it is one native op, checks its own arguments before it writes (and
         # we name the culprit if it refuses); every later one, and the reference / Triton
@@ -545,7 +545,7 @@ class Engine:
                 bucket.expose(self.optimizer.state, spec.step_in_state, grads)
 
 
-def _grads_of(bucket: Bucket) -> list[torch.Tensor | None]:
+def _grads_of(bucket: Bucket | FlatBucket) -> list[torch.Tensor | None]:
     return [p.grad for p in bucket.params]
 
 
@@ -668,7 +668,7 @@ class _GroupPlan:
                 state.put(p, entry)
             bucket.adopted.clear()
 
-    def launch_group(self, group: dict[str, Any]) -> dict[str, Any]:
+    def launch_group(self, group: dict[str, Any]) -> Group:
         """The group as this step's launchers read it (a capturable group's device block)."""
         return group if self.hyper is None else self.hyper.launch_group(group)
 
@@ -765,13 +765,13 @@ def _check_grads(bucket: Bucket | FlatBucket, grads: list[torch.Tensor | None]) 
         ):
             _explain_bad_grad(bucket, i, g, dtype)
     if dtype not in grad_dtypes(bucket.dtype):
-        i = next(i for i, g in enumerate(grads) if g is not None)
-        _explain_bad_grad(bucket, i, grads[i], dtype)
+        i, g = next((i, g) for i, g in enumerate(grads) if g is not None)
+        _explain_bad_grad(bucket, i, g, dtype)
     if bucket.backend != "reference" and not torch.compiler.is_compiling():
         _check_native_data(bucket, grads)  # (a traced step has no data to check)
 
 
-def _check_native_lr(group: dict[str, Any], bucket: Bucket | FlatBucket) -> None:
+def _check_native_lr(group: Group, bucket: Bucket | FlatBucket) -> None:
     """The lr as the native ops take it (ops.cpp read_lr, ops_cuda.cpp step_state): one
     floating-point element, on the CPU (or, for CUDA, float32/float64 on the params' device).
     A capturable group's device block is the engine's own."""
@@ -819,7 +819,9 @@ def _has_memory(t: torch.Tensor) -> bool:
     return (last + 1) * t.element_size() <= t.untyped_storage().nbytes()
 
 
-def _explain_bad_grad(bucket: Bucket, i: int, g: torch.Tensor, grad_dtype: torch.dtype) -> None:
+def _explain_bad_grad(
+    bucket: Bucket | FlatBucket, i: int, g: torch.Tensor, grad_dtype: torch.dtype
+) -> None:
     name = bucket.names[i]
     if g.layout != torch.strided:
         raise RuntimeError(f"onepass: {name} has a sparse gradient, which onepass does not support")

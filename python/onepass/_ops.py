@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 try:
-    from onepass import _C  # registers torch.ops.onepass.*; eager entry points
+    # registers torch.ops.onepass.*; eager entry points (a compiled module: no stub for mypy)
+    from onepass import _C  # type: ignore[attr-defined]
 
     NATIVE_ERROR: str | None = None
 except ImportError as error:  # a source checkout that was never built

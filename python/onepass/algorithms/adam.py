@@ -183,7 +183,7 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
-ADAM = AlgorithmSpec(
+ADAM: AlgorithmSpec = AlgorithmSpec(
     name="adam",
     device_hyper=("lr", "betas", "eps", "weight_decay"),
     decay_in_block=True,

@@ -202,7 +202,7 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
-FADAM = AlgorithmSpec(
+FADAM: AlgorithmSpec = AlgorithmSpec(
     name="fadam",
     device_hyper=("lr", "betas", "eps", "weight_decay"),
     slots=("fim", "momentum"),

@@ -159,7 +159,7 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
-LION = AlgorithmSpec(
+LION: AlgorithmSpec = AlgorithmSpec(
     name="lion",
     device_hyper=("lr", "betas", "weight_decay"),
     decay_in_block=True,

@@ -578,7 +578,7 @@ def _native_momentum(bucket, grads, group, grad_scale, found_inf) -> None:
 _native = _native_step(_native_momentum, SGD_SPEC.launchers["cpu"])
 
 #: The matrices of a Muon group.
-MUON_MATRICES = AlgorithmSpec(
+MUON_MATRICES: AlgorithmSpec = AlgorithmSpec(
     name="muon",
     # the final pass is an SGD launch: its block, decay decoupled
     device_hyper=("lr", "weight_decay"),
@@ -624,7 +624,7 @@ def _check_any_group(group: Group) -> None:
 
 #: onepass.Muon: Muon for the matrices of ``use_muon`` groups, AdamW (the ADAM spec, with the
 #: group's ``betas`` / ``eps`` set from ``adamw_betas`` / ``adamw_eps``) for every other param.
-MUON = AlgorithmSpec(
+MUON: AlgorithmSpec = AlgorithmSpec(
     name="muon",
     slots=("momentum_buffer", "exp_avg", "exp_avg_sq"),
     active_slots=lambda group: _group_spec(group).active_slots(group),

@@ -197,7 +197,7 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
-NOVOGRAD = AlgorithmSpec(
+NOVOGRAD: AlgorithmSpec = AlgorithmSpec(
     name="novograd",
     device_hyper=("lr", "betas", "eps", "weight_decay"),
     slots=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),

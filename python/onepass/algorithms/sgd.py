@@ -162,7 +162,7 @@ def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     )
 
 
-SGD_SPEC = AlgorithmSpec(
+SGD_SPEC: AlgorithmSpec = AlgorithmSpec(
     name="sgd",
     device_hyper=("lr", "weight_decay"),
     decay_in_block=True,

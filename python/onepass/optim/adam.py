@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -12,6 +12,8 @@ from onepass.optim.base import FusedOptimizer, Options
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from onepass.algorithms.base import AlgorithmSpec
 
 _TORCH_ADAM_KEYS = {
     "amsgrad": False,
@@ -59,8 +61,8 @@ class Adam(FusedOptimizer):
             get a grad are not flattened.
     """
 
-    spec = ADAM
-    torch_keys: Mapping[str, Any] = {**_TORCH_ADAM_KEYS, "decoupled_weight_decay": False}
+    spec: ClassVar[AlgorithmSpec] = ADAM
+    torch_keys: ClassVar[Mapping[str, Any]] = {**_TORCH_ADAM_KEYS, "decoupled_weight_decay": False}
 
     def __init__(
         self,
@@ -109,7 +111,7 @@ class AdamW(Adam):
     ``decay="independent"`` gives ``p = p * (1 - lr / initial_lr * wd)`` instead.
     """
 
-    torch_keys: Mapping[str, Any] = {**_TORCH_ADAM_KEYS, "decoupled_weight_decay": True}
+    torch_keys: ClassVar[Mapping[str, Any]] = {**_TORCH_ADAM_KEYS, "decoupled_weight_decay": True}
 
     def __init__(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -12,6 +12,8 @@ from onepass.optim.base import FusedOptimizer, Options
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from onepass.algorithms.base import AlgorithmSpec
 
 
 class FAdam(FusedOptimizer):
@@ -54,8 +56,8 @@ class FAdam(FusedOptimizer):
     Checks: lr >= 0, eps >= 0, 0 <= betas < 1, clip > 0, 0 < p <= 1, weight_decay >= 0.
     """
 
-    spec = FADAM
-    torch_keys: Mapping[str, Any] = {"maximize": False}
+    spec: ClassVar[AlgorithmSpec] = FADAM
+    torch_keys: ClassVar[Mapping[str, Any]] = {"maximize": False}
 
     def __init__(
         self,

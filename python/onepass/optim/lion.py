@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -12,6 +12,8 @@ from onepass.optim.base import FusedOptimizer, Options
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from onepass.algorithms.base import AlgorithmSpec
 
 
 class Lion(FusedOptimizer):
@@ -36,8 +38,8 @@ class Lion(FusedOptimizer):
     :class:`onepass.Adam`.
     """
 
-    spec = LION
-    torch_keys: Mapping[str, Any] = {"maximize": False}
+    spec: ClassVar[AlgorithmSpec] = LION
+    torch_keys: ClassVar[Mapping[str, Any]] = {"maximize": False}
 
     def __init__(
         self,

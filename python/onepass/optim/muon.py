@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -12,6 +12,8 @@ from onepass.optim.base import FusedOptimizer, Options
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from onepass.algorithms.base import AlgorithmSpec
 
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 
@@ -66,9 +68,9 @@ class Muon(FusedOptimizer):
     momentum pass and skip on inf/nan with no host sync.
     """
 
-    spec = MUON
+    spec: ClassVar[AlgorithmSpec] = MUON
     #: Keys a torch.optim.Muon state_dict lacks, filled in when one is loaded.
-    torch_keys: Mapping[str, Any] = {
+    torch_keys: ClassVar[Mapping[str, Any]] = {
         "use_muon": True,
         "ns_dtype": None,
         "ns_method": "gram",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -12,6 +12,8 @@ from onepass.optim.base import FusedOptimizer, Options
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from onepass.algorithms.base import AlgorithmSpec
 
 
 class NovoGrad(FusedOptimizer):
@@ -47,8 +49,12 @@ class NovoGrad(FusedOptimizer):
     float32 for bf16/fp16 (float64 for float64), the sums of squares in float64 for every dtype.
     """
 
-    spec = NOVOGRAD
-    torch_keys: Mapping[str, Any] = {"maximize": False, "grad_averaging": False, "amsgrad": False}
+    spec: ClassVar[AlgorithmSpec] = NOVOGRAD
+    torch_keys: ClassVar[Mapping[str, Any]] = {
+        "maximize": False,
+        "grad_averaging": False,
+        "amsgrad": False,
+    }
 
     def __init__(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -12,6 +12,8 @@ from onepass.optim.base import FusedOptimizer, Options
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from onepass.algorithms.base import AlgorithmSpec
 
 
 class SGD(FusedOptimizer):
@@ -33,8 +35,8 @@ class SGD(FusedOptimizer):
     ``flatten`` are as in :class:`onepass.Adam`.
     """
 
-    spec = SGD_SPEC
-    torch_keys: Mapping[str, Any] = {
+    spec: ClassVar[AlgorithmSpec] = SGD_SPEC
+    torch_keys: ClassVar[Mapping[str, Any]] = {
         "nesterov": False,
         "maximize": False,
         "foreach": None,
