@@ -415,7 +415,11 @@ def _plain(t: torch.Tensor) -> bool:
     return t.is_contiguous() and not t.is_neg() and not t.is_conj()
 
 
-def _staged(staging: dict[tuple[str, int], torch.Tensor], key: tuple[str, int], t: torch.Tensor):
+def _staged(
+    staging: dict[tuple[str, int], torch.Tensor], key: tuple[str, int], t: torch.Tensor
+) -> torch.Tensor:
+    """t copied into the staging buffer kept under key (made anew when t's shape or dtype
+    changed)."""
     buffer = staging.get(key)
     if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
         buffer = torch.empty(t.shape, dtype=t.dtype, device=t.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,6 +18,7 @@ from onepass.algorithms.base import (
     MASTER,
     NEAREST,
     AlgorithmSpec,
+    Grads,
     Group,
     Rounding,
     bucket_rounding,
@@ -136,7 +138,14 @@ def _active_slots(group: Group) -> tuple[str, ...]:
     return (*base, "max_exp_avg_sq") if group["amsgrad"] else base
 
 
-def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _reference_launch(
+    bucket: Any,
+    grads: Grads,
+    group: Group,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    assert grads is not None  # listed by the engine: only a one-op native launch reads them
     s = AdamScalars.from_group(group)
 
     def step_one(
@@ -157,7 +166,13 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     reference_steps(bucket, grads, grad_scale, found_inf, step_one)
 
 
-def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _native_launch(
+    bucket: Any,
+    grads: Grads,
+    group: Group,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
     s = AdamScalars.from_group(group, lr=0.0)
     native_op("adam_")(
         bucket.params,

@@ -239,8 +239,12 @@ def scalar_slot_dtype(dtype: torch.dtype) -> torch.dtype:
     return opmath_dtype(dtype)
 
 
-#: A backend launcher steps one bucket: (bucket, grads, group, grad_scale, found_inf) -> None.
-Launcher = Callable[..., None]
+#: A bucket's grads as a launcher gets them: one a param (None: no grad), or None where the
+#: native op reads each param's grad itself.
+Grads = list[torch.Tensor | None] | None
+#: A backend launcher steps one bucket (the engine's Bucket or FlatBucket): (bucket, grads, group,
+#: grad_scale, found_inf) -> None.
+Launcher = Callable[[Any, Grads, Group, torch.Tensor | None, torch.Tensor | None], None]
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,6 +35,7 @@ from onepass.algorithms.base import (
     MASTER,
     NEAREST,
     AlgorithmSpec,
+    Grads,
     Group,
     Rounding,
     bucket_rounding,
@@ -158,7 +160,14 @@ def _bytes_per_element(group: Group, itemsize: int) -> int:
     return itemsize * (1 + 3 + 7)
 
 
-def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _reference_launch(
+    bucket: Any,
+    grads: Grads,
+    group: Group,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    assert grads is not None  # listed by the engine: only a one-op native launch reads them
     s = FAdamScalars.from_group(group)
 
     def step_one(
@@ -178,7 +187,13 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     reference_steps(bucket, grads, grad_scale, found_inf, step_one)
 
 
-def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _native_launch(
+    bucket: Any,
+    grads: Grads,
+    group: Group,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
     s = FAdamScalars.from_group(group, lr=0.0)
     native_op("fadam_")(
         bucket.params,

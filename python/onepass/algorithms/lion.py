@@ -16,6 +16,7 @@ bias correction and, like lion-pytorch, keeps no ``step`` in its state.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ from onepass.algorithms.base import (
     MASTER,
     NEAREST,
     AlgorithmSpec,
+    Grads,
     Group,
     Rounding,
     bucket_rounding,
@@ -118,7 +120,14 @@ def _active_slots(group: Group) -> tuple[str, ...]:
     return ("exp_avg",)
 
 
-def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _reference_launch(
+    bucket: Any,
+    grads: Grads,
+    group: Group,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    assert grads is not None  # listed by the engine: only a one-op native launch reads them
     s = LionScalars.from_group(group)
 
     def step_one(
@@ -137,7 +146,13 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     reference_steps(bucket, grads, grad_scale, found_inf, step_one)
 
 
-def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _native_launch(
+    bucket: Any,
+    grads: Grads,
+    group: Group,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
     s = LionScalars.from_group(group, lr=0.0)
     native_op("lion_")(
         bucket.params,

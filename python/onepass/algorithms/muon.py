@@ -40,7 +40,9 @@ from onepass.algorithms.base import (
     MASTER,
     NEAREST,
     AlgorithmSpec,
+    Grads,
     Group,
+    Launcher,
     Rounding,
     bucket_rounding,
     math_param,
@@ -401,7 +403,14 @@ def _bytes_per_element(group: Group, itemsize: int) -> int:
     return itemsize * (4 + 3)
 
 
-def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _reference_launch(
+    bucket: Any,
+    grads: Grads,
+    group: Group,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    assert grads is not None  # listed by the engine: only a one-op native launch reads them
     scale = reference_amp_scale(grad_scale, found_inf)
     if scale is None:
         return
@@ -533,8 +542,15 @@ def _orthogonalize(work: _Workspace, grads: list[torch.Tensor | None], s: MuonSc
             group.stack.index_copy_(0, index, ortho.to(group.stack.dtype))
 
 
-def _native_step(momentum_launcher: Any, final_launcher: Any) -> Any:
-    def launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _native_step(momentum_launcher: Any, final_launcher: Any) -> Launcher:
+    def launch(
+        bucket: Any,
+        grads: Grads,
+        group: Group,
+        grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+    ) -> None:
+        assert grads is not None  # listed by the engine: only a one-op native launch reads them
         work = bucket.table_cache.get("muon")
         if work is None:
             work = bucket.table_cache["muon"] = _Workspace(bucket)
@@ -561,7 +577,14 @@ def _native_step(momentum_launcher: Any, final_launcher: Any) -> Any:
     return launch
 
 
-def _native_momentum(bucket, grads, group, grad_scale, found_inf) -> None:
+def _native_momentum(
+    bucket: Any,
+    grads: Grads,
+    group: Group,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    assert grads is not None  # listed by the engine: only a one-op native launch reads them
     native_op("muon_momentum_")(
         bucket.params,
         grads,

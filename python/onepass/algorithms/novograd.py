@@ -25,6 +25,7 @@ update of v per tensor), then the elementwise update, which reads the tensor's d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ from onepass.algorithms.base import (
     MASTER,
     NEAREST,
     AlgorithmSpec,
+    Grads,
     Group,
     Rounding,
     bucket_rounding,
@@ -151,7 +153,14 @@ def _bytes_per_element(group: Group, itemsize: int) -> int:
     return itemsize * (1 + 3 + 2)
 
 
-def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _reference_launch(
+    bucket: Any,
+    grads: Grads,
+    group: Group,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    assert grads is not None  # listed by the engine: only a one-op native launch reads them
     s = NovoGradScalars.from_group(group)
 
     def step_one(
@@ -172,7 +181,13 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     reference_steps(bucket, grads, grad_scale, found_inf, step_one)
 
 
-def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _native_launch(
+    bucket: Any,
+    grads: Grads,
+    group: Group,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
     s = NovoGradScalars.from_group(group, lr=0.0)
     native_op("novograd_")(
         bucket.params,

@@ -8,6 +8,7 @@ SGDW decouples the decay: p = p - lr*d - lr*wd*p_old.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -16,6 +17,7 @@ from onepass.algorithms.base import (
     MASTER,
     NEAREST,
     AlgorithmSpec,
+    Grads,
     Group,
     Rounding,
     bucket_rounding,
@@ -119,7 +121,14 @@ def _active_slots(group: Group) -> tuple[str, ...]:
     return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
 
-def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _reference_launch(
+    bucket: Any,
+    grads: Grads,
+    group: Group,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    assert grads is not None  # listed by the engine: only a one-op native launch reads them
     s = SgdScalars.from_group(group)
 
     def step_one(
@@ -139,7 +148,13 @@ def _reference_launch(bucket, grads, group, grad_scale, found_inf) -> None:
     reference_steps(bucket, grads, grad_scale, found_inf, step_one)
 
 
-def _native_launch(bucket, grads, group, grad_scale, found_inf) -> None:
+def _native_launch(
+    bucket: Any,
+    grads: Grads,
+    group: Group,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
     s = SgdScalars.from_group(group, lr=0.0)
     native_op("sgd_")(
         bucket.params,
