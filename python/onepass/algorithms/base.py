@@ -9,6 +9,9 @@ from typing import Any
 import torch
 
 Group = Mapping[str, Any]
+#: A bucket's grads as a launcher gets them: one a param (None: no grad), or None where the
+#: native op reads each param's grad itself.
+Grads = list[torch.Tensor | None] | None
 
 #: Weight-decay modes shared by the whole family. "l2" adds wd*p to the gradient (torch Adam/SGD);
 #: "decoupled" multiplies p by 1 - lr*wd before the update (Loshchilov & Hutter: AdamW, SGDW);
@@ -108,7 +111,7 @@ def math_param(bucket: Any, i: int, slots: dict[str, torch.Tensor]) -> torch.Ten
 
 def reference_steps(
     bucket: Any,
-    grads: list[torch.Tensor | None],
+    grads: Grads,
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
     step_one: TensorStep,
@@ -116,6 +119,7 @@ def reference_steps(
     """The reference backend's loop, shared by every elementwise spec: skip the whole step when
     GradScaler found an inf/nan, else advance and step each tensor that has a grad (its master,
     with master weights, then copied into the param rounded to nearest)."""
+    assert grads is not None  # listed by the engine: only a one-op native launch reads them
     scale = reference_amp_scale(grad_scale, found_inf)
     if scale is None:
         return  # params, state and steps stay as they are
@@ -239,9 +243,6 @@ def scalar_slot_dtype(dtype: torch.dtype) -> torch.dtype:
     return opmath_dtype(dtype)
 
 
-#: A bucket's grads as a launcher gets them: one a param (None: no grad), or None where the
-#: native op reads each param's grad itself.
-Grads = list[torch.Tensor | None] | None
 #: A backend launcher steps one bucket (the engine's Bucket or FlatBucket): (bucket, grads, group,
 #: grad_scale, found_inf) -> None.
 Launcher = Callable[[Any, Grads, Group, torch.Tensor | None, torch.Tensor | None], None]
