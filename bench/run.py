@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.shapes and own != usual:
             log(
                 f"{a}: on {', '.join(own)} instead of {', '.join(usual)}: this CPU has no "
-                "native bf16 matmul, and the peer's run in bf16 (--shapes picks the lists)"
+                "native bf16 matmul, and the peer's matmuls run in bf16 (--shapes picks the lists)"
             )
     for name, algorithm in plan:
         group = run_group(
