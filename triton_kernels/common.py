@@ -290,12 +290,17 @@ def advance_step(step, done, row, step_index, programs, t):
 def sum_partials(partial_ptr, first, count, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
     """The sum of ``partial_ptr[STRIDE * (first + k)]`` for k < count: a tensor's per-program
     partial sums, read by its last program (volatile: other programs wrote them), BLOCK at a
-    time. One at a time, a 2^26-element tensor's 4,096 partials took a millisecond."""
+    time. One at a time, a 2^26-element tensor's 4,096 partials took a millisecond.
+
+    A while loop, not ``range(0, count, BLOCK)``: triton 3.6's interpreter (the GPU machine's
+    triton) cannot take a loaded value as a range bound."""
     acc = tl.zeros([BLOCK], dtype=tl.float64)
-    for k in range(0, count, BLOCK):
+    k = count * 0
+    while k < count:
         index = k + tl.arange(0, BLOCK)
         at = partial_ptr + STRIDE * (first + index)
         acc += tl.load(at, mask=index < count, other=0.0, volatile=True)
+        k += BLOCK
     return tl.sum(acc, axis=0)
 
 
