@@ -179,13 +179,14 @@ def _triton_runs_here() -> bool:
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_backends_refused_here(cls: type[onepass.FusedOptimizer], backend: str) -> None:
     """Where a GPU backend cannot step these CPU params (not built, not implemented, no Triton,
-    no interpreter), it says so when the optimizer is built or at the latest at the first step."""
+    no interpreter; CUDA kernels built on a machine without a GPU: CPU tensors), it says so when
+    the optimizer is built or at the latest at the first step."""
     if backend == "triton" and _triton_runs_here():
         pytest.skip("Triton's interpreter runs CPU tensors here")
     if backend == "cuda" and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     param = torch.zeros(3, requires_grad=True)
-    match = f"backend='{backend}'.*(not implemented|not available|interpreter)"
+    match = f"backend='{backend}'.*(not implemented|not available|interpreter|tensors on cpu)"
     with pytest.raises(RuntimeError, match=match):
         optimizer = cls([param], backend=backend)
         param.grad = torch.ones(3)
