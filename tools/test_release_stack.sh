@@ -5,14 +5,14 @@
 # onepass built CPU-only there. Run it before a GPU run: it found 44 Triton tests failing under
 # triton 3.6's interpreter that passed under 3.9 (bench/GPU_RESULTS.md).
 #   tools/test_release_stack.sh [PYTHON] [TORCH_VERSION] [pytest args...]
-# e.g. tools/test_release_stack.sh python3.12 2.11.0 -k triton
+# e.g. tools/test_release_stack.sh python3.12 2.11.0 -k triton (PYTHON may be a path)
 # First run: ~4 GB of downloads into the venv; the suite ~10 min on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${1:-python3.12}
 torch_version=${2:-2.11.0}
 shift $(($# < 2 ? $# : 2))
-command -v "$python" >/dev/null || { echo "test_release_stack: $python not found"; exit 1; }
+"$python" -c "" 2>/dev/null || { echo "test_release_stack: $python does not run"; exit 1; }
 py_version=$("$python" -c "import sys; print('%d.%d' % sys.version_info[:2])")
 root=build/stack-py$py_version-torch$torch_version
 venv=$root/venv
