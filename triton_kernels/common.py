@@ -295,7 +295,7 @@ def sum_partials(partial_ptr, first, count, STRIDE: tl.constexpr, BLOCK: tl.cons
     A while loop, not ``range(0, count, BLOCK)``: triton 3.6's interpreter (the GPU machine's
     triton) cannot take a loaded value as a range bound."""
     acc = tl.zeros([BLOCK], dtype=tl.float64)
-    k = count * 0
+    k = count * 0  # count's integer type (i64 from the table), not a Python int
     while k < count:
         index = k + tl.arange(0, BLOCK)
         at = partial_ptr + STRIDE * (first + index)
