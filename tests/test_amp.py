@@ -8,6 +8,7 @@ unscales and skips from outside) driven by its own scaler through the same losse
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -198,3 +199,43 @@ def test_found_inf_skips_every_bucket_and_group(backend_name: str) -> None:
     scaler.step(optimizer)
     for p in params:
         assert float(optimizer.state[p]["step"]) == 4.0
+
+
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy"])
+def test_a_skipped_first_step_saves_no_state(how: str, backend_name: str) -> None:
+    """SGD keeps no step count: a momentum buffer means a param has stepped. A first step that
+    the GradScaler skipped has created the (zero) buffer, so it is saved without state, as
+    torch.optim.SGD has none; a resumed run starts the buffer from the grad, not damps a zero
+    one (dampening > 0 tells them apart)."""
+    torch.manual_seed(0)
+    start = torch.randn(2, 9, dtype=torch.float64)
+    grads = torch.randn(2, 9, dtype=torch.float64)
+    kwargs: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "dampening": 0.5}
+    results = []
+    for cls in (onepass.SGD, torch.optim.SGD):
+        params = [p.clone().requires_grad_() for p in start]
+        optimizer: torch.optim.Optimizer = (
+            onepass.SGD(params, **kwargs, backend=backend_name)
+            if cls is onepass.SGD
+            else torch.optim.SGD(params, **kwargs)
+        )
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        scaler.scale(torch.ones(()))  # (the scaler's scale is made at the first scale())
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g * 4.0
+        params[1].grad[0] = float("inf")  # type: ignore[index]
+        scaler.step(optimizer)
+        scaler.update()
+        if how == "state_dict":
+            saved = optimizer.state_dict()
+            assert saved["state"] == {}
+            optimizer = cls(params, **kwargs)
+            optimizer.load_state_dict(saved)
+        else:
+            params, optimizer = copy.deepcopy((params, optimizer))
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g * 2.0  # the scale after a skipped step
+        scaler.step(optimizer)
+        results.append([p.detach() for p in params])
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)

@@ -128,7 +128,7 @@ def test_decay_scale_follows_the_decay_mode(decay: str, scale: float) -> None:
 def test_l2_decay_stays_on_when_the_weight_decay_is_on_the_device() -> None:
     """Under L2 decay a zero weight decay skips the L2 term, unless it lives on the device,
     where it may change without the host seeing it."""
-    group = _adamw_group(decay="l2", weight_decay=0.0)
+    group = _adamw_group(decay="l2", decoupled_weight_decay=False, weight_decay=0.0)
     assert not l2_decays(group, 0.0)
     hyper = DeviceHyper(ADAM, group, torch.device("cpu"))
     assert l2_decays(hyper.launch_group(group), 0.0)

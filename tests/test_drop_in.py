@@ -680,3 +680,43 @@ def test_the_native_step_lets_other_python_threads_run() -> None:
     stop.set()
     thread.join()
     assert inside > 0
+
+
+@pytest.mark.parametrize("given", ["decoupled_weight_decay", "decay"])
+def test_adam_group_decay_mode_of_its_own(given: str, backend_name: str) -> None:
+    """torch.optim.Adam reads decoupled_weight_decay per param group: a group that gives it
+    (or onepass's decay) steps by it, not by the constructor's default."""
+    params = make_params(F64)
+    theirs = clone_params(params)
+    value: Any = True if given == "decoupled_weight_decay" else "decoupled"
+    ours = onepass.Adam(
+        [{"params": params[:4]}, {"params": params[4:], given: value}],
+        weight_decay=0.3,
+        backend=backend_name,
+    )
+    expected = torch.optim.Adam(
+        [{"params": theirs[:4]}, {"params": theirs[4:], "decoupled_weight_decay": True}],
+        weight_decay=0.3,
+    )
+    assert ours.param_groups[1]["decay"] == "decoupled"
+    assert ours.param_groups[1]["decoupled_weight_decay"] is True
+    step_both(ours, expected, params, theirs, range(1, 8))
+    assert_same_as_torch(ours, expected, params, theirs)
+
+
+def test_adam_decay_keys_that_disagree_are_refused() -> None:
+    """decoupled_weight_decay changed alone in a group: the step, which follows decay, refuses
+    it rather than half apply it (and changes nothing)."""
+    p = torch.randn(5, requires_grad=True)
+    optimizer = onepass.Adam([p], weight_decay=0.1)
+    p.grad = torch.randn(5)
+    optimizer.step()
+    optimizer.param_groups[0]["decoupled_weight_decay"] = True
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: decoupled_weight_decay=True but"):
+        optimizer.step()
+    assert torch.equal(p, before)
+    optimizer.param_groups[0]["decay"] = "decoupled"
+    optimizer.step()
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False but decay='decoupled'"):
+        onepass.Adam([{"params": [p], "decay": "decoupled", "decoupled_weight_decay": False}])

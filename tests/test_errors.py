@@ -690,6 +690,12 @@ def _corrupt(kind: str, sd: dict[str, Any]) -> tuple[dict[str, Any], str]:
     if kind == "missing-step":
         del sd["state"][2]["step"]
         return sd, f"state of {_name(1, 0)} has no 'step'"
+    if kind == "missing-slot":
+        del sd["state"][2]["exp_avg_sq"]
+        return sd, f"state of {_name(1, 0)} has no 'exp_avg_sq', a slot its param group uses"
+    if kind == "step-shape":
+        sd["state"][1]["step"] = torch.tensor([2.0, 2.0])
+        return sd, rf"'step' of {_name(0, 1)} is \(2,\), expected a number"
     if kind == "groups":
         sd["param_groups"] = sd["param_groups"][:1]
         return sd, "1 parameter groups, the optimizer has 2"
@@ -709,6 +715,8 @@ def _corrupt(kind: str, sd: dict[str, Any]) -> tuple[dict[str, Any], str]:
         "slot-shape-same-numel",
         "unknown-slot",
         "missing-step",
+        "missing-slot",
+        "step-shape",
         "groups",
         "params",
         "unknown-param",
@@ -724,3 +732,102 @@ def test_bad_state_dict_refused(kind: str) -> None:
     set_grads(params, make_grads(params, 3, none_pattern=False))
     optimizer.step()
     assert float(optimizer.state[params[0]]["step"]) == 3.0
+
+
+@pytest.mark.parametrize(
+    ("cls", "slot"),
+    [(onepass.NovoGrad, "exp_avg"), (onepass.FAdam, "fim"), (onepass.Adam, "exp_avg")],
+)
+def test_state_dict_missing_a_slot_refused(cls: type[onepass.FusedOptimizer], slot: str) -> None:
+    """A stepped param's entry without a slot its group uses: torch.optim's classes (and the
+    peers') fail at the step; onepass refuses the load rather than start it from zeros under
+    the saved step count."""
+    optimizer, _ = _stepped(cls)
+    bad = copy.deepcopy(optimizer.state_dict())
+    del bad["state"][3][slot]
+    _refused(optimizer, lambda: optimizer.load_state_dict(bad), ValueError, f"{_name(1, 1)} has no")
+
+
+@pytest.mark.parametrize("cls", [onepass.SGD, onepass.Muon])
+def test_state_dict_missing_momentum_buffer_starts_fresh(cls: type[onepass.FusedOptimizer]) -> None:
+    """SGD's and Muon's momentum buffer may be missing, as torch.optim.SGD (from the grad) and
+    torch.optim.Muon (from zero) start one: the same result as torch's class."""
+    torch.manual_seed(0)
+    params = [torch.randn(shape, requires_grad=True) for shape in [(6, 5), (4, 7)]]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    if cls is onepass.SGD:
+        optimizer = onepass.SGD(params, lr=0.01, momentum=0.9)
+        peer: torch.optim.Optimizer = torch.optim.SGD(twins, lr=0.01, momentum=0.9)
+    else:  # the settings under which onepass's reference gives torch.optim.Muon's bits
+        optimizer = onepass.Muon(
+            params, lr=0.01, ns_dtype=torch.bfloat16, ns_method="standard", backend="reference"
+        )
+        peer = torch.optim.Muon(twins, lr=0.01)
+    for step in range(1, 5):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, twins, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        if step == 3:  # reload both without the first param's buffer
+            for opt in (optimizer, peer):
+                sd = copy.deepcopy(opt.state_dict())
+                del sd["state"][0]["momentum_buffer"]
+                opt.load_state_dict(sd)
+        optimizer.step()
+        peer.step()
+    for p, q in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# Values set after construction that no launch could take whole: refused before any write
+# ------------------------------------------------------------------------------------------------
+
+
+def _stepped_muon(backend: str) -> tuple[onepass.FusedOptimizer, list[torch.Tensor]]:
+    """A Muon optimizer over three matrices, two steps taken."""
+    params = [torch.randn(shape, requires_grad=True) for shape in [(6, 5), (4, 7), (6, 5)]]
+    optimizer = onepass.Muon(params, lr=0.02, ns_dtype=torch.float32, backend=backend)
+    for s in range(1, 3):
+        set_grads(params, make_grads(params, s, none_pattern=False))
+        optimizer.step()
+    return optimizer, params
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize(
+    ("key", "value", "error", "match"),
+    [
+        ("lr", torch.tensor(0), ValueError, "floating-point tensor, not torch.int64"),
+        ("lr", torch.tensor([0.02, 0.02]), ValueError, "Tensor lr must be 1-element"),
+        ("lr", "0.02", TypeError, "lr must be a number"),
+        ("lr", None, TypeError, "lr must be a number"),
+        ("ns_dtype", torch.int32, ValueError, "ns_dtype must be"),
+        ("ns_steps", -1, ValueError, "ns_steps must be >= 0"),
+        ("ns_coefficients", (3.4, -4.7), ValueError, "exactly 3 values"),
+    ],
+)
+def test_muon_group_value_set_later_refused_before_the_momentum_pass(
+    backend: str, key: str, value: Any, error: type[Exception], match: str
+) -> None:
+    """Muon's native launch writes the momentum buffers before its later passes read the lr and
+    the Newton-Schulz settings: each is checked before anything is written."""
+    optimizer, params = _stepped_muon(backend)
+    optimizer.param_groups[0][key] = value
+    set_grads(params, make_grads(params, 3, none_pattern=False))
+    _refused(optimizer, optimizer.step, error, rf"param_groups\[0\]: .*{match}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [("betas", (0.9, 1.0), "Invalid beta parameter at index 1"), ("clip", 0.0, "Invalid clip")],
+)
+def test_fadam_group_value_set_later_refused(
+    backend: str, key: str, value: Any, match: str
+) -> None:
+    """beta2 = 1 and clip = 0 divide by zero in FAdam's rule: refused at the step as at
+    construction (the reference had failed part-way, the kernels written non-finite params)."""
+    optimizer, params = _stepped(onepass.FAdam, backend=backend)
+    optimizer.param_groups[1][key] = value
+    set_grads(params, make_grads(params, 3, none_pattern=False))
+    _refused(optimizer, optimizer.step, ValueError, rf"param_groups\[1\]: {match}")

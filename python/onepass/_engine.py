@@ -461,6 +461,25 @@ class Engine:
         """Forget every bucket; the next step rebuilds them from ``optimizer.state``."""
         self.plans = []
 
+    def unstepped(self) -> set[int]:
+        """ids of the params whose state exists but which have not taken a step (their first
+        step was skipped by a GradScaler: the state is exposed when the grad arrives, without
+        a sync to learn whether the step ran), in groups whose algorithm keeps no step count in
+        its state (SGD, Lion, Muon's matrices). Loaded back, their buffers would read as
+        stepped (a momentum buffer means it has stepped: SGD would damp a zero buffer instead
+        of starting it from the grad), so they are saved without state, as torch.optim's
+        classes keep none for them. Reads the step counts (a device sync on a GPU)."""
+        ids: set[int] = set()
+        if self.optimizer.state.dirty:  # written since the last step: the counts are stale
+            return ids
+        for plan, group in zip(self.plans, self.optimizer.param_groups, strict=False):
+            if self.spec.for_group(group).step_in_state:
+                continue
+            for bucket in plan.buckets:
+                counts = bucket.step.tolist()
+                ids.update(id(p) for p, n in zip(bucket.params, counts, strict=True) if n == 0)
+        return ids
+
     # -- building ---------------------------------------------------------------------------
 
     def _plan(self, index: int, group: dict[str, Any]) -> _GroupPlan:
@@ -484,9 +503,16 @@ class Engine:
         if state.dirty:  # written from outside: rebuild the buckets from what it holds now
             self.invalidate()
             state.dirty = False
+        groups = self.optimizer.param_groups
+        for index, param_group in enumerate(groups):  # values no launch could take whole
+            check = self.spec.for_group(param_group).check_step
+            if check is not None:
+                try:
+                    check(param_group)
+                except (TypeError, ValueError) as error:
+                    raise type(error)(f"onepass: param_groups[{index}]: {error}") from None
         # Every group's plan first, stored only once all are built: a group that cannot be
         # (a refused state_dtype, say) leaves the others' buckets as they were.
-        groups = self.optimizer.param_groups
         self.plans = plans = [self._plan(index, group) for index, group in enumerate(groups)]
         for plan in plans:
             plan.commit(state)
@@ -708,8 +734,10 @@ def _adopt_state(engine: Engine, bucket: Bucket, spec: AlgorithmSpec) -> None:
         if "step" in entry:
             bucket.step[i] = float(entry["step"])
         else:
-            # No step in this algorithm's state (SGD): a momentum buffer means it has stepped.
-            bucket.step[i] = 1.0 if isinstance(entry.get("momentum_buffer"), torch.Tensor) else 0.0
+            # No step in this algorithm's state (SGD, Lion, Muon's matrices): a slot means it
+            # has stepped (Engine.unstepped saves none for a param that has not).
+            stepped = any(isinstance(entry.get(slot), torch.Tensor) for slot in spec.slots)
+            bucket.step[i] = 1.0 if stepped else 0.0
         new_entry: dict[str, Any] = {}
         if spec.step_in_state:
             new_entry["step"] = bucket.step[i]

@@ -131,6 +131,19 @@ def _check_group(group: Group) -> None:
         raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
     if not scalar(group["weight_decay"]) >= 0.0:
         raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+    _check_step(group)
+
+
+def _check_step(group: Group) -> None:
+    """torch.optim.Adam's ``decoupled_weight_decay`` and onepass's ``decay`` name one choice
+    (Muon's AdamW groups have only ``decay``); the step follows ``decay``, so the two must
+    agree: one changed alone in a param group is refused, not half applied."""
+    decoupled = group.get("decoupled_weight_decay")
+    if decoupled is not None and bool(decoupled) != (group["decay"] != "l2"):
+        raise ValueError(
+            f"decoupled_weight_decay={decoupled} but decay={group['decay']!r}; set both "
+            "('l2' is decoupled_weight_decay=False, 'decoupled' and 'independent' are True)"
+        )
 
 
 def _active_slots(group: Group) -> tuple[str, ...]:
@@ -205,6 +218,8 @@ ADAM: AlgorithmSpec = AlgorithmSpec(
     active_slots=_active_slots,
     step_in_state=True,
     check_group=_check_group,
+    optional_slots=("max_exp_avg_sq",),
+    check_step=_check_step,
     bytes_per_element=elementwise_bytes(_active_slots),
     reference=adam_reference,
     launchers={

@@ -264,6 +264,12 @@ class AlgorithmSpec:
         check_arguments: the checks torch.optim's class makes on the constructor's arguments
             only, never on a param group; run after ``check_group`` on them, before any group
             is built.
+        check_step: raises ValueError / TypeError for group values set after construction that
+            a step could not take whole: values the native launch would fail on part-way
+            (Muon's momentum pass writes before its later passes read the lr and the
+            Newton-Schulz settings), or for which the rule is undefined (a division by zero).
+            The engine runs it on every group before a step writes anything. Range checks
+            beyond those run at construction only, as torch.optim's do.
         bytes_per_element: bytes one step reads and writes per param element (the bench's model),
             given the group and the storage element size.
         reduction: the reductions the update needs: "none", "per_tensor", "per_row" or "global".
@@ -280,6 +286,12 @@ class AlgorithmSpec:
         device_hyper: with capturable=True, the group keys that live on the device, in the
             order of the op's hyperparameter block (csrc/include/onepass/device_hyper.h;
             "betas" is two values); ``decay_in_block``: the block ends with decay_scale.
+        optional_slots: active slots that a loaded state entry may lack, which the step then
+            starts as it does when a group switches them on mid-run: amsgrad's max_exp_avg_sq,
+            SGD's momentum buffer (from the grad, as torch.optim.SGD), Muon's (from zero, as
+            torch.optim.Muon). Any other active slot missing from a loaded entry is refused at
+            ``load_state_dict``, where torch.optim would fail at the step (a KeyError) and
+            onepass would otherwise start it from zeros under the entry's step count.
     """
 
     name: str
@@ -297,6 +309,8 @@ class AlgorithmSpec:
     device_hyper: tuple[str, ...] = ("lr",)
     decay_in_block: bool = False
     check_arguments: Callable[[Group], None] | None = None
+    check_step: Callable[[Group], None] | None = None
+    optional_slots: tuple[str, ...] = ()
 
     def for_group(self, group: Group) -> AlgorithmSpec:
         """The spec that steps ``group``."""

@@ -151,6 +151,23 @@ def _check_group(group: Group) -> None:
         raise ValueError(f"onepass: FAdam has no decay mode {group['decay']!r}")
 
 
+def _check_step(group: Group) -> None:
+    """The constructor's ranges for beta2 and clip, checked at every step too: set after
+    construction, b2 = 1 divides by zero in b2t and clip = 0 in RMS / clip (the reference
+    failing part-way, the kernels writing non-finite params); beyond them the rule means
+    nothing."""
+    beta2 = group["betas"][1]
+    # A tensor beta on the device (a capturable group's, checked where it is written) or under
+    # torch.compile is not read here: that would sync with the device or break the graph.
+    on_host = not isinstance(beta2, torch.Tensor) or (
+        beta2.device.type == "cpu" and not torch.compiler.is_compiling()
+    )
+    if on_host and not 0.0 <= scalar(beta2) < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+    if not group["clip"] > 0.0:
+        raise ValueError(f"Invalid clip value: {group['clip']}")
+
+
 def _active_slots(group: Group) -> tuple[str, ...]:
     return ("fim", "momentum")
 
@@ -223,6 +240,7 @@ FADAM: AlgorithmSpec = AlgorithmSpec(
     active_slots=_active_slots,
     step_in_state=True,
     check_group=_check_group,
+    check_step=_check_step,
     bytes_per_element=_bytes_per_element,
     reference=fadam_reference,
     reduction="per_tensor",

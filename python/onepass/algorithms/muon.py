@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -371,18 +372,32 @@ def muon_reference(
 
 def _check_group(group: Group) -> None:
     """torch.optim.Muon's checks and messages (Muon groups only; AdamW groups: ADAM's)."""
+    _check_step(group)
     lr = group["lr"]
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
     if not scalar(lr) >= 0.0:
         raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
     if not scalar(group["momentum"]) >= 0.0:
         raise ValueError(f"momentum should be >= 0 but is: {group['momentum']}")
     if not scalar(group["weight_decay"]) >= 0.0:
         raise ValueError(f"weight decay should be >= 0 but is: {group['weight_decay']}")
+
+
+def _check_step(group: Group) -> None:
+    """What the passes after the momentum pass read, checked before it writes the buffers: the
+    lr (the update pass's) and the Newton-Schulz settings."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not lr.is_floating_point():
+            raise ValueError(f"lr must be a float or a floating-point tensor, not {lr.dtype}")
+    elif not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a number, not {lr!r}")
     if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
         raise ValueError(f"Adjust learning rate function {group['adjust_lr_fn']} is not supported")
-    if not 0 <= int(group["ns_steps"]) < 100:
+    if int(group["ns_steps"]) < 0:
+        raise ValueError(f"ns_steps must be >= 0, not {group['ns_steps']}")
+    if int(group["ns_steps"]) >= 100:
         raise ValueError("Number of steps must be less than 100 for computational efficiency")
     if len(group["ns_coefficients"]) != 3:
         raise ValueError("Coefficients must be a tuple of exactly 3 values")
@@ -609,6 +624,8 @@ MUON_MATRICES: AlgorithmSpec = AlgorithmSpec(
     active_slots=_active_slots,
     step_in_state=False,  # torch.optim.Muon keeps none
     check_group=_check_group,
+    check_step=_check_step,
+    optional_slots=("momentum_buffer",),
     bytes_per_element=_bytes_per_element,
     reference=muon_reference,
     # Newton-Schulz works per matrix: never one flat segment (flatten=True keeps the buffers).

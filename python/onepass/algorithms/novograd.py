@@ -218,6 +218,7 @@ NOVOGRAD: AlgorithmSpec = AlgorithmSpec(
     active_slots=_active_slots,
     step_in_state=True,
     check_group=_check_group,
+    optional_slots=("max_exp_avg_sq",),
     bytes_per_element=_bytes_per_element,
     reference=novograd_reference,
     reduction="per_tensor",

@@ -185,6 +185,7 @@ SGD_SPEC: AlgorithmSpec = AlgorithmSpec(
     step_in_state=False,
     check_group=_check_group,
     check_arguments=_check_arguments,
+    optional_slots=("momentum_buffer",),
     bytes_per_element=elementwise_bytes(_active_slots),
     reference=sgd_reference,
     launchers={

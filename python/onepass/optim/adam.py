@@ -95,10 +95,19 @@ class Adam(FusedOptimizer):
             "capturable": capturable,
             "differentiable": differentiable,
             "fused": fused,
-            "decoupled_weight_decay": decay == "decoupled",
+            "decoupled_weight_decay": decay != "l2",
             "decay": decay,
         }
         super().__init__(params, defaults, options)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # A group that gives torch's key or onepass's gets the other to match, not the
+        # constructor's default (torch.optim.Adam reads decoupled_weight_decay per group).
+        if "decay" not in param_group and "decoupled_weight_decay" in param_group:
+            param_group["decay"] = "decoupled" if param_group["decoupled_weight_decay"] else "l2"
+        elif "decay" in param_group and "decoupled_weight_decay" not in param_group:
+            param_group["decoupled_weight_decay"] = param_group["decay"] != "l2"
+        super().add_param_group(param_group)
 
     def _decay_from_torch(self, group: Mapping[str, Any]) -> str:
         return "decoupled" if group.get("decoupled_weight_decay") else "l2"

@@ -264,6 +264,12 @@ class FusedOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict, its entries plain dicts (loadable with weights_only=True)."""
         state_dict = super().state_dict()
+        unstepped = self._engine.unstepped()
+        if unstepped:  # ids as torch numbers them: the params of every group, in order
+            params = (p for group in self.param_groups for p in group["params"])
+            for index, p in enumerate(params):
+                if id(p) in unstepped:
+                    state_dict["state"].pop(index, None)
         state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
         for saved in state_dict["param_groups"]:
             # A capturable group's lr, betas, eps and weight decay are views of its device block
@@ -274,6 +280,9 @@ class FusedOptimizer(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
+        unstepped = self._engine.unstepped()  # saved without state, as in state_dict()
+        if unstepped:
+            state["state"] = {p: v for p, v in state["state"].items() if id(p) not in unstepped}
         state["max_grad_norm"] = self.max_grad_norm  # torch's keeps only its own fields
         return state
 
@@ -499,29 +508,42 @@ class FusedOptimizer(Optimizer):
                 f"onepass: loaded state dict has {len(saved_groups)} parameter groups, "
                 f"the optimizer has {len(groups)}"
             )
-        params: dict[Any, tuple[str, torch.Tensor]] = {}
+        params: dict[Any, tuple[str, torch.Tensor, dict[str, Any]]] = {}
         for g, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(
                     f"onepass: loaded parameter group {g} has {len(saved['params'])} params, "
                     f"the optimizer's has {len(group['params'])}"
                 )
+            loaded = {**group, **saved}  # the group as the load leaves it (saved values win)
             for j, (p, saved_id) in enumerate(zip(group["params"], saved["params"], strict=True)):
-                params[saved_id] = (f"param_groups[{g}]['params'][{j}]", p)
+                params[saved_id] = (f"param_groups[{g}]['params'][{j}]", p, loaded)
         # master_param: a checkpoint with master weights loads into a run without them (the
         # params already hold the masters rounded) and the reverse (masters from the params).
         known = {*self.spec.slots, "step", "master_param"}
         for saved_id, entry in state_dict["state"].items():
             if saved_id not in params:
                 raise ValueError(f"onepass: state_dict has state for unknown param id {saved_id}")
-            name, p = params[saved_id]
+            name, p, group = params[saved_id]
             for key, value in entry.items():
                 if key not in known:
                     raise ValueError(
                         f"onepass: state_dict slot {key!r} of {name} is not a {self.spec.name} "
                         f"slot (expected {sorted(known)})"
                     )
-                if key == "step" or value is None:
+                if key == "step":
+                    if not isinstance(value, numbers.Real) and not (
+                        isinstance(value, torch.Tensor) and value.numel() == 1
+                    ):
+                        shape = (
+                            tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+                        )
+                        raise ValueError(
+                            f"onepass: state_dict 'step' of {name} is {shape}, expected a number "
+                            "or a one-element tensor"
+                        )
+                    continue
+                if value is None:
                     continue
                 if key in self.spec.scalar_slots:
                     if not isinstance(value, torch.Tensor) or value.numel() != 1:
@@ -541,3 +563,17 @@ class FusedOptimizer(Optimizer):
                     )
             if self.spec.step_in_state and any(k != "step" for k in entry) and "step" not in entry:
                 raise ValueError(f"onepass: state_dict state of {name} has no 'step'")
+            # A stepped param's entry holds every slot its group uses (torch.optim fails at the
+            # step on one it lacks; onepass would start it from zeros under the saved step).
+            spec = self.spec.for_group(group)
+            if any(k != "master_param" for k in entry):
+                missing = [
+                    slot
+                    for slot in spec.active_slots(group)
+                    if entry.get(slot) is None and slot not in spec.optional_slots
+                ]
+                if missing:
+                    raise ValueError(
+                        f"onepass: state_dict state of {name} has no {missing[0]!r}, a slot its "
+                        f"param group uses (it has {sorted(entry)})"
+                    )
