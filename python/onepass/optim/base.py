@@ -85,6 +85,11 @@ OPTION_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _shape_of(value: Any) -> Any:
+    """A loaded state value's shape, or its type where it is not a tensor (for error messages)."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+
+
 def _profiling() -> bool:
     """Whether a torch profiler runs (the flag torch's own fast paths read, and the C++ state);
     always under torch.compile, which traces the range as torch.optim's wrapper enters it."""
@@ -535,30 +540,23 @@ class FusedOptimizer(Optimizer):
                     if not isinstance(value, numbers.Real) and not (
                         isinstance(value, torch.Tensor) and value.numel() == 1
                     ):
-                        shape = (
-                            tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
-                        )
                         raise ValueError(
-                            f"onepass: state_dict 'step' of {name} is {shape}, expected a number "
-                            "or a one-element tensor"
+                            f"onepass: state_dict 'step' of {name} is {_shape_of(value)}, expected "
+                            "a number or a one-element tensor"
                         )
                     continue
                 if value is None:
                     continue
                 if key in self.spec.scalar_slots:
                     if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                        shape = (
-                            tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
-                        )
                         raise ValueError(
-                            f"onepass: state_dict slot {key!r} of {name} has shape {shape}, "
-                            "expected one value per tensor (0-d or 1 element)"
+                            f"onepass: state_dict slot {key!r} of {name} has shape "
+                            f"{_shape_of(value)}, expected one value per tensor (0-d or 1 element)"
                         )
                     continue
                 if not isinstance(value, torch.Tensor) or value.shape != p.shape:
-                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
                     raise ValueError(
-                        f"onepass: state_dict slot {key!r} of {name} has shape {shape}, "
+                        f"onepass: state_dict slot {key!r} of {name} has shape {_shape_of(value)}, "
                         f"the param has {tuple(p.shape)}"
                     )
             if self.spec.step_in_state and any(k != "step" for k in entry) and "step" not in entry:
