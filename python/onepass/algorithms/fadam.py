@@ -130,7 +130,7 @@ def fadam_reference(
 
 def _check_group(group: Group) -> None:
     """torch.optim.Adam's checks and messages, plus clip > 0 and 0 < p <= 1."""
-    lr, (beta1, beta2) = group["lr"], group["betas"]
+    lr, (beta1, _) = group["lr"], group["betas"]  # (beta2: _check_step)
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
     if not scalar(lr) >= 0.0:
@@ -139,10 +139,7 @@ def _check_group(group: Group) -> None:
         raise ValueError(f"Invalid epsilon value: {group['eps']}")
     if not 0.0 <= scalar(beta1) < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
-    if not 0.0 <= scalar(beta2) < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
-    if not group["clip"] > 0.0:
-        raise ValueError(f"Invalid clip value: {group['clip']}")
+    _check_step(group, constructing=True)
     if not 0.0 < group["p"] <= 1.0:
         raise ValueError(f"Invalid p value: {group['p']}")
     if not scalar(group["weight_decay"]) >= 0.0:
@@ -151,16 +148,19 @@ def _check_group(group: Group) -> None:
         raise ValueError(f"onepass: FAdam has no decay mode {group['decay']!r}")
 
 
-def _check_step(group: Group) -> None:
+def _check_step(group: Group, constructing: bool = False) -> None:
     """The constructor's ranges for beta2 and clip, checked at every step too: set after
     construction, b2 = 1 divides by zero in b2t and clip = 0 in RMS / clip (the reference
     failing part-way, the kernels writing non-finite params); beyond them the rule means
     nothing."""
     beta2 = group["betas"][1]
-    # A tensor beta on the device (a capturable group's, checked where it is written) or under
-    # torch.compile is not read here: that would sync with the device or break the graph.
-    on_host = not isinstance(beta2, torch.Tensor) or (
-        beta2.device.type == "cpu" and not torch.compiler.is_compiling()
+    # At a step, a tensor beta on the device (a capturable group's, checked where it is
+    # written) or under torch.compile is not read: that would sync with the device or break
+    # the graph.
+    on_host = (
+        constructing
+        or not isinstance(beta2, torch.Tensor)
+        or (beta2.device.type == "cpu" and not torch.compiler.is_compiling())
     )
     if on_host and not 0.0 <= scalar(beta2) < 1.0:
         raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
