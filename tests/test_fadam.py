@@ -153,6 +153,25 @@ def test_an_all_zero_grad_steps_with_eps(backend: Any) -> None:
         torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("backend", all_backends(), ids=lambda b: b.id)
+def test_a_nan_grad_element_makes_its_tensor_nan(backend: Any) -> None:
+    """With no GradScaler to skip the step, a NaN grad element makes RMS(gn) NaN; the clip
+    divisor max(1, NaN) is NaN on every backend (as torch.clamp's), so the tensor's whole param
+    and momentum go NaN, not only that element. The step's other tensor is unaffected."""
+    skip_unless_implemented(INFO, backend.name)
+    if backend.capability is not None:
+        onepass.set_cpu_capability(backend.capability)
+    torch.manual_seed(0)
+    params = [torch.randn(n).requires_grad_() for n in (8, 33)]
+    optimizer = onepass.FAdam(params, lr=1e-3, backend=backend.name)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[0].grad[3] = float("nan")
+    optimizer.step()
+    assert params[0].isnan().all() and optimizer.state[params[0]]["momentum"].isnan().all()
+    assert torch.isfinite(params[1]).all()
+
+
 def test_clipping_is_active_in_the_tests() -> None:
     """The configs above do clip: at t = 1, |gn| = |g| / (|g| + eps_t) ~ 1 elementwise, so
     RMS(gn) ~ 1 > clip = 0.5; and RMS(wn) = RMS(param / den) > 1 for small grads."""

@@ -777,3 +777,23 @@ def test_fadam_all_zero_grad_takes_eps() -> None:
     for ours, expected in zip(*results, strict=True):
         assert torch.isfinite(ours).all()
         torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_fadam_nan_element_makes_the_tensor_nan() -> None:
+    """A NaN grad element (no GradScaler to skip the step) makes RMS(gn) NaN, and the clip
+    divisor max(1, NaN) is NaN on every backend (math.h op_max): the whole tensor's param and
+    momentum go NaN, as the reference's do, where tl.maximum alone would keep the other elements.
+    The other tensor of the step is untouched by it."""
+    torch.manual_seed(0)
+    start = [torch.randn(n, dtype=torch.float32) for n in (8, 33)]
+    grads = [torch.randn(n, dtype=torch.float32) for n in (8, 33)]
+    grads[0][3] = float("nan")
+    for backend, device in (("triton", DEVICE), ("reference", torch.device("cpu"))):
+        params = [p.clone().to(device).requires_grad_() for p in start]
+        optimizer = onepass.FAdam(params, lr=1e-3, backend=backend)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.to(device)
+        optimizer.step()
+        assert params[0].isnan().all(), backend
+        assert optimizer.state[params[0]]["momentum"].isnan().all(), backend
+        assert torch.isfinite(params[1]).all(), backend

@@ -68,6 +68,13 @@ def _last_program(done_ptr, row, programs):
 
 
 @triton.jit
+def _clip_divisor(ratio):
+    """math.h fadam_clip_divisor: max(1, RMS / clip), NaN where the ratio is (tl.maximum's
+    default would drop the NaN, and the other backends would make the tensor NaN)."""
+    return tl.where((ratio != ratio) | (ratio > 1.0), ratio, 1.0)
+
+
+@triton.jit
 def fadam_den(fim, grad, beta2_t, one_minus_beta2_t, eps_t, power, SQRT_POWER: tl.constexpr):
     """math.h ``fadam_den``: (new F, F^p + eps_t) of opmath values."""
     new_fim = beta2_t * fim + one_minus_beta2_t * grad * grad
@@ -192,8 +199,8 @@ def fadam_norms_kernel(
             wn_sq = sum_partials(partial_ptr + 1, first_chunk, programs, 2, BLOCK)
             n = numel.to(tl.float64)
             clip = _f64(clip_bits)
-            tl.store(scalars_ptr + 3 * row + 1, tl.maximum(tl.sqrt(gn_sq / n) / clip, 1.0))
-            tl.store(scalars_ptr + 3 * row + 2, tl.maximum(tl.sqrt(wn_sq / n) / clip, 1.0))
+            tl.store(scalars_ptr + 3 * row + 1, _clip_divisor(tl.sqrt(gn_sq / n) / clip))
+            tl.store(scalars_ptr + 3 * row + 2, _clip_divisor(tl.sqrt(wn_sq / n) / clip))
 
 
 @triton.jit(

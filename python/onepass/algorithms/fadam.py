@@ -86,8 +86,10 @@ def rms_from_sum(sum_sq: float, numel: int) -> float:
 
 
 def clip_divisor(sum_sq: float, numel: int, clip: float) -> float:
-    """max(1, RMS / clip)."""
-    return max(1.0, rms_from_sum(sum_sq, numel) / clip)
+    """max(1, RMS / clip), NaN where the RMS is (math.h op_max, torch.clamp): a non-finite
+    element makes the whole tensor's update NaN on every backend, not only its own element."""
+    ratio = rms_from_sum(sum_sq, numel) / clip
+    return ratio if math.isnan(ratio) or ratio > 1.0 else 1.0
 
 
 @torch.no_grad()

@@ -49,7 +49,10 @@ class FAdam(FusedOptimizer):
     paper. An all-zero grad takes eps_t = eps: the rule's eps_t = 0 makes den = 0 wherever F is
     0 too (a param the forward pass did not use, after ``zero_grad(set_to_none=False)``), and
     0 / 0 would turn the whole tensor to NaN (pytorch-optimizer guards the same case). An empty
-    tensor has RMS 0 (nothing to update). ``maximize``, GradScaler (grads
+    tensor has RMS 0 (nothing to update). Without a GradScaler to skip the step, a NaN or inf
+    in a tensor's gn or wn makes its RMS non-finite, and max(1, NaN) is NaN on every backend (as
+    torch.clamp's): the whole tensor's update goes NaN, not only that element's. ``maximize``,
+    GradScaler (grads
     unscaled before every reduction; an inf/nan skips the
     whole step, step counts included) and ``backend``/``flatten`` are onepass additions
     (``flatten=True`` keeps the params in one buffer, but the step stays per tensor).
