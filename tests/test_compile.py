@@ -174,3 +174,107 @@ def test_compiled_step_asks_no_cuda_capture_query(monkeypatch: pytest.MonkeyPatc
         assert counter.frame_count >= 1, cls.__name__
     with pytest.raises(RuntimeError, match="capture query"):  # eager steps do ask it
         onepass.AdamW(params, lr=0.01).step()
+
+
+@pytest.mark.parametrize(
+    "cls", [onepass.SGD, onepass.AdamW, onepass.FAdam], ids=lambda c: c.__name__
+)
+def test_compiled_step_follows_a_float_lr(cls: type) -> None:
+    """A float lr that a scheduler reassigns between compiled steps: each step uses the new
+    value (it may recompile; a tensor lr does not). Under AOTAutograd the float becomes a graph
+    input and the graph is traced again, and that second trace dropped a ``fill_`` of a cached
+    lr scalar: every step after the first change ran at the old lr (torch 2.13, aot_eager and
+    inductor)."""
+    torch._dynamo.reset()
+    ours = [torch.zeros(4, requires_grad=True)]
+    eager = [torch.zeros(4, requires_grad=True)]
+    opt, ref = cls(ours, lr=1.0), cls(eager, lr=1.0)
+    compiled_step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    for lr in (1.0, 0.5, 0.25, 0.125):
+        ours[0].grad = torch.full((4,), 0.5)
+        eager[0].grad = torch.full((4,), 0.5)
+        opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = lr
+        compiled_step()
+        ref.step()
+        assert_verbose_allclose(ours[0].detach(), eager[0].detach(), 1e-6, 1e-7, f"lr {lr}")
+
+
+def _params_and_state(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    tensors = [p.detach().clone() for group in opt.param_groups for p in group["params"]]
+    return tensors + [v.clone() for entry in opt.state.values() for v in entry.values()]
+
+
+def _refused_compiled(opt: torch.optim.Optimizer, match: str) -> None:
+    """A fullgraph compiled step is refused with onepass's message (Dynamo reports it as an
+    observed exception, our error in its text) and changes nothing."""
+    before = _params_and_state(opt)
+    with pytest.raises(Exception, match=match):
+        torch.compile(opt.step, fullgraph=True, backend="eager")()
+    after = _params_and_state(opt)
+    assert len(after) == len(before)
+    for a, b in zip(after, before, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("make", "key"),
+    [
+        (lambda ps: onepass.AdamW(ps, betas=(torch.tensor(0.9), 0.999)), "betas"),
+        (lambda ps: onepass.Adam(ps, eps=torch.tensor(1e-8)), "eps"),
+        (lambda ps: onepass.SGD(ps, momentum=0.9, weight_decay=torch.tensor(0.1)), "weight_decay"),
+        (lambda ps: onepass.Lion(ps, betas=(0.9, torch.tensor(0.99))), "betas"),
+    ],
+    ids=["AdamW-betas", "Adam-eps", "SGD-weight_decay", "Lion-betas"],
+)
+def test_tensor_hyperparameter_other_than_lr_refused_when_compiled(make, key: str) -> None:
+    """The ops take every hyperparameter but the lr as a float: a tensor beta, eps or weight
+    decay cannot reach them from a trace (it failed deep in the trace: a SymFloat where the op
+    takes a float, or a guard on a data-dependent value). Refused by name under fullgraph;
+    without fullgraph Dynamo falls back to an eager step, which reads it and matches eager."""
+    torch._dynamo.reset()
+    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    eager = [p.detach().clone().requires_grad_() for p in ours]
+    opt, ref = make(ours), make(eager)
+    for step in range(2):
+        for p, q in zip(ours, eager, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        if step == 0:
+            _refused_compiled(opt, rf"{key}\W* holds a tensor")
+        torch.compile(opt.step, backend="eager")()
+        ref.step()
+    for p, q in zip(ours, eager, strict=True):
+        assert_verbose_allclose(p.detach(), q.detach(), 1e-6, 1e-7)
+
+
+@pytest.mark.parametrize("change", ["first grad", "amsgrad", "load_state_dict"])
+def test_flat_buffer_rebuild_refused_when_compiled(change: str) -> None:
+    """With flatten=True a step that must rebuild the flat buffer (it moves the params, which
+    only runs eagerly) is refused under fullgraph with what to do, not a trace error on a
+    storage's data_ptr; the eager step after it builds the buffer."""
+    torch._dynamo.reset()
+    a, b = torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)
+    a.grad = torch.randn(5, 3)
+    opt = onepass.AdamW([a, b], lr=torch.tensor(0.01), flatten=True)
+    opt.step()  # eager: builds the flat buffer
+    torch.compile(opt.step, fullgraph=True, backend="eager")()
+    if change == "first grad":
+        b.grad = torch.randn(7)
+    elif change == "amsgrad":
+        opt.param_groups[0]["amsgrad"] = True
+    else:
+        opt.load_state_dict(opt.state_dict())
+    _refused_compiled(opt, "flatten=True and builds its flat buffer at this step")
+    opt.step()
+    torch.compile(opt.step, fullgraph=True, backend="eager")()
+
+
+def test_capturable_cpu_params_refused_when_compiled() -> None:
+    """capturable=True with CPU params is refused by an eager step; a compiled step had taken
+    it (Dynamo shows every group as capturable, so the CPU case was let through), stepped, and
+    left the refusal to the next eager step."""
+    torch._dynamo.reset()
+    p = torch.randn(5, requires_grad=True)
+    p.grad = torch.randn(5)
+    opt = onepass.AdamW([p], lr=torch.tensor(0.01), capturable=True)
+    _refused_compiled(opt, "capturable=True needs CUDA params")

@@ -831,3 +831,26 @@ def test_fadam_group_value_set_later_refused(
     optimizer.param_groups[1][key] = value
     set_grads(params, make_grads(params, 3, none_pattern=False))
     _refused(optimizer, optimizer.step, ValueError, rf"param_groups\[1\]: {match}")
+
+
+@pytest.mark.parametrize("cls", [onepass.AdamW, onepass.SGD, onepass.Lion])
+def test_independent_decay_from_a_zero_initial_lr(cls: type[onepass.FusedOptimizer]) -> None:
+    """decay="independent" scales the decay by lr / initial_lr, and a group built at lr = 0 (a
+    warm-up written by hand) has initial_lr 0: with weight decay that is refused at the step,
+    naming the group, before anything is written (it raised ZeroDivisionError part-way); with
+    weight_decay = 0 there is no decay to scale, and the group steps."""
+    params = [torch.randn(7, requires_grad=True), torch.randn(5, requires_grad=True)]
+    optimizer = cls(
+        [{"params": params[:1], "weight_decay": 0.0}, {"params": params[1:]}],
+        lr=0.0,
+        weight_decay=0.1,
+        decay="independent",
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-2  # the warm-up raises the lr
+    set_grads(params, make_grads(params, 1, none_pattern=False))
+    _refused(optimizer, optimizer.step, ValueError, r"param_groups\[1\]: .*initial_lr is 0")
+    optimizer.param_groups[1]["initial_lr"] = 1e-2
+    before = params[0].detach().clone()
+    optimizer.step()
+    assert not torch.equal(params[0], before) and torch.isfinite(params[0]).all()

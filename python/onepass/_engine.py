@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from onepass import _ops
-from onepass._capturable import DeviceHyper, host_floats, stream_is_capturing
+from onepass._capturable import DeviceHyper, host_floats, is_block_view, stream_is_capturing
 from onepass.algorithms.base import MASTER, scalar_slot_dtype
 
 if TYPE_CHECKING:
@@ -331,11 +331,12 @@ class Bucket:
         scalar."""
         if isinstance(lr, torch.Tensor):
             return lr
-        if (
-            isinstance(lr, float | int)
-            and not torch.compiler.is_compiling()
-            and self._lr_array is not None
-        ):
+        if torch.compiler.is_compiling():
+            # A new tensor, not the cached one: AOTAutograd can turn a float lr into a graph
+            # input and retrace, and the retraced graph dropped a fill_ of the cached scalar
+            # (torch 2.13), so every step after an lr change ran at the old lr.
+            return torch.full((), lr, dtype=torch.float64)
+        if isinstance(lr, float | int) and self._lr_array is not None:
             self._lr_array[()] = lr
         else:
             self._lr.fill_(lr)
@@ -504,13 +505,17 @@ class Engine:
             self.invalidate()
             state.dirty = False
         groups = self.optimizer.param_groups
+        compiling = torch.compiler.is_compiling()
         for index, param_group in enumerate(groups):  # values no launch could take whole
             check = self.spec.for_group(param_group).check_step
-            if check is not None:
-                try:
+            try:
+                _check_independent_decay(param_group)
+                if compiling:
+                    _check_compiled_values(param_group, self.optimizer.defaults)
+                if check is not None:
                     check(param_group)
-                except (TypeError, ValueError) as error:
-                    raise type(error)(f"onepass: param_groups[{index}]: {error}") from None
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"onepass: param_groups[{index}]: {error}") from None
         # Every group's plan first, stored only once all are built: a group that cannot be
         # (a refused state_dtype, say) leaves the others' buckets as they were.
         self.plans = plans = [self._plan(index, group) for index, group in enumerate(groups)]
@@ -531,7 +536,6 @@ class Engine:
         # Python list of every p.grad, which costs ~0.5 ms a step on 4,000 params) where it
         # checks them itself, or where the native check here (reading them too) has passed.
         native = all(bucket.backend in ("cpu", "cuda") for _, bucket, _ in work)
-        compiling = torch.compiler.is_compiling()
         for i, (group, bucket, grads) in enumerate(work):
             # Only an algorithm whose native launch is one op checks itself before writing
             # (Muon's momentum pass writes before its update pass reads the params).
@@ -569,6 +573,42 @@ class Engine:
             if bucket.unexposed:
                 grads = _grads_of(bucket) if grads is None else grads
                 bucket.expose(self.optimizer.state, spec.step_in_state, grads)
+
+
+def _check_independent_decay(group: Group) -> None:
+    """decay="independent" scales the decay by lr / initial_lr: an initial_lr of 0 (a group
+    built at lr = 0 for a warm-up) leaves it undefined unless there is no decay."""
+    if group.get("decay") != "independent":
+        return
+    initial_lr, weight_decay = group.get("initial_lr"), group.get("weight_decay", 0.0)
+    if (
+        isinstance(initial_lr, float | int)
+        and initial_lr == 0
+        and not (isinstance(weight_decay, float | int) and weight_decay == 0)
+    ):
+        raise ValueError(
+            "decay='independent' scales the weight decay by lr / initial_lr, and initial_lr is "
+            "0 (the group was built at lr=0): set group['initial_lr'] to the schedule's peak lr"
+        )
+
+
+def _check_compiled_values(group: Group, defaults: dict[str, Any]) -> None:
+    """A compiled step passes a group's hyperparameters to its ops as floats; only the lr
+    reaches them as a tensor. A tensor elsewhere (betas, eps, weight_decay, ...) would be read
+    with .item(), a value the trace cannot know: refused with its name, not a trace error.
+    A capturable group's block views are read from its device block, not as floats."""
+    keys = [key for key in defaults if key not in ("params", "lr")]
+    if group.get("decay") == "independent":
+        keys.append("initial_lr")
+    for key in keys:
+        value = group.get(key)
+        values = value if isinstance(value, tuple | list) else (value,)
+        if any(isinstance(v, torch.Tensor) and not is_block_view(v) for v in values):
+            raise TypeError(
+                f"{key!r} holds a tensor, which a compiled step cannot pass to its kernels (they "
+                "take it as a float; under torch.compile only 'lr' may be a tensor): give it as "
+                "a float"
+            )
 
 
 def _grads_of(bucket: Bucket | FlatBucket) -> list[torch.Tensor | None]:
@@ -638,7 +678,8 @@ class _GroupPlan:
                     )
                 backend = "reference"
             if group.get("capturable"):
-                self._make_capturable(spec, group, names[0], device, backend)
+                user_capturable = bool(engine.optimizer.defaults.get("capturable"))
+                self._make_capturable(spec, group, names[0], device, backend, user_capturable)
             bucket = Bucket(
                 params,
                 names,
@@ -651,6 +692,13 @@ class _GroupPlan:
             )
             _adopt_state(engine, bucket, spec)
             if flatten:
+                if compiling:  # before anything is written: the step changes nothing
+                    raise RuntimeError(
+                        f"onepass: param_groups[{index}] has flatten=True and builds its flat "
+                        "buffer at this step (its first step, a param's first grad, a new state "
+                        "slot such as amsgrad's, a state_dict load), which moves the params and "
+                        "runs only eagerly: take this step outside torch.compile"
+                    )
                 bucket.flatten()
             self.buckets.append(bucket)
 
@@ -661,13 +709,18 @@ class _GroupPlan:
         name: str,
         device: torch.device,
         backend: str,
+        user_capturable: bool,
     ) -> None:
         """capturable=True: a step can be captured in a CUDA graph and replayed. Everything a
         step reads then lives on the device: steps and AMP scalars (always, on GPU backends), and
         the group's lr, betas, eps and weight decay, which move into a device block here
-        (onepass._capturable), so that in-place updates (an LR scheduler's) reach replays."""
-        if device.type == "cpu" and torch.compiler.is_compiling():
-            return  # Dynamo shows every group of a compiled optimizer as capturable: moot here
+        (onepass._capturable), so that in-place updates (an LR scheduler's) reach replays.
+
+        Dynamo shows every group of a compiled optimizer as capturable: on the CPU a compiled
+        step refuses only what the user asked for (the constructor's capturable=True), as an
+        eager step does."""
+        if device.type == "cpu" and torch.compiler.is_compiling() and not user_capturable:
+            return
         if backend != "cuda":
             raise RuntimeError(
                 f"onepass: capturable=True needs CUDA params on backend 'cuda'; {name} is on "

@@ -33,7 +33,13 @@ def decay_scale(group: Group) -> float:
     if mode == "decoupled":
         return 1.0
     if mode == "independent":
-        return 1.0 / scalar(group["initial_lr"])
+        initial_lr = scalar(group["initial_lr"])
+        if initial_lr == 0.0:
+            raise ValueError(
+                "decay='independent' scales the weight decay by lr / initial_lr, and "
+                "initial_lr is 0: set group['initial_lr'] to the schedule's peak lr"
+            )
+        return 1.0 / initial_lr
     return 0.0
 
 
@@ -43,7 +49,8 @@ def decay_coefficient(group: Group) -> float:
 
     The kernels take c and the lr separately, so an lr that lives in a tensor (torch.compile,
     CUDA graphs) reaches them without a host read."""
-    return scalar(group["weight_decay"]) * decay_scale(group)
+    weight_decay = scalar(group["weight_decay"])
+    return 0.0 if weight_decay == 0.0 else weight_decay * decay_scale(group)
 
 
 #: The key that marks a launch's view of a capturable group whose lr, betas, eps and weight decay
