@@ -9,6 +9,7 @@ trace, for torch.optim's optimizers as for ours.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
@@ -278,3 +279,30 @@ def test_capturable_cpu_params_refused_when_compiled() -> None:
     p.grad = torch.randn(5)
     opt = onepass.AdamW([p], lr=torch.tensor(0.01), capturable=True)
     _refused_compiled(opt, "capturable=True needs CUDA params")
+
+
+def test_muon_flattened_with_grads_that_come_and_go_compiles_with_static_shapes() -> None:
+    """The README's workaround: Muon with flatten=True, compiled without fullgraph, with grads
+    that are None on some steps. Dynamo then recompiles the launcher with dynamic shapes, and
+    AOTAutograd's check of the flat buffer's overlapping views fails on them (torch 2.13:
+    "Cannot call numel() on tensor with symbolic sizes"); with automatic dynamic shapes off the
+    steps compile and match eager ones."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    shapes = [((5, 3), torch.bfloat16), ((4, 6), torch.float32), ((7,), torch.bfloat16)]
+    shapes += [((6, 4), torch.float32), ((3, 3), torch.float32)]
+    ours = [torch.randn(s, generator=gen).to(d).requires_grad_() for s, d in shapes]
+    eager = [p.detach().clone().requires_grad_() for p in ours]
+    make = functools.partial(onepass.Muon, lr=torch.tensor(0.01), ns_dtype=torch.float32)
+    opt, ref = make(ours, flatten=True), make(eager, flatten=True)
+    compiled_step = torch.compile(opt.step, backend="aot_eager")
+    pattern = [(1, 1, 1, 1, 0), (0, 1, 0, 1, 1), (1, 0, 1, 0, 1), (1, 1, 1, 1, 0), (1, 1, 1, 1, 1)]
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        for i, mask in enumerate(pattern):
+            for p, q, has_grad in zip(ours, eager, mask, strict=True):
+                g = torch.randn(p.shape, generator=gen).to(p.dtype) if has_grad else None
+                p.grad, q.grad = g, None if g is None else g.clone()
+            (opt.step if i == 0 else compiled_step)()
+            ref.step()
+    for p, q in zip(ours, eager, strict=True):
+        assert_verbose_allclose(p.detach().float(), q.detach().float(), 1e-5, 1e-6)
