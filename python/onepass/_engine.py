@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from onepass import _ops
-from onepass._capturable import DeviceHyper, host_floats, is_block_view, stream_is_capturing
+from onepass._capturable import DeviceHyper, host_floats, stream_is_capturing
 from onepass.algorithms.base import MASTER, scalar_slot_dtype
 
 if TYPE_CHECKING:
@@ -510,7 +510,8 @@ class Engine:
             check = self.spec.for_group(param_group).check_step
             try:
                 _check_independent_decay(param_group)
-                if compiling:
+                # A capturable group's launches read its device block (tensors) instead.
+                if compiling and not self.optimizer.defaults.get("capturable"):
                     _check_compiled_values(param_group, self.optimizer.defaults)
                 if check is not None:
                     check(param_group)
@@ -595,15 +596,14 @@ def _check_independent_decay(group: Group) -> None:
 def _check_compiled_values(group: Group, defaults: dict[str, Any]) -> None:
     """A compiled step passes a group's hyperparameters to its ops as floats; only the lr
     reaches them as a tensor. A tensor elsewhere (betas, eps, weight_decay, ...) would be read
-    with .item(), a value the trace cannot know: refused with its name, not a trace error.
-    A capturable group's block views are read from its device block, not as floats."""
+    with .item(), a value the trace cannot know: refused with its name, not a trace error."""
     keys = [key for key in defaults if key not in ("params", "lr")]
     if group.get("decay") == "independent":
         keys.append("initial_lr")
     for key in keys:
         value = group.get(key)
         values = value if isinstance(value, tuple | list) else (value,)
-        if any(isinstance(v, torch.Tensor) and not is_block_view(v) for v in values):
+        if any(isinstance(v, torch.Tensor) for v in values):
             raise TypeError(
                 f"{key!r} holds a tensor, which a compiled step cannot pass to its kernels (they "
                 "take it as a float; under torch.compile only 'lr' may be a tensor): give it as "
