@@ -262,7 +262,8 @@ inline bool plain_storage(const Tensor& t) {
 template <class Grads>
 void scan_part(const EagerParams& params, const Grads& grads, int64_t begin, int64_t end,
                at::ScalarType dtype, at::Device device, const int64_t* offsets,
-               const float* steps, bool on_caller_thread, TablePart& part) {
+               const int64_t* numels, const float* steps, bool on_caller_thread,
+               TablePart& part) {
   try {
     for (int64_t b = begin; b < end; b += kTableBlock) {
       const int64_t e = std::min(end, b + kTableBlock);
@@ -284,8 +285,12 @@ void scan_part(const EagerParams& params, const Grads& grads, int64_t begin, int
           part.usable = false;
           return;
         }
-        part.stepped.push_back(i);
         const int64_t numel = p.numel();
+        if (numel != numels[i]) {  // resized since its state was laid out: explained serially
+          part.usable = false;
+          return;
+        }
+        part.stepped.push_back(i);
         if (numel == 0) continue;
         const void* grad = g->const_data_ptr();
         if (grad == nullptr) {
@@ -332,8 +337,8 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
   }
   std::vector<TablePart> parts(nparts);
   for_each_part(n, nparts, [&](int64_t k, int64_t begin, int64_t end, bool on_caller_thread) {
-    scan_part(params, grads, begin, end, dtype, device, offsets, steps, on_caller_thread,
-              parts[k]);
+    scan_part(params, grads, begin, end, dtype, device, offsets, offsets + n, steps,
+              on_caller_thread, parts[k]);
   });
   std::optional<at::ScalarType> grad_dtype;
   size_t segments = 0, stepped = 0;
@@ -422,8 +427,13 @@ void scan_serially(const Params& params, const Grads& grads, const int64_t* offs
       TORCH_CHECK(g->sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g->sizes(),
                   " but its param has ", p.sizes());
     }
-    t.stepped.push_back(i);
     const int64_t numel = p.numel();
+    // Its state was laid out for numels[i] elements: a param resized since (p.data = a tensor
+    // of another size) would step stale state, or write into the next param's.
+    TORCH_CHECK(numel == offsets[n + i], "onepass: params[", i, "] has ", numel,
+                " elements, but its optimizer state was built for ", offsets[n + i],
+                " (was its .data replaced by a tensor of another shape?)");
+    t.stepped.push_back(i);
     if (numel == 0) continue;  // zero-size tensors are legal; they only advance their step
     // A Tensor subclass without storage (a wrapper), or a freed storage, has no data to update;
     // checked before anything reads it.
@@ -463,8 +473,9 @@ Table build_table(const Params& params, const Grads& grads, const Tensor& step,
               grads.size(), " grads");
   TORCH_CHECK(n > 0, "onepass: empty bucket");
   TORCH_CHECK(state_offsets.device().is_cpu() && state_offsets.scalar_type() == at::kLong &&
-                  state_offsets.numel() == n && state_offsets.is_contiguous(),
-              "onepass: state_offsets must be a contiguous int64 CPU tensor, one entry per param");
+                  state_offsets.numel() == 2 * n && state_offsets.is_contiguous(),
+              "onepass: state_offsets must be a contiguous int64 CPU tensor of two rows: each "
+              "param's offset into the state buffers, then the element count they hold for it");
   TORCH_CHECK(step.device() == device && step.scalar_type() == at::kFloat && step.numel() == n &&
                   step.is_contiguous(),
               "onepass: step must be a contiguous float32 tensor on ", device,

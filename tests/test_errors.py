@@ -854,3 +854,30 @@ def test_independent_decay_from_a_zero_initial_lr(cls: type[onepass.FusedOptimiz
     before = params[0].detach().clone()
     optimizer.step()
     assert not torch.equal(params[0], before) and torch.isfinite(params[0]).all()
+
+
+@needs_native
+@pytest.mark.parametrize("cls", [onepass.AdamW, onepass.SGD, onepass.NovoGrad])
+@pytest.mark.parametrize(
+    ("index", "new_shape"), [(0, (4,)), (1, (1001,)), (1, (3,))], ids=["0-to-4", "grow", "shrink"]
+)
+@pytest.mark.parametrize("count", [3, 1200], ids=["serial-scan", "parallel-scan"])
+def test_param_resized_through_data_refused(
+    cls: type[onepass.FusedOptimizer], index: int, new_shape: tuple[int, ...], count: int
+) -> None:
+    """A param with state whose .data is replaced by a tensor of another size: its state was
+    laid out for the old size, so the native op refuses it by name, as torch.optim refuses the
+    size mismatch, and changes nothing. It had stepped stale state, and a zero-size param given
+    4 elements wrote into the next param's state (the native table checked only that the
+    buffers held offset + numel)."""
+    sizes = [0, 1000] + [7] * (count - 2)
+    params = [torch.randn(n, requires_grad=True) for n in sizes]
+    kwargs = {"momentum": 0.9} if cls is onepass.SGD else {}
+    optimizer = cls(params, lr=1e-2, backend="cpu", **kwargs)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    params[index].data = torch.randn(new_shape)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    _refused(optimizer, optimizer.step, RuntimeError, _name(0, index))

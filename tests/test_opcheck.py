@@ -39,7 +39,8 @@ def _bucket(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor |
         torch.randn(0).to(dtype),
         None,
     ]
-    offsets = torch.tensor([0, 16, 32, 32], dtype=torch.int64)
+    # Each param's offset into the state buffers, then the element count they hold for it.
+    offsets = torch.tensor([[0, 16, 32, 32], [7, 15, 0, 20]], dtype=torch.int64)
     return params, grads, offsets
 
 

@@ -226,6 +226,9 @@ class Bucket:
             offsets.append(total)
             total += -(-p.numel() // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
         self.offsets = torch.tensor(offsets, dtype=torch.int64)
+        # The native ops' state_offsets: each param's offset, then the element count its state
+        # holds, so that an op refuses a param resized since (p.data = another shape).
+        self.state_table = torch.tensor([offsets, [p.numel() for p in params]], dtype=torch.int64)
         self._offsets = offsets
         self.total = total
         # Per-tensor scalar slots (one element per tensor, indexed like ``step``) live beside the
@@ -399,6 +402,7 @@ class FlatBucket:
         self.table_cache = bucket.table_cache
         self.lr_tensor = bucket.lr_tensor
         self.offsets = torch.zeros(1, dtype=torch.int64)
+        self.state_table = torch.tensor([[0], [bucket.flat_param.numel()]], dtype=torch.int64)
         # views for finish(): one fill, not an indexing expression's three ops; numpy views of
         # host steps, whose fill takes no torch op (~30 us less a step on cold caches)
         self._first_step = bucket.step[0]

@@ -193,7 +193,7 @@ def _native_launch(
         bucket.buffers["exp_avg_sq"],
         bucket.buffers.get("max_exp_avg_sq"),
         bucket.step,
-        bucket.offsets,
+        bucket.state_table,
         grad_scale,
         found_inf,
         bucket.lr_tensor(group["lr"]),

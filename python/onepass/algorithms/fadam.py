@@ -219,7 +219,7 @@ def _native_launch(
         bucket.buffers["fim"],
         bucket.buffers["momentum"],
         bucket.step,
-        bucket.offsets,
+        bucket.state_table,
         grad_scale,
         found_inf,
         bucket.lr_tensor(group["lr"]),

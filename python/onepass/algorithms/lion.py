@@ -158,7 +158,7 @@ def _native_launch(
         grads,
         bucket.buffers["exp_avg"],
         bucket.step,
-        bucket.offsets,
+        bucket.state_table,
         grad_scale,
         found_inf,
         bucket.lr_tensor(group["lr"]),

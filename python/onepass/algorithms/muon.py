@@ -463,6 +463,7 @@ class _BucketView:
         self.step = step
         self.buffers = buffers
         self.offsets = bucket.offsets
+        self.state_table = bucket.state_table
         self.device = bucket.device
         self.dtype = self.params[0].dtype if self.params else bucket.dtype
         self.state_dtype = bucket.state_dtype
@@ -604,7 +605,7 @@ def _native_momentum(
         grads,
         bucket.buffers["momentum_buffer"],
         bucket.step,
-        bucket.offsets,
+        bucket.state_table,
         grad_scale,
         found_inf,
         scalar(group["momentum"]),

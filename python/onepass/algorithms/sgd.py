@@ -160,7 +160,7 @@ def _native_launch(
         grads,
         bucket.buffers.get("momentum_buffer"),
         bucket.step,
-        bucket.offsets,
+        bucket.state_table,
         grad_scale,
         found_inf,
         bucket.lr_tensor(group["lr"]),
