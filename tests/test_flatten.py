@@ -344,3 +344,16 @@ def test_flattened_per_tensor_step_skips_on_found_inf() -> None:
     assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])
     for name, buf in after[1].items():
         assert torch.equal(buf, before[1][name]), name
+
+
+def test_param_with_overlapping_elements_refused() -> None:
+    """A leaf param whose elements share memory (stride 0, from expand()): torch.optim and the
+    per-tensor path refuse to update it in place; flatten=True had copied its elements apart
+    into the flat buffer, decoupling it from its base."""
+    base = torch.randn(1, 5)
+    p = base.expand(6, 5).requires_grad_()
+    p.grad = torch.randn(6, 5)
+    optimizer = onepass.SGD([p], lr=0.1, flatten=True)
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\] has elements"):
+        optimizer.step()
+    assert p.stride() == (0, 1) and p.data_ptr() == base.data_ptr()

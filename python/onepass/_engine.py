@@ -283,6 +283,13 @@ class Bucket:
         # The step's checks first: copying a grad of a dtype the bucket refuses into the flat
         # buffer would cast it, and p.data / p.grad would be rebound before the refusal.
         _check_grads(self, [p.grad for p in self.params])
+        for name, p in zip(self.names, self.params, strict=True):
+            if torch._debug_has_internal_overlap(p) == 1:  # 1: yes (2: too hard to tell)
+                raise RuntimeError(
+                    f"onepass: {name} has elements that share memory (an expand()ed tensor?): "
+                    "torch.optim refuses to update it in place, and flatten=True would copy "
+                    "them apart"
+                )
         # The grads' dtype: the params' own, or the fp32 their grads already have (grad_dtype).
         grads = [p.grad for p in self.params if p.grad is not None]
         grad_dtype = grads[0].dtype if grads else self.dtype
