@@ -23,7 +23,7 @@ import torch
 
 from onepass import _ops
 from onepass._capturable import DeviceHyper, host_floats, stream_is_capturing
-from onepass.algorithms.base import MASTER, scalar_slot_dtype
+from onepass.algorithms.base import MASTER, ZERO_INITIAL_LR, scalar_slot_dtype
 
 if TYPE_CHECKING:
     from onepass.algorithms.base import AlgorithmSpec, Group
@@ -225,10 +225,10 @@ class Bucket:
         for p in params:
             offsets.append(total)
             total += -(-p.numel() // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
-        self.offsets = torch.tensor(offsets, dtype=torch.int64)
         # The native ops' state_offsets: each param's offset, then the element count its state
         # holds, so that an op refuses a param resized since (p.data = another shape).
         self.state_table = torch.tensor([offsets, [p.numel() for p in params]], dtype=torch.int64)
+        self.offsets = self.state_table[0]
         self._offsets = offsets
         self.total = total
         # Per-tensor scalar slots (one element per tensor, indexed like ``step``) live beside the
@@ -408,8 +408,8 @@ class FlatBucket:
         self.step = bucket.step[:1]  # every tensor of the bucket has this step count
         self.table_cache = bucket.table_cache
         self.lr_tensor = bucket.lr_tensor
-        self.offsets = torch.zeros(1, dtype=torch.int64)
         self.state_table = torch.tensor([[0], [bucket.flat_param.numel()]], dtype=torch.int64)
+        self.offsets = self.state_table[0]
         # views for finish(): one fill, not an indexing expression's three ops; numpy views of
         # host steps, whose fill takes no torch op (~30 us less a step on cold caches)
         self._first_step = bucket.step[0]
@@ -598,10 +598,7 @@ def _check_independent_decay(group: Group) -> None:
         and initial_lr == 0
         and not (isinstance(weight_decay, float | int) and weight_decay == 0)
     ):
-        raise ValueError(
-            "decay='independent' scales the weight decay by lr / initial_lr, and initial_lr is "
-            "0 (the group was built at lr=0): set group['initial_lr'] to the schedule's peak lr"
-        )
+        raise ValueError(ZERO_INITIAL_LR)
 
 
 def _check_compiled_values(group: Group, defaults: dict[str, Any]) -> None:

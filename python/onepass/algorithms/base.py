@@ -25,6 +25,14 @@ def scalar(value: float | torch.Tensor) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+#: Why a group with decay="independent" and weight decay cannot step from initial_lr = 0 (a
+#: group built at lr = 0 for a hand-written warm-up).
+ZERO_INITIAL_LR = (
+    "decay='independent' scales the weight decay by lr / initial_lr, and initial_lr is 0 (the "
+    "group was built at lr=0?): set group['initial_lr'] to the schedule's peak lr"
+)
+
+
 def decay_scale(group: Group) -> float:
     """decay_coefficient / weight_decay: 1 for decoupled decay, 1 / initial_lr for independent
     decay, 0 under L2 decay (which goes through the gradient). Groups without a decay mode
@@ -35,10 +43,7 @@ def decay_scale(group: Group) -> float:
     if mode == "independent":
         initial_lr = scalar(group["initial_lr"])
         if initial_lr == 0.0:
-            raise ValueError(
-                "decay='independent' scales the weight decay by lr / initial_lr, and "
-                "initial_lr is 0: set group['initial_lr'] to the schedule's peak lr"
-            )
+            raise ValueError(ZERO_INITIAL_LR)
         return 1.0 / initial_lr
     return 0.0
 
