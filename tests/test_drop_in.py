@@ -309,6 +309,30 @@ def test_closure(backend_name: str) -> None:
     assert_same_as_torch(ours, expected, list(model.parameters()), list(their_model.parameters()))
 
 
+@pytest.mark.parametrize("caller_grad_mode", [True, False])
+def test_step_runs_without_grad_and_restores_the_callers_mode(
+    backend_name: str, caller_grad_mode: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = make_params(F64)
+    ours = onepass.AdamW(params, lr=0.1, backend=backend_name)
+    seen: list[bool] = []
+    engine_step = ours._engine.step
+
+    def recording_step(*args: Any) -> None:
+        seen.append(torch.is_grad_enabled())
+        engine_step(*args)
+
+    monkeypatch.setattr(ours._engine, "step", recording_step)
+    with torch.set_grad_enabled(caller_grad_mode):
+        ours.step()
+        assert torch.is_grad_enabled() is caller_grad_mode
+        params[2].grad = torch.ones(7, dtype=F64).to_sparse()  # refused: the mode still returns
+        with pytest.raises((TypeError, RuntimeError, ValueError)):
+            ours.step()
+        assert torch.is_grad_enabled() is caller_grad_mode
+    assert seen == [False, False]
+
+
 def test_step_hooks(backend_name: str) -> None:
     params = make_params(F64)
     ours = onepass.SGD(params, lr=0.1, momentum=0.9, backend=backend_name)

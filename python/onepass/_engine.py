@@ -527,7 +527,9 @@ class Engine:
                 if check is not None:
                     check(param_group)
             except (TypeError, ValueError) as error:
-                raise type(error)(f"onepass: param_groups[{index}]: {error}") from None
+                # `!s`, not a plain {error}: Dynamo (torch 2.11) formats only a str of the
+                # exception into a compiled step's message.
+                raise type(error)(f"onepass: param_groups[{index}]: {error!s}") from None
         # Every group's plan first, stored only once all are built: a group that cannot be
         # (a refused state_dtype, say) leaves the others' buckets as they were.
         self.plans = plans = [self._plan(index, group) for index, group in enumerate(groups)]

@@ -90,6 +90,10 @@ def _shape_of(value: Any) -> Any:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
 
 
+#: What a step records about clipping, set back as it was when the step is refused.
+_CLIP_RECORD = ("_pending_clip", "grad_norm", "step_skipped")
+
+
 def _profiling() -> bool:
     """Whether a torch profiler runs (the flag torch's own fast paths read, and the C++ state);
     always under torch.compile, which traces the range as torch.optim's wrapper enters it."""
@@ -341,13 +345,24 @@ class FusedOptimizer(Optimizer):
         for buffer in buffers:
             buffer.zero_()
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Performs one optimization step; ``closure`` re-evaluates the model, returns the loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Grad mode off for the step, as torch.no_grad() would switch it: its context manager
+        # runs ~10 Python calls in torch, ~50 us once a step has streamed its buffers through
+        # the caches.
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._step_without_grad()
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
+        return loss
+
+    def _step_without_grad(self) -> None:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:  # switched on through the group key since
@@ -362,12 +377,15 @@ class FusedOptimizer(Optimizer):
                 grad_scale, found_inf = self._fold_clip(*clip, grad_scale, found_inf)
             self._engine.step(grad_scale, found_inf)
         except Exception:
-            self._pending_clip, self.grad_norm, self.step_skipped = before
+            # Only what changed is set back: inside a compiled step, Dynamo (torch 2.11) cannot
+            # trace a setattr on the optimizer here, and its error would replace the refusal's.
+            for name, value in zip(_CLIP_RECORD, before, strict=True):
+                if getattr(self, name) is not value:
+                    setattr(self, name, value)
             raise
         for group in self.param_groups:  # a new draw of the rounding noise for the next step
             if group.get("stochastic_rounding"):
                 group["sr_seed"] = (int(group["sr_seed"]) + 1) % SR_SEED_MODULUS
-        return loss
 
     # -- whole-step fusion: GradScaler unscale + global-norm clipping + the step, one pass --------
 
