@@ -7,6 +7,7 @@ load both ways with torch.optim.Muon; GradScaler unscales and skips; bad input i
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -374,6 +375,44 @@ def test_groups_split_into_muon_and_adamw() -> None:
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
         assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
     assert set(opt.state[matrix]) == {"momentum_buffer"}
+
+
+def test_named_parameters_split_like_tensors() -> None:
+    """model.named_parameters() gives (name, tensor) pairs: the matrices still run Muon (they
+    had all gone to AdamW), each part keeps its params' names, and the matrices' steps and
+    state_dict are torch.optim.Muon's given the same named matrices."""
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    twin = copy.deepcopy(model)
+    ours = onepass.Muon(
+        model.named_parameters(),
+        lr=0.02,
+        ns_dtype=torch.bfloat16,
+        ns_method="standard",
+        backend="reference",
+    )
+    matrices = [(n, p) for n, p in twin.named_parameters() if p.dim() == 2]
+    vectors = [(n, p) for n, p in twin.named_parameters() if p.dim() != 2]
+    theirs = torch.optim.Muon(matrices, lr=0.02)
+    # Moonlight's AdamW for the rest: adamw_betas, adamw_eps, the group's lr and weight decay
+    theirs_adamw = torch.optim.AdamW(vectors, lr=0.02, betas=(0.9, 0.95), weight_decay=0.1)
+    assert [(g["use_muon"], g["param_names"]) for g in ours.param_groups] == [
+        (True, ["0.weight", "2.weight"]),
+        (False, ["0.bias", "2.bias"]),
+    ]
+    x = torch.randn(5, 8)
+    for _ in range(3):
+        for m in (model, twin):
+            m.zero_grad()
+            m(x).square().sum().backward()
+        ours.step()
+        theirs.step()
+        theirs_adamw.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        slots = {"momentum_buffer"} if p.dim() == 2 else {"step", "exp_avg", "exp_avg_sq"}
+        assert set(ours.state[p]) == slots
+    assert ours.state_dict()["param_groups"][0]["param_names"] == ["0.weight", "2.weight"]
 
 
 def test_conv_weights_are_flattened() -> None:

@@ -133,7 +133,10 @@ class Muon(FusedOptimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         use_muon = bool(param_group.get("use_muon", self.defaults["use_muon"]))
-        is_matrix = [use_muon and isinstance(p, torch.Tensor) and p.dim() >= 2 for p in params]
+        # A named param, as model.named_parameters() gives it, is a (name, tensor) pair (torch
+        # then keeps the names in the group's "param_names").
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        is_matrix = [use_muon and isinstance(t, torch.Tensor) and t.dim() >= 2 for t in tensors]
         added = len(self.param_groups)
         try:
             self._add_parts(param_group, params, is_matrix)
