@@ -6,6 +6,8 @@ PYTHON ?= python3
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -q setuptools wheel pytest ruff mypy matplotlib
+	@# CMake for the C++ unit tests (make test), from PyPI where the machine has none.
+	@command -v cmake >/dev/null && command -v ctest >/dev/null || $(PYTHON) -m pip install -q "cmake>=3.18"
 	@# The peers the bench compares Lion, NovoGrad and FAdam with (pure Python; torch is kept).
 	$(PYTHON) -m pip install -q lion-pytorch pytorch-optimizer
 	@# Triton for the Triton backend (its tests run on the CPU under TRITON_INTERPRET=1); a torch
@@ -21,9 +23,7 @@ bench: install
 # (nvcc -c for sm_80/sm_90, skipped without nvcc), then the Python suite.
 test: install
 	tools/check_cuda.sh
-	cmake -S . -B build/ctest -DCMAKE_BUILD_TYPE=Release -DCMAKE_DISABLE_FIND_PACKAGE_Torch=ON > /dev/null
-	cmake --build build/ctest -j2 --target test_math
-	ctest --test-dir build/ctest --output-on-failure
+	tools/run_ctest.sh $(PYTHON)
 	$(PYTHON) -m pytest -q tests
 
 lint:
