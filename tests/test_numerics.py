@@ -226,6 +226,29 @@ def test_capability_from_environment() -> None:
     assert out.stdout.strip() == "scalar"
 
 
+@needs_native
+@pytest.mark.parametrize("setting", ["avx2 ", "sse4", "AVX2"])
+def test_capability_from_environment_that_cannot_be_honoured_is_refused(setting: str) -> None:
+    """A setting that names no build this CPU runs (a typo, or a wider one than the CPU's) is an
+    error at the first CPU step, which changes nothing; it had silently picked the widest."""
+    code = (
+        "import torch, onepass\n"
+        "p = torch.zeros(5, requires_grad=True); p.grad = torch.ones(5)\n"
+        "opt = onepass.SGD([p], lr=0.1, backend='cpu')\n"
+        "try:\n"
+        "    opt.step()\n"
+        "except RuntimeError as e:\n"
+        "    print('refused', bool((p == 0).all()), e)\n"
+    )
+    env = {**os.environ, "ONEPASS_CPU_CAPABILITY": setting}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("refused True "), out.stdout + out.stderr
+    assert f"ONEPASS_CPU_CAPABILITY='{setting}' names no CPU kernel build" in out.stdout
+    assert "it runs: scalar" in out.stdout
+
+
 BIG = (1 << 20) + 3
 
 

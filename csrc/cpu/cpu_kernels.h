@@ -122,7 +122,7 @@ struct KernelSet {
 };
 
 // Chosen once at first use: the widest set this CPU runs, or ONEPASS_CPU_CAPABILITY
-// (scalar | avx2 | avx512) when it names one the CPU supports.
+// (scalar | avx2 | avx512); std::runtime_error where that names none the CPU supports.
 const KernelSet& kernels();
 // Names of the sets this CPU can run, narrowest first.
 int64_t capability_count();

@@ -2,6 +2,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "cpu_kernels.h"
 
@@ -46,8 +48,22 @@ const KernelSet& kernels() {
   const KernelSet* k = g_active.load(std::memory_order_acquire);
   if (k == nullptr) {
     const char* forced = std::getenv("ONEPASS_CPU_CAPABILITY");
-    k = forced != nullptr ? find(forced) : nullptr;
-    if (k == nullptr) k = widest();
+    if (forced != nullptr && *forced != '\0') {
+      // A setting this CPU cannot honour is an error, not a silent choice of another build:
+      // every CPU step refuses until it is fixed (set_cpu_capability refuses the same names).
+      k = find(forced);
+      if (k == nullptr) {
+        std::string runs;
+        for (const KernelSet* each : kAll) {
+          if (cpu_runs(*each)) runs += std::string(runs.empty() ? "" : ", ") + each->name;
+        }
+        throw std::runtime_error(std::string("onepass: ONEPASS_CPU_CAPABILITY='") + forced +
+                                 "' names no CPU kernel build this CPU runs (it runs: " + runs +
+                                 "); unset it for the widest");
+      }
+    } else {
+      k = widest();
+    }
     g_active.store(k, std::memory_order_release);
   }
   return *k;
