@@ -4,6 +4,8 @@ checks it on one. The measurements behind each rule are in bench/GPU_RESULTS.md.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -74,6 +76,18 @@ def test_cpu_tensors_take_the_native_kernels() -> None:
     if not onepass.native_available():
         pytest.skip("onepass._C not built")
     assert resolve_backend("auto", torch.device("cpu"), "adam", torch.bfloat16) == "cpu"
+
+
+def test_auto_warns_when_it_falls_back_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without onepass._C, backend="auto" still steps CPU tensors (the reference), and says
+    why; tensors on a device only the reference serves take it silently."""
+    monkeypatch.setattr(onepass._ops, "NATIVE_ERROR", "onepass._C could not be imported (test)")
+    expected = r"pure-torch reference.*could not be imported \(test\)"
+    with pytest.warns(RuntimeWarning, match=expected):
+        assert resolve_backend("auto", torch.device("cpu"), "adam", torch.float32) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend("auto", torch.device("meta"), "adam", torch.float32) == "reference"
 
 
 def test_the_engine_passes_each_bucket_layout(monkeypatch: pytest.MonkeyPatch) -> None:

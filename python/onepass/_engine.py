@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +131,7 @@ def resolve_backend(
             )
             if chosen is not None:
                 return chosen
+        _warn_reference_fallback(device)
         return "reference"
     if requested == "cpu":
         if not _ops.native_available():
@@ -159,6 +161,25 @@ def resolve_backend(
         if device.type != "cuda":
             raise RuntimeError(f"onepass: backend='cuda' cannot step tensors on {device}")
     return requested
+
+
+def _warn_reference_fallback(device: torch.device) -> None:
+    """backend="auto" has no kernel for a CPU or CUDA bucket: the step is the reference's, ~10x
+    slower, which a user should hear about (once per place: Python's default warning filter).
+    Other devices (MPS, XPU) have only the reference, as README says: no warning."""
+    if device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
+        return
+    if device.type == "cpu":
+        why = f"onepass._C is not available ({_ops.NATIVE_ERROR})"
+    else:
+        triton = triton_error() or "TRITON_INTERPRET=1 keeps Triton off GPU tensors"
+        why = f"onepass._C has no CUDA kernels, and {triton}"
+    warnings.warn(
+        f"onepass: backend='auto' steps {device} tensors with the pure-torch reference "
+        f"(correct, much slower): {why}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)

@@ -50,8 +50,11 @@ class Adam(FusedOptimizer):
     Args:
         decay: "l2" (default for Adam), "decoupled" (AdamW) or "independent" (decay follows the
             lr schedule's shape but not its peak: p *= 1 - lr/initial_lr * wd).
-        backend: "auto" (the native CPU kernels for CPU tensors, the pure-torch reference
-            elsewhere), "cpu" or "reference".
+        backend: "auto" (the native CPU kernels for CPU tensors; on CUDA the faster of the
+            CUDA and Triton kernels as measured, onepass._engine.auto_gpu_backend; the pure-torch
+            reference where neither applies, with a RuntimeWarning for CPU and CUDA tensors),
+            "cpu", "cuda", "triton" or "reference". An explicit backend this build or device
+            cannot run is refused with the reason.
         flatten: move the params that have a grad into one flat buffer per bucket at the first
             step (``p.data`` and ``p.grad`` become views), so a step is one contiguous pass with
             no per-tensor work: the fast path for thousands of small tensors, while the grads
