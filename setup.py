@@ -63,7 +63,8 @@ def _extension() -> cpp_extension.CppExtension:
     link = ["-fopenmp"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     if _want_cuda() and cuda_sources:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _visible_gpu_archs() or "9.0")
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _visible_gpu_archs() or "9.0"
         return cpp_extension.CUDAExtension(
             "onepass._C",
             cpu_sources + cuda_sources,
