@@ -322,7 +322,7 @@ void scan_part(const EagerParams& params, const Grads& grads, int64_t begin, int
 // Tensor subclass, grads of more than one dtype, a tensor without data.
 template <class Grads>
 bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64_t* offsets,
-                      const float* steps, at::Device device, Table& t) {
+                      const int64_t* numels, const float* steps, at::Device device, Table& t) {
   const int64_t n = param_count(params);
   const int64_t nparts = scan_parts(n);
   if (nparts == 0 || !params.borrow || (!device.is_cpu() && !parallel_scan_on_gpu())) {
@@ -337,7 +337,7 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
   }
   std::vector<TablePart> parts(nparts);
   for_each_part(n, nparts, [&](int64_t k, int64_t begin, int64_t end, bool on_caller_thread) {
-    scan_part(params, grads, begin, end, dtype, device, offsets, offsets + n, steps,
+    scan_part(params, grads, begin, end, dtype, device, offsets, numels, steps,
               on_caller_thread, parts[k]);
   });
   std::optional<at::ScalarType> grad_dtype;
@@ -393,7 +393,7 @@ bool scan_in_parallel(const EagerParams& params, const Grads& grads, const int64
 // copies of non-contiguous params (written back after the step) and grads.
 template <class Params, class Grads>
 void scan_serially(const Params& params, const Grads& grads, const int64_t* offsets,
-                   const float* steps, at::Device device, Table& t) {
+                   const int64_t* numels, const float* steps, at::Device device, Table& t) {
   const int64_t n = param_count(params);
   bool have_grad_dtype = false;  // the first grad sets the launch's grad dtype
   for (int64_t i = 0; i < n; ++i) {
@@ -430,8 +430,8 @@ void scan_serially(const Params& params, const Grads& grads, const int64_t* offs
     const int64_t numel = p.numel();
     // Its state was laid out for numels[i] elements: a param resized since (p.data = a tensor
     // of another size) would step stale state, or write into the next param's.
-    TORCH_CHECK(numel == offsets[n + i], "onepass: params[", i, "] has ", numel,
-                " elements, but its optimizer state was built for ", offsets[n + i],
+    TORCH_CHECK(numel == numels[i], "onepass: params[", i, "] has ", numel,
+                " elements, but its optimizer state was built for ", numels[i],
                 " (was its .data replaced by a tensor of another shape?)");
     t.stepped.push_back(i);
     if (numel == 0) continue;  // zero-size tensors are legal; they only advance their step
@@ -481,14 +481,17 @@ Table build_table(const Params& params, const Grads& grads, const Tensor& step,
               "onepass: step must be a contiguous float32 tensor on ", device,
               " with one entry per param");
   const int64_t* offsets = state_offsets.data_ptr<int64_t>();
+  const int64_t* numels = offsets + n;  // the second row
   const float* steps = host_steps ? step.data_ptr<float>() : nullptr;
   Table t;
   bool scanned = false;
-  if constexpr (kBorrowed) scanned = scan_in_parallel(params, grads, offsets, steps, device, t);
+  if constexpr (kBorrowed) {
+    scanned = scan_in_parallel(params, grads, offsets, numels, steps, device, t);
+  }
   if (!scanned) {
     t.segments.reserve(n);
     t.stepped.reserve(n);
-    scan_serially(params, grads, offsets, steps, device, t);
+    scan_serially(params, grads, offsets, numels, steps, device, t);
   }
   for (int64_t k = 0; k < static_cast<int64_t>(t.segments.size()); ++k) {
     const int64_t numel = t.segments[k].numel;
