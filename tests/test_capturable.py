@@ -6,12 +6,14 @@ here on CPU tensors."""
 
 from __future__ import annotations
 
+import types
 from copy import deepcopy
 
 import pytest
 import torch
 
 import onepass
+import onepass._capturable
 from onepass._capturable import DeviceHyper, host_floats, is_block_view
 from onepass.algorithms.adam import ADAM
 from onepass.algorithms.base import DEVICE_BLOCK, l2_decays
@@ -21,7 +23,7 @@ from onepass.algorithms.muon import MUON_MATRICES
 from onepass.algorithms.novograd import NOVOGRAD
 from onepass.algorithms.sgd import SGD_SPEC
 
-from helpers import needs_native
+from helpers import EVERY_OPTIMIZER, needs_native
 
 # The op that reads each spec's block (Muon's matrices: its final pass is an SGD launch).
 BLOCK_OPS = {
@@ -215,3 +217,32 @@ def test_a_captured_link_cannot_be_replaced() -> None:
     group["eps"] = 1e-7  # a view's value may still change
     hyper.launch_group(group)
     assert hyper.block[3].item() == pytest.approx(1e-7)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "NovoGrad", "Muon"])
+def test_capture_of_a_step_without_capturable_is_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """As torch.optim refuses it: the launches read a non-capturable group's lr and betas on the
+    host, so replays would keep the values of the capture. The refusal names the group and
+    changes nothing. The GPU is stood in for: its stream reports a capture under way."""
+    params = [torch.randn(4, 3).requires_grad_(), torch.randn(5).requires_grad_()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = EVERY_OPTIMIZER[name](params[:1])
+    optimizer.add_param_group({"params": params[1:]})
+    optimizer.step()  # buckets and state built before the capture, as the recipe does
+    before = [p.detach().clone() for p in params]
+    state = deepcopy(optimizer.state_dict()["state"])
+    gpu = types.SimpleNamespace(is_available=lambda: True, is_current_stream_capturing=lambda: True)
+    monkeypatch.setattr(
+        onepass._capturable, "torch", types.SimpleNamespace(**{**vars(torch), "cuda": gpu})
+    )
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\] has capturable=False"):
+        optimizer.step()
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p, b)
+    torch.testing.assert_close(optimizer.state_dict()["state"], state, rtol=0, atol=0)
+    monkeypatch.undo()
+    optimizer.step()  # not capturing: steps
+    assert not torch.equal(params[0], before[0])

@@ -249,6 +249,57 @@ def test_capturable_cuda_graph_replays_with_changing_hyperparameters(name: str) 
         assert isinstance(saved["lr"], float) and isinstance(saved["weight_decay"], float)
 
 
+@pytest.mark.parametrize("name", ["AdamW", "NovoGrad"])
+def test_whole_step_graphs_sharing_a_pool_replay_like_eager(name: str) -> None:
+    """torch's whole-network capture recipe: grads set to None before each capture, so that
+    backward allocates them inside it and each capture's step sees grads at new addresses (a
+    new tensor table, uploaded inside the capture). Two graphs (two batch shapes) share one
+    memory pool, and each replays, in turn, after the other was captured: the table the first
+    graph reads must outlive the second capture's. Matches an eager twin step for step."""
+    if not cuda_kernels_built():
+        pytest.skip("needs the cuda backend (capturable)")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 5))
+    model.cuda()
+    twin = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 5))
+    twin.cuda().load_state_dict(model.state_dict())
+    graphed = EVERY_OPTIMIZER[name](list(model.parameters()), capturable=True, backend="cuda")
+    eager = EVERY_OPTIMIZER[name](list(twin.parameters()), backend="cuda")
+    batches = [torch.randn(8, 32, device="cuda"), torch.randn(3, 32, device="cuda")]
+
+    def loss(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return net(x).square().mean()
+
+    def eager_step(x: torch.Tensor) -> None:
+        eager.zero_grad(set_to_none=True)
+        loss(twin, x).backward()
+        eager.step()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: buckets and state exist before any capture
+        for x in batches:
+            graphed.zero_grad(set_to_none=True)
+            loss(model, x).backward()
+            graphed.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for x in batches:
+        eager_step(x)
+    graphs = [torch.cuda.CUDAGraph() for _ in batches]
+    for graph, x in zip(graphs, batches, strict=True):
+        graphed.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph, pool=graphs[0].pool() if graph is not graphs[0] else None):
+            loss(model, x).backward()
+            graphed.step()
+    for _ in range(3):
+        for graph, x in zip(graphs, batches, strict=True):
+            graph.replay()
+            eager_step(x)
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert_verbose_allclose(p, q, 1e-5, 1e-6)
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["unscale", "unscale-clip"])
 def test_grad_scaler_step_makes_no_host_sync(backend: str, max_grad_norm: float | None) -> None:

@@ -510,6 +510,33 @@ def test_table_is_cached_until_an_address_changes() -> None:
     assert bucket.table_cache["triton"].segments.shape[0] == table.segments.shape[0] - 1
 
 
+def test_a_captured_table_outlives_its_replacement(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table that a step captured in a CUDA graph read is kept when other grads replace it
+    (the graph reads it at every replay); one no capture read is let go. The capture query is
+    stood in for (no CUDA graphs on the CPU); tests/test_gpu.py replays real graphs."""
+    from onepass.triton_kernels import common
+
+    params = _params(torch.float32, (7, 100))
+    optimizer = onepass.Adam(params, lr=1e-2, backend="triton")
+
+    def step(capturing: bool) -> Any:
+        monkeypatch.setattr(common, "_capturing", lambda device: capturing)
+        for p in params:  # new grad tensors: new addresses, a new table
+            if p.requires_grad:
+                p.grad = torch.randn_like(p)
+        optimizer.step()
+        return optimizer._engine.plans[0].buckets[0].table_cache
+
+    eager = step(False)["triton"]
+    captured = step(True)["triton"]
+    assert captured.captured and not eager.captured
+    cache = step(False)
+    assert cache["triton"] is not captured and not cache["triton"].captured
+    assert cache["retained"] == [captured]
+    step(False)
+    assert cache["retained"] == [captured]
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="checks the CPU-tensor guard of the interpreter")
 def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")

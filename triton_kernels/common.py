@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from onepass import _ops
+from onepass._capturable import stream_is_capturing
 from onepass.algorithms import base
 
 #: Were the kernels created by the interpreter? (TRITON_INTERPRET is read when @triton.jit runs.)
@@ -319,6 +320,10 @@ class Table:
     done: torch.Tensor  # int32 [n], zero between launches
     num_chunks: int
     aligned: bool  # every param and grad address is a multiple of 16 bytes
+    #: The pinned bytes the device table was copied from (a copy made inside a CUDA graph
+    #: capture reads them again at every replay).
+    upload: torch.Tensor | None = None
+    captured: bool = False  # a step captured in a CUDA graph read it: never freed
 
 
 @dataclass
@@ -372,14 +377,27 @@ def prepare(bucket: Any, grads: list[torch.Tensor | None]) -> Prepared:
         params, write_back = _stage(bucket, grads, key)
     table = cache.get("triton")
     if table is None or not torch.equal(table.key, key):
+        if table is not None and table.captured:
+            # A captured graph (a compiled step under inductor's CUDA graphs: eager steps are
+            # captured only with capturable=True, which this backend refuses) reads this table
+            # at every replay, for as long as the graph lives (unseen here): freed, its memory
+            # would go to the next allocation of the graph's pool, or of a later capture sharing
+            # it. Grads allocated inside each capture give each its own table (~70 bytes a tensor).
+            cache.setdefault("retained", []).append(table)
         table = _build(key.clone(), bucket, params, grads)
         cache["triton"] = table
+    table.captured = table.captured or _capturing(bucket.device)
     grad_dtype = next((g.dtype for g in grads if g is not None), bucket.dtype)  # one per launch
     types: dict[torch.dtype, torch.Tensor] = cache.setdefault("grad_type", {})
     grad_type = types.get(grad_dtype)
     if grad_type is None:
         grad_type = types[grad_dtype] = torch.zeros(16, dtype=grad_dtype, device=bucket.device)
     return Prepared(table if table.num_chunks else None, write_back, grad_type)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether this launch is being captured in a CUDA graph."""
+    return device.type == "cuda" and stream_is_capturing()
 
 
 def _stage(
@@ -469,6 +487,7 @@ def _build(
         done=torch.zeros(len(rows), dtype=torch.int32, device=bucket.device),
         num_chunks=num_chunks,
         aligned=all(r[0] % 16 == 0 and r[1] % 16 == 0 for r in rows),
+        upload=host,
     )
 
 

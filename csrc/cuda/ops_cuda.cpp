@@ -2,10 +2,13 @@
 // the table's device copy (uploaded only when an address changes), the current stream, and a call
 // into the framework-free kernels of optimizers.cu. Built only where CUDA torch and nvcc exist.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -24,6 +27,16 @@ using glue::Table;
 // The device copy of a bucket's table, kept per bucket (keyed by its first state buffer) and
 // re-uploaded only when the table's bytes change: a new grad address, a grad that became None.
 // A step captured in a CUDA graph replays with the cached copy and never copies from the host.
+//
+// A copy that a captured step read is never freed: the graph reads it at every replay, for as
+// long as the graph lives, and this cache cannot see when that ends. Such a copy changes when a
+// later step sees other grads (the capture recipe's grads are allocated inside the capture, so a
+// second capture, or an eager step after one, has other addresses): the old copy moves to
+// `retained_` instead of back to the allocator, whose pool (the graph's own, or one a later
+// capture shares) would hand it to the next allocation: ~80 bytes a tensor per capture, on the
+// device and pinned. A copy read eagerly on another stream than the one it was uploaded on is
+// recorded on that stream, so that the allocator does not reuse it before that stream's kernels
+// have read it.
 class DeviceTables {
  public:
   cuda::DeviceTable get(const void* key, const Table& t, at::Device device,
@@ -35,31 +48,62 @@ class DeviceTables {
     if (seg_bytes) std::memcpy(bytes.data(), t.segments.data(), seg_bytes);
     if (chunk_bytes) std::memcpy(bytes.data() + seg_bytes, t.chunks.data(), chunk_bytes);
     if (step_bytes) std::memcpy(bytes.data() + seg_bytes + chunk_bytes, t.stepped.data(), step_bytes);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    const bool capturing = capture != cudaStreamCaptureStatusNone;
 
     std::lock_guard<std::mutex> lock(mutex_);
     Entry& entry = entries_[key];
     if (entry.bytes != bytes || !entry.device.defined() || entry.device.device() != device) {
-      if (entries_.size() > kMaxEntries) entries_.clear();  // buckets were rebuilt many times
+      if (entries_.size() > kMaxEntries) {  // buckets were rebuilt many times
+        for (auto& [unused, old] : entries_) retire(old);
+        entries_.clear();
+      } else {
+        retire(entry);
+      }
       Entry& fresh = entries_[key];
       Tensor host = at::empty({static_cast<int64_t>(std::max<size_t>(bytes.size(), 1))},
                               at::TensorOptions().dtype(at::kByte).pinned_memory(true));
       if (!bytes.empty()) std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
-      // non_blocking from pinned memory: torch's host allocator keeps `host` alive until the
-      // copy on the current stream has run.
+      // non_blocking from pinned memory. The entry keeps `host`: a copy made inside a capture
+      // reads it again at every replay.
       fresh.device = host.to(device, /*non_blocking=*/true);
+      fresh.host = std::move(host);
       fresh.bytes = std::move(bytes);
+      fresh.upload_stream = stream;
+      fresh.captured = capturing;
       return view(fresh, t);
     }
-    (void)stream;
+    entry.captured = entry.captured || capturing;
+    if (!capturing && stream != entry.upload_stream &&
+        std::find(entry.streams.begin(), entry.streams.end(), stream) == entry.streams.end()) {
+      c10::cuda::CUDACachingAllocator::recordStream(
+          entry.device.storage().data_ptr(),
+          c10::cuda::getCurrentCUDAStream(device.index()));
+      entry.streams.push_back(stream);
+    }
     return view(entry, t);
   }
 
  private:
   struct Entry {
     std::vector<char> bytes;
-    Tensor device;
+    Tensor host;    // the pinned bytes `device` was copied from
+    Tensor device;  // the table the kernels read
+    cudaStream_t upload_stream = nullptr;
+    std::vector<cudaStream_t> streams;  // the others it was recorded on
+    bool captured = false;              // a captured step read it: never freed
   };
   static constexpr size_t kMaxEntries = 4096;
+
+  // Drops an entry's copy, unless a captured graph may read it.
+  void retire(Entry& entry) {
+    if (entry.captured && entry.device.defined()) {
+      retained_.push_back(std::move(entry.host));
+      retained_.push_back(std::move(entry.device));
+    }
+    entry = Entry{};
+  }
 
   static cuda::DeviceTable view(const Entry& e, const Table& t) {
     const char* base = static_cast<const char*>(e.device.data_ptr());
@@ -74,6 +118,7 @@ class DeviceTables {
 
   std::mutex mutex_;
   std::unordered_map<const void*, Entry> entries_;
+  std::vector<Tensor> retained_;  // tables (and their pinned sources) captured graphs may read
 };
 
 DeviceTables& device_tables() {

@@ -267,7 +267,11 @@ __global__ void __launch_bounds__(kThreads) fadam_reduce_kernel(FAdamLaunch L) {
     acc += x * x;
   }
   block_sum2(acc, unused);
-  if (threadIdx.x == 0) L.partial_sums[2 * blockIdx.x] = acc;
+  if (threadIdx.x == 0) {
+    // The second sum is pass 2's; pass 1 -> 2 reads both (one pair a chunk), so write it too.
+    L.partial_sums[2 * blockIdx.x] = acc;
+    L.partial_sums[2 * blockIdx.x + 1] = 0.0;
+  }
 }
 
 // Pass 1 -> 2 (kClip false): eps_t per segment; pass 2 -> 3 (kClip true): the clip divisors.

@@ -538,6 +538,8 @@ class Engine:
             state.dirty = False
         groups = self.optimizer.param_groups
         compiling = torch.compiler.is_compiling()
+        if not compiling:
+            _check_capture(groups)
         for index, param_group in enumerate(groups):  # values no launch could take whole
             check = self.spec.for_group(param_group).check_step
             try:
@@ -608,6 +610,19 @@ class Engine:
             if bucket.unexposed:
                 grads = _grads_of(bucket) if grads is None else grads
                 bucket.expose(self.optimizer.state, spec.step_in_state, grads)
+
+
+def _check_capture(groups: list[dict[str, Any]]) -> None:
+    """Refuses a step that a CUDA graph is capturing unless every group is capturable, as
+    torch.optim does: the launches of the others read their lr and betas on the host, so every
+    replay would step with the values of the capture, whatever a scheduler sets later."""
+    uncapturable = [i for i, group in enumerate(groups) if not group.get("capturable")]
+    if uncapturable and stream_is_capturing():
+        raise RuntimeError(
+            f"onepass: a CUDA graph is capturing step(), but param_groups[{uncapturable[0]}] "
+            f"has capturable=False: its replays would keep the hyperparameters of the capture; "
+            f"construct the optimizer with capturable=True (CUDA params, backend 'cuda')"
+        )
 
 
 def _check_independent_decay(group: Group) -> None:
