@@ -274,6 +274,23 @@ def load_segment(segments, chunks, DTYPE: tl.constexpr, GRAD: tl.constexpr, ALIG
 
 
 @triton.jit
+def chunk_sum_of_squares(grad_ptr, start, numel, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+                         CHUNK: tl.constexpr):  # fmt: skip
+    """The sum of g^2 over elements [start, start + CHUNK) of one tensor's grad, in float64, in
+    tiles of BLOCK (masked if MASKED: a tensor's last, partial chunk; full ones load vectors)."""
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for i in range(0, CHUNK, BLOCK):
+        offsets = start + i + tl.arange(0, BLOCK)
+        if MASKED:
+            g = tl.load(grad_ptr + offsets, mask=offsets < numel, other=0.0)
+        else:
+            g = tl.load(grad_ptr + offsets)
+        g = g.to(tl.float64)
+        acc += g * g
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
 def advance_step(step, done, row, step_index, programs, t):
     """Stores the tensor's new step count ``t`` once every program of it has read the old one.
 

@@ -28,6 +28,7 @@ from onepass.triton_kernels import common
 from onepass.triton_kernels.common import (
     advance_step,
     amp_tensor,
+    chunk_sum_of_squares,
     f64_bits,
     load_param,
     load_segment,
@@ -120,12 +121,11 @@ def fadam_reduce_kernel(
         run = tl.load(found_inf_ptr) == 0  # the GradScaler found an inf/nan: a no-op step
     if run:
         pid = tl.program_id(0).to(tl.int64)
-        acc = tl.zeros([BLOCK], dtype=tl.float64)
-        for i in range(0, CHUNK, BLOCK):
-            offsets = start + i + tl.arange(0, BLOCK)
-            g = tl.load(grad_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.float64)
-            acc += g * g
-        tl.store(partial_ptr + 2 * pid, tl.sum(acc, axis=0))
+        if start + CHUNK <= numel:  # a full chunk loads unmasked (vectors); the last one masked
+            partial = chunk_sum_of_squares(grad_ptr, start, numel, False, BLOCK, CHUNK)
+        else:
+            partial = chunk_sum_of_squares(grad_ptr, start, numel, True, BLOCK, CHUNK)
+        tl.store(partial_ptr + 2 * pid, partial)
         if _last_program(done_ptr, row, programs):
             first_chunk = pid - start // CHUNK
             total = sum_partials(partial_ptr, first_chunk, programs, 2, BLOCK)
@@ -134,6 +134,39 @@ def fadam_reduce_kernel(
             # math.h fadam_eps_t: eps for an all-zero grad (F = 0 there would give 0 / 0)
             eps_scale = tl.where(rms > 0.0, tl.minimum(rms, 1.0), 1.0)
             tl.store(scalars_ptr + 3 * row, _f64(eps_bits) * eps_scale)
+
+
+@triton.jit
+def fadam_norms_chunk(param_ptr, master_ptr, grad_ptr, fim_ptr, start, numel, state_offset,
+                      beta2_t, one_minus_beta2_t, eps_t, power, grad_scale,
+                      OPMATH: tl.constexpr, SQRT_POWER: tl.constexpr, MASKED: tl.constexpr,
+                      BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """Pass 2 over elements [start, start + CHUNK) of one tensor, in tiles of BLOCK (masked if
+    MASKED): the sums of gn^2 and wn^2 (float64) with the tensor's new den (F read, not
+    written)."""
+    gn_acc = tl.zeros([BLOCK], dtype=tl.float64)
+    wn_acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for i in range(0, CHUNK, BLOCK):
+        offsets = start + i + tl.arange(0, BLOCK)
+        state = state_offset + offsets
+        if MASKED:
+            mask = offsets < numel
+            other = 0.0
+        else:
+            mask = None
+            other = None
+        p = load_param(param_ptr, master_ptr, offsets, state, mask, other, OPMATH)
+        g = tl.load(grad_ptr + offsets, mask=mask, other=other).to(OPMATH) * grad_scale
+        f = tl.load(fim_ptr + state, mask=mask, other=other).to(OPMATH)
+        _, den = fadam_den(f, g, beta2_t, one_minus_beta2_t, eps_t, power, SQRT_POWER)
+        gn = op_div(g, den).to(tl.float64)
+        wn = op_div(p, den).to(tl.float64)
+        if MASKED:  # a lane past the end holds 0 / den, which the eps keeps finite, but 0 it is
+            gn = tl.where(mask, gn, 0.0)
+            wn = tl.where(mask, wn, 0.0)
+        gn_acc += gn * gn
+        wn_acc += wn * wn
+    return tl.sum(gn_acc, axis=0), tl.sum(wn_acc, axis=0)
 
 
 @triton.jit(do_not_specialize=["beta2_bits", "power_bits", "clip_bits", "grad_sign_bits"])
@@ -177,22 +210,20 @@ def fadam_norms_kernel(
         eps_t = tl.load(scalars_ptr + 3 * row).to(OPMATH)
         power = _f64(power_bits)
         grad_scale = _grad_scale(grad_scale_ptr, grad_sign_bits, HAS_GRAD_SCALE).to(OPMATH)
-        gn_acc = tl.zeros([BLOCK], dtype=tl.float64)
-        wn_acc = tl.zeros([BLOCK], dtype=tl.float64)
-        for i in range(0, CHUNK, BLOCK):
-            offsets = start + i + tl.arange(0, BLOCK)
-            state = state_offset + offsets
-            mask = offsets < numel
-            p = load_param(param_ptr, master_ptr, offsets, state, mask, 0.0, OPMATH)
-            g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(OPMATH) * grad_scale
-            f = tl.load(fim_ptr + state, mask=mask, other=0.0).to(OPMATH)
-            _, den = fadam_den(f, g, beta2_t, one_minus_beta2_t, eps_t, power, SQRT_POWER)
-            gn = tl.where(mask, op_div(g, den), 0.0).to(tl.float64)
-            wn = tl.where(mask, op_div(p, den), 0.0).to(tl.float64)
-            gn_acc += gn * gn
-            wn_acc += wn * wn
-        tl.store(partial_ptr + 2 * pid, tl.sum(gn_acc, axis=0))
-        tl.store(partial_ptr + 2 * pid + 1, tl.sum(wn_acc, axis=0))
+        if start + CHUNK <= numel:  # a full chunk loads unmasked (vectors); the last one masked
+            gn_sq, wn_sq = fadam_norms_chunk(
+                param_ptr, master_ptr, grad_ptr, fim_ptr, start, numel, state_offset, beta2_t,
+                one_minus_beta2_t, eps_t, power, grad_scale, OPMATH, SQRT_POWER, False, BLOCK,
+                CHUNK,
+            )  # fmt: skip
+        else:
+            gn_sq, wn_sq = fadam_norms_chunk(
+                param_ptr, master_ptr, grad_ptr, fim_ptr, start, numel, state_offset, beta2_t,
+                one_minus_beta2_t, eps_t, power, grad_scale, OPMATH, SQRT_POWER, True, BLOCK,
+                CHUNK,
+            )  # fmt: skip
+        tl.store(partial_ptr + 2 * pid, gn_sq)
+        tl.store(partial_ptr + 2 * pid + 1, wn_sq)
         if _last_program(done_ptr, row, programs):
             first_chunk = pid - start // CHUNK
             gn_sq = sum_partials(partial_ptr, first_chunk, programs, 2, BLOCK)
@@ -201,6 +232,37 @@ def fadam_norms_kernel(
             clip = _f64(clip_bits)
             tl.store(scalars_ptr + 3 * row + 1, _clip_divisor(tl.sqrt(gn_sq / n) / clip))
             tl.store(scalars_ptr + 3 * row + 2, _clip_divisor(tl.sqrt(wn_sq / n) / clip))
+
+
+@triton.jit
+def fadam_chunk(param_ptr, master_ptr, grad_ptr, fim_ptr, momentum_ptr, start, numel,
+                state_offset, lr, beta1, one_minus_beta1, beta2_t, one_minus_beta2_t, eps_t,
+                power, weight_decay, grad_scale, gn_divisor, wn_divisor, sr_seed,
+                OPMATH: tl.constexpr, SQRT_POWER: tl.constexpr, SR: tl.constexpr,
+                MASKED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """Pass 3 over elements [start, start + CHUNK) of one tensor, in tiles of BLOCK (masked if
+    MASKED): math.h's fadam_update (F, momentum, the param)."""
+    for i in range(0, CHUNK, BLOCK):
+        offsets = start + i + tl.arange(0, BLOCK)
+        state = state_offset + offsets
+        if MASKED:
+            mask = offsets < numel
+            other = 0.0
+        else:
+            mask = None
+            other = None
+        p = load_param(param_ptr, master_ptr, offsets, state, mask, other, OPMATH)
+        g = tl.load(grad_ptr + offsets, mask=mask, other=other).to(OPMATH) * grad_scale
+        f = tl.load(fim_ptr + state, mask=mask, other=other).to(OPMATH)
+        m = tl.load(momentum_ptr + state, mask=mask, other=other).to(OPMATH)
+        f, den = fadam_den(f, g, beta2_t, one_minus_beta2_t, eps_t, power, SQRT_POWER)
+        gn = op_div(op_div(g, den), gn_divisor)
+        m = beta1 * m + one_minus_beta1 * gn
+        wn = op_div(op_div(p, den), wn_divisor)
+        p = p - lr * (m + weight_decay * wn)
+        store_param(param_ptr, master_ptr, offsets, state, p, mask, sr_seed, SR)
+        store_state(fim_ptr, state, f, mask, sr_seed, 0, SR)
+        store_state(momentum_ptr, state, m, mask, sr_seed, 1, SR)
 
 
 @triton.jit(
@@ -264,22 +326,20 @@ def fadam_kernel(
         eps_t = tl.load(scalars_ptr + 3 * row).to(OPMATH)
         gn_divisor = tl.load(scalars_ptr + 3 * row + 1).to(OPMATH)
         wn_divisor = tl.load(scalars_ptr + 3 * row + 2).to(OPMATH)
-        for i in range(0, CHUNK, BLOCK):
-            offsets = start + i + tl.arange(0, BLOCK)
-            state = state_offset + offsets
-            mask = offsets < numel
-            p = load_param(param_ptr, master_ptr, offsets, state, mask, 0.0, OPMATH)
-            g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(OPMATH) * grad_scale
-            f = tl.load(fim_ptr + state, mask=mask, other=0.0).to(OPMATH)
-            m = tl.load(momentum_ptr + state, mask=mask, other=0.0).to(OPMATH)
-            f, den = fadam_den(f, g, beta2_t, one_minus_beta2_t, eps_t, power, SQRT_POWER)
-            gn = op_div(op_div(g, den), gn_divisor)
-            m = beta1 * m + one_minus_beta1 * gn
-            wn = op_div(op_div(p, den), wn_divisor)
-            p = p - lr * (m + weight_decay * wn)
-            store_param(param_ptr, master_ptr, offsets, state, p, mask, sr_seed, SR)
-            store_state(fim_ptr, state, f, mask, sr_seed, 0, SR)
-            store_state(momentum_ptr, state, m, mask, sr_seed, 1, SR)
+        if start + CHUNK <= numel:  # a full chunk runs unmasked (vectors); the last one masked
+            fadam_chunk(
+                param_ptr, master_ptr, grad_ptr, fim_ptr, momentum_ptr, start, numel,
+                state_offset, lr, beta1, one_minus_beta1, beta2_t, one_minus_beta2_t, eps_t,
+                power, weight_decay, grad_scale, gn_divisor, wn_divisor, sr_seed, OPMATH,
+                SQRT_POWER, SR, False, BLOCK, CHUNK,
+            )  # fmt: skip
+        else:
+            fadam_chunk(
+                param_ptr, master_ptr, grad_ptr, fim_ptr, momentum_ptr, start, numel,
+                state_offset, lr, beta1, one_minus_beta1, beta2_t, one_minus_beta2_t, eps_t,
+                power, weight_decay, grad_scale, gn_divisor, wn_divisor, sr_seed, OPMATH,
+                SQRT_POWER, SR, True, BLOCK, CHUNK,
+            )  # fmt: skip
         advance_step(step_ptr, done_ptr, row, step_index, programs, t)
 
 

@@ -24,6 +24,7 @@ from onepass.triton_kernels import common
 from onepass.triton_kernels.common import (
     advance_step,
     amp_tensor,
+    chunk_sum_of_squares,
     f64_bits,
     load_param,
     load_segment,
@@ -96,12 +97,11 @@ def novograd_reduce_kernel(
         run = tl.load(found_inf_ptr) == 0  # the GradScaler found an inf/nan: a no-op step
     if run:
         pid = tl.program_id(0).to(tl.int64)
-        acc = tl.zeros([BLOCK], dtype=tl.float64)
-        for i in range(0, CHUNK, BLOCK):
-            offsets = start + i + tl.arange(0, BLOCK)
-            g = tl.load(grad_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.float64)
-            acc += g * g
-        tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+        if start + CHUNK <= numel:  # a full chunk loads unmasked (vectors); the last one masked
+            partial = chunk_sum_of_squares(grad_ptr, start, numel, False, BLOCK, CHUNK)
+        else:
+            partial = chunk_sum_of_squares(grad_ptr, start, numel, True, BLOCK, CHUNK)
+        tl.store(partial_ptr + pid, partial)
         # The last program of the tensor (acq_rel atomic: every program's partial is visible).
         tl.debug_barrier()
         finished = tl.atomic_add(done_ptr + row, 1)
