@@ -249,13 +249,68 @@ def test_capturable_cuda_graph_replays_with_changing_hyperparameters(name: str) 
         assert isinstance(saved["lr"], float) and isinstance(saved["weight_decay"], float)
 
 
+@pytest.mark.parametrize(
+    ("backend", "name"),
+    [("cuda", "AdamW"), ("cuda", "NovoGrad"), ("triton", "SGD"), ("triton", "NovoGrad")],
+)
+def test_a_captured_table_outlives_an_eager_step_with_other_grads(backend: str, name: str) -> None:
+    """A graph captured while the grads are those of the warm-up reads the tensor table uploaded
+    then, at every replay. An eager step with other grads puts a new table in the cache; the
+    graph's must not be freed (it was: the next allocations took its memory, and replays stepped
+    whatever those wrote there). Adam / AdamW need capturable=True (CUDA backend); the others
+    are captured as they are (Triton here), as torch.optim.SGD is."""
+    if backend == "cuda" and not cuda_kernels_built():
+        pytest.skip("needs the cuda backend")
+    if backend == "triton" and triton_error() is not None:
+        pytest.skip("needs triton")
+    torch.manual_seed(0)
+    shapes = [(7,), (33, 65), (1 << 16,)]
+    params = [torch.randn(s, device="cuda").requires_grad_() for s in shapes]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    grads = [torch.randn_like(p) for p in params]  # the graph's: kept alive here
+    for p, q, g in zip(params, twins, grads, strict=True):
+        p.grad, q.grad = g, g.clone()
+    graphed = EVERY_OPTIMIZER[name](params, capturable=backend == "cuda", backend=backend)
+    eager = EVERY_OPTIMIZER[name](twins, backend=backend)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graphed.step()  # warm-up: buckets, state and this table exist before the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    eager.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    other = [torch.randn_like(p) for p in params]
+    for p, q, o in zip(params, twins, other, strict=True):
+        p.grad, q.grad = o, o.clone()
+    graphed.step()  # eager, with other grads: another table in the cache
+    eager.step()
+    # The next allocations, filled with -1: a freed table's memory would be among them.
+    filler = [
+        torch.full((n,), -1, dtype=torch.int64, device="cuda")
+        for n in (8, 16, 32, 64, 128, 256)
+        for _ in range(16)
+    ]
+    for q, g in zip(twins, grads, strict=True):
+        q.grad = g.clone()
+    for _ in range(3):
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params, twins, strict=True):
+        assert_verbose_allclose(p, q, 1e-6, 1e-7)
+    assert all(bool((f == -1).all()) for f in filler)  # the replays wrote nothing there
+
+
 @pytest.mark.parametrize("name", ["AdamW", "NovoGrad"])
 def test_whole_step_graphs_sharing_a_pool_replay_like_eager(name: str) -> None:
     """torch's whole-network capture recipe: grads set to None before each capture, so that
     backward allocates them inside it and each capture's step sees grads at new addresses (a
-    new tensor table, uploaded inside the capture). Two graphs (two batch shapes) share one
-    memory pool, and each replays, in turn, after the other was captured: the table the first
-    graph reads must outlive the second capture's. Matches an eager twin step for step."""
+    new tensor table, uploaded inside the capture: each replay copies it in again). Two graphs
+    (two batch shapes) share one memory pool, and each replays, in turn, after the other was
+    captured. Matches an eager twin step for step. (That the recipe works; the test above is
+    the one that failed on a table freed under a graph.)"""
     if not cuda_kernels_built():
         pytest.skip("needs the cuda backend (capturable)")
     torch.manual_seed(0)
@@ -312,8 +367,8 @@ def test_grad_scaler_step_makes_no_host_sync(
 ) -> None:
     """GradScaler's unscale and skip, and with max_grad_norm the global norm and the clip, all
     stay on the device; so do NovoGrad's and FAdam's per-tensor reductions and Muon's
-    Newton-Schulz. Grads are new tensors at every step (zero_grad() drops them): the tensor
-    table is uploaded anew, without a sync."""
+    Newton-Schulz. Each step's grads are kept, so that the next step's are at new addresses:
+    the tensor table is uploaded anew, without a sync."""
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
     model.cuda()
     optimizer = EVERY_OPTIMIZER[name](
@@ -322,7 +377,9 @@ def test_grad_scaler_step_makes_no_host_sync(
     scaler = torch.amp.GradScaler("cuda")
     x = torch.randn(16, 64, device="cuda")
     before = [p.detach().clone() for p in model.parameters()]
+    held = []
     for step in range(3):
+        held.append([p.grad for p in model.parameters()])  # new addresses for the next grads
         optimizer.zero_grad()
         scaler.scale(model(x).square().mean()).backward()
         if step > 0:  # the first step builds buckets and state (allocation, not a sync)

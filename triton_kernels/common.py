@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -341,6 +341,9 @@ class Table:
     #: capture reads them again at every replay).
     upload: torch.Tensor | None = None
     captured: bool = False  # a step captured in a CUDA graph read it: never freed
+    #: The CUDA streams (ids) it is known to be used on: the one it was built on, then those
+    #: recorded.
+    streams: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -395,15 +398,18 @@ def prepare(bucket: Any, grads: list[torch.Tensor | None]) -> Prepared:
     table = cache.get("triton")
     if table is None or not torch.equal(table.key, key):
         if table is not None and table.captured:
-            # A captured graph (a compiled step under inductor's CUDA graphs: eager steps are
-            # captured only with capturable=True, which this backend refuses) reads this table
-            # at every replay, for as long as the graph lives (unseen here): freed, its memory
-            # would go to the next allocation of the graph's pool, or of a later capture sharing
-            # it. Grads allocated inside each capture give each its own table (~70 bytes a tensor).
+            # A captured graph reads this table at every replay, for as long as the graph lives
+            # (unseen here): freed, its memory would go to the next allocation (of the graph's
+            # pool, or of a later capture sharing it, where the capture built it; kept, it
+            # keeps that pool from being released). Grads allocated inside each capture give
+            # each its own table (~70 bytes a tensor).
             cache.setdefault("retained", []).append(table)
         table = _build(key.clone(), bucket, params, grads)
         cache["triton"] = table
-    table.captured = table.captured or _capturing(bucket.device)
+    capturing = _capturing(bucket.device)
+    table.captured = table.captured or capturing
+    if bucket.device.type == "cuda" and not capturing:
+        _record_stream(table, torch.cuda.current_stream(bucket.device))
     grad_dtype = next((g.dtype for g in grads if g is not None), bucket.dtype)  # one per launch
     types: dict[torch.dtype, torch.Tensor] = cache.setdefault("grad_type", {})
     grad_type = types.get(grad_dtype)
@@ -415,6 +421,15 @@ def prepare(bucket: Any, grads: list[torch.Tensor | None]) -> Prepared:
 def _capturing(device: torch.device) -> bool:
     """Whether this launch is being captured in a CUDA graph."""
     return device.type == "cuda" and stream_is_capturing()
+
+
+def _record_stream(table: Table, stream: torch.cuda.Stream) -> None:
+    """Marks the table's memory as used on ``stream`` where it was not built on it, so that,
+    once dropped, it is not handed out again before that stream's kernels have read it."""
+    if stream.cuda_stream not in table.streams:
+        table.segments.record_stream(stream)  # (chunks share its storage)
+        table.done.record_stream(stream)
+        table.streams.add(stream.cuda_stream)
 
 
 def _stage(
@@ -505,6 +520,11 @@ def _build(
         num_chunks=num_chunks,
         aligned=all(r[0] % 16 == 0 and r[1] % 16 == 0 for r in rows),
         upload=host,
+        streams=(
+            {torch.cuda.current_stream(bucket.device).cuda_stream}
+            if bucket.device.type == "cuda"
+            else set()
+        ),
     )
 
 

@@ -34,9 +34,10 @@ using glue::Table;
 // second capture, or an eager step after one, has other addresses): the old copy moves to
 // `retained_` instead of back to the allocator, whose pool (the graph's own, or one a later
 // capture shares) would hand it to the next allocation: ~80 bytes a tensor per capture, on the
-// device and pinned. A copy read eagerly on another stream than the one it was uploaded on is
-// recorded on that stream, so that the allocator does not reuse it before that stream's kernels
-// have read it.
+// device and pinned (one uploaded inside a capture also keeps that capture's memory pool from
+// being released with the graph). A copy read eagerly on another stream than the one it was
+// uploaded on is recorded on that stream, so that the allocator does not reuse it before that
+// stream's kernels have read it.
 class DeviceTables {
  public:
   cuda::DeviceTable get(const void* key, const Table& t, at::Device device,

@@ -538,8 +538,8 @@ class Engine:
             state.dirty = False
         groups = self.optimizer.param_groups
         compiling = torch.compiler.is_compiling()
-        if not compiling:
-            _check_capture(groups)
+        if not compiling and getattr(self.optimizer, "capture_needs_capturable", False):
+            _check_capture(groups, type(self.optimizer).__name__)
         for index, param_group in enumerate(groups):  # values no launch could take whole
             check = self.spec.for_group(param_group).check_step
             try:
@@ -612,16 +612,19 @@ class Engine:
                 bucket.expose(self.optimizer.state, spec.step_in_state, grads)
 
 
-def _check_capture(groups: list[dict[str, Any]]) -> None:
+def _check_capture(groups: list[dict[str, Any]], name: str) -> None:
     """Refuses a step that a CUDA graph is capturing unless every group is capturable, as
-    torch.optim does: the launches of the others read their lr and betas on the host, so every
-    replay would step with the values of the capture, whatever a scheduler sets later."""
+    torch.optim's Adam and AdamW do: the launches of the others read their lr and betas on the
+    host, so every replay would step with the values of the capture, whatever a scheduler sets
+    later. (torch.optim.SGD has no capturable and is captured as it is: so are onepass's SGD and
+    the classes torch.optim lacks.)"""
     uncapturable = [i for i, group in enumerate(groups) if not group.get("capturable")]
     if uncapturable and stream_is_capturing():
         raise RuntimeError(
-            f"onepass: a CUDA graph is capturing step(), but param_groups[{uncapturable[0]}] "
-            f"has capturable=False: its replays would keep the hyperparameters of the capture; "
-            f"construct the optimizer with capturable=True (CUDA params, backend 'cuda')"
+            f"onepass: a CUDA graph is capturing {name}.step(), but "
+            f"param_groups[{uncapturable[0]}] has capturable=False (torch.optim.{name} refuses "
+            f"this too: replays would keep the lr and betas of the capture); construct it with "
+            f"capturable=True (CUDA params, backend 'cuda')"
         )
 
 

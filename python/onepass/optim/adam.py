@@ -65,6 +65,7 @@ class Adam(FusedOptimizer):
     """
 
     spec: ClassVar[AlgorithmSpec] = ADAM
+    capture_needs_capturable: ClassVar[bool] = True
     torch_keys: ClassVar[Mapping[str, Any]] = {**_TORCH_ADAM_KEYS, "decoupled_weight_decay": False}
 
     def __init__(

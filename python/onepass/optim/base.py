@@ -144,6 +144,10 @@ class FusedOptimizer(Optimizer):
 
     spec: ClassVar[AlgorithmSpec]
     torch_keys: ClassVar[Mapping[str, Any]] = {}
+    #: Whether a step captured in a CUDA graph needs capturable=True in every group, as
+    #: torch.optim's class refuses it otherwise (Adam, AdamW; SGD takes no capturable and is
+    #: captured with its lr as it was, as onepass's others are).
+    capture_needs_capturable: ClassVar[bool] = False
     # GradScaler hands us grad_scale / found_inf; the kernels unscale and skip on inf themselves.
     _step_supports_amp_scaling = True
 
