@@ -8,6 +8,7 @@ what only a GPU shows: compiled kernels, > 2^31-element tensors, CUDA graphs, no
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -208,6 +209,34 @@ def _change_hyperparameters(group: dict, twin: dict, step: int) -> None:
         twin["betas"] = (beta1, twin["betas"][1])
 
 
+def _captured_step(
+    name: str, backend: str, capturable: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor], Any, Any, torch.cuda.CUDAGraph]:
+    """Three CUDA params with grads (odd sizes, a matrix, many chunks), an optimizer of each
+    (``name``) over them and over their eager twins, one step of each (the graphed one on a
+    side stream: buckets, state and the device table exist before the capture), and the
+    graphed one's next step captured: (params, twins, graphed, eager, graph)."""
+    torch.manual_seed(0)
+    shapes = [(7,), (33, 65), (1 << 16,)]
+    params = [torch.randn(s, device="cuda").requires_grad_() for s in shapes]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    for p, q in zip(params, twins, strict=True):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    graphed = EVERY_OPTIMIZER[name](params, capturable=capturable, backend=backend)
+    eager = EVERY_OPTIMIZER[name](twins, backend=backend)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graphed.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    eager.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    return params, twins, graphed, eager, graph
+
+
 @pytest.mark.parametrize("name", list(EVERY_OPTIMIZER))
 def test_capturable_cuda_graph_replays_with_changing_hyperparameters(name: str) -> None:
     """capturable=True: a step captured in a CUDA graph, replayed while the lr, beta1, eps and
@@ -216,24 +245,7 @@ def test_capturable_cuda_graph_replays_with_changing_hyperparameters(name: str) 
     too. The state_dict holds floats."""
     if not cuda_kernels_built():
         pytest.skip("needs the cuda backend")
-    torch.manual_seed(0)
-    shapes = [(7,), (33, 65), (1 << 16,)]
-    params = [torch.randn(s, device="cuda").requires_grad_() for s in shapes]
-    twins = [p.detach().clone().requires_grad_() for p in params]
-    grads = [torch.randn_like(p) for p in params]
-    for p, q, g in zip(params, twins, grads, strict=True):
-        p.grad, q.grad = g.clone(), g.clone()
-    graphed = EVERY_OPTIMIZER[name](params, capturable=True, backend="cuda")
-    eager = EVERY_OPTIMIZER[name](twins, backend="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        graphed.step()  # warm-up: buckets, state and the device table exist before capture
-    torch.cuda.current_stream().wait_stream(stream)
-    eager.step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed.step()
+    params, twins, graphed, eager, graph = _captured_step(name, "cuda", capturable=True)
     for group in graphed.param_groups:
         assert isinstance(group["lr"], torch.Tensor) and group["lr"].is_cuda
         assert isinstance(group["weight_decay"], torch.Tensor)
@@ -263,24 +275,8 @@ def test_a_captured_table_outlives_an_eager_step_with_other_grads(backend: str, 
         pytest.skip("needs the cuda backend")
     if backend == "triton" and triton_error() is not None:
         pytest.skip("needs triton")
-    torch.manual_seed(0)
-    shapes = [(7,), (33, 65), (1 << 16,)]
-    params = [torch.randn(s, device="cuda").requires_grad_() for s in shapes]
-    twins = [p.detach().clone().requires_grad_() for p in params]
-    grads = [torch.randn_like(p) for p in params]  # the graph's: kept alive here
-    for p, q, g in zip(params, twins, grads, strict=True):
-        p.grad, q.grad = g, g.clone()
-    graphed = EVERY_OPTIMIZER[name](params, capturable=backend == "cuda", backend=backend)
-    eager = EVERY_OPTIMIZER[name](twins, backend=backend)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        graphed.step()  # warm-up: buckets, state and this table exist before the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    eager.step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed.step()
+    params, twins, graphed, eager, graph = _captured_step(name, backend, backend == "cuda")
+    grads = [p.grad for p in params]  # the graph's: kept alive here
     other = [torch.randn_like(p) for p in params]
     for p, q, o in zip(params, twins, other, strict=True):
         p.grad, q.grad = o, o.clone()
