@@ -633,6 +633,36 @@ def test_load_state_dict_pre_hooks_run_before_the_check(backend_name: str) -> No
     assert_same_as_torch(target, source, target_params, params)
 
 
+def test_state_dict_hooks_run_as_torchs(backend_name: str) -> None:
+    """torch.optim's state_dict hooks: a pre hook before the dict is built, a post hook that may
+    replace it (what state_dict() returns), a load post hook after the state is in place (it
+    sees the loaded moments), each in the order torch runs them."""
+    params = make_params(F64)
+    ours = onepass.AdamW(params, lr=1e-2, backend=backend_name)
+    set_grads(params, make_grads(params, 1))
+    ours.step()
+    calls: list[str] = []
+
+    def post(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        calls.append("post")
+        return {**state_dict, "extra": 1}
+
+    def loaded(optimizer: torch.optim.Optimizer) -> None:
+        calls.append("loaded")
+        exp_avg = optimizer.state[params[0]]["exp_avg"]
+        assert torch.equal(exp_avg, saved["state"][0]["exp_avg"])
+
+    ours.register_state_dict_pre_hook(lambda optimizer: calls.append("pre"))
+    ours.register_state_dict_post_hook(post)
+    saved = copy.deepcopy(ours.state_dict())
+    assert calls == ["pre", "post"] and saved["extra"] == 1
+    ours.register_load_state_dict_post_hook(loaded)
+    set_grads(params, make_grads(params, 2))
+    ours.step()  # the load must bring back the moments of step 1
+    ours.load_state_dict(saved)
+    assert calls == ["pre", "post", "loaded"]
+
+
 def test_only_empty_tensors(backend_name: str) -> None:
     """A bucket whose every tensor has zero elements: legal, only the step counts advance."""
     params = [torch.randn(0, dtype=F64).requires_grad_(), torch.randn(0, 3, dtype=F64)]
