@@ -68,9 +68,9 @@ ONEPASS_HD ONEPASS_INLINE double op_sqrt(double x) { return sqrt(x); }
 // NaN-propagating like torch.maximum (fmax would drop a NaN).
 ONEPASS_HD ONEPASS_INLINE float op_max(float a, float b) { return (a != a || a > b) ? a : b; }
 ONEPASS_HD ONEPASS_INLINE double op_max(double a, double b) { return (a != a || a > b) ? a : b; }
-// (x > 0) - (x < 0), as torch.sign: sign(+-0) = 0 (Lion leaves such an element alone). A NaN
-// gives 0 here and in every SIMD build (both comparisons are false); torch.sign gives NaN, but a
-// NaN direction already poisons exp_avg, so the param is the only place they differ.
+// (x > 0) - (x < 0), as torch.sign: sign(+-0) = 0 (Lion leaves such an element alone), and a
+// NaN gives 0 here, in every SIMD build and in torch.sign (both comparisons are false; torch
+// 2.11 and 2.13 on the CPU): a NaN direction leaves the param as it is and poisons exp_avg.
 ONEPASS_HD ONEPASS_INLINE float op_sign(float x) { return float(x > 0.0f) - float(x < 0.0f); }
 ONEPASS_HD ONEPASS_INLINE double op_sign(double x) { return double(x > 0.0) - double(x < 0.0); }
 
