@@ -705,6 +705,12 @@ def _corrupt(kind: str, sd: dict[str, Any]) -> tuple[dict[str, Any], str]:
     if kind == "unknown-param":
         sd["state"][99] = sd["state"][0]
         return sd, "unknown param id 99"
+    if kind == "sparse-slot":
+        sd["state"][2]["exp_avg"] = sd["state"][2]["exp_avg"].to_sparse()
+        return sd, f"slot 'exp_avg' of {_name(1, 0)} is a torch.sparse_coo tensor"
+    if kind in ("negative-step", "nan-step"):
+        sd["state"][1]["step"] = torch.tensor(-1.0 if kind == "negative-step" else float("nan"))
+        return sd, f"'step' of {_name(0, 1)} is (-1.0|nan), expected a finite count >= 0"
     raise AssertionError(kind)
 
 
@@ -720,6 +726,9 @@ def _corrupt(kind: str, sd: dict[str, Any]) -> tuple[dict[str, Any], str]:
         "groups",
         "params",
         "unknown-param",
+        "sparse-slot",
+        "negative-step",
+        "nan-step",
     ],
 )
 def test_bad_state_dict_refused(kind: str) -> None:
@@ -881,3 +890,190 @@ def test_param_resized_through_data_refused(
     for p in params:
         p.grad = torch.randn_like(p)
     _refused(optimizer, optimizer.step, RuntimeError, _name(0, index))
+
+
+# ------------------------------------------------------------------------------------------------
+# A refusal in a later group or bucket: nothing written in the earlier ones
+# ------------------------------------------------------------------------------------------------
+
+LATER_GROUP_VALUES = [
+    (onepass.AdamW, "betas", 0.9),
+    (onepass.AdamW, "betas", (0.9,)),
+    (onepass.AdamW, "eps", None),
+    (onepass.AdamW, "lr", None),
+    (onepass.AdamW, "weight_decay", "0.01"),
+    (onepass.SGD, "momentum", None),
+    (onepass.SGD, "dampening", "0"),
+    (onepass.Lion, "betas", (0.9, None)),
+    (onepass.NovoGrad, "eps", "1e-8"),
+    (onepass.FAdam, "p", None),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize(
+    ("cls", "key", "value"),
+    LATER_GROUP_VALUES,
+    ids=[f"{c.__name__}-{k}-{v!r}" for c, k, v in LATER_GROUP_VALUES],
+)
+def test_a_value_no_launch_can_take_in_a_later_group_is_refused_first(
+    backend: str, cls: type[onepass.FusedOptimizer], key: str, value: Any
+) -> None:
+    """A value set in param_groups[1] that its launch could not convert (None, a string, a
+    tuple of the wrong length) is refused, by name, before group 0 steps (group 0 had stepped
+    and its launch then failed); once set right, the step is the step of a twin that never saw
+    the bad one."""
+    kwargs = {"momentum": 0.9} if cls is onepass.SGD else {}
+    torch.manual_seed(0)
+    optimizer, params = _stepped(cls, backend=backend, **kwargs)
+    torch.manual_seed(0)
+    twin, twin_params = _stepped(cls, backend=backend, **kwargs)
+    good = optimizer.param_groups[1][key]
+    optimizer.param_groups[1][key] = value
+    grads = make_grads(params, 3, none_pattern=False)
+    set_grads(params, grads)
+    _refused(optimizer, optimizer.step, TypeError, rf"param_groups\[1\]: {key} must be")
+    optimizer.param_groups[1][key] = good
+    optimizer.step()
+    set_grads(twin_params, grads)
+    twin.step()
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", [onepass.AdamW, onepass.Adam, onepass.SGD, onepass.Lion])
+def test_an_unknown_decay_mode_is_refused_wherever_it_comes_from(
+    cls: type[onepass.FusedOptimizer],
+) -> None:
+    """A misspelt decay mode decayed nothing when it came through add_param_group or a group
+    written later (only the constructor refused it)."""
+    optimizer, params = _stepped(cls)
+    extra = {"params": [torch.ones(3, requires_grad=True)], "decay": "decoupledd"}
+    _refused(optimizer, lambda: optimizer.add_param_group(extra), ValueError, "Invalid decay")
+    assert len(optimizer.param_groups) == 2
+    optimizer.param_groups[1]["decay"] = "decoupledd"
+    set_grads(params, make_grads(params, 3, none_pattern=False))
+    _refused(optimizer, optimizer.step, ValueError, r"param_groups\[1\]: Invalid decay mode")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("betas", [(1.0, 0.999), (0.9, 1.0)])
+def test_adam_beta_of_one_set_later_refused(backend: str, betas: tuple[float, float]) -> None:
+    """Adam's bias corrections divide by 1 - beta^t: a beta of 1 set after construction is
+    refused at the step as at construction (the reference had failed part-way, the kernels
+    written infinite params)."""
+    optimizer, params = _stepped(onepass.AdamW, backend=backend)
+    optimizer.param_groups[1]["betas"] = betas
+    set_grads(params, make_grads(params, 3, none_pattern=False))
+    _refused(optimizer, optimizer.step, ValueError, r"param_groups\[1\]: Invalid beta parameter")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_refused_step_keeps_the_state_a_load_brought(backend: str) -> None:
+    """The step after a load moves the loaded state into the buckets; refused (a sparse grad in
+    the second group), it left optimizer.state as the buckets hold it: here a checkpoint's fp32
+    moments and master weights, which a run without master weights keeps until it steps, had
+    become bf16 and lost the masters. Nothing changes now, and the retried step continues as a
+    twin that never saw the refusal."""
+    torch.manual_seed(0)
+    a = torch.randn(5).bfloat16().requires_grad_()
+    b = torch.randn(4).bfloat16().requires_grad_()
+    source = onepass.AdamW([{"params": [a]}, {"params": [b]}], master_weights=True)
+    for _ in range(2):
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        source.step()
+    checkpoint = copy.deepcopy(source.state_dict())
+    optimizers = []
+    for _ in range(2):
+        optimizer = onepass.AdamW([{"params": [a]}, {"params": [b]}], backend=backend)
+        optimizer.load_state_dict(copy.deepcopy(checkpoint))
+        optimizers.append(optimizer)
+    refusing, twin = optimizers
+    assert refusing.state[a]["exp_avg"].dtype == torch.float32
+    a.grad, b.grad = torch.randn_like(a), torch.randn(4).bfloat16().to_sparse()
+    _refused(refusing, refusing.step, RuntimeError, f"{_name(1, 0)} has a sparse gradient")
+    assert refusing.state[a]["exp_avg"].dtype == torch.float32
+    assert "master_param" in refusing.state_dict()["state"][0]
+    b.grad = torch.randn_like(b)
+    start = a.detach().clone(), b.detach().clone()
+    refusing.step()
+    after = a.detach().clone(), b.detach().clone()
+    with torch.no_grad():
+        a.copy_(start[0])
+        b.copy_(start[1])
+    twin.step()
+    assert torch.equal(a, after[0]) and torch.equal(b, after[1])
+    assert torch.equal(refusing.state[a]["exp_avg"], twin.state[a]["exp_avg"])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_refused_first_flattened_step_leaves_the_params_where_they_are(backend: str) -> None:
+    """flatten=True moves a group's params into its flat buffer at its first step; a refusal in
+    a later group came after the earlier groups had moved theirs (p.data and p.grad rebound)."""
+    a = torch.randn(6, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    optimizer = onepass.AdamW([{"params": [a]}, {"params": [b]}], flatten=True, backend=backend)
+    grad = torch.randn_like(a)
+    a.grad, b.grad = grad, torch.randn(5).to_sparse()
+    storage = a.data_ptr()
+    _refused(optimizer, optimizer.step, RuntimeError, f"{_name(1, 0)} has a sparse gradient")
+    assert a.data_ptr() == storage and a.grad is grad
+
+
+def test_a_refused_step_draws_no_rounding_seed() -> None:
+    """A group that switched stochastic rounding on since its last step gets its seed at the
+    next step; a refused one neither keeps the seed nor advances torch's generator, so the
+    retried step rounds as a twin's that never saw the refusal."""
+    steps = []
+    for refuse in (True, False):
+        torch.manual_seed(0)
+        optimizer, params = _stepped(onepass.AdamW, backend="cpu")
+        optimizer.param_groups[0]["stochastic_rounding"] = True
+        set_grads(params, make_grads(params, 3, none_pattern=False))
+        if refuse:
+            good, params[3].grad = params[3].grad, params[3].grad.to_sparse()
+            rng = torch.random.get_rng_state()
+            _refused(optimizer, optimizer.step, RuntimeError, "has a sparse gradient")
+            assert torch.equal(torch.random.get_rng_state(), rng)
+            params[3].grad = good
+        optimizer.step()
+        steps.append((optimizer.param_groups[0]["sr_seed"], [p.detach().clone() for p in params]))
+    assert steps[0][0] == steps[1][0]
+    assert all(torch.equal(p, q) for p, q in zip(steps[0][1], steps[1][1], strict=True))
+
+
+def test_a_sparse_grad_under_max_grad_norm_is_refused_by_name() -> None:
+    """The clip's norm runs before the step's checks: a sparse grad got torch's norm error,
+    naming no param."""
+    optimizer, params = _stepped(onepass.AdamW, backend="cpu", max_grad_norm=1.0)
+    set_grads(params, make_grads(params, 3, none_pattern=False))
+    params[2].grad = params[2].grad.to_sparse()
+    _refused(optimizer, optimizer.step, RuntimeError, f"{_name(1, 0)} has a sparse gradient")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("shape", [(5,), ()])
+def test_muon_refuses_a_non_matrix_in_a_muon_group(backend: str, shape: tuple[int, ...]) -> None:
+    """A vector appended to a Muon group's params (the constructor routes it to the AdamW part,
+    a later append does not): refused by name as torch.optim.Muon refuses it, where it had been
+    orthogonalised as a column (or, 0-d, failed part-way)."""
+    optimizer, params = _stepped_muon(backend)
+    extra = torch.randn(shape, requires_grad=True)
+    optimizer.param_groups[0]["params"].append(extra)
+    set_grads(params, make_grads(params, 3, none_pattern=False))
+    extra.grad = torch.randn_like(extra)
+    index = len(optimizer.param_groups[0]["params"]) - 1
+    _refused(optimizer, optimizer.step, ValueError, f"{_name(0, index)} has {len(shape)} dims")
+
+
+def test_a_device_the_backend_cannot_step_is_refused_by_name() -> None:
+    optimizer, params = _stepped(onepass.AdamW, backend="cpu")
+    before = snapshot(optimizer)
+    meta = torch.zeros(3, device="meta", requires_grad=True)
+    optimizer.add_param_group({"params": [meta]})
+    set_grads(params, make_grads(params, 3, none_pattern=False))
+    meta.grad = torch.zeros(3, device="meta")
+    with pytest.raises(RuntimeError, match=f"{_name(2, 0)}: backend='cpu' cannot step"):
+        optimizer.step()
+    del optimizer.param_groups[2]
+    assert_unchanged(optimizer, before)

@@ -24,7 +24,12 @@ import torch
 
 from onepass import _ops
 from onepass._capturable import DeviceHyper, host_floats, stream_is_capturing
-from onepass.algorithms.base import MASTER, ZERO_INITIAL_LR, scalar_slot_dtype
+from onepass.algorithms.base import (
+    MASTER,
+    ZERO_INITIAL_LR,
+    check_group_values,
+    scalar_slot_dtype,
+)
 
 if TYPE_CHECKING:
     from onepass.algorithms.base import AlgorithmSpec, Group
@@ -301,16 +306,7 @@ class Bucket:
         per-tensor work at all.
         """
         total = self.total
-        # The step's checks first: copying a grad of a dtype the bucket refuses into the flat
-        # buffer would cast it, and p.data / p.grad would be rebound before the refusal.
-        _check_grads(self, [p.grad for p in self.params])
-        for name, p in zip(self.names, self.params, strict=True):
-            if torch._debug_has_internal_overlap(p) == 1:  # 1: yes (2: too hard to tell)
-                raise RuntimeError(
-                    f"onepass: {name} has elements that share memory (an expand()ed tensor?): "
-                    "torch.optim refuses to update it in place, and flatten=True would copy "
-                    "them apart"
-                )
+        self.check_flatten()
         # The grads' dtype: the params' own, or the fp32 their grads already have (grad_dtype).
         grads = [p.grad for p in self.params if p.grad is not None]
         grad_dtype = grads[0].dtype if grads else self.dtype
@@ -333,6 +329,19 @@ class Bucket:
         # since makes it a tensor of its own, which the flat pass would no longer update).
         self.flat_storage = self.flat_param.untyped_storage().data_ptr()
         self.flat_view = FlatBucket(self)
+
+    def check_flatten(self) -> None:
+        """The step's checks, before flatten() writes: copying a grad of a dtype the bucket
+        refuses into the flat buffer would cast it, and p.data / p.grad would be rebound before
+        the refusal."""
+        _check_grads(self, [p.grad for p in self.params])
+        for name, p in zip(self.names, self.params, strict=True):
+            if torch._debug_has_internal_overlap(p) == 1:  # 1: yes (2: too hard to tell)
+                raise RuntimeError(
+                    f"onepass: {name} has elements that share memory (an expand()ed tensor?): "
+                    "torch.optim refuses to update it in place, and flatten=True would copy "
+                    "them apart"
+                )
 
     def moved(self) -> bool:
         """Whether its params were cast or moved since it was built (model.to(...): one param
@@ -543,6 +552,7 @@ class Engine:
         for index, param_group in enumerate(groups):  # values no launch could take whole
             check = self.spec.for_group(param_group).check_step
             try:
+                check_group_values(param_group)
                 _check_independent_decay(param_group)
                 # A capturable group's launches read its device block (tensors) instead.
                 if compiling and not self.optimizer.defaults.get("capturable"):
@@ -552,10 +562,22 @@ class Engine:
             except (TypeError, ValueError) as error:
                 # `!s`, not a plain {error}: Dynamo (torch 2.11) formats only a str of the
                 # exception into a compiled step's message.
-                raise type(error)(f"onepass: param_groups[{index}]: {error!s}") from None
+                message = str(error).removeprefix("onepass: ")
+                raise type(error)(f"onepass: param_groups[{index}]: {message}") from None
         # Every group's plan first, stored only once all are built: a group that cannot be
         # (a refused state_dtype, say) leaves the others' buckets as they were.
         self.plans = plans = [self._plan(index, group) for index, group in enumerate(groups)]
+        if any(plan.pending() for plan in plans):
+            # This step rewrites optimizer.state (state taken over by new buckets) or moves
+            # params into flat buffers: every bucket's grads and lr are checked first, so that
+            # a refusal in a later group leaves both as they were.
+            for plan, param_group in zip(plans, groups, strict=True):
+                launch_group = plan.launch_group(param_group)
+                for planned in plan.buckets:
+                    _check_grads(planned, _grads_of(planned))
+                    _check_native_lr(launch_group, planned)
+                for planned in plan.to_flatten:
+                    planned.check_flatten()
         for plan in plans:
             plan.commit(state)
         work: list[tuple[Group, Bucket | FlatBucket, list[torch.Tensor | None] | None]]
@@ -699,24 +721,31 @@ class _GroupPlan:
                 raise TypeError(
                     f"onepass: {name} has dtype {p.dtype}; supported: float32/64, bfloat16, float16"
                 )
+            if spec.check_param is not None:
+                spec.check_param(p, name)
             members = keyed.setdefault((p.device, p.dtype), ([], []))
             members[0].append(p)
             members[1].append(name)
         self.buckets: list[Bucket] = []
+        self.to_flatten: list[Bucket] = []
         for (device, dtype), (params, names) in keyed.items():
             state_dtype, master = storage_dtypes(group, dtype, names[0])
-            backend = resolve_backend(
-                group["backend"],
-                device,
-                spec.name,
-                dtype,
-                # Dynamo shows every group of a compiled optimizer as capturable: compiled steps
-                # get the CUDA kernels too (custom ops that read the lr on the device).
-                bool(group.get("capturable")),
-                state_dtype=state_dtype,
-                master=master,
-                mean_numel=_mean_numel(params) if device.type == "cuda" else None,
-            )
+            try:
+                backend = resolve_backend(
+                    group["backend"],
+                    device,
+                    spec.name,
+                    dtype,
+                    # Dynamo shows every group of a compiled optimizer as capturable: compiled
+                    # steps get the CUDA kernels too (custom ops that read the lr on the device).
+                    bool(group.get("capturable")),
+                    state_dtype=state_dtype,
+                    master=master,
+                    mean_numel=_mean_numel(params) if device.type == "cuda" else None,
+                )
+            except RuntimeError as error:  # named: which param is on the device it refuses
+                message = str(error).removeprefix("onepass: ")
+                raise RuntimeError(f"onepass: {names[0]}: {message}") from None
             if backend not in spec.launchers:
                 # An algorithm that some backend does not implement yet: "auto" falls back to
                 # the reference (correct everywhere, just slower); an explicit request fails.
@@ -748,7 +777,7 @@ class _GroupPlan:
                         "slot such as amsgrad's, a state_dict load), which moves the params and "
                         "runs only eagerly: take this step outside torch.compile"
                     )
-                bucket.flatten()
+                self.to_flatten.append(bucket)  # at commit, once every group's grads passed
             self.buckets.append(bucket)
 
     def _make_capturable(
@@ -789,12 +818,20 @@ class _GroupPlan:
             return
         self.hyper = DeviceHyper(spec, group, device)
 
+    def pending(self) -> bool:
+        """Whether commit() has work left: state to point at the buckets, params to flatten."""
+        return bool(self.to_flatten) or any(bucket.adopted for bucket in self.buckets)
+
     def commit(self, state: Any) -> None:
-        """Points ``optimizer.state`` at the buckets' views of the state they took over."""
+        """Points ``optimizer.state`` at the buckets' views of the state they took over, and
+        moves the params of new ``flatten=True`` buckets into their flat buffers."""
         for bucket in self.buckets:
             for p, entry in bucket.adopted:
                 state.put(p, entry)
             bucket.adopted.clear()
+        for bucket in self.to_flatten:
+            bucket.flatten()
+        self.to_flatten.clear()
 
     def launch_group(self, group: dict[str, Any]) -> Group:
         """The group as this step's launchers read it (a capturable group's device block)."""

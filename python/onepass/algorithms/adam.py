@@ -22,6 +22,7 @@ from onepass.algorithms.base import (
     Group,
     Rounding,
     bucket_rounding,
+    check_beta,
     decay_coefficient,
     elementwise_bytes,
     l2_decays,
@@ -137,7 +138,10 @@ def _check_group(group: Group) -> None:
 def _check_step(group: Group) -> None:
     """torch.optim.Adam's ``decoupled_weight_decay`` and onepass's ``decay`` name one choice
     (Muon's AdamW groups have only ``decay``); the step follows ``decay``, so the two must
-    agree: one changed alone in a param group is refused, not half applied."""
+    agree: one changed alone in a param group is refused, not half applied. The betas keep
+    torch's range (the bias corrections divide by 1 - beta^t)."""
+    check_beta(group, 0)
+    check_beta(group, 1)
     decoupled = group.get("decoupled_weight_decay")
     if decoupled is not None and bool(decoupled) != (group["decay"] != "l2"):
         raise ValueError(

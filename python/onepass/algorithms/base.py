@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,69 @@ Grads = list[torch.Tensor | None] | None
 #: "independent" multiplies p by 1 - (lr/initial_lr)*wd, so decay follows the schedule's shape but
 #: not the peak lr (Wortsman et al., "Small-scale proxies for large-scale Transformer training").
 DECAY_MODES = ("l2", "decoupled", "independent")
+
+
+#: Hyperparameters that are a number (a float or a one-element tensor), by the tuple length
+#: they take (0: one number; None: a tuple whose length the algorithm checks, with torch's
+#: message): check_group_values refuses anything else (PyYAML reads ``lr: 1e-3`` as a string).
+#: Muon's adamw_* first: its AdamW groups carry them as betas / eps too, and the error names them.
+NUMBER_KEYS: dict[str, int | None] = {
+    "adamw_eps": 0,
+    "adamw_betas": 2,
+    "lr": 0,
+    "eps": 0,
+    "weight_decay": 0,
+    "momentum": 0,
+    "dampening": 0,
+    "clip": 0,
+    "p": 0,
+    "ns_steps": 0,
+    "betas": 2,
+    "ns_coefficients": None,
+}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, torch.Tensor | numbers.Real)
+
+
+def check_group_values(group: Group) -> None:
+    """TypeError naming the hyperparameter for one that is not a number (or a tuple of as many
+    numbers as it takes), ValueError for an unknown decay mode. The constructor and
+    add_param_group run it, and every step on every group before anything is written: a value
+    set in a group later would otherwise fail inside a launch (``float(None)``, unpacking 0.9)
+    after the groups before it had stepped, or, for a misspelt decay mode, decay nothing. Where
+    float() would take it (the string '1e-3'), torch.optim raises TypeError as it compares it."""
+    for key, length in NUMBER_KEYS.items():
+        if key not in group:
+            continue
+        value = group[key]
+        if length == 0:
+            if not _is_number(value):
+                raise TypeError(f"onepass: {key} must be a number, not {value!r}")
+            continue
+        if not (isinstance(value, tuple | list) and all(map(_is_number, value))):
+            raise TypeError(f"onepass: {key} must be a tuple of numbers, not {value!r}")
+        if length is not None and len(value) != length:
+            raise TypeError(f"onepass: {key} must be a tuple of {length} numbers, not {value!r}")
+    if "decay" in group and group["decay"] not in DECAY_MODES:
+        raise ValueError(f"Invalid decay mode: {group['decay']!r}; one of {DECAY_MODES}")
+
+
+def check_beta(group: Group, index: int, constructing: bool = False) -> None:
+    """torch.optim's range for ``betas[index]``, [0, 1), checked at every step where the rule
+    divides by 1 - beta (Adam's bias corrections, FAdam's b2t): a beta of 1 set after
+    construction would fail part-way (the reference) or write non-finite params (the kernels).
+    At a step, a tensor beta on the device (a capturable group's, checked where it is written)
+    or under torch.compile is not read: that would sync with the device or break the graph."""
+    beta = group["betas"][index]
+    on_host = (
+        constructing
+        or not isinstance(beta, torch.Tensor)
+        or (beta.device.type == "cpu" and not torch.compiler.is_compiling())
+    )
+    if on_host and not 0.0 <= scalar(beta) < 1.0:
+        raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
 
 
 def scalar(value: float | torch.Tensor) -> float:
@@ -45,6 +109,8 @@ def decay_scale(group: Group) -> float:
         if initial_lr == 0.0:
             raise ValueError(ZERO_INITIAL_LR)
         return 1.0 / initial_lr
+    if mode != "l2":  # check_group_values refuses it first; never decay nothing silently
+        raise ValueError(f"Invalid decay mode: {mode!r}; one of {DECAY_MODES}")
     return 0.0
 
 
@@ -304,6 +370,9 @@ class AlgorithmSpec:
             torch.optim.Muon). Any other active slot missing from a loaded entry is refused at
             ``load_state_dict``, where torch.optim would fail at the step (a KeyError) and
             onepass would otherwise start it from zeros under the entry's step count.
+        check_param: raises ValueError, naming it (the second argument), for a param the
+            algorithm cannot step (Muon's matrices: a 1-D param); run when a group's buckets are
+            built, before anything is written.
     """
 
     name: str
@@ -322,6 +391,7 @@ class AlgorithmSpec:
     decay_in_block: bool = False
     check_arguments: Callable[[Group], None] | None = None
     check_step: Callable[[Group], None] | None = None
+    check_param: Callable[[torch.Tensor, str], None] | None = None
     optional_slots: tuple[str, ...] = ()
 
     def for_group(self, group: Group) -> AlgorithmSpec:

@@ -39,6 +39,7 @@ from onepass.algorithms.base import (
     Group,
     Rounding,
     bucket_rounding,
+    check_beta,
     math_param,
     opmath_dtype,
     reference_steps,
@@ -155,17 +156,7 @@ def _check_step(group: Group, constructing: bool = False) -> None:
     construction, b2 = 1 divides by zero in b2t and clip = 0 in RMS / clip (the reference
     failing part-way, the kernels writing non-finite params); beyond them the rule means
     nothing."""
-    beta2 = group["betas"][1]
-    # At a step, a tensor beta on the device (a capturable group's, checked where it is
-    # written) or under torch.compile is not read: that would sync with the device or break
-    # the graph.
-    on_host = (
-        constructing
-        or not isinstance(beta2, torch.Tensor)
-        or (beta2.device.type == "cpu" and not torch.compiler.is_compiling())
-    )
-    if on_host and not 0.0 <= scalar(beta2) < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+    check_beta(group, 1, constructing)
     if not group["clip"] > 0.0:
         raise ValueError(f"Invalid clip value: {group['clip']}")
 

@@ -408,6 +408,17 @@ def _check_step(group: Group) -> None:
         raise ValueError(f"ns_method must be 'gram' or 'standard', not {group['ns_method']!r}")
 
 
+def _check_matrix(param: torch.Tensor, name: str) -> None:
+    """A param that reaches a Muon group's buckets although it is no matrix: appended to
+    ``group["params"]``, or its group switched to ``use_muon=True`` after the split."""
+    if param.dim() < 2:
+        raise ValueError(
+            f"onepass: {name} has {param.dim()} dims, but its param group has use_muon=True, "
+            "which orthogonalises matrices (2-D, or conv weights of more dims): give it to a "
+            "group with use_muon=False (torch.optim.Muon: 'Muon only supports 2D parameters')"
+        )
+
+
 def _active_slots(group: Group) -> tuple[str, ...]:
     return ("momentum_buffer",)
 
@@ -626,6 +637,7 @@ MUON_MATRICES: AlgorithmSpec = AlgorithmSpec(
     step_in_state=False,  # torch.optim.Muon keeps none
     check_group=_check_group,
     check_step=_check_step,
+    check_param=_check_matrix,
     optional_slots=("momentum_buffer",),
     bytes_per_element=_bytes_per_element,
     reference=muon_reference,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, TypedDict
@@ -16,7 +17,13 @@ from onepass import _ops
 from onepass._capturable import host_floats
 from onepass._engine import BACKENDS, Engine, resolve_backend
 from onepass._state import TrackedState
-from onepass.algorithms.base import DECAY_MODES, AlgorithmSpec, scalar, scalar_slot_dtype
+from onepass.algorithms.base import (
+    DECAY_MODES,
+    AlgorithmSpec,
+    check_group_values,
+    scalar,
+    scalar_slot_dtype,
+)
 
 #: Seeds of stochastic rounding (a param group's ``sr_seed``) are in [0, SR_SEED_MODULUS).
 SR_SEED_MODULUS = 2**31 - 1
@@ -24,42 +31,6 @@ SR_SEED_MODULUS = 2**31 - 1
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 #: Group keys that say how state is stored; load_state_dict keeps the optimizer's own.
 STORAGE_KEYS = ("master_weights", "state_dtype")
-
-#: Hyperparameters that are a number (a float or a one-element tensor) or a tuple of numbers:
-#: _check_numbers refuses anything else (PyYAML reads ``lr: 1e-3`` as a string). Muon's
-#: adamw_* first: its AdamW groups carry them as betas / eps too, and the error names them.
-NUMBER_KEYS = {
-    "adamw_eps": False,
-    "adamw_betas": True,
-    "lr": False,
-    "eps": False,
-    "weight_decay": False,
-    "momentum": False,
-    "dampening": False,
-    "clip": False,
-    "p": False,
-    "ns_steps": False,
-    "betas": True,
-    "ns_coefficients": True,
-}
-
-
-def _check_numbers(group: Mapping[str, Any]) -> None:
-    """TypeError, naming the hyperparameter, for one that is not a number: float() would take
-    the string '1e-3' and a step would fail later (torch.optim raises TypeError as it compares
-    it)."""
-
-    def is_number(x: Any) -> bool:
-        return isinstance(x, torch.Tensor | numbers.Real)
-
-    for key, is_tuple in NUMBER_KEYS.items():
-        if key not in group:
-            continue
-        value = group[key]
-        if not is_tuple and not is_number(value):
-            raise TypeError(f"onepass: {key} must be a number, not {value!r}")
-        if is_tuple and not (isinstance(value, tuple | list) and all(map(is_number, value))):
-            raise TypeError(f"onepass: {key} must be a tuple of numbers, not {value!r}")
 
 
 class Options(TypedDict, total=False):
@@ -182,7 +153,7 @@ class FusedOptimizer(Optimizer):
             # Fail now, not at the first step, when the backend does not exist in this build.
             device = torch.device("cpu" if defaults["backend"] == "cpu" else "cuda")
             resolve_backend(defaults["backend"], device)
-        _check_numbers(defaults)
+        check_group_values(defaults)
         self.spec.check_group(defaults)
         if self.spec.check_arguments is not None:
             self.spec.check_arguments(defaults)
@@ -223,7 +194,7 @@ class FusedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _check_numbers(group)
+            check_group_values(group)
             self.spec.check_group(group)
             if group.get("stochastic_rounding") and group.get("capturable"):
                 raise ValueError(
@@ -369,12 +340,16 @@ class FusedOptimizer(Optimizer):
     def _step_without_grad(self) -> None:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:  # switched on through the group key since
-            if group.get("stochastic_rounding") and "sr_seed" not in group:
-                group["sr_seed"] = _new_sr_seed()
         # A refused step changes nothing, a pending clip_grad_norm_ and the last norm included:
-        # the retried step is clipped.
+        # the retried step is clipped. Nor a seed drawn for a group that switched stochastic
+        # rounding on since (the draw advances torch's generator: it is set back).
         before = self._pending_clip, self.grad_norm, self.step_skipped
+        seeded = [
+            g for g in self.param_groups if g.get("stochastic_rounding") and "sr_seed" not in g
+        ]
+        rng = torch.random.get_rng_state() if seeded else None
+        for group in seeded:
+            group["sr_seed"] = _new_sr_seed()
         try:
             clip = self._clip_for_this_step()
             if clip is not None:
@@ -386,6 +361,10 @@ class FusedOptimizer(Optimizer):
             for name, value in zip(_CLIP_RECORD, before, strict=True):
                 if getattr(self, name) is not value:
                     setattr(self, name, value)
+            if rng is not None:
+                for group in seeded:
+                    del group["sr_seed"]
+                torch.random.set_rng_state(rng)
             raise
         for group in self.param_groups:  # a new draw of the rounding noise for the next step
             if group.get("stochastic_rounding"):
@@ -442,6 +421,7 @@ class FusedOptimizer(Optimizer):
             else:
                 norm = _ops.grads_total_norm([p for g in self.param_groups for p in g["params"]])
         if norm is None:
+            self._check_dense_grads()  # the step would refuse them, naming the param: so here
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if not grads:
                 return torch.zeros(())
@@ -455,6 +435,15 @@ class FusedOptimizer(Optimizer):
                 "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`"
             )
         return norm
+
+    def _check_dense_grads(self) -> None:
+        for i, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"onepass: param_groups[{i}]['params'][{j}] has a sparse gradient, which "
+                        "onepass does not support"
+                    )
 
     def _fold_clip(
         self,
@@ -566,6 +555,14 @@ class FusedOptimizer(Optimizer):
                             f"onepass: state_dict 'step' of {name} is {_shape_of(value)}, expected "
                             "a number or a one-element tensor"
                         )
+                    # A step count the rules cannot start from (Adam's bias correction divides
+                    # by 1 - beta^(step + 1)): refused here, not by a step failing part-way.
+                    count = float(value)
+                    if not (math.isfinite(count) and count >= 0):
+                        raise ValueError(
+                            f"onepass: state_dict 'step' of {name} is {count}, expected a finite "
+                            "count >= 0"
+                        )
                     continue
                 if value is None:
                     continue
@@ -580,6 +577,11 @@ class FusedOptimizer(Optimizer):
                     raise ValueError(
                         f"onepass: state_dict slot {key!r} of {name} has shape {_shape_of(value)}, "
                         f"the param has {tuple(p.shape)}"
+                    )
+                if value.layout != torch.strided:
+                    raise ValueError(
+                        f"onepass: state_dict slot {key!r} of {name} is a {value.layout} tensor; "
+                        "onepass keeps state in dense (strided) tensors"
                     )
             if self.spec.step_in_state and any(k != "step" for k in entry) and "step" not in entry:
                 raise ValueError(f"onepass: state_dict state of {name} has no 'step'")
