@@ -42,7 +42,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help=f"default: {', '.join(DEFAULT_ALGORITHMS)}; on CUDA also {', '.join(GPU_ALGORITHMS)}",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda[:N] (default: cuda where a GPU is present, else cpu)",
+    )
     parser.add_argument(
         "--dtype", choices=list(DTYPES), default="float32", help="params, grads and state"
     )

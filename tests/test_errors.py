@@ -1077,3 +1077,12 @@ def test_a_device_the_backend_cannot_step_is_refused_by_name() -> None:
         optimizer.step()
     del optimizer.param_groups[2]
     assert_unchanged(optimizer, before)
+
+
+def test_adam_refuses_a_decay_mode_its_decoupled_weight_decay_contradicts() -> None:
+    """Both names of the choice given at construction, disagreeing: refused (decay had silently
+    won, rewriting the user's decoupled_weight_decay=True)."""
+    with pytest.raises(ValueError, match="decoupled_weight_decay=True but decay='l2'"):
+        onepass.Adam([torch.zeros(3, requires_grad=True)], decoupled_weight_decay=True, decay="l2")
+    group = onepass.Adam([torch.zeros(3, requires_grad=True)], decay="decoupled").param_groups[0]
+    assert group["decoupled_weight_decay"] is True

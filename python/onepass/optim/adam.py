@@ -88,6 +88,11 @@ class Adam(FusedOptimizer):
     ) -> None:
         if decay is None:
             decay = "decoupled" if decoupled_weight_decay else "l2"
+        elif decoupled_weight_decay and decay == "l2":  # (False may be the default: not told)
+            raise ValueError(
+                "decoupled_weight_decay=True but decay='l2'; give one of them ('l2' is "
+                "decoupled_weight_decay=False, 'decoupled' and 'independent' are True)"
+            )
         defaults = {
             "lr": lr,
             "betas": betas,
