@@ -836,18 +836,28 @@ bool launch_key(const pybind11::list& params, const pybind11::list& grads, const
 }
 
 // Whether params[i].grad is the tensor whose TensorImpl address is impls[i], for every i: the
-// check of flatten=True that every grad is still its view of the flat grad buffer. In Python it
-// costs ~0.3 us a param (1.3 ms for 4,000 params after a step has flushed the caches); here a
-// block of params is read a pointer level at a time, each level's loads issued for the whole
-// block before the next needs them (as unpack_params, but only the lines this check reads), and
-// a long list is read by all of torch's threads (as glue::scan_in_parallel reads a table's).
-bool grads_are(const pybind11::list& params, const at::Tensor& impls, int64_t storage) {
+// check of flatten=True that every grad is still its view of the flat grad buffer. The object
+// alone does not tell: `p.grad.data = x` and model.to(...) (which rebinds each grad's .data)
+// keep it and swap its memory, so with a `grad_storage` address other than 0 each grad must
+// also start at element grad_offsets[i] of that storage. In Python it costs ~0.3 us a param
+// (1.3 ms for 4,000 params after a step has flushed the caches); here a block of params is read
+// a pointer level at a time, each level's loads issued for the whole block before the next
+// needs them (as unpack_params, but only the lines this check reads), and a long list is read
+// by all of torch's threads (as glue::scan_in_parallel reads a table's).
+bool grads_are(const pybind11::list& params, const at::Tensor& impls, int64_t storage,
+               int64_t grad_storage, const std::optional<at::Tensor>& grad_offsets) {
   const int64_t n = PyList_GET_SIZE(params.ptr());
   TORCH_CHECK(impls.device().is_cpu() && impls.scalar_type() == at::kLong &&
                   impls.numel() == n && impls.is_contiguous(),
               "onepass: grads_are needs one int64 CPU entry per param");
+  TORCH_CHECK(grad_storage == 0 ||
+                  (grad_offsets.has_value() && grad_offsets->device().is_cpu() &&
+                   grad_offsets->scalar_type() == at::kLong && grad_offsets->numel() == n &&
+                   grad_offsets->is_contiguous()),
+              "onepass: grads_are needs one int64 CPU grad offset per param");
   PyObject* const* items = reinterpret_cast<PyListObject*>(params.ptr())->ob_item;
   const int64_t* want = impls.data_ptr<int64_t>();
+  const int64_t* offsets = grad_storage != 0 ? grad_offsets->data_ptr<int64_t>() : nullptr;
   // Items [begin, end): 1 where every grad is as expected, 0 where one is not, -1 where an item
   // is not exactly a Tensor or a Parameter and `exact_only` (off the GIL holder's thread).
   const auto check = [&](int64_t begin, int64_t end, bool exact_only) -> int {
@@ -871,14 +881,28 @@ bool grads_are(const pybind11::list& params, const at::Tensor& impls, int64_t st
         const auto* meta = block[i - b]->autograd_meta();
         if (meta != nullptr) __builtin_prefetch(meta);
       }
+      const c10::TensorImpl* grads[kBlock];
       for (int64_t i = b; i < e; ++i) {
         const c10::TensorImpl* impl = block[i - b];
         const at::Tensor& grad = impl->grad();
+        grads[i - b] = grad.defined() ? grad.unsafeGetTensorImpl() : nullptr;
+        if (grad_storage != 0 && grads[i - b] != nullptr) __builtin_prefetch(grads[i - b]);
+      }
+      for (int64_t i = b; i < e; ++i) {
+        const c10::TensorImpl* impl = block[i - b];
+        const c10::TensorImpl* grad = grads[i - b];
         // No early exit: a branch per param would serialise the misses the loop overlaps.
-        same &= grad.defined() && reinterpret_cast<int64_t>(grad.unsafeGetTensorImpl()) == want[i];
+        same &= grad != nullptr && reinterpret_cast<int64_t>(grad) == want[i];
         if (storage != 0) {  // the param is still a view of the flat buffer (no p.data = ...)
           same &= impl->has_storage() &&
                   reinterpret_cast<int64_t>(impl->unsafe_storage().data()) == storage;
+        }
+        // The grad is still its view of the flat grad buffer, not the same object holding
+        // other memory (its StorageImpl is the flat buffer's one, in cache after the first).
+        if (grad_storage != 0 && grad != nullptr) {
+          same &= grad->has_storage() &&
+                  reinterpret_cast<int64_t>(grad->unsafe_storage().data()) == grad_storage &&
+                  grad->storage_offset() == offsets[i];
         }
       }
     }
@@ -918,8 +942,10 @@ PYBIND11_MODULE(_C, m) {
       "how many eager steps and grad norms have read their tensors on all of torch's threads");
   m.def("grads_are", &grads_are,
         "whether every params[i].grad is the TensorImpl at impls[i] (and, for a storage "
-        "address other than 0, every param's storage starts there)",
-        pybind11::arg("params"), pybind11::arg("impls"), pybind11::arg("storage") = 0);
+        "address other than 0, every param's storage starts there; for a grad_storage other "
+        "than 0, every grad starts at element grad_offsets[i] of that storage)",
+        pybind11::arg("params"), pybind11::arg("impls"), pybind11::arg("storage") = 0,
+        pybind11::arg("grad_storage") = 0, pybind11::arg("grad_offsets") = std::nullopt);
   m.def("same_objects", &same_objects,
         "whether two lists hold the same objects in the same order (identity)");
   m.def("grads_match", &grads_match,

@@ -347,3 +347,23 @@ def test_a_refused_step_keeps_the_pending_clip(backend: str) -> None:
     plain.step()
     for p, q in zip(ours, theirs, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_zero_grad_drops_a_pending_clip(backend: str) -> None:
+    """clip_grad_norm_, then no step (a loop that skips it), zero_grad() and a new backward: the
+    next step does not clip, as torch's clip_grad_norm_ clipped only the grads zero_grad then
+    dropped (the stale coefficient had scaled the new grads)."""
+    results = []
+    for clip_first in (True, False):
+        p = torch.ones(5, dtype=torch.float64, requires_grad=True)
+        opt = onepass.SGD([p], lr=0.1, backend=backend)
+        if clip_first:
+            p.grad = torch.full_like(p, 10.0)
+            opt.clip_grad_norm_(1.0)
+        for set_to_none in (True, False):
+            opt.zero_grad(set_to_none=set_to_none)
+            p.grad = torch.full_like(p, 3.0)
+            opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])

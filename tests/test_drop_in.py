@@ -774,3 +774,34 @@ def test_adam_decay_keys_that_disagree_are_refused() -> None:
     optimizer.step()
     with pytest.raises(ValueError, match="decoupled_weight_decay=False but decay='decoupled'"):
         onepass.Adam([{"params": [p], "decay": "decoupled", "decoupled_weight_decay": False}])
+
+
+def test_a_load_keeps_the_loading_optimizers_run_options() -> None:
+    """backend, flatten and stochastic_rounding say how an optimizer runs, not what it computes:
+    a load keeps the loading optimizer's own (the checkpoint's had run this one on another
+    backend, flattened its params and rounded stochastically; one saved with backend="cuda"
+    failed to step on a CPU). The hyperparameters come from the checkpoint, as in torch."""
+    params = make_params(torch.float32)
+    source = onepass.AdamW(
+        params, lr=0.05, backend="reference", flatten=True, stochastic_rounding=True
+    )
+    set_grads(params, make_grads(params, 1))
+    source.step()
+    checkpoint = copy.deepcopy(source.state_dict())
+    for group in checkpoint["param_groups"]:
+        group["backend"] = "cuda"  # as a run on a GPU saves it
+    target_params = clone_params(params)
+    target = onepass.AdamW(target_params, lr=1e-3, backend="cpu")
+    target.load_state_dict(checkpoint)
+    group = target.param_groups[0]
+    assert (group["backend"], group["flatten"], group["stochastic_rounding"]) == (
+        "cpu",
+        False,
+        False,
+    )
+    assert group["lr"] == 0.05
+    set_grads(target_params, make_grads(target_params, 2))
+    storages = [p.data_ptr() for p in target_params]
+    target.step()
+    assert [p.data_ptr() for p in target_params] == storages  # not flattened
+    assert {b.backend for plan in target._engine.plans for b in plan.buckets} == {"cpu"}

@@ -907,6 +907,8 @@ LATER_GROUP_VALUES = [
     (onepass.Lion, "betas", (0.9, None)),
     (onepass.NovoGrad, "eps", "1e-8"),
     (onepass.FAdam, "p", None),
+    (onepass.AdamW, "eps", torch.tensor([1e-8, 1e-8])),
+    (onepass.SGD, "weight_decay", torch.tensor([])),
 ]
 
 
@@ -932,7 +934,8 @@ def test_a_value_no_launch_can_take_in_a_later_group_is_refused_first(
     optimizer.param_groups[1][key] = value
     grads = make_grads(params, 3, none_pattern=False)
     set_grads(params, grads)
-    _refused(optimizer, optimizer.step, TypeError, rf"param_groups\[1\]: {key} must be")
+    match = rf"param_groups\[1\]: (Tensor )?{key} must be"
+    _refused(optimizer, optimizer.step, (TypeError, ValueError), match)
     optimizer.param_groups[1][key] = good
     optimizer.step()
     set_grads(twin_params, grads)
@@ -1018,6 +1021,42 @@ def test_a_refused_first_flattened_step_leaves_the_params_where_they_are(backend
     storage = a.data_ptr()
     _refused(optimizer, optimizer.step, RuntimeError, f"{_name(1, 0)} has a sparse gradient")
     assert a.data_ptr() == storage and a.grad is grad
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_retry_after_a_refused_first_step_sees_the_grads_and_state_it_then_has(
+    backend: str,
+) -> None:
+    """A refused step keeps none of the buckets it built: the retry builds them from what then
+    holds. Kept, they had flattened and stepped a param whose grad was gone by the retry (as a
+    zero grad: decay, a step count, state) and brought back the loaded moments over an
+    in-place write made between the two calls."""
+    a, b, c = (torch.ones(n, requires_grad=True) for n in (4, 3, 2))
+    optimizer = onepass.AdamW(
+        [{"params": [a, b], "flatten": True}, {"params": [c]}], weight_decay=0.5, backend=backend
+    )
+    a.grad, b.grad, c.grad = torch.ones(4), torch.ones(3), torch.ones(2).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        optimizer.step()
+    b.grad, c.grad = None, torch.ones(2)
+    optimizer.step()
+    assert torch.equal(b, torch.ones(3)) and b not in optimizer.state and b.grad is None
+
+    source = onepass.AdamW([torch.ones(4, requires_grad=True)], backend=backend)
+    source.param_groups[0]["params"][0].grad = torch.ones(4)
+    source.step()
+    p, q = torch.ones(4, requires_grad=True), torch.ones(2, requires_grad=True)
+    loaded = onepass.AdamW([{"params": [p]}, {"params": [q]}], backend=backend)
+    checkpoint = source.state_dict()
+    checkpoint["param_groups"].append({**checkpoint["param_groups"][0], "params": [1]})
+    loaded.load_state_dict(checkpoint)
+    p.grad, q.grad = torch.ones(4), torch.ones(2).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        loaded.step()
+    loaded.state[p]["exp_avg"].zero_()  # the user's write, between the refusal and the retry
+    q.grad = torch.ones(2)
+    loaded.step()
+    assert torch.allclose(loaded.state[p]["exp_avg"], torch.full((4,), 0.1))
 
 
 def test_a_refused_step_draws_no_rounding_seed() -> None:

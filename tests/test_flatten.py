@@ -89,7 +89,25 @@ def _replace_a_param(model: torch.nn.Module) -> None:
     model[0].weight.data = model[0].weight.data.clone()
 
 
-@pytest.mark.parametrize("replace", [_replace_grads, _replace_a_param], ids=["grads", "param"])
+def _rebind_grad_data(model: torch.nn.Module) -> None:
+    """Each grad object kept, its memory replaced (``p.grad.data = ...``): the flat pass had
+    read the stale flat buffer, and zero_grad zeroed only that."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.data = p.grad.data.clone()
+
+
+def _cast_round_trip(model: torch.nn.Module) -> None:
+    """model.double().float(): Module._apply gives every param and grad new memory in place of
+    the old (``.data =``), keeping the grad objects."""
+    model.double().float()
+
+
+@pytest.mark.parametrize(
+    "replace",
+    [_replace_grads, _replace_a_param, _rebind_grad_data, _cast_round_trip],
+    ids=["grads", "param", "grad-data", "cast-round-trip"],
+)
 def test_flatten_falls_back_when_views_are_replaced(
     replace: Callable[[torch.nn.Module], None],
 ) -> None:
@@ -166,6 +184,69 @@ def test_grads_are_tells_views_from_replaced_grads(native: bool, count: int, mon
     assert _ops.grads_are(params, impls)
     params[1].grad = views[1].clone()
     assert not _ops.grads_are(params, impls)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_grads_are_tells_a_view_from_the_same_grad_given_other_memory(
+    native: bool, monkeypatch
+) -> None:
+    """With the flat grad buffer's address and each view's offset, the check also refuses a
+    grad that is still the view object but holds other memory (``p.grad.data = ...``)."""
+    if not native:
+        monkeypatch.setattr(_ops, "NATIVE_ERROR", "forced off")
+    elif _ops.NATIVE_ERROR is not None:
+        pytest.skip("onepass._C is not built")
+    sizes = [(3, 5, 7)[i % 3] for i in range(200)]
+    flat = torch.zeros(sum(sizes))
+    offsets = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64)
+    params = [torch.zeros(n, requires_grad=True) for n in sizes]
+    for p, start, n in zip(params, offsets.tolist(), sizes, strict=True):
+        p.grad = flat[start : start + n]
+    impls = torch.tensor([p.grad._cdata for p in params], dtype=torch.int64)
+    storage = flat.untyped_storage().data_ptr()
+    assert _ops.grads_are(params, impls, 0, storage, offsets)
+    params[150].grad.data = params[150].grad.data.clone()
+    assert _ops.grads_are(params, impls)  # the same object: only the memory tells
+    assert not _ops.grads_are(params, impls, 0, storage, offsets)
+    params[150].grad.data = flat[offsets[151] : offsets[151] + sizes[150]]  # another place
+    assert not _ops.grads_are(params, impls, 0, storage, offsets)
+    params[150].grad.data = flat[offsets[150] : offsets[150] + sizes[150]]
+    assert _ops.grads_are(params, impls, 0, storage, offsets)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_step_count_written_in_place_is_honoured(backend: str) -> None:
+    """One param's Adam state reset in place through optimizer.state (as a pruning method
+    re-initialising it might): the flat pass had stepped every tensor with the first tensor's
+    count, undoing the reset or spreading it to all."""
+    model = _model().double()
+    twin = copy.deepcopy(model)
+    opt = onepass.AdamW(model.parameters(), lr=1e-2, flatten=True, backend=backend)
+    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    _train(model, opt, 3)
+    _train(twin, ref, 3)
+    for name in ("0.weight", "2.weight"):  # the first tensor of the bucket, then another
+        for o, m in ((opt, model), (ref, twin)):
+            p = dict(m.named_parameters())[name]
+            assert set(o.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+            for value in o.state[p].values():
+                value.zero_()
+        _train(model, opt, 3)
+        _train(twin, ref, 3)
+        for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            assert_verbose_allclose(p, q, 1e-12, 1e-14, name)
+            if ref.state.get(q):
+                assert float(opt.state[p]["step"]) == float(ref.state[q]["step"]), name
+
+
+def test_flatten_switched_on_between_steps_takes_effect_at_the_next_step() -> None:
+    model = _model()
+    opt = onepass.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, 2)
+    opt.param_groups[0]["flatten"] = True
+    _train(model, opt, 1)
+    bucket = opt._engine.plans[0].buckets[0]
+    assert bucket.flat_param is not None and bucket.flat_step() is not None
 
 
 class _TaggedParameter(torch.nn.Parameter):

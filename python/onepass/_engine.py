@@ -295,6 +295,7 @@ class Bucket:
         self.flat_param: torch.Tensor | None = None
         self.flat_view: FlatBucket | None = None
         self.flat_grad: torch.Tensor | None = None
+        self.flat_grad_storage = 0
         self.grad_views: list[torch.Tensor] = []
 
     def flatten(self) -> None:
@@ -328,6 +329,7 @@ class Bucket:
         # Where every param's storage starts while it is a view of the flat buffer (p.data = ...
         # since makes it a tensor of its own, which the flat pass would no longer update).
         self.flat_storage = self.flat_param.untyped_storage().data_ptr()
+        self.flat_grad_storage = self.flat_grad.untyped_storage().data_ptr()
         self.flat_view = FlatBucket(self)
 
     def check_flatten(self) -> None:
@@ -361,9 +363,25 @@ class Bucket:
             # The identity check reads addresses Dynamo cannot trace: a compiled step takes the
             # per-tensor path (the same results; the views are tensors like any other).
             return None
-        if not _ops.grads_are(self.params, self.grad_impls, self.flat_storage):
+        if not self.views_intact(self.flat_storage):
+            return None
+        steps = self.flat_view._other_steps_array
+        if steps is not None and (steps != self.flat_view._first_step_array).any():
+            # A count written in place through optimizer.state[p]["step"] (one param's state
+            # reset): per tensor from now on, as for a step some tensors missed. Host counts
+            # only: a device count cannot be read without a sync (README, flatten).
+            self.uniform_steps = False
             return None
         return self.flat_view
+
+    def views_intact(self, param_storage: int = 0) -> bool:
+        """Whether every param's grad is still its view of the flat grad buffer: the same object
+        at the same place (``p.grad.data = x`` and model.to(...) keep the object, not its memory)
+        and, for a ``param_storage`` other than 0, every param still a view of the flat param
+        buffer starting there (no ``p.data = ...``)."""
+        return self.flat_grad is not None and _ops.grads_are(
+            self.params, self.grad_impls, param_storage, self.flat_grad_storage, self.offsets
+        )
 
     def lr_tensor(self, lr: float | torch.Tensor) -> torch.Tensor:
         """The lr as the one-element tensor the native ops take: the group's own tensor (which
@@ -467,14 +485,15 @@ class Engine:
         self.plans: list[_GroupPlan] = []  # one a param group, built by the first step
 
     def flat_grads(self) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
-        """The grad views of flattened params (by id) and their flat buffers. Not those of a
-        bucket whose params were moved or cast (model.to(...)): the grad objects it gave out
-        then hold other memory."""
+        """The grad views of flattened params (by id) and their flat buffers, for buckets whose
+        every grad is still its view. Not those of a bucket whose params were moved or cast
+        (model.to(...)), or one of whose grads was replaced or given other memory
+        (``p.grad.data = x``): zero_grad then zeroes each of its grads itself."""
         views: dict[int, torch.Tensor] = {}
         buffers: list[torch.Tensor] = []
         for plan in self.plans:
             for bucket in plan.buckets:
-                if bucket.flat_grad is not None and not bucket.moved():
+                if bucket.flat_grad is not None and not bucket.moved() and bucket.views_intact():
                     buffers.append(bucket.flat_grad)
                     pairs = zip(bucket.params, bucket.grad_views, strict=True)
                     views.update((id(p), v) for p, v in pairs)
@@ -494,7 +513,7 @@ class Engine:
             if plan.stale(group, slots):
                 return None
             for bucket in plan.buckets:
-                if bucket.flat_grad is None or not _ops.grads_are(bucket.params, bucket.grad_impls):
+                if bucket.flat_grad is None or not bucket.views_intact():
                     return None
                 buffers.append(bucket.flat_grad)
         return buffers
@@ -566,11 +585,14 @@ class Engine:
                 raise type(error)(f"onepass: param_groups[{index}]: {message}") from None
         # Every group's plan first, stored only once all are built: a group that cannot be
         # (a refused state_dtype, say) leaves the others' buckets as they were.
-        self.plans = plans = [self._plan(index, group) for index, group in enumerate(groups)]
+        plans = [self._plan(index, group) for index, group in enumerate(groups)]
         if any(plan.pending() for plan in plans):
             # This step rewrites optimizer.state (state taken over by new buckets) or moves
             # params into flat buffers: every bucket's grads and lr are checked first, so that
-            # a refusal in a later group leaves both as they were.
+            # a refusal in a later group leaves both as they were. A refused step keeps none of
+            # the new plans: the retry builds them again from what then holds (the state as the
+            # user may have written it since, the params that then have grads) and under the
+            # checks of a first step (not inside a CUDA graph capture or torch.compile).
             for plan, param_group in zip(plans, groups, strict=True):
                 launch_group = plan.launch_group(param_group)
                 for planned in plan.buckets:
@@ -578,6 +600,7 @@ class Engine:
                     _check_native_lr(launch_group, planned)
                 for planned in plan.to_flatten:
                     planned.check_flatten()
+        self.plans = plans
         for plan in plans:
             plan.commit(state)
         work: list[tuple[Group, Bucket | FlatBucket, list[torch.Tensor | None] | None]]
@@ -696,6 +719,7 @@ class _GroupPlan:
         self.params = list(group["params"])
         self.slots = slots
         self.backend_request = group["backend"]
+        self.flatten = bool(group.get("flatten", False))
         self.storage = _storage_keys(group)
         # Dynamo shows every group of a compiled optimizer as capturable: only eager steps tell.
         compiling = torch.compiler.is_compiling()
@@ -708,7 +732,7 @@ class _GroupPlan:
         state = engine.optimizer.state
         keyed: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
         self.outside: list[torch.Tensor] = []
-        flatten = bool(group.get("flatten", False))
+        flatten = self.flatten
         for j, p in enumerate(self.params):
             name = f"param_groups[{index}]['params'][{j}]"
             # Flattened buckets hold only params that have a grad (they keep one from then on);
@@ -841,6 +865,7 @@ class _GroupPlan:
         return (
             slots != self.slots
             or group["backend"] != self.backend_request
+            or bool(group.get("flatten", False)) != self.flatten
             or (
                 not torch.compiler.is_compiling()
                 and bool(group.get("capturable")) != self.capturable

@@ -42,16 +42,24 @@ NUMBER_KEYS: dict[str, int | None] = {
 
 
 def _is_number(x: Any) -> bool:
+    if type(x) is float or type(x) is int:  # the common case first: this runs every step
+        return True
     return isinstance(x, torch.Tensor | numbers.Real)
+
+
+def _check_one_element(key: str, x: Any) -> None:
+    if isinstance(x, torch.Tensor) and x.numel() != 1:  # torch.optim's words for the lr
+        raise ValueError(f"Tensor {key} must be 1-element")
 
 
 def check_group_values(group: Group) -> None:
     """TypeError naming the hyperparameter for one that is not a number (or a tuple of as many
-    numbers as it takes), ValueError for an unknown decay mode. The constructor and
-    add_param_group run it, and every step on every group before anything is written: a value
-    set in a group later would otherwise fail inside a launch (``float(None)``, unpacking 0.9)
-    after the groups before it had stepped, or, for a misspelt decay mode, decay nothing. Where
-    float() would take it (the string '1e-3'), torch.optim raises TypeError as it compares it."""
+    numbers as it takes; a tensor must hold one element), ValueError for an unknown decay mode.
+    The constructor and add_param_group run it, and every step on every group before anything
+    is written: a value set in a group later would otherwise fail inside a launch
+    (``float(None)``, unpacking 0.9) after the groups before it had stepped, or, for a misspelt
+    decay mode, decay nothing. Where float() would take it (the string '1e-3'), torch.optim
+    raises TypeError as it compares it."""
     for key, length in NUMBER_KEYS.items():
         if key not in group:
             continue
@@ -59,11 +67,14 @@ def check_group_values(group: Group) -> None:
         if length == 0:
             if not _is_number(value):
                 raise TypeError(f"onepass: {key} must be a number, not {value!r}")
+            _check_one_element(key, value)
             continue
         if not (isinstance(value, tuple | list) and all(map(_is_number, value))):
             raise TypeError(f"onepass: {key} must be a tuple of numbers, not {value!r}")
         if length is not None and len(value) != length:
             raise TypeError(f"onepass: {key} must be a tuple of {length} numbers, not {value!r}")
+        for element in value:
+            _check_one_element(key, element)
     if "decay" in group and group["decay"] not in DECAY_MODES:
         raise ValueError(f"Invalid decay mode: {group['decay']!r}; one of {DECAY_MODES}")
 

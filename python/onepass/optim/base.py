@@ -29,8 +29,10 @@ from onepass.algorithms.base import (
 SR_SEED_MODULUS = 2**31 - 1
 #: ``state_dtype`` values: None keeps the state in the params' dtype (float32 with master weights).
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
-#: Group keys that say how state is stored; load_state_dict keeps the optimizer's own.
-STORAGE_KEYS = ("master_weights", "state_dtype")
+#: Group keys that say how the optimizer runs and stores its state, not what it computes:
+#: load_state_dict keeps the loading optimizer's own (a checkpoint of a run on backend="cuda"
+#: resumes on a CPU; one saved with flatten=True or master weights loads into a run without).
+RUN_KEYS = ("backend", "flatten", "stochastic_rounding", "master_weights", "state_dtype")
 
 
 class Options(TypedDict, total=False):
@@ -303,6 +305,7 @@ class FusedOptimizer(Optimizer):
         zeroed in place (one fill per bucket), so they stay views of the flat grad buffer and
         the step stays one pass; ``set_to_none=True`` drops them as torch does (a param that
         backward does not reach then has no grad and is not stepped)."""
+        self._pending_clip = None  # it clipped the grads being zeroed (torch's rewrote them)
         views, buffers = self._engine.flat_grads()
         if not buffers or set_to_none:
             super().zero_grad(set_to_none)
@@ -421,13 +424,16 @@ class FusedOptimizer(Optimizer):
             else:
                 norm = _ops.grads_total_norm([p for g in self.param_groups for p in g["params"]])
         if norm is None:
-            self._check_dense_grads()  # the step would refuse them, naming the param: so here
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if not grads:
                 return torch.zeros(())
             norm = _ops.total_norm(grads, norm_type)
         if norm is None:
-            return torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
+            try:
+                return torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
+            except (NotImplementedError, RuntimeError):
+                self._check_dense_grads()  # the step refuses a sparse grad by name: so here
+                raise
         if error_if_nonfinite and not bool(torch.isfinite(norm)):
             raise RuntimeError(
                 f"The total norm of order {norm_type} for gradients from `parameters` is "
@@ -480,9 +486,9 @@ class FusedOptimizer(Optimizer):
             self._check_state_dict(state_dict)
             loaded.append(state_dict)
 
-        # How state is stored is this optimizer's choice, not the checkpoint's: a checkpoint
-        # without master weights loads into a run with them and the reverse.
-        storage = [{key: g.get(key) for key in STORAGE_KEYS} for g in self.param_groups]
+        # How it runs and stores its state is this optimizer's choice, not the checkpoint's: a
+        # checkpoint without master weights loads into a run with them and the reverse.
+        storage = [{key: g.get(key) for key in RUN_KEYS if key in g} for g in self.param_groups]
         handle = self.register_load_state_dict_pre_hook(check)
         try:
             super().load_state_dict(state_dict)
