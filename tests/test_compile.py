@@ -306,3 +306,55 @@ def test_muon_flattened_with_grads_that_come_and_go_compiles_with_static_shapes(
             ref.step()
     for p, q in zip(ours, eager, strict=True):
         assert_verbose_allclose(p.detach().float(), q.detach().float(), 1e-5, 1e-6)
+
+
+def test_compiled_step_consumes_a_pending_clip_and_reports_the_norm() -> None:
+    """A compiled step applies the clip clip_grad_norm_ left pending, and the next step does
+    not apply it again; it reports grad_norm as an eager step does. Dynamo drops the writes of
+    a compiled step to the optimizer's attributes: the pending clip had stayed and clipped the
+    next step with a stale norm, and grad_norm stayed None."""
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        p = torch.ones(5, dtype=torch.float64, requires_grad=True)
+        opt = onepass.SGD([p], lr=0.1, backend="cpu")
+        p.grad = torch.full_like(p, 10.0)
+        opt.step()
+        step = torch.compile(opt.step, fullgraph=True, backend="eager") if compiled else opt.step
+        norm = opt.clip_grad_norm_(1.0)
+        step()
+        assert opt.grad_norm is not None and torch.equal(opt.grad_norm, norm.float())
+        p.grad = torch.full_like(p, 3.0)
+        step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_compiled_train_step_with_flat_grads_zeroed_in_place() -> None:
+    """flatten=True, and a compiled function that steps and zeroes the grads in place (what the
+    README tells compiled flat runs to do): no graph break (zero_grad's check of the views
+    reads addresses a trace cannot, so a trace takes the views as they were given)."""
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        params = [torch.randn(n, requires_grad=True) for n in (7, 3, 11)]
+        opt = onepass.AdamW(params, lr=1e-2, flatten=True, backend="cpu")
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # builds the flat buffers, eagerly
+
+        def train_step(opt: torch.optim.Optimizer = opt) -> None:
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+
+        step = train_step
+        if compiled:
+            step = torch.compile(train_step, fullgraph=True, backend="eager")
+        for _ in range(3):
+            for p in params:
+                p.grad.add_(torch.randn_like(p))
+            step()
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params)
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -805,3 +805,13 @@ def test_a_load_keeps_the_loading_optimizers_run_options() -> None:
     target.step()
     assert [p.data_ptr() for p in target_params] == storages  # not flattened
     assert {b.backend for plan in target._engine.plans for b in plan.buckets} == {"cpu"}
+
+    # capturable too (a capturable CUDA run resumes on a CPU); and a loader that rounds
+    # stochastically keeps its own seed where the checkpoint has none (torch.optim's)
+    checkpoint["param_groups"][0]["capturable"] = True
+    rounding = onepass.AdamW(clone_params(params), stochastic_rounding=True)
+    rounding.load_state_dict(checkpoint)
+    assert rounding.param_groups[0]["capturable"] is False
+    seed = rounding.param_groups[0]["sr_seed"]  # the checkpoint's
+    rounding.load_state_dict(torch.optim.AdamW(clone_params(params)).state_dict())
+    assert rounding.param_groups[0]["sr_seed"] == seed

@@ -493,7 +493,10 @@ class Engine:
         buffers: list[torch.Tensor] = []
         for plan in self.plans:
             for bucket in plan.buckets:
-                if bucket.flat_grad is not None and not bucket.moved() and bucket.views_intact():
+                if bucket.flat_grad is None or bucket.moved():
+                    continue
+                # (A trace cannot read the addresses: it takes the views as they were given.)
+                if torch.compiler.is_compiling() or bucket.views_intact():
                     buffers.append(bucket.flat_grad)
                     pairs = zip(bucket.params, bucket.grad_views, strict=True)
                     views.update((id(p), v) for p, v in pairs)

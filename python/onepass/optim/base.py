@@ -30,9 +30,17 @@ SR_SEED_MODULUS = 2**31 - 1
 #: ``state_dtype`` values: None keeps the state in the params' dtype (float32 with master weights).
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 #: Group keys that say how the optimizer runs and stores its state, not what it computes:
-#: load_state_dict keeps the loading optimizer's own (a checkpoint of a run on backend="cuda"
-#: resumes on a CPU; one saved with flatten=True or master weights loads into a run without).
-RUN_KEYS = ("backend", "flatten", "stochastic_rounding", "master_weights", "state_dtype")
+#: load_state_dict keeps the loading optimizer's own (a checkpoint of a capturable run on
+#: backend="cuda" resumes on a CPU; one saved with flatten=True or master weights loads into a
+#: run without; stochastic rounding, refused with capturable, stays the loader's choice too).
+RUN_KEYS = (
+    "backend",
+    "capturable",
+    "flatten",
+    "stochastic_rounding",
+    "master_weights",
+    "state_dtype",
+)
 
 
 class Options(TypedDict, total=False):
@@ -63,8 +71,12 @@ def _shape_of(value: Any) -> Any:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
 
 
-#: What a step records about clipping, set back as it was when the step is refused.
-_CLIP_RECORD = ("_pending_clip", "grad_norm", "step_skipped")
+def _empty_clip_record() -> dict[str, Any]:
+    """What the optimizer records about clipping: the clip_grad_norm_ the next step applies
+    ("pending": (max_norm, norm) or None) and the last clipped step's "grad_norm" and
+    "step_skipped". A dict's items, not attributes: a compiled step's writes to the items
+    reach the optimizer, where Dynamo drops an optimizer's attribute writes (torch 2.11, 2.13)."""
+    return {"pending": None, "grad_norm": None, "step_skipped": None}
 
 
 def _profiling() -> bool:
@@ -140,11 +152,7 @@ class FusedOptimizer(Optimizer):
         if max_grad_norm is not None and not float(max_grad_norm) > 0.0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0)")
         self.max_grad_norm: float | None = None if max_grad_norm is None else float(max_grad_norm)
-        #: After each step with clipping: the global grad norm (unscaled), and whether the step
-        #: was skipped (a non-finite norm, or GradScaler's found_inf). Device tensors: no sync.
-        self.grad_norm: torch.Tensor | None = None
-        self.step_skipped: torch.Tensor | None = None
-        self._pending_clip: tuple[float, torch.Tensor] | None = None
+        self._clip = _empty_clip_record()
         if defaults.get("differentiable"):
             raise ValueError("onepass: differentiable=True is not supported (use torch.optim)")
         if defaults["decay"] not in DECAY_MODES:
@@ -229,8 +237,8 @@ class FusedOptimizer(Optimizer):
             raise
         if group["decay"] == "independent":
             group.setdefault("initial_lr", scalar(group["lr"]))
-        if group.get("stochastic_rounding"):
-            group.setdefault("sr_seed", _new_sr_seed())
+        if group.get("stochastic_rounding") and "sr_seed" not in group:
+            group["sr_seed"] = _new_sr_seed()
 
     @property  # type: ignore[override]
     def state(self) -> TrackedState:
@@ -277,7 +285,7 @@ class FusedOptimizer(Optimizer):
         tensors = state.pop("state", {})
         super().__setstate__(state)
         self.__dict__.setdefault("max_grad_norm", None)
-        self.grad_norm, self.step_skipped, self._pending_clip = None, None, None
+        self._clip = _empty_clip_record()
         self.state = tensors
         for group in self.param_groups:
             for key, value in self.torch_keys.items():
@@ -288,8 +296,8 @@ class FusedOptimizer(Optimizer):
             group.setdefault("stochastic_rounding", self.defaults.get("stochastic_rounding", False))
             group.setdefault("master_weights", self.defaults.get("master_weights", False))
             group.setdefault("state_dtype", self.defaults.get("state_dtype"))
-            if group["stochastic_rounding"]:
-                group.setdefault("sr_seed", _new_sr_seed())
+            if group["stochastic_rounding"] and "sr_seed" not in group:
+                group["sr_seed"] = _new_sr_seed()  # (not setdefault: it would draw anyway)
             if group["decay"] == "independent":
                 group.setdefault("initial_lr", scalar(group["lr"]))
         # Buckets are rebuilt from self.state at the next step (after unpickling, deepcopy or a
@@ -305,7 +313,7 @@ class FusedOptimizer(Optimizer):
         zeroed in place (one fill per bucket), so they stay views of the flat grad buffer and
         the step stays one pass; ``set_to_none=True`` drops them as torch does (a param that
         backward does not reach then has no grad and is not stepped)."""
-        self._pending_clip = None  # it clipped the grads being zeroed (torch's rewrote them)
+        self._clip["pending"] = None  # it clipped the grads being zeroed (torch's rewrote them)
         views, buffers = self._engine.flat_grads()
         if not buffers or set_to_none:
             super().zero_grad(set_to_none)
@@ -346,7 +354,7 @@ class FusedOptimizer(Optimizer):
         # A refused step changes nothing, a pending clip_grad_norm_ and the last norm included:
         # the retried step is clipped. Nor a seed drawn for a group that switched stochastic
         # rounding on since (the draw advances torch's generator: it is set back).
-        before = self._pending_clip, self.grad_norm, self.step_skipped
+        before = dict(self._clip)
         seeded = [
             g for g in self.param_groups if g.get("stochastic_rounding") and "sr_seed" not in g
         ]
@@ -359,11 +367,7 @@ class FusedOptimizer(Optimizer):
                 grad_scale, found_inf = self._fold_clip(*clip, grad_scale, found_inf)
             self._engine.step(grad_scale, found_inf)
         except Exception:
-            # Only what changed is set back: inside a compiled step, Dynamo (torch 2.11) cannot
-            # trace a setattr on the optimizer here, and its error would replace the refusal's.
-            for name, value in zip(_CLIP_RECORD, before, strict=True):
-                if getattr(self, name) is not value:
-                    setattr(self, name, value)
+            self._clip.update(before)
             if rng is not None:
                 for group in seeded:
                     del group["sr_seed"]
@@ -385,25 +389,26 @@ class FusedOptimizer(Optimizer):
         ``scaler.step(opt)`` without ``scaler.unscale_(opt)``: the step divides the norm by the
         scale. The step reports in ``grad_norm`` / ``step_skipped`` as with ``max_grad_norm``."""
         norm = self._total_norm(norm_type, error_if_nonfinite)
-        self._pending_clip = (float(max_norm), norm)
+        self._clip["pending"] = (float(max_norm), norm)
         return norm
 
     def clips_next_step(self) -> bool:
         """Whether the next step clips (max_grad_norm, or clip_grad_norm_ since the last step)."""
-        return self._pending_clip is not None or self.max_grad_norm is not None
+        return self._clip["pending"] is not None or self.max_grad_norm is not None
 
     def norm_for_next_step(self) -> torch.Tensor:
         """The total grad norm the next step clips with, computed now if it is not yet (once:
         onepass.GradScaler reads it for found_inf, the step then reuses it)."""
-        if self._pending_clip is None:
+        if self._clip["pending"] is None:
             if self.max_grad_norm is None:
                 raise RuntimeError("onepass: this optimizer does not clip (no max_grad_norm)")
-            self._pending_clip = (self.max_grad_norm, self._total_norm(2.0, False))
-        return self._pending_clip[1]
+            self._clip["pending"] = (self.max_grad_norm, self._total_norm(2.0, False))
+        return self._clip["pending"][1]
 
     def _clip_for_this_step(self) -> tuple[float, torch.Tensor] | None:
-        if self._pending_clip is not None:
-            clip, self._pending_clip = self._pending_clip, None
+        clip = self._clip["pending"]
+        if clip is not None:
+            self._clip["pending"] = None
             return clip
         if self.max_grad_norm is None:
             return None
@@ -469,9 +474,21 @@ class FusedOptimizer(Optimizer):
         skip = (~torch.isfinite(norm)).float()
         if found_inf is not None:
             skip = torch.maximum(skip, found_inf.to(norm.device).float())
-        self.grad_norm = norm
-        self.step_skipped = skip > 0
+        self._clip["grad_norm"] = norm
+        self._clip["step_skipped"] = skip > 0
         return scale.reshape(()), skip.reshape(())
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """After a step with clipping: the global grad norm (unscaled; a device tensor, no
+        sync)."""
+        return self._clip["grad_norm"]
+
+    @property
+    def step_skipped(self) -> torch.Tensor | None:
+        """After a step with clipping: whether it was skipped (a non-finite norm, or
+        GradScaler's found_inf), as a device tensor."""
+        return self._clip["step_skipped"]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state_dict of this class or of the torch.optim class it replaces.
@@ -489,13 +506,29 @@ class FusedOptimizer(Optimizer):
         # How it runs and stores its state is this optimizer's choice, not the checkpoint's: a
         # checkpoint without master weights loads into a run with them and the reverse.
         storage = [{key: g.get(key) for key in RUN_KEYS if key in g} for g in self.param_groups]
+        # A checkpoint without a rounding seed (torch.optim's, or a run without stochastic
+        # rounding) keeps this optimizer's seed, and torch's generator is set back from the
+        # draw that unpickling the groups made for it.
+        seeds = [g.get("sr_seed") for g in self.param_groups]
+        rng = torch.random.get_rng_state() if any(s is not None for s in seeds) else None
         handle = self.register_load_state_dict_pre_hook(check)
         try:
             super().load_state_dict(state_dict)
         finally:
             handle.remove()
-        for group, kept in zip(self.param_groups, storage, strict=True):
+        drawn = False  # a seed drawn for a group that had none: the generator moves on
+        saved_groups = loaded[0]["param_groups"]
+        for group, kept, seed, saved in zip(
+            self.param_groups, storage, seeds, saved_groups, strict=True
+        ):
             group.update(kept)
+            if group.get("stochastic_rounding") and "sr_seed" not in saved:
+                if seed is None:
+                    drawn = True
+                else:
+                    group["sr_seed"] = seed
+        if rng is not None and not drawn:
+            torch.random.set_rng_state(rng)
         self._restore_saved_precision(loaded[0])
         self._engine.invalidate()
 
