@@ -178,3 +178,21 @@ def test_switched_on_through_the_group_key(backend: str) -> None:
         opt.step()
     assert "sr_seed" in opt.param_groups[0]
     assert abs(float(p.detach().float().mean()) - (1.0 + 20 * delta)) < 0.05 * 20 * delta
+
+
+def test_a_load_keeps_the_draws_of_the_users_load_hooks() -> None:
+    """Loading into a rounding optimizer sets torch's generator back from the seeds unpickling
+    the groups drew, not from what the user's load hooks drew (they had been replayed)."""
+    p = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+    opt = onepass.AdamW([p], stochastic_rounding=True)
+    checkpoint = opt.state_dict()
+    draws: list[float] = []
+    opt.register_load_state_dict_pre_hook(lambda o, sd: draws.append(torch.rand(()).item()))
+    opt.register_load_state_dict_post_hook(lambda o: draws.append(torch.rand(()).item()))
+    torch.manual_seed(0)
+    expected = torch.rand(3).tolist()
+    torch.manual_seed(0)
+    opt.load_state_dict(checkpoint)
+    draws.append(torch.rand(()).item())
+    assert draws == pytest.approx(expected)
+    assert opt.param_groups[0]["sr_seed"] == checkpoint["param_groups"][0]["sr_seed"]

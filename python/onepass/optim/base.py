@@ -498,37 +498,41 @@ class FusedOptimizer(Optimizer):
         user's pre-hooks left it (one that upgrades an old checkpoint), as torch loads it.
         """
         loaded: list[dict[str, Any]] = []
+        rng: list[torch.Tensor] = []
+        # How it runs and stores its state is this optimizer's choice, not the checkpoint's: a
+        # checkpoint without master weights loads into a run with them and the reverse.
+        storage = [{key: g.get(key) for key in RUN_KEYS if key in g} for g in self.param_groups]
+        seeds = [g.get("sr_seed") for g in self.param_groups]
 
         def check(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
             self._check_state_dict(state_dict)
             loaded.append(state_dict)
+            rng.append(torch.random.get_rng_state())  # after the user's pre-hooks' draws
 
-        # How it runs and stores its state is this optimizer's choice, not the checkpoint's: a
-        # checkpoint without master weights loads into a run with them and the reverse.
-        storage = [{key: g.get(key) for key in RUN_KEYS if key in g} for g in self.param_groups]
-        # A checkpoint without a rounding seed (torch.optim's, or a run without stochastic
-        # rounding) keeps this optimizer's seed, and torch's generator is set back from the
-        # draw that unpickling the groups made for it.
-        seeds = [g.get("sr_seed") for g in self.param_groups]
-        rng = torch.random.get_rng_state() if any(s is not None for s in seeds) else None
-        handle = self.register_load_state_dict_pre_hook(check)
+        def keep_own(optimizer: torch.optim.Optimizer) -> None:
+            """Before the user's post-hooks: this optimizer's run options, and its rounding seed
+            where the checkpoint has none (torch.optim's, or a run without stochastic
+            rounding). Unpickling the groups drew seeds for them: the generator is set back
+            and draws again only for a group that has no seed at all."""
+            torch.random.set_rng_state(rng[0])
+            saved_groups = loaded[0]["param_groups"]
+            for group, kept, seed, saved in zip(
+                self.param_groups, storage, seeds, saved_groups, strict=True
+            ):
+                group.update(kept)
+                if "sr_seed" in saved:
+                    continue
+                group.pop("sr_seed", None)
+                if group.get("stochastic_rounding"):
+                    group["sr_seed"] = _new_sr_seed() if seed is None else seed
+
+        pre = self.register_load_state_dict_pre_hook(check)
+        post = self.register_load_state_dict_post_hook(keep_own, prepend=True)
         try:
             super().load_state_dict(state_dict)
         finally:
-            handle.remove()
-        drawn = False  # a seed drawn for a group that had none: the generator moves on
-        saved_groups = loaded[0]["param_groups"]
-        for group, kept, seed, saved in zip(
-            self.param_groups, storage, seeds, saved_groups, strict=True
-        ):
-            group.update(kept)
-            if group.get("stochastic_rounding") and "sr_seed" not in saved:
-                if seed is None:
-                    drawn = True
-                else:
-                    group["sr_seed"] = seed
-        if rng is not None and not drawn:
-            torch.random.set_rng_state(rng)
+            pre.remove()
+            post.remove()
         self._restore_saved_precision(loaded[0])
         self._engine.invalidate()
 
