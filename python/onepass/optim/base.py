@@ -18,7 +18,6 @@ from onepass._capturable import host_floats
 from onepass._engine import BACKENDS, Engine, resolve_backend
 from onepass._state import TrackedState
 from onepass.algorithms.base import (
-    DECAY_MODES,
     AlgorithmSpec,
     check_group_values,
     scalar,
@@ -155,8 +154,6 @@ class FusedOptimizer(Optimizer):
         self._clip = _empty_clip_record()
         if defaults.get("differentiable"):
             raise ValueError("onepass: differentiable=True is not supported (use torch.optim)")
-        if defaults["decay"] not in DECAY_MODES:
-            raise ValueError(f"Invalid decay mode: {defaults['decay']!r}; one of {DECAY_MODES}")
         if defaults["backend"] not in BACKENDS:
             raise ValueError(f"Invalid backend: {defaults['backend']!r}; one of {BACKENDS}")
         if defaults["backend"] in ("triton", "cuda", "cpu"):
