@@ -815,3 +815,163 @@ def test_a_load_keeps_the_loading_optimizers_run_options() -> None:
     seed = rounding.param_groups[0]["sr_seed"]  # the checkpoint's
     rounding.load_state_dict(torch.optim.AdamW(clone_params(params)).state_dict())
     assert rounding.param_groups[0]["sr_seed"] == seed
+
+
+# ------------------------------------------------------------------------------------------------
+# What torch.optim takes as a user gives it
+# ------------------------------------------------------------------------------------------------
+
+
+class _ConfigList(collections.abc.Sequence):  # type: ignore[type-arg]
+    """A sequence that is neither a tuple nor a list, as Hydra's OmegaConf ListConfig is."""
+
+    def __init__(self, values: Sequence[float]) -> None:
+        self._values = list(values)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._values[index]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+def _as_kind(kind: str, values: tuple[float, ...]) -> Any:
+    if kind == "config":
+        return _ConfigList(values)
+    if kind == "numpy":
+        return pytest.importorskip("numpy").array(values)
+    return torch.tensor(values, dtype=F64)
+
+
+@pytest.mark.parametrize("kind", ["config", "numpy", "tensor"])
+@pytest.mark.parametrize("name", ["AdamW", "Lion", "NovoGrad", "FAdam"])
+def test_betas_in_any_sequence_torch_takes(kind: str, name: str, backend_name: str) -> None:
+    """torch.optim indexes ``betas``: a Hydra config's ListConfig, a numpy array or a 1-D tensor
+    steps as the tuple does (onepass had refused all three as not a tuple)."""
+    values = (0.8, 0.95)
+    params = make_params(torch.float32)
+    twins = clone_params(params)
+    cls = getattr(onepass, name)
+    ours = cls(params, lr=1e-2, betas=_as_kind(kind, values), backend=backend_name)
+    expected = cls(twins, lr=1e-2, betas=values, backend=backend_name)
+    step_both(ours, expected, params, twins, range(1, 4))
+    for p, q in zip(params, twins, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_muon_ns_coefficients_from_a_config() -> None:
+    """Muon's ``ns_coefficients`` (and ``adamw_betas``) from a config sequence: the same step."""
+    params = [torch.randn(8, 6, requires_grad=True), torch.randn(6, requires_grad=True)]
+    twins = clone_params(params)
+    coefficients = (3.4445, -4.775, 2.0315)
+    ours = onepass.Muon(
+        params,
+        ns_coefficients=_ConfigList(coefficients),
+        adamw_betas=_ConfigList((0.9, 0.95)),
+        backend="reference",
+    )
+    expected = onepass.Muon(twins, ns_coefficients=coefficients, backend="reference")
+    step_both(ours, expected, params, twins, range(1, 3))
+    for p, q in zip(params, twins, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_group_keys_the_optimizer_does_not_read_are_the_users(backend_name: str) -> None:
+    """A key of one's own bookkeeping in a group is left alone, as torch.optim leaves it, even
+    where another onepass optimizer reads that name (FAdam's ``clip`` and ``p``, Adam's
+    ``betas``): an SGD group with them had been refused as holding no number."""
+    params = make_params(F64)
+    twins = clone_params(params)
+    own = {"name": "head", "clip": None, "p": "head.weight", "betas": "n/a"}
+    ours = onepass.SGD([{"params": params, **own}], lr=0.1, momentum=0.9, backend=backend_name)
+    expected = torch.optim.SGD([{"params": twins, **own}], lr=0.1, momentum=0.9)
+    step_both(ours, expected, params, twins, range(1, 4))
+    assert_same_as_torch(ours, expected, params, twins)
+    ours.add_param_group({"params": [torch.randn(3, requires_grad=True)], "clip": "x"})
+    # What the optimizer reads is still checked.
+    ours.param_groups[0]["momentum"] = None
+    with pytest.raises(TypeError, match=r"param_groups\[0\]: momentum must be a number"):
+        ours.step()
+
+
+def test_a_state_dict_post_hook_may_return_another_dict(backend_name: str) -> None:
+    """torch.optim returns what a state_dict post-hook returns, whatever its layout: onepass's
+    own changes to the dict run before the user's hooks (they had run after and failed on a
+    dict without "state")."""
+    params = make_params(F64)
+    ours = onepass.AdamW(params, backend=backend_name)
+    set_grads(params, make_grads(params, 1))
+    ours.step()
+    ours.register_state_dict_post_hook(
+        lambda optimizer, state_dict: {"groups": state_dict["param_groups"]}
+    )
+    saved = ours.state_dict()
+    assert list(saved) == ["groups"] and saved["groups"][0]["lr"] == 1e-3
+
+
+def test_a_users_own_state_keys_survive_a_load(backend_name: str) -> None:
+    """A key a training loop keeps in ``optimizer.state[p]`` (an EMA of the param) is saved, and
+    the optimizer's own state_dict loads back with it, cast to the param's dtype as torch.optim
+    casts it (onepass had refused it as not an AdamW slot). Another algorithm's slot is still
+    refused."""
+    params = make_params(torch.bfloat16)
+    twins = clone_params(params)
+    ours = onepass.AdamW(params, lr=1e-2, backend=backend_name)
+    expected = torch.optim.AdamW(twins, lr=1e-2)
+    step_both(ours, expected, params, twins, range(1, 3))
+    for optimizer, p in ((ours, params[0]), (expected, twins[0])):
+        optimizer.state[p]["ema"] = p.detach().float() * 0.5
+        optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    ema, their_ema = ours.state[params[0]]["ema"], expected.state[twins[0]]["ema"]
+    assert ema.dtype == their_ema.dtype == torch.bfloat16 and torch.equal(ema, their_ema)
+    step_both(ours, expected, params, twins, range(3, 5))
+    assert torch.equal(ours.state[params[0]]["ema"], ema)
+    for p, q in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, q, atol=1e-2, rtol=1e-2)
+    foreign = copy.deepcopy(ours.state_dict())
+    foreign["state"][1]["momentum_buffer"] = torch.zeros_like(params[1])
+    with pytest.raises(ValueError, match=r"'momentum_buffer' of .* is another algorithm's, not a"):
+        ours.load_state_dict(foreign)
+
+
+def test_adamw_refuses_adams_decoupled_weight_decay() -> None:
+    """torch.optim.AdamW takes no ``decoupled_weight_decay`` (Adam's keyword): neither does
+    onepass.AdamW (it had taken ``False`` and decoupled the decay anyway)."""
+    p = torch.randn(3, requires_grad=True)
+    for cls in (torch.optim.AdamW, onepass.AdamW):
+        with pytest.raises(TypeError, match="unexpected keyword argument 'decoupled_weight_decay'"):
+            cls([p], decoupled_weight_decay=False)
+
+
+def test_a_model_cast_after_steps(backend_name: str) -> None:
+    """``model.to(torch.bfloat16)`` after fp32 steps: onepass casts the state with the params
+    (README), torch.optim keeps its fp32 momentum; with ``state_dtype=torch.float32`` onepass
+    keeps it too and steps as torch.optim does."""
+    results = {}
+    for name, make in (
+        ("torch", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+        ("cast", lambda ps: onepass.SGD(ps, lr=0.1, momentum=0.9, backend=backend_name)),
+        (
+            "fp32",
+            lambda ps: onepass.SGD(
+                ps, lr=0.1, momentum=0.9, state_dtype=torch.float32, backend=backend_name
+            ),
+        ),
+    ):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        optimizer = make(list(model.parameters()))
+        model(torch.randn(2, 8)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.to(torch.bfloat16)
+        for s in range(3):
+            x = torch.randn(2, 8, generator=torch.Generator().manual_seed(s)).bfloat16()
+            model(x).pow(2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        buffer = optimizer.state[model.weight]["momentum_buffer"]
+        results[name] = (buffer.dtype, model.weight.detach().clone())
+    assert results["torch"][0] == results["fp32"][0] == torch.float32
+    assert results["cast"][0] == torch.bfloat16
+    assert torch.equal(results["fp32"][1], results["torch"][1])

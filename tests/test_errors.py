@@ -686,7 +686,7 @@ def _corrupt(kind: str, sd: dict[str, Any]) -> tuple[dict[str, Any], str]:
         return sd, rf"'exp_avg_sq' of {_name(0, 1)} has shape \(5, 4\)"
     if kind == "unknown-slot":
         sd["state"][0]["momentum_buffer"] = torch.zeros(17)
-        return sd, f"'momentum_buffer' of {_name(0, 0)} is not a adam slot"
+        return sd, f"'momentum_buffer' of {_name(0, 0)} is another algorithm's, not a slot of adam"
     if kind == "missing-step":
         del sd["state"][2]["step"]
         return sd, f"state of {_name(1, 0)} has no 'step'"

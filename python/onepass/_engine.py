@@ -574,7 +574,7 @@ class Engine:
         for index, param_group in enumerate(groups):  # values no launch could take whole
             check = self.spec.for_group(param_group).check_step
             try:
-                check_group_values(param_group)
+                check_group_values(param_group, self.optimizer.defaults)
                 _check_independent_decay(param_group)
                 # A capturable group's launches read its device block (tensors) instead.
                 if compiling and not self.optimizer.defaults.get("capturable"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,16 +52,30 @@ def _check_one_element(key: str, x: Any) -> None:
         raise ValueError(f"Tensor {key} must be 1-element")
 
 
-def check_group_values(group: Group) -> None:
-    """TypeError naming the hyperparameter for one that is not a number (or a tuple of as many
-    numbers as it takes; a tensor must hold one element), ValueError for an unknown decay mode.
-    The constructor and add_param_group run it, and every step on every group before anything
-    is written: a value set in a group later would otherwise fail inside a launch
-    (``float(None)``, unpacking 0.9) after the groups before it had stepped, or, for a misspelt
-    decay mode, decay nothing. Where float() would take it (the string '1e-3'), torch.optim
-    raises TypeError as it compares it."""
+def _is_sequence(x: Any) -> bool:
+    """A tuple or list, or what torch.optim indexes as one: an OmegaConf ListConfig (Hydra
+    configs), a numpy array, a 1-D tensor. Not a string."""
+    if type(x) is tuple or type(x) is list:
+        return True
+    if isinstance(x, str | bytes | Mapping):
+        return False
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 1
+    return hasattr(x, "__len__") and hasattr(x, "__getitem__")
+
+
+def check_group_values(group: Group, keys: Collection[str] | None = None) -> None:
+    """TypeError naming the hyperparameter for one that is not a number (or a sequence of as
+    many numbers as it takes; a tensor must hold one element), ValueError for an unknown decay
+    mode. Only ``keys`` are checked (the optimizer's defaults; None: all): a key the optimizer
+    does not read is the user's own, which torch.optim ignores (a ``"clip"`` or ``"p"`` of
+    one's bookkeeping in an SGD group). The constructor and add_param_group run it, and every
+    step on every group before anything is written: a value set in a group later would
+    otherwise fail inside a launch (``float(None)``, unpacking 0.9) after the groups before it
+    had stepped, or, for a misspelt decay mode, decay nothing. Where float() would take it (the
+    string '1e-3'), torch.optim raises TypeError as it compares it."""
     for key, length in NUMBER_KEYS.items():
-        if key not in group:
+        if key not in group or (keys is not None and key not in keys):
             continue
         value = group[key]
         if length == 0:
@@ -69,13 +83,13 @@ def check_group_values(group: Group) -> None:
                 raise TypeError(f"onepass: {key} must be a number, not {value!r}")
             _check_one_element(key, value)
             continue
-        if not (isinstance(value, tuple | list) and all(map(_is_number, value))):
+        if not (_is_sequence(value) and all(map(_is_number, value))):
             raise TypeError(f"onepass: {key} must be a tuple of numbers, not {value!r}")
         if length is not None and len(value) != length:
             raise TypeError(f"onepass: {key} must be a tuple of {length} numbers, not {value!r}")
         for element in value:
             _check_one_element(key, element)
-    if "decay" in group and group["decay"] not in DECAY_MODES:
+    if "decay" in group and (keys is None or "decay" in keys) and group["decay"] not in DECAY_MODES:
         raise ValueError(f"Invalid decay mode: {group['decay']!r}; one of {DECAY_MODES}")
 
 

@@ -148,6 +148,10 @@ class AdamW(Adam):
         decay: str = "decoupled",
         **options: Unpack[Options],
     ) -> None:
+        if "decoupled_weight_decay" in options:  # Adam's keyword, which torch's AdamW refuses
+            raise TypeError(
+                "AdamW.__init__() got an unexpected keyword argument 'decoupled_weight_decay'"
+            )
         super().__init__(
             params,
             lr,

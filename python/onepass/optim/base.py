@@ -17,6 +17,7 @@ from onepass import _ops
 from onepass._capturable import host_floats
 from onepass._engine import BACKENDS, Engine, resolve_backend
 from onepass._state import TrackedState
+from onepass.algorithms import ADAM, FADAM, LION, MUON, NOVOGRAD, SGD_SPEC
 from onepass.algorithms.base import (
     AlgorithmSpec,
     check_group_values,
@@ -55,6 +56,12 @@ class Options(TypedDict, total=False):
 
 
 #: The value of each option a constructor was not given.
+#: Every algorithm's state slots: a loaded entry with one its optimizer's algorithm lacks is
+#: another algorithm's checkpoint.
+ALGORITHM_SLOTS = frozenset(
+    slot for spec in (ADAM, FADAM, LION, MUON, NOVOGRAD, SGD_SPEC) for slot in spec.slots
+)
+
 OPTION_DEFAULTS: dict[str, Any] = {
     "backend": "auto",
     "flatten": False,
@@ -117,6 +124,26 @@ def _new_sr_seed() -> int:
     """A group's first seed, from torch's default generator: torch.manual_seed makes runs
     reproducible; the seed then lives in the group (and its state_dict)."""
     return int(torch.randint(0, SR_SEED_MODULUS, ()).item())
+
+
+def _state_dict_as_saved(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """FusedOptimizer.state_dict's changes to torch's dict: no state for a param whose first
+    step was skipped, entries as plain dicts, a capturable group's device-block views as the
+    floats they hold."""
+    assert isinstance(optimizer, FusedOptimizer)
+    unstepped = optimizer._engine.unstepped()
+    if unstepped:  # ids as torch numbers them: the params of every group, in order
+        params = (p for group in optimizer.param_groups for p in group["params"])
+        for index, p in enumerate(params):
+            if id(p) in unstepped:
+                state_dict["state"].pop(index, None)
+    state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+    for saved in state_dict["param_groups"]:
+        # A capturable group's lr, betas, eps and weight decay are views of its device block
+        # (onepass._capturable): saved as the floats they hold, as torch.optim saves them.
+        for key, value in saved.items():
+            saved[key] = host_floats(value)
+    return state_dict
 
 
 class FusedOptimizer(Optimizer):
@@ -201,7 +228,7 @@ class FusedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            check_group_values(group)
+            check_group_values(group, self.defaults)
             self.spec.check_group(group)
             if group.get("stochastic_rounding") and group.get("capturable"):
                 raise ValueError(
@@ -253,21 +280,14 @@ class FusedOptimizer(Optimizer):
         self._state.dirty = True
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state_dict, its entries plain dicts (loadable with weights_only=True)."""
-        state_dict = super().state_dict()
-        unstepped = self._engine.unstepped()
-        if unstepped:  # ids as torch numbers them: the params of every group, in order
-            params = (p for group in self.param_groups for p in group["params"])
-            for index, p in enumerate(params):
-                if id(p) in unstepped:
-                    state_dict["state"].pop(index, None)
-        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
-        for saved in state_dict["param_groups"]:
-            # A capturable group's lr, betas, eps and weight decay are views of its device block
-            # (onepass._capturable): saved as the floats they hold, as torch.optim saves them.
-            for key, value in saved.items():
-                saved[key] = host_floats(value)
-        return state_dict
+        """torch.optim's state_dict, its entries plain dicts (loadable with weights_only=True).
+        onepass's changes to torch's dict are made in a post-hook that runs before the user's,
+        which see the dict as it is returned and may return another, as torch.optim allows."""
+        fix = self.register_state_dict_post_hook(_state_dict_as_saved, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            fix.remove()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -548,6 +568,8 @@ class FusedOptimizer(Optimizer):
             for key, value in entry.items():
                 if key == "step" or not isinstance(value, torch.Tensor):
                     continue
+                if key not in self.spec.slots and key != "master_param":
+                    continue  # the user's own: cast as torch.optim casts it
                 if not value.is_floating_point() or value.dtype == p.dtype:
                     continue
                 restored = value.detach().to(p.device).clone()
@@ -577,16 +599,22 @@ class FusedOptimizer(Optimizer):
         # master_param: a checkpoint with master weights loads into a run without them (the
         # params already hold the masters rounded) and the reverse (masters from the params).
         known = {*self.spec.slots, "step", "master_param"}
+        # Another algorithm's slot is a checkpoint of that algorithm (AdamW's exp_avg_sq in a
+        # Lion run): refused. Any other key is the user's own (an EMA kept in optimizer.state),
+        # loaded and kept as torch.optim keeps it.
+        foreign = ALGORITHM_SLOTS - known
         for saved_id, entry in state_dict["state"].items():
             if saved_id not in params:
                 raise ValueError(f"onepass: state_dict has state for unknown param id {saved_id}")
             name, p, group = params[saved_id]
             for key, value in entry.items():
-                if key not in known:
+                if key in foreign:
                     raise ValueError(
-                        f"onepass: state_dict slot {key!r} of {name} is not a {self.spec.name} "
-                        f"slot (expected {sorted(known)})"
+                        f"onepass: state_dict slot {key!r} of {name} is another algorithm's, not "
+                        f"a slot of {self.spec.name} (expected {sorted(known)})"
                     )
+                if key not in known:
+                    continue
                 if key == "step":
                     if not isinstance(value, numbers.Real) and not (
                         isinstance(value, torch.Tensor) and value.numel() == 1
