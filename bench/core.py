@@ -510,12 +510,19 @@ class Timer:
         fn()
         return (time.perf_counter() - t0) * 1e3
 
-    def __call__(self, fn: Callable[[], object]) -> tuple[float, float]:
+    def __call__(
+        self, fn: Callable[[], object], reset: Callable[[], object] | None = None
+    ) -> tuple[float, float]:
+        """(time, host time) of ``fn``; on a GPU ``fn`` runs twice (the host's time, then the
+        device's): ``reset``, where given, runs untimed between the calls (a candidate that
+        writes its grads gets them back, so that the timed call steps the same grads)."""
         if self.device.type == "cpu":
             ms = self._wall_ms(fn)
             return ms, ms
         torch.cuda.synchronize(self.device)
         host_ms = self._wall_ms(fn)
+        if reset is not None:
+            reset()
         torch.cuda.synchronize(self.device)
         # The margin covers creating and recording the start event and the launch: a probe
         # whose host time is ~20 us got 0.05 ms, and the GPU's idle wait after the sleep for
@@ -578,7 +585,7 @@ def interleave(
                 start = time.perf_counter()
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
-                ms, host_ms = timer(tasks[name])
+                ms, host_ms = timer(tasks[name], after.get(name))
                 if name in after:
                     after[name]()
                 if r >= schedule.warmup:

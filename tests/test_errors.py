@@ -1125,3 +1125,112 @@ def test_adam_refuses_a_decay_mode_its_decoupled_weight_decay_contradicts() -> N
         onepass.Adam([torch.zeros(3, requires_grad=True)], decoupled_weight_decay=True, decay="l2")
     group = onepass.Adam([torch.zeros(3, requires_grad=True)], decay="decoupled").param_groups[0]
     assert group["decoupled_weight_decay"] is True
+
+
+# ------------------------------------------------------------------------------------------------
+# The same refusals for every algorithm (the cases above run AdamW)
+# ------------------------------------------------------------------------------------------------
+
+FAMILY = [
+    pytest.param(onepass.Adam, {"weight_decay": 0.1}, id="Adam"),
+    pytest.param(onepass.SGD, {"momentum": 0.9}, id="SGD"),
+    pytest.param(onepass.SGDW, {"momentum": 0.9, "weight_decay": 0.1}, id="SGDW"),
+    pytest.param(onepass.Lion, {"weight_decay": 0.1}, id="Lion"),
+    pytest.param(onepass.NovoGrad, {"weight_decay": 0.1, "amsgrad": True}, id="NovoGrad"),
+    pytest.param(onepass.FAdam, {}, id="FAdam"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("bad", ["sparse", "float8", "int32", "complex"])
+@pytest.mark.parametrize(("cls", "kwargs"), FAMILY)
+def test_every_algorithm_refuses_bad_params_and_grads(
+    cls: type[onepass.FusedOptimizer], kwargs: dict[str, Any], bad: str, backend: str
+) -> None:
+    """A sparse grad, a dtype no kernel takes and a complex param, added as group 2 of a stepped
+    optimizer (two groups, fp32 and bf16 buckets): refused by name at add_param_group or at the
+    step, changing nothing; the step after it (the culprit gone) steps every other param."""
+    optimizer, params = _stepped(cls, backend, **kwargs)
+    if bad == "sparse":
+        embedding = torch.nn.Embedding(10, 3, sparse=True)
+        culprit = embedding.weight
+
+        def give_grad(p: torch.Tensor) -> None:
+            embedding(torch.tensor([1, 4])).sum().backward()
+
+        error: Any = RuntimeError
+        match = f"{_name(2, 0)}.*sparse"
+    elif bad == "complex":
+        culprit = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+
+        def give_grad(p: torch.Tensor) -> None:
+            p.grad = torch.ones_like(p)
+
+        error, match = ValueError, f"{_name(2, 0)} is complex"
+    else:
+        dtype = torch.float8_e4m3fn if bad == "float8" else torch.int32
+        culprit = torch.zeros(5, dtype=dtype)
+        if dtype.is_floating_point:
+            culprit.requires_grad_()
+
+        def give_grad(p: torch.Tensor) -> None:
+            p.grad = torch.zeros(5, dtype=dtype)
+
+        error, match = (TypeError, ValueError), f"{_name(2, 0)}.*{dtype}"
+    _add_then_step_refused(optimizer, params, culprit, give_grad, error, match)
+    if len(optimizer.param_groups) == 3:
+        optimizer.param_groups.pop()
+    culprit.grad = None
+    _steps_every_fp32_param(optimizer, params)
+
+
+def _steps_every_fp32_param(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    """One more step moves every fp32 param (Lion's default lr, 1e-4, is below a bf16 ulp)."""
+    before = [p.detach().clone() for p in params]
+    set_grads(params, make_grads(params, 3, none_pattern=False))
+    optimizer.step()
+    moved = [not torch.equal(p, b) for p, b in zip(params, before, strict=True)]
+    assert all(m for m, p in zip(moved, params, strict=True) if p.dtype == torch.float32)
+
+
+def _corrupt_any(kind: str, sd: dict[str, Any], slots: list[str]) -> tuple[dict[str, Any], str]:
+    """``_corrupt`` for any algorithm: ``slots`` are the per-element slots of entry 3."""
+    sd = copy.deepcopy(sd)
+    slot = slots[0]
+    if kind == "slot-shape":
+        sd["state"][3][slot] = torch.zeros(32)
+        return sd, rf"'{slot}' of {_name(1, 1)} has shape \(32,\)"
+    if kind == "foreign-slot":
+        foreign = "momentum_buffer" if "momentum_buffer" not in slots else "exp_avg_sq"
+        sd["state"][0][foreign] = torch.zeros(17)
+        return sd, f"'{foreign}' of {_name(0, 0)} is another algorithm's"
+    if kind == "missing-slot":
+        del sd["state"][3][slot]
+        return sd, f"state of {_name(1, 1)} has no '{slot}'"
+    if kind == "sparse-slot":
+        sd["state"][2][slot] = sd["state"][2][slot].to_sparse()
+        return sd, f"slot '{slot}' of {_name(1, 0)} is a torch.sparse_coo tensor"
+    return _corrupt(kind, sd)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["slot-shape", "foreign-slot", "missing-slot", "sparse-slot", "groups", "params"],
+)
+@pytest.mark.parametrize(("cls", "kwargs"), FAMILY)
+def test_every_algorithm_refuses_a_bad_state_dict(
+    cls: type[onepass.FusedOptimizer], kwargs: dict[str, Any], kind: str
+) -> None:
+    optimizer, params = _stepped(cls, **kwargs)
+    good = optimizer.state_dict()
+    slots = [k for k, v in good["state"][3].items() if k != "step" and v.dim() > 0]
+    assert slots, good["state"][3]
+    bad, match = _corrupt_any(kind, good, slots)
+    if kind == "missing-slot" and cls in (onepass.SGD, onepass.SGDW, onepass.Lion):
+        # No step count in their state: an entry without the buffer is a param that has not
+        # stepped (SGD's buffer may be missing, as torch.optim's: it starts afresh). Loaded.
+        optimizer.load_state_dict(bad)
+        _steps_every_fp32_param(optimizer, params)
+        return
+    _refused(optimizer, lambda: optimizer.load_state_dict(bad), ValueError, match)
+    _steps_every_fp32_param(optimizer, params)  # still steps from its own state

@@ -35,11 +35,16 @@ import torch
 import onepass
 
 from helpers import (
+    ADAM_INFO,
     ADAMW_INFO,
     CAPABILITIES,
     DTYPES,
+    FADAM_INFO,
+    LION_INFO,
     LOW_PRECISION,
+    NOVOGRAD_INFO,
     SGD_INFO,
+    SGDW_INFO,
     TOLERANCES,
     Backend,
     Config,
@@ -126,14 +131,25 @@ def test_backend_matches_reference(
     ("info", "config"),
     [
         pytest.param(ADAMW_INFO, {"lr": 1e-2, "amsgrad": True}, id="AdamW-amsgrad"),
+        pytest.param(ADAM_INFO, {"lr": 1e-2, "weight_decay": 0.1}, id="Adam-l2"),
         pytest.param(SGD_INFO, {"lr": 0.1, "momentum": 0.9, "nesterov": True}, id="SGD-nesterov"),
+        pytest.param(SGDW_INFO, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}, id="SGDW"),
+        pytest.param(LION_INFO, {"lr": 1e-2, "weight_decay": 0.1}, id="Lion"),
+        pytest.param(
+            NOVOGRAD_INFO,
+            {"lr": 1e-2, "weight_decay": 0.1, "grad_averaging": True, "amsgrad": True},
+            id="NovoGrad",
+        ),
+        pytest.param(FADAM_INFO, {"lr": 1e-2, "weight_decay": 0.1}, id="FAdam"),
     ],
 )
 def test_many_small_tensors(info: OptimizerInfo, config: Config, backend: Backend) -> None:
     """1,000 tensors of small odd sizes in one bucket (one launch per step), float32 on every
-    backend; bfloat16 on the widest capability only (lockstep is slow on 1,000 tensors)."""
+    backend; bfloat16 for AdamW and SGD on the widest capability only (lockstep is slow on 1,000
+    tensors; test_backend_matches_reference runs every algorithm in bf16). The per-tensor
+    reductions (NovoGrad, FAdam) see 1,000 tensors of their own."""
     dtypes = [torch.float32]
-    if CAPABILITIES and backend.capability == CAPABILITIES[-1]:
+    if CAPABILITIES and backend.capability == CAPABILITIES[-1] and info in (ADAMW_INFO, SGD_INFO):
         dtypes.append(torch.bfloat16)
     for dtype in dtypes:
         sizes = [(7 * i) % 61 + 1 for i in range(1000)]
@@ -271,12 +287,23 @@ BIG = (1 << 20) + 3
             None,
             id="SGD-momentum-fp32",
         ),
+    ]
+    + [
+        pytest.param(info, config, torch.float32, None, id=f"{info.name}-fp32")
+        for info, config in (
+            (ADAM_INFO, {"lr": 1e-2, "weight_decay": 0.1}),
+            (SGDW_INFO, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}),
+            (LION_INFO, {"lr": 1e-2, "weight_decay": 0.1}),
+            (NOVOGRAD_INFO, {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}),
+            (FADAM_INFO, {"lr": 1e-2, "weight_decay": 0.1}),
+        )
     ],
 )
 def test_large_tensor(
     info: OptimizerInfo, config: Config, dtype: torch.dtype, capability: str | None
 ) -> None:
-    """2^20+3 elements: many chunks, several threads, a ragged SIMD tail."""
+    """2^20+3 elements: many chunks, several threads, a ragged SIMD tail (and for NovoGrad and
+    FAdam one tensor's reductions split between the threads)."""
     if capability is not None:
         onepass.set_cpu_capability(capability)
     params = [

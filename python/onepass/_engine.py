@@ -638,7 +638,13 @@ class Engine:
             spec = self.spec.for_group(group)
             launch: Callable[..., None] = spec.launchers[bucket.backend]
             try:
-                launch(bucket, grads, group, grad_scale, found_inf)
+                launch(
+                    bucket,
+                    grads,
+                    group,
+                    _on_device(grad_scale, bucket.device),
+                    _on_device(found_inf, bucket.device),
+                )
             except RuntimeError:
                 if bucket.backend in ("cpu", "cuda"):  # raises with the param's name
                     named = _grads_of(bucket) if grads is None else grads
@@ -884,6 +890,14 @@ class _GroupPlan:
 def _storage_keys(group: dict[str, Any]) -> tuple[Any, Any]:
     """How a group stores its state: a change rebuilds its buckets at the next step."""
     return bool(group.get("master_weights")), group.get("state_dtype")
+
+
+def _on_device(value: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """An AMP scalar on the bucket's device (no sync: a host-to-device copy is queued). A clip's
+    norm where no param has a grad is a CPU zero, which the CUDA ops would refuse."""
+    if value is None or value.device == device:
+        return value
+    return value.to(device, non_blocking=True)
 
 
 def _adopt_state(engine: Engine, bucket: Bucket, spec: AlgorithmSpec) -> None:
