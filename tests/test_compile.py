@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import types
+from typing import Any
 
 import pytest
 import torch
@@ -358,3 +359,72 @@ def test_compiled_train_step_with_flat_grads_zeroed_in_place() -> None:
         assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params)
         results.append([p.detach().clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def _dynamo_flips_capturable_as_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo's write that CUDA params get (torch 2.11 and 2.13,
+    ``torch._dynamo.variables.optimizer.OptimizerVariable._set_capturable``): when a traced
+    step reads ``param_groups``, a group whose params are all on CUDA and have no state yet gets
+    ``group["capturable"] = True`` in the real dict. Here every param counts as on CUDA."""
+    from torch._dynamo.variables.optimizer import OptimizerVariable
+
+    original = OptimizerVariable._set_capturable
+
+    def flip(self: Any, tx: Any) -> None:
+        for group in self.value.param_groups:
+            if "capturable" in group and all(p not in self.value.state for p in group["params"]):
+                group["capturable"] = True
+        original(self, tx)
+
+    monkeypatch.setattr(OptimizerVariable, "_set_capturable", flip)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-breaks", "fullgraph"])
+def test_a_first_compiled_step_leaves_the_group_as_the_user_made_it(
+    monkeypatch: pytest.MonkeyPatch, fullgraph: bool
+) -> None:
+    """Compiled, eager, compiled again from the first step, with Dynamo's capturable write
+    that a CUDA run gets: onepass undoes it at the next eager step (the user did not ask for
+    capturable). The eager step had taken it as the user's and rebuilt the buckets capturable,
+    after which every compiled step was refused (on the CPU, the eager step itself was)."""
+    _dynamo_flips_capturable_as_on_cuda(monkeypatch)
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.randn(s, generator=gen).requires_grad_() for s in ((5, 3), (7,))]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = onepass.AdamW(ours, lr=torch.tensor(0.01))
+    expected = torch.optim.AdamW(theirs, lr=torch.tensor(0.01))
+
+    @torch.compile(fullgraph=fullgraph)
+    def compiled_step() -> None:
+        opt.step()
+
+    for step in range(5):
+        for p, q in zip(ours, theirs, strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+            q.grad = g
+        compiled_step() if step in (0, 2, 3) else opt.step()
+        expected.step()
+        if step in (1, 4):  # after an eager step
+            assert opt.param_groups[0]["capturable"] is False
+    for p, q in zip(ours, theirs, strict=True):
+        assert_verbose_allclose(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_capturable_set_by_the_user_between_eager_steps_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only a write made while a step was compiled is undone: the user's own, between eager
+    steps, is taken (here on CPU params, which capturable=True refuses, by name)."""
+    params = [torch.randn(5).requires_grad_()]
+    params[0].grad = torch.randn(5)
+    opt = onepass.AdamW(params)
+    opt.step()
+    opt.param_groups[0]["capturable"] = True
+    with pytest.raises(RuntimeError, match="capturable=True needs CUDA params"):
+        opt.step()
+    assert opt.param_groups[0]["capturable"] is True

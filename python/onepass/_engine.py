@@ -563,6 +563,10 @@ class Engine:
     # -- stepping -----------------------------------------------------------------------------
 
     def step(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+        if torch.compiler.is_compiling():
+            self.optimizer._trace_record["since_eager"] = True
+        else:
+            self.optimizer.settle_capturable()
         state = self.optimizer.state
         if state.dirty:  # written from outside: rebuild the buckets from what it holds now
             self.invalidate()
@@ -827,10 +831,11 @@ class _GroupPlan:
         the group's lr, betas, eps and weight decay, which move into a device block here
         (onepass._capturable), so that in-place updates (an LR scheduler's) reach replays.
 
-        Dynamo shows every group of a compiled optimizer as capturable: on the CPU a compiled
-        step refuses only what the user asked for (the constructor's capturable=True), as an
-        eager step does."""
-        if device.type == "cpu" and torch.compiler.is_compiling() and not user_capturable:
+        Dynamo shows every group of a compiled optimizer as capturable: a compiled step refuses
+        only what the user asked for (the constructor's capturable=True), as an eager step
+        does, on the CPU and on a GPU backend other than CUDA (an explicit "triton")."""
+        traced_only = torch.compiler.is_compiling() and not user_capturable
+        if traced_only and (device.type == "cpu" or backend != "cuda"):
             return
         if backend != "cuda":
             raise RuntimeError(

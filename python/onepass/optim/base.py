@@ -179,6 +179,8 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0)")
         self.max_grad_norm: float | None = None if max_grad_norm is None else float(max_grad_norm)
         self._clip = _empty_clip_record()
+        self._capturable_asked: dict[int, bool] = {}
+        self._trace_record = {"since_eager": False}  # a dict: Dynamo keeps a trace's item writes
         if defaults.get("differentiable"):
             raise ValueError("onepass: differentiable=True is not supported (use torch.optim)")
         if defaults["backend"] not in BACKENDS:
@@ -263,6 +265,29 @@ class FusedOptimizer(Optimizer):
             group.setdefault("initial_lr", scalar(group["lr"]))
         if group.get("stochastic_rounding") and "sr_seed" not in group:
             group["sr_seed"] = _new_sr_seed()
+        self._capturable_asked[id(group)] = bool(group.get("capturable"))
+
+    def settle_capturable(self) -> None:
+        """Run by every eager step before it plans: undoes Dynamo's ``capturable`` write. When a
+        traced step reads ``param_groups``, Dynamo (``OptimizerVariable._set_capturable``, torch
+        2.11-2.13) sets ``group["capturable"] = True`` in every group whose params are all on
+        CUDA and have no state yet (a first step that is compiled). onepass's compiled steps
+        do not need it, and an eager step that took it as the user's rebuilt the buckets
+        capturable, after which compiled steps were refused. A group that was not capturable
+        at the last eager step (or when added or loaded) and is now is set back where a step
+        was compiled since (fullgraph) or where its params have no state yet (a step that
+        breaks the graph runs this part eagerly, inside the compiled call); any other change
+        is the user's and is kept. (A user's write of True into a group before its first step
+        looks like Dynamo's: give capturable to the constructor or add_param_group.)"""
+        traced = self._trace_record["since_eager"]
+        asked = self._capturable_asked
+        for group in self.param_groups:
+            now = bool(group.get("capturable"))
+            dynamos = now and not asked.get(id(group), True)
+            if dynamos and (traced or not any(p in self.state for p in group["params"])):
+                group["capturable"] = now = False
+            asked[id(group)] = now
+        self._trace_record["since_eager"] = False
 
     @property  # type: ignore[override]
     def state(self) -> TrackedState:
@@ -303,6 +328,7 @@ class FusedOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("max_grad_norm", None)
         self._clip = _empty_clip_record()
+        self._trace_record = {"since_eager": False}
         self.state = tensors
         for group in self.param_groups:
             for key, value in self.torch_keys.items():
@@ -317,6 +343,7 @@ class FusedOptimizer(Optimizer):
                 group["sr_seed"] = _new_sr_seed()  # (not setdefault: it would draw anyway)
             if group["decay"] == "independent":
                 group.setdefault("initial_lr", scalar(group["lr"]))
+        self._capturable_asked = {id(g): bool(g.get("capturable")) for g in self.param_groups}
         # Buckets are rebuilt from self.state at the next step (after unpickling, deepcopy or a
         # state_dict load, the state tensors are no longer views of our buffers).
         self._engine = Engine(self, self.spec)
@@ -537,6 +564,7 @@ class FusedOptimizer(Optimizer):
                 self.param_groups, storage, seeds, saved_groups, strict=True
             ):
                 group.update(kept)
+                self._capturable_asked[id(group)] = bool(group.get("capturable"))
                 if "sr_seed" in saved:
                     continue
                 group.pop("sr_seed", None)
