@@ -228,8 +228,33 @@ def snapshot(optimizer: torch.optim.Optimizer) -> Snapshot:
                 k: v.detach().clone() if isinstance(v, torch.Tensor) else v
                 for k, v in optimizer.state[p].items()
             }
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return Snapshot([p.detach().clone() for p in params], state, groups)
+    return Snapshot([p.detach().clone() for p in params], state, _group_values(optimizer))
+
+
+def _group_values(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Every group's values but its params, tensors cloned (a tensor lr or betas, a capturable
+    group's device block views: an in-place write to them must show)."""
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone()
+        if isinstance(value, tuple | list):
+            return type(value)(copy(v) for v in value)
+        return value
+
+    return [{k: copy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and bitwise_equal(a, b)
+    if isinstance(a, tuple | list):
+        return (
+            type(a) is type(b)
+            and len(a) == len(b)
+            and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+        )
+    return bool(a == b) or (a != a and b != b)  # NaN equals NaN here
 
 
 def assert_unchanged(optimizer: torch.optim.Optimizer, before: Snapshot) -> None:
@@ -248,8 +273,12 @@ def assert_unchanged(optimizer: torch.optim.Optimizer, before: Snapshot) -> None
                 assert bitwise_equal(value, old_value), f"state[{i}][{key!r}] changed"
             else:
                 assert value == old_value, f"state[{i}][{key!r}] changed"
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    assert groups == before.groups
+    groups = _group_values(optimizer)
+    assert len(groups) == len(before.groups), "param groups added or removed"
+    for i, (group, old_group) in enumerate(zip(groups, before.groups, strict=True)):
+        assert group.keys() == old_group.keys(), f"keys of group {i} changed"
+        for key, value in group.items():
+            assert _same_value(value, old_group[key]), f"param_groups[{i}][{key!r}] changed"
 
 
 # ------------------------------------------------------------------------------------------------

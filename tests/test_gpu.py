@@ -507,3 +507,47 @@ def test_every_layout_matches_reference(backend: str, name: str, layout: str) ->
     """Master weights, fp32 grads of 16-bit params, bf16 / fp32 state, stochastic rounding of
     bf16 state: the GPU kernels against the reference backend on the CPU (tests/test_mixed.py)."""
     check_layout(name, layout, backend, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "NovoGrad"])
+def test_flattened_steps_match_per_tensor_steps(backend: str, name: str) -> None:
+    """flatten=True on a GPU: the flat pass (its step count on the device), a step GradScaler
+    skips, a clip over the flat grad buffers and zero_grad(set_to_none=False) of the flat
+    buffers, against the same optimizer per tensor, bitwise apart from the clip's norm (a sum
+    in another order: to rounding)."""
+    torch.manual_seed(0)
+    make = EVERY_OPTIMIZER[name]
+    runs = []
+    for flatten in (False, True):
+        params = [
+            torch.randn(*shape, device="cuda").requires_grad_()
+            for shape in ((13, 31), (31,), (7, 5), (4097,), (0,))
+        ]
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        optimizer = make(params, backend=backend, flatten=flatten, max_grad_norm=1.0)
+        for step in range(6):
+            optimizer.zero_grad(set_to_none=False)
+            for i, p in enumerate(params):
+                g = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+                if p.grad is None:
+                    p.grad = g.cuda()
+                else:
+                    p.grad.copy_(g)
+            if step == 3:  # skipped, as a GradScaler skips an inf step
+                optimizer.grad_scale = torch.ones((), device="cuda")
+                optimizer.found_inf = torch.ones((), device="cuda")
+            optimizer.step()
+            if step == 3:
+                del optimizer.grad_scale, optimizer.found_inf
+        torch.cuda.synchronize()
+        runs.append((params, optimizer))
+    (plain, by_tensor), (flat, flattened) = runs
+    assert flattened._engine.plans[0].buckets[0].flat_param is not None
+    for i, (p, q) in enumerate(zip(plain, flat, strict=True)):
+        assert_verbose_allclose(q.detach(), p.detach(), 1e-5, 1e-6, f"param {i}")
+        for slot, value in by_tensor.state.get(p, {}).items():
+            got = flattened.state[q][slot]
+            assert_verbose_allclose(got.float(), value.float(), 1e-5, 1e-6, f"{slot} {i}")
