@@ -1141,7 +1141,13 @@ FAMILY = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKEND_NAMES)
+TRITON_HERE = pytest.param(
+    "triton",
+    marks=pytest.mark.skipif(not _triton_runs_here(), reason="Triton runs CPU tensors interpreted"),
+)
+
+
+@pytest.mark.parametrize("backend", [*BACKEND_NAMES, TRITON_HERE])
 @pytest.mark.parametrize("bad", ["sparse", "float8", "int32", "complex"])
 @pytest.mark.parametrize(("cls", "kwargs"), FAMILY)
 def test_every_algorithm_refuses_bad_params_and_grads(
@@ -1217,11 +1223,12 @@ def _corrupt_any(kind: str, sd: dict[str, Any], slots: list[str]) -> tuple[dict[
     "kind",
     ["slot-shape", "foreign-slot", "missing-slot", "sparse-slot", "groups", "params"],
 )
+@pytest.mark.parametrize("backend", [*BACKEND_NAMES, TRITON_HERE])
 @pytest.mark.parametrize(("cls", "kwargs"), FAMILY)
 def test_every_algorithm_refuses_a_bad_state_dict(
-    cls: type[onepass.FusedOptimizer], kwargs: dict[str, Any], kind: str
+    cls: type[onepass.FusedOptimizer], kwargs: dict[str, Any], kind: str, backend: str
 ) -> None:
-    optimizer, params = _stepped(cls, **kwargs)
+    optimizer, params = _stepped(cls, backend, **kwargs)
     good = optimizer.state_dict()
     slots = [k for k, v in good["state"][3].items() if k != "step" and v.dim() > 0]
     assert slots, good["state"][3]

@@ -8,9 +8,12 @@ steps, with some grads None on some steps, a frozen param and an lr schedule, to
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
+
+import onepass
 
 from helpers import (
     TIGHT,
@@ -95,3 +98,44 @@ def test_optimizer_matches_torch(info: OptimizerInfo, config: Config, backend_na
         expected_schedule.step()
     assert_same_as_torch(optimizer, expected, params, theirs)
     assert optimizer.param_groups[0]["lr"] == expected.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"momentum": 0.0},
+        {"momentum": 0.9},
+        {"momentum": 0.9, "dampening": 0.3},
+        {"momentum": 0.9, "nesterov": True},
+        {"momentum": 0.8, "maximize": True},
+    ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_sgdw_is_loshchilov_and_hutters_rule(config: dict[str, Any], backend: str) -> None:
+    """SGDW has no torch.optim class to compare with: its rule written out here, in float64,
+    independently of onepass's reference (which the backends are tested against). torch.optim
+    SGD's direction d (momentum buffer, dampening, nesterov, maximize; no decay in the grad),
+    then p = p - lr * d - lr * wd * p_old, with lr changing between steps."""
+    lr0, wd = 0.1, 0.05
+    momentum = config["momentum"]
+    dampening = config.get("dampening", 0.0)
+    gen = torch.Generator().manual_seed(0)
+    param = torch.randn(4097, generator=gen, dtype=torch.float64).requires_grad_()
+    expected = param.detach().clone()
+    optimizer = onepass.SGDW([param], lr=lr0, weight_decay=wd, backend=backend, **config)
+    buf = None
+    for step in range(1, 8):
+        lr = lr0 / step
+        optimizer.param_groups[0]["lr"] = lr
+        g = torch.randn(4097, generator=gen, dtype=torch.float64)
+        param.grad = g.clone()
+        optimizer.step()
+        d = -g if config.get("maximize") else g
+        if momentum:
+            buf = d.clone() if buf is None else momentum * buf + (1 - dampening) * d
+            d = d + momentum * buf if config.get("nesterov") else buf
+        expected = expected - lr * d - lr * wd * expected
+    torch.testing.assert_close(param.detach(), expected, rtol=1e-12, atol=1e-14)
+    if momentum:
+        torch.testing.assert_close(optimizer.state[param]["momentum_buffer"], buf)
