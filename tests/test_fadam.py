@@ -172,14 +172,45 @@ def test_a_nan_grad_element_makes_its_tensor_nan(backend: Any) -> None:
     assert torch.isfinite(params[1]).all()
 
 
-def test_clipping_is_active_in_the_tests() -> None:
-    """The configs above do clip: at t = 1, |gn| = |g| / (|g| + eps_t) ~ 1 elementwise, so
-    RMS(gn) ~ 1 > clip = 0.5; and RMS(wn) = RMS(param / den) > 1 for small grads."""
-    torch.manual_seed(0)
-    g = torch.randn(100, dtype=torch.float64)
-    den = g.abs() + 1e-8 * min(1.0, float(g.square().mean().sqrt()))
-    assert float((g / den).square().mean().sqrt()) / 0.5 > 1.0
-    assert float((torch.randn(100, dtype=torch.float64) / (1e-2 * den)).square().mean()) > 1.0
+@pytest.mark.parametrize("backend", all_backends(), ids=lambda b: b.id)
+def test_clipping_is_active_in_the_tests(backend: Any) -> None:
+    """The configs above do clip, so test_matches_the_rule_in_float64 checks both clips: the
+    normalised gradient in every config, and the normalised weight in every config where it
+    counts (weight decay > 0). Read back from onepass.FAdam's steps on that test's params and
+    grads: gn = (m_t - b1 m_(t-1)) / (1 - b1) and wn = ((w_(t-1) - w_t) / lr - m_t) / wd, whose
+    RMS is exactly ``clip`` after a step that clipped it, and never above it."""
+    skip_unless_implemented(INFO, backend.name)
+    if backend.capability is not None:
+        onepass.set_cpu_capability(backend.capability)
+    lr = 3e-2
+    for config in CONFIGS:
+        torch.manual_seed(0)
+        params = make_params(torch.float64, sizes=(0, 1, 7, 257))
+        grads_per_step = [make_grads(params, step) for step in range(1, STEPS + 1)]
+        optimizer = onepass.FAdam(params, lr=lr, backend=backend.name, **config)
+        b1, clip = config.get("betas", (0.9, 0.999))[0], config.get("clip", 1.0)
+        wd = config.get("weight_decay", 0.1)
+        clipped = {"gn": 0, "wn": 0}
+        for grads in grads_per_step:
+            before = [p.detach().clone() for p in params]
+            momenta = [optimizer.state[p]["momentum"].clone() if p in optimizer.state else None
+                       for p in params]  # fmt: skip
+            for p, g in zip(params, grads, strict=True):
+                p.grad = None if g is None else g.clone()
+            optimizer.step()
+            for p, g, w, m in zip(params, grads, before, momenta, strict=True):
+                if g is None or p.numel() == 0:
+                    continue
+                m_t = optimizer.state[p]["momentum"]
+                normalised = {"gn": (m_t - (0.0 if m is None else b1 * m)) / (1 - b1)}
+                if wd > 0:
+                    normalised["wn"] = ((w - p.detach()) / lr - m_t) / wd
+                for name, value in normalised.items():
+                    rms = float(value.square().mean().sqrt())
+                    assert rms <= clip * (1 + 1e-9), (config, name, rms)
+                    clipped[name] += math.isclose(rms, clip, rel_tol=1e-9)
+        assert clipped["gn"] > 0, config
+        assert (clipped["wn"] > 0) == (wd > 0), config
 
 
 @pytest.mark.parametrize("backend", all_backends(), ids=lambda b: b.id)
@@ -287,8 +318,9 @@ def test_amp_scale_and_found_inf(backend: Any) -> None:
         scaled.step()
     for p, q in zip(params, twins, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-        assert float(scaled.state[p]["step"]) == 2.0
+        assert float(scaled.state[p]["step"]) == float(plain.state[q]["step"]) == 2.0
         torch.testing.assert_close(scaled.state[p]["fim"], plain.state[q]["fim"])
+        torch.testing.assert_close(scaled.state[p]["momentum"], plain.state[q]["momentum"])
 
 
 def test_flatten_steps_per_tensor() -> None:
@@ -305,6 +337,9 @@ def test_flatten_steps_per_tensor() -> None:
         plain.step()
     for p, q in zip(params, twins, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert set(flat.state[p]) == set(plain.state[q]) == {"step", "fim", "momentum"}
+        assert float(flat.state[p]["step"]) == float(plain.state[q]["step"]) == 3.0
+        torch.testing.assert_close(flat.state[p]["fim"], plain.state[q]["fim"])
         torch.testing.assert_close(flat.state[p]["momentum"], plain.state[q]["momentum"])
 
 

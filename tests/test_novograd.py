@@ -21,11 +21,13 @@ from helpers import NOVOGRAD_INFO as INFO
 from helpers import (
     all_backends,
     assert_small_tensors_step_alike_beside_a_large_one,
+    assert_unchanged,
     config_id,
     make_grads,
     make_params,
     needs_native,
     skip_unless_implemented,
+    snapshot,
 )
 
 STEPS = 7
@@ -203,9 +205,12 @@ def test_amp_scale_and_found_inf(backend: Any) -> None:
         scaled.step()
     for p, q in zip(params, twins, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-        assert float(scaled.state[p]["step"]) == 2.0
+        assert float(scaled.state[p]["step"]) == float(plain.state[q]["step"]) == 2.0
         torch.testing.assert_close(
             scaled.state[p]["exp_avg_sq"], plain.state[q]["exp_avg_sq"], rtol=1e-6, atol=0.0
+        )
+        torch.testing.assert_close(
+            scaled.state[p]["exp_avg"], plain.state[q]["exp_avg"], rtol=1e-6, atol=1e-7
         )
 
 
@@ -223,7 +228,10 @@ def test_flatten_steps_per_tensor() -> None:
         plain.step()
     for p, q in zip(params, twins, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert set(flat.state[p]) == set(plain.state[q]) == {"step", "exp_avg", "exp_avg_sq"}
+        assert float(flat.state[p]["step"]) == float(plain.state[q]["step"]) == 3.0
         torch.testing.assert_close(flat.state[p]["exp_avg_sq"], plain.state[q]["exp_avg_sq"])
+        torch.testing.assert_close(flat.state[p]["exp_avg"], plain.state[q]["exp_avg"])
 
 
 def test_rejects_bad_hyperparameters() -> None:
@@ -240,13 +248,33 @@ def test_rejects_bad_hyperparameters() -> None:
         onepass.NovoGrad([p], weight_decay=-0.1)
 
 
-def test_rejects_a_state_dict_with_a_non_scalar_second_moment() -> None:
-    p = torch.zeros(3, requires_grad=True)
-    optimizer = onepass.NovoGrad([p])
-    saved = optimizer.state_dict()
-    saved["state"] = {0: {"step": 1, "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}}
+def test_rejects_a_state_dict_with_a_non_scalar_second_moment(backend_name: str) -> None:
+    """Refused before anything loads: the params, the state (of a param that has stepped) and
+    the groups (the checkpoint's lr too) stay as they were, and the next step is the one the
+    optimizer would have taken without the refused load."""
+    torch.manual_seed(3)
+    p = torch.randn(3, requires_grad=True)
+    twin = p.detach().clone().requires_grad_()
+    optimizer = onepass.NovoGrad([p], lr=1e-2, backend=backend_name)
+    untouched = onepass.NovoGrad([twin], lr=1e-2, backend=backend_name)
+    p.grad = torch.randn(3)
+    twin.grad = p.grad.clone()
+    optimizer.step()
+    untouched.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["state"] = {0: {"step": 5, "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)}}
+    saved["param_groups"][0]["lr"] = 0.5
+    before = snapshot(optimizer)
     with pytest.raises(ValueError, match="one value per tensor"):
         optimizer.load_state_dict(saved)
+    assert_unchanged(optimizer, before)
+    p.grad = torch.randn(3)
+    twin.grad = p.grad.clone()
+    optimizer.step()
+    untouched.step()
+    assert torch.equal(p, twin)
+    for name, value in untouched.state[twin].items():
+        assert torch.equal(optimizer.state[p][name], value), name
 
 
 @needs_native
