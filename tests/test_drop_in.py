@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import copy
 import io
+import os
 import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -580,6 +581,19 @@ def test_state_dict_interchange(
         assert target.param_groups[0][key] == source.param_groups[0][key]
     step_both(target, source, target_params, params, range(4, 8))
     assert_same_as_torch(target, source, target_params, params)
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors runs interpreted"
+)
+@pytest.mark.parametrize("direction", ["onepass-to-torch", "torch-to-onepass"])
+@pytest.mark.parametrize(("info", "config"), INTERCHANGE)
+def test_state_dict_interchange_on_triton(
+    info: OptimizerInfo, config: dict[str, Any], direction: str
+) -> None:
+    """The same interchange with the Triton backend's state (its step counts live in the
+    backend's own buffer, on the device where there is one)."""
+    test_state_dict_interchange(info, config, direction, "torch.save", "triton")
 
 
 def test_state_dict_round_trip_keeps_onepass_options(backend_name: str) -> None:
