@@ -109,6 +109,18 @@ def test_eager_and_compiled_steps_share_the_buckets() -> None:
     assert opt._engine.plans[0] is plan
 
 
+def _give_grads(ours: list[torch.Tensor], theirs: list[torch.Tensor], gen: torch.Generator) -> None:
+    """The same new grads for both lists: ours written in place once they exist (as after
+    zero_grad(set_to_none=False), so that Dynamo's guards on the grads hold), theirs replaced."""
+    for p, q in zip(ours, theirs, strict=True):
+        g = torch.randn(p.shape, generator=gen)
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+        q.grad = g
+
+
 @pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-breaks", "fullgraph"])
 @pytest.mark.parametrize("flatten", [False, True], ids=["per-tensor", "flatten"])
 def test_compiled_and_eager_steps_from_the_first(flatten: bool, fullgraph: bool) -> None:
@@ -134,13 +146,7 @@ def test_compiled_and_eager_steps_from_the_first(flatten: bool, fullgraph: bool)
 
     compiled_steps = (0, 2, 3) if first_compiled else (2, 3)
     for step in range(5):
-        for p, q in zip(ours, theirs, strict=True):
-            g = torch.randn(p.shape, generator=gen)
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.copy_(g)  # in place, as after zero_grad(set_to_none=False)
-            q.grad = g
+        _give_grads(ours, theirs, gen)
         compiled_step() if step in compiled_steps else opt.step()
         expected.step()
     for p, q in zip(ours, theirs, strict=True):
@@ -400,13 +406,7 @@ def test_a_first_compiled_step_leaves_the_group_as_the_user_made_it(
         opt.step()
 
     for step in range(5):
-        for p, q in zip(ours, theirs, strict=True):
-            g = torch.randn(p.shape, generator=gen)
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.copy_(g)
-            q.grad = g
+        _give_grads(ours, theirs, gen)
         compiled_step() if step in (0, 2, 3) else opt.step()
         expected.step()
         if step in (1, 4):  # after an eager step
