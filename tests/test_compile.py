@@ -428,3 +428,36 @@ def test_capturable_set_by_the_user_between_eager_steps_is_kept(
     with pytest.raises(RuntimeError, match="capturable=True needs CUDA params"):
         opt.step()
     assert opt.param_groups[0]["capturable"] is True
+
+
+@pytest.mark.parametrize("then", ["load_state_dict", "deepcopy", "pickle"])
+def test_dynamos_capturable_write_is_not_saved_or_copied(
+    monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """After a compiled first step (Dynamo's capturable write, reproduced as above), a
+    state_dict, a load of it and a copy keep what the user asked (capturable=False): the load
+    and the copy had taken Dynamo's True as the user's, and the next eager step built capturable
+    buckets (refused on the CPU; on CUDA every later compiled step was)."""
+    import copy
+    import pickle
+
+    _dynamo_flips_capturable_as_on_cuda(monkeypatch)
+    torch._dynamo.reset()
+    p = torch.randn(4, requires_grad=True)
+    p.grad = torch.randn(4)
+    opt = onepass.AdamW([p], lr=torch.tensor(0.01))
+    torch.compile(opt.step, fullgraph=True)()
+    if then == "load_state_dict":
+        saved = opt.state_dict()
+        assert saved["param_groups"][0]["capturable"] is False
+        opt.load_state_dict(saved)
+    elif then == "deepcopy":
+        opt = copy.deepcopy(opt)
+        p = opt.param_groups[0]["params"][0]
+    else:
+        opt = pickle.loads(pickle.dumps(opt))
+        p = opt.param_groups[0]["params"][0]
+    p.grad = torch.randn(4)
+    opt.step()
+    assert opt.param_groups[0]["capturable"] is False
+    assert float(opt.state[p]["step"]) == 2.0

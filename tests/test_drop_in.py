@@ -989,3 +989,21 @@ def test_a_model_cast_after_steps(backend_name: str) -> None:
     assert results["torch"][0] == results["fp32"][0] == torch.float32
     assert results["cast"][0] == torch.bfloat16
     assert torch.equal(results["fp32"][1], results["torch"][1])
+
+
+def test_muon_with_amsgrad_in_its_adamw_group_reloads_its_checkpoint() -> None:
+    """A Muon AdamW group with amsgrad keeps max_exp_avg_sq, a slot of the AdamW spec stepping
+    it: its own checkpoint loads back (it had been refused as another algorithm's slot)."""
+    params = [torch.randn(6, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
+    optimizer = onepass.Muon(params, backend="reference", ns_dtype=torch.float32)
+    adamw = next(g for g in optimizer.param_groups if not g["use_muon"])
+    adamw["amsgrad"] = True
+    for s in range(1, 3):
+        set_grads(params, make_grads(params, s, none_pattern=False))
+        optimizer.step()
+    assert "max_exp_avg_sq" in optimizer.state[params[1]]
+    saved = copy.deepcopy(optimizer.state_dict())
+    optimizer.load_state_dict(saved)
+    assert torch.equal(
+        optimizer.state[params[1]]["max_exp_avg_sq"], saved["state"][1]["max_exp_avg_sq"]
+    )

@@ -1241,3 +1241,17 @@ def test_every_algorithm_refuses_a_bad_state_dict(
         return
     _refused(optimizer, lambda: optimizer.load_state_dict(bad), ValueError, match)
     _steps_every_fp32_param(optimizer, params)  # still steps from its own state
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_muon_adamw_group_betas_set_later_refused_before_stepping(backend: str) -> None:
+    """Muon's AdamW groups read ``betas``, which Muon's constructor does not take (it takes
+    ``adamw_betas``): a bad value set there later is refused before the Muon group steps
+    (only the constructor's keys had been checked, and the matrix had stepped)."""
+    matrix, vector = torch.randn(6, 4, requires_grad=True), torch.randn(5, requires_grad=True)
+    optimizer = onepass.Muon([matrix, vector], backend=backend, ns_dtype=torch.float32)
+    matrix.grad, vector.grad = torch.randn(6, 4), torch.randn(5)
+    optimizer.step()
+    adamw = next(i for i, g in enumerate(optimizer.param_groups) if not g["use_muon"])
+    optimizer.param_groups[adamw]["betas"] = (0.9, 0.95, 0.99)
+    _refused(optimizer, optimizer.step, TypeError, r"betas must be a tuple of 2 numbers")

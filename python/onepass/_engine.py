@@ -578,7 +578,7 @@ class Engine:
         for index, param_group in enumerate(groups):  # values no launch could take whole
             check = self.spec.for_group(param_group).check_step
             try:
-                check_group_values(param_group, self.optimizer.defaults)
+                check_group_values(param_group, self.optimizer.checked_keys)
                 _check_independent_decay(param_group)
                 # A capturable group's launches read its device block (tensors) instead.
                 if compiling and not self.optimizer.defaults.get("capturable"):
@@ -898,11 +898,13 @@ def _storage_keys(group: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def _on_device(value: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """An AMP scalar on the bucket's device (no sync: a host-to-device copy is queued). A clip's
-    norm where no param has a grad is a CPU zero, which the CUDA ops would refuse."""
+    """An AMP scalar on the bucket's device. A clip's norm where no param has a grad is a CPU
+    zero, which the CUDA ops would refuse. A copy to a GPU is queued; one to the CPU waits for
+    the value (a CPU op reads it at once: non_blocking would hand it memory still being
+    written)."""
     if value is None or value.device == device:
         return value
-    return value.to(device, non_blocking=True)
+    return value.to(device, non_blocking=device.type != "cpu")
 
 
 def _adopt_state(engine: Engine, bucket: Bucket, spec: AlgorithmSpec) -> None:

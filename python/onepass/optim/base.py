@@ -55,13 +55,13 @@ class Options(TypedDict, total=False):
     state_dtype: torch.dtype | None
 
 
-#: The value of each option a constructor was not given.
 #: Every algorithm's state slots: a loaded entry with one its optimizer's algorithm lacks is
 #: another algorithm's checkpoint.
 ALGORITHM_SLOTS = frozenset(
     slot for spec in (ADAM, FADAM, LION, MUON, NOVOGRAD, SGD_SPEC) for slot in spec.slots
 )
 
+#: The value of each option a constructor was not given.
 OPTION_DEFAULTS: dict[str, Any] = {
     "backend": "auto",
     "flatten": False,
@@ -155,6 +155,9 @@ class FusedOptimizer(Optimizer):
 
     spec: ClassVar[AlgorithmSpec]
     torch_keys: ClassVar[Mapping[str, Any]] = {}
+    #: Group keys some group's spec reads beyond the constructor's (Muon's AdamW groups read
+    #: betas): type-checked at every step with the defaults' keys.
+    spec_keys: ClassVar[frozenset[str]] = frozenset()
     #: Whether a step captured in a CUDA graph needs capturable=True in every group, as
     #: torch.optim's class refuses it otherwise (Adam, AdamW; SGD takes no capturable and is
     #: captured with its lr as it was, as onepass's others are).
@@ -179,7 +182,7 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0)")
         self.max_grad_norm: float | None = None if max_grad_norm is None else float(max_grad_norm)
         self._clip = _empty_clip_record()
-        self._capturable_asked: dict[int, bool] = {}
+        self._capturable_asked: dict[int, tuple[dict[str, Any], bool]] = {}
         self._trace_record = {"since_eager": False}  # a dict: Dynamo keeps a trace's item writes
         if defaults.get("differentiable"):
             raise ValueError("onepass: differentiable=True is not supported (use torch.optim)")
@@ -193,6 +196,7 @@ class FusedOptimizer(Optimizer):
         self.spec.check_group(defaults)
         if self.spec.check_arguments is not None:
             self.spec.check_arguments(defaults)
+        self.checked_keys = frozenset(defaults) | self.spec_keys  # (add_param_group reads it)
         super().__init__(params, defaults)
         self._engine = Engine(self, self.spec)
 
@@ -230,7 +234,7 @@ class FusedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            check_group_values(group, self.defaults)
+            check_group_values(group, self.checked_keys)
             self.spec.check_group(group)
             if group.get("stochastic_rounding") and group.get("capturable"):
                 raise ValueError(
@@ -265,7 +269,7 @@ class FusedOptimizer(Optimizer):
             group.setdefault("initial_lr", scalar(group["lr"]))
         if group.get("stochastic_rounding") and "sr_seed" not in group:
             group["sr_seed"] = _new_sr_seed()
-        self._capturable_asked[id(group)] = bool(group.get("capturable"))
+        self._capturable_asked[id(group)] = (group, bool(group.get("capturable")))
 
     def settle_capturable(self) -> None:
         """Run by every eager step before it plans: undoes Dynamo's ``capturable`` write. When a
@@ -280,13 +284,16 @@ class FusedOptimizer(Optimizer):
         is the user's and is kept. (A user's write of True into a group before its first step
         looks like Dynamo's: give capturable to the constructor or add_param_group.)"""
         traced = self._trace_record["since_eager"]
-        asked = self._capturable_asked
+        asked: dict[int, tuple[dict[str, Any], bool]] = {}
         for group in self.param_groups:
             now = bool(group.get("capturable"))
-            dynamos = now and not asked.get(id(group), True)
+            recorded = self._capturable_asked.get(id(group))
+            before = recorded[1] if recorded is not None and recorded[0] is group else now
+            dynamos = now and not before
             if dynamos and (traced or not any(p in self.state for p in group["params"])):
                 group["capturable"] = now = False
-            asked[id(group)] = now
+            asked[id(group)] = (group, now)
+        self._capturable_asked = asked  # the groups of now only: a removed one's id is reused
         self._trace_record["since_eager"] = False
 
     @property  # type: ignore[override]
@@ -308,6 +315,7 @@ class FusedOptimizer(Optimizer):
         """torch.optim's state_dict, its entries plain dicts (loadable with weights_only=True).
         onepass's changes to torch's dict are made in a post-hook that runs before the user's,
         which see the dict as it is returned and may return another, as torch.optim allows."""
+        self.settle_capturable()  # a checkpoint saves what the user asked, not Dynamo's write
         fix = self.register_state_dict_post_hook(_state_dict_as_saved, prepend=True)
         try:
             return super().state_dict()
@@ -315,6 +323,7 @@ class FusedOptimizer(Optimizer):
             fix.remove()
 
     def __getstate__(self) -> dict[str, Any]:
+        self.settle_capturable()  # a copy keeps what the user asked, not Dynamo's write
         state = super().__getstate__()
         unstepped = self._engine.unstepped()  # saved without state, as in state_dict()
         if unstepped:
@@ -343,7 +352,8 @@ class FusedOptimizer(Optimizer):
                 group["sr_seed"] = _new_sr_seed()  # (not setdefault: it would draw anyway)
             if group["decay"] == "independent":
                 group.setdefault("initial_lr", scalar(group["lr"]))
-        self._capturable_asked = {id(g): bool(g.get("capturable")) for g in self.param_groups}
+        self._capturable_asked = {id(g): (g, bool(g.get("capturable"))) for g in self.param_groups}
+        self.checked_keys = frozenset(self.defaults) | self.spec_keys
         # Buckets are rebuilt from self.state at the next step (after unpickling, deepcopy or a
         # state_dict load, the state tensors are no longer views of our buffers).
         self._engine = Engine(self, self.spec)
@@ -545,6 +555,7 @@ class FusedOptimizer(Optimizer):
         rng: list[torch.Tensor] = []
         # How it runs and stores its state is this optimizer's choice, not the checkpoint's: a
         # checkpoint without master weights loads into a run with them and the reverse.
+        self.settle_capturable()  # Dynamo's capturable write is not kept as the loader's own
         storage = [{key: g.get(key) for key in RUN_KEYS if key in g} for g in self.param_groups]
         seeds = [g.get("sr_seed") for g in self.param_groups]
 
@@ -564,7 +575,7 @@ class FusedOptimizer(Optimizer):
                 self.param_groups, storage, seeds, saved_groups, strict=True
             ):
                 group.update(kept)
-                self._capturable_asked[id(group)] = bool(group.get("capturable"))
+                self._capturable_asked[id(group)] = (group, bool(group.get("capturable")))
                 if "sr_seed" in saved:
                     continue
                 group.pop("sr_seed", None)
@@ -587,16 +598,17 @@ class FusedOptimizer(Optimizer):
         second moments) on every resume. The saved values are put back as saved, on the param's
         device; the next step copies them into buffers of the group's state dtype."""
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = [(p, group) for group in self.param_groups for p in group["params"]]
         by_id = dict(zip(saved_ids, params, strict=True))
         for saved_id, entry in state_dict["state"].items():
-            p = by_id[saved_id]
+            p, group = by_id[saved_id]
             if p not in self.state:
                 continue
+            slots = {*self.spec.slots, *self.spec.for_group(group).slots, "master_param"}
             for key, value in entry.items():
                 if key == "step" or not isinstance(value, torch.Tensor):
                     continue
-                if key not in self.spec.slots and key != "master_param":
+                if key not in slots:
                     continue  # the user's own: cast as torch.optim casts it
                 if not value.is_floating_point() or value.dtype == p.dtype:
                     continue
@@ -626,15 +638,16 @@ class FusedOptimizer(Optimizer):
                 params[saved_id] = (f"param_groups[{g}]['params'][{j}]", p, loaded)
         # master_param: a checkpoint with master weights loads into a run without them (the
         # params already hold the masters rounded) and the reverse (masters from the params).
-        known = {*self.spec.slots, "step", "master_param"}
-        # Another algorithm's slot is a checkpoint of that algorithm (AdamW's exp_avg_sq in a
-        # Lion run): refused. Any other key is the user's own (an EMA kept in optimizer.state),
-        # loaded and kept as torch.optim keeps it.
-        foreign = ALGORITHM_SLOTS - known
         for saved_id, entry in state_dict["state"].items():
             if saved_id not in params:
                 raise ValueError(f"onepass: state_dict has state for unknown param id {saved_id}")
             name, p, group = params[saved_id]
+            # The slots of the spec stepping this group (a Muon group's AdamW: max_exp_avg_sq
+            # with amsgrad). Another algorithm's slot is a checkpoint of that algorithm (AdamW's
+            # exp_avg_sq in a Lion run): refused. Any other key is the user's own (an EMA kept
+            # in optimizer.state), loaded and kept as torch.optim keeps it.
+            known = {*self.spec.slots, *self.spec.for_group(group).slots, "step", "master_param"}
+            foreign = ALGORITHM_SLOTS - known
             for key, value in entry.items():
                 if key in foreign:
                     raise ValueError(

@@ -69,6 +69,7 @@ class Muon(FusedOptimizer):
     """
 
     spec: ClassVar[AlgorithmSpec] = MUON
+    spec_keys: ClassVar[frozenset[str]] = frozenset({"betas", "eps"})  # its AdamW groups'
     #: Keys a torch.optim.Muon state_dict lacks, filled in when one is loaded.
     torch_keys: ClassVar[Mapping[str, Any]] = {
         "use_muon": True,
