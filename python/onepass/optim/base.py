@@ -269,6 +269,10 @@ class FusedOptimizer(Optimizer):
             group.setdefault("initial_lr", scalar(group["lr"]))
         if group.get("stochastic_rounding") and "sr_seed" not in group:
             group["sr_seed"] = _new_sr_seed()
+        self._record_capturable(group)
+
+    def _record_capturable(self, group: dict[str, Any]) -> None:
+        """The group's capturable as the user has it now (settle_capturable's reference)."""
         self._capturable_asked[id(group)] = (group, bool(group.get("capturable")))
 
     def settle_capturable(self) -> None:
@@ -352,7 +356,9 @@ class FusedOptimizer(Optimizer):
                 group["sr_seed"] = _new_sr_seed()  # (not setdefault: it would draw anyway)
             if group["decay"] == "independent":
                 group.setdefault("initial_lr", scalar(group["lr"]))
-        self._capturable_asked = {id(g): (g, bool(g.get("capturable"))) for g in self.param_groups}
+        self._capturable_asked = {}
+        for group in self.param_groups:
+            self._record_capturable(group)
         self.checked_keys = frozenset(self.defaults) | self.spec_keys
         # Buckets are rebuilt from self.state at the next step (after unpickling, deepcopy or a
         # state_dict load, the state tensors are no longer views of our buffers).
@@ -575,7 +581,7 @@ class FusedOptimizer(Optimizer):
                 self.param_groups, storage, seeds, saved_groups, strict=True
             ):
                 group.update(kept)
-                self._capturable_asked[id(group)] = (group, bool(group.get("capturable")))
+                self._record_capturable(group)
                 if "sr_seed" in saved:
                     continue
                 group.pop("sr_seed", None)
@@ -592,6 +598,11 @@ class FusedOptimizer(Optimizer):
         self._restore_saved_precision(loaded[0])
         self._engine.invalidate()
 
+    def _slots_of(self, group: Mapping[str, Any]) -> set[str]:
+        """The state slots a group's entries may hold: the optimizer's spec's, those of the spec
+        stepping the group (a Muon group's AdamW: max_exp_avg_sq with amsgrad), master_param."""
+        return {*self.spec.slots, *self.spec.for_group(group).slots, "master_param"}
+
     def _restore_saved_precision(self, state_dict: Mapping[str, Any]) -> None:
         """torch.optim's load casts every floating state tensor to its param's dtype, which
         would round an fp32 master copy or fp32 moments of bf16 params (and NovoGrad's scalar
@@ -604,7 +615,7 @@ class FusedOptimizer(Optimizer):
             p, group = by_id[saved_id]
             if p not in self.state:
                 continue
-            slots = {*self.spec.slots, *self.spec.for_group(group).slots, "master_param"}
+            slots = self._slots_of(group)
             for key, value in entry.items():
                 if key == "step" or not isinstance(value, torch.Tensor):
                     continue
@@ -646,7 +657,7 @@ class FusedOptimizer(Optimizer):
             # with amsgrad). Another algorithm's slot is a checkpoint of that algorithm (AdamW's
             # exp_avg_sq in a Lion run): refused. Any other key is the user's own (an EMA kept
             # in optimizer.state), loaded and kept as torch.optim keeps it.
-            known = {*self.spec.slots, *self.spec.for_group(group).slots, "step", "master_param"}
+            known = {*self._slots_of(group), "step"}
             foreign = ALGORITHM_SLOTS - known
             for key, value in entry.items():
                 if key in foreign:
