@@ -290,17 +290,18 @@ ONEPASS_INLINE double tree_sum(double* acc) {
 }
 
 // Sum of squares of n gradient elements (G their storage), in double whatever the storage:
-// kLanes independent accumulators in a fixed order, combined by a fixed tree (every build gives
-// the same bits: no reassociation). 16 lanes: the compiler keeps them in 4 AVX2 / 2 AVX-512
-// registers, enough independent add chains to read at memory speed (4 lanes were one dependent
-// chain).
+// kSumLanes independent accumulators, element i in lane i % kSumLanes and the tail past the last
+// whole group in lane 0, combined by a fixed tree (every build gives the same bits: no
+// reassociation). 16 lanes: the compiler keeps them in 4 AVX2 / 2 AVX-512 registers, enough
+// independent add chains to read at memory speed (4 lanes were one dependent chain).
+constexpr int kSumLanes = 16;
+
 template <class G>
 ONEPASS_INLINE double sum_of_squares(const G* g, int64_t n) {
-  constexpr int kLanes = 16;
-  double acc[kLanes] = {};
+  double acc[kSumLanes] = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
+  for (; i + kSumLanes <= n; i += kSumLanes) {
+    for (int k = 0; k < kSumLanes; ++k) {
       const double x = static_cast<double>(to_opmath(g[i + k]));
       acc[k] += x * x;
     }
@@ -309,7 +310,7 @@ ONEPASS_INLINE double sum_of_squares(const G* g, int64_t n) {
     const double x = static_cast<double>(to_opmath(g[i]));
     acc[0] += x * x;
   }
-  return tree_sum<kLanes>(acc);
+  return tree_sum<kSumLanes>(acc);
 }
 
 // NovoGrad pass 1: each chunk's sum of squares.
@@ -395,8 +396,11 @@ FAdamConsts<O> fadam_consts(const cpu::FAdamLaunch& L, int64_t segment) {
 
 // Pass 2 of chunk c: its sums of gn^2 and wn^2 with the tensor's new den (F read, not written).
 // gn and wn in SIMD vectors, as the update computes them (the same bits as the scalar math); the
-// squares summed in double, one accumulator per lane (a single chain of dependent adds, with a
-// scalar sqrt and two divisions an element, made this pass ~10x slower than its memory).
+// squares summed in double into sum_of_squares' kSumLanes lanes, element i into lane i % kSumLanes
+// and the tail past the last whole group into lane 0, so that every build sums in one order and
+// gives the same bits. (One accumulator per vector lane had made this pass ~10x faster than one
+// chain of dependent adds, but left each build its own order: the scalar build's one chain over a
+// chunk strayed ~25 float64 ulps from the reference.)
 template <class T>
 ONEPASS_INLINE void fadam_norms_chunk(const cpu::FAdamLaunch& L, int64_t c) {
   using P = typename T::P;
@@ -404,19 +408,21 @@ ONEPASS_INLINE void fadam_norms_chunk(const cpu::FAdamLaunch& L, int64_t c) {
   using S = typename T::S;
   using O = typename T::O;
   using V = VecFor<typename T::MathParam>;
+  static_assert(kSumLanes % V::kWidth == 0, "a vector's lanes are consecutive sum lanes");
   void* const slots[1] = {L.fim};
   const Chunk& chunk = L.chunks[c];
   const Segment& seg = L.segments[chunk.segment];
   const FAdamConsts<O> consts = fadam_consts<O>(L, chunk.segment);
   const Streams<T, 1> io = chunk_streams<T, 1>(seg, chunk, L.master, slots);
   const int64_t n = chunk.end - chunk.begin;
-  double gn_sq[V::kWidth] = {}, wn_sq[V::kWidth] = {};
+  const int64_t whole = n / kSumLanes * kSumLanes;  // elements summed lane by lane
+  double gn_sq[kSumLanes] = {}, wn_sq[kSumLanes] = {};
   int64_t i = 0;
   if constexpr (V::kWidth > 1) {
     using VT = typename V::type;
     const FAdamConsts<VT> vconsts = fadam_consts<VT>(L, chunk.segment);
     alignas(64) O gn_lanes[V::kWidth], wn_lanes[V::kWidth];
-    for (; i + V::kWidth <= n; i += V::kWidth) {
+    for (; i < whole; i += V::kWidth) {
       VT p;
       if constexpr (T::kMaster) {
         p = VecFor<float>::load(io.master + i);
@@ -428,9 +434,11 @@ ONEPASS_INLINE void fadam_norms_chunk(const cpu::FAdamLaunch& L, int64_t c) {
                       gn, wn);
       VecFor<O>::store(gn_lanes, gn);
       VecFor<O>::store(wn_lanes, wn);
+      double* const gn_acc = gn_sq + i % kSumLanes;
+      double* const wn_acc = wn_sq + i % kSumLanes;
       for (int k = 0; k < V::kWidth; ++k) {
-        gn_sq[k] += double(gn_lanes[k]) * double(gn_lanes[k]);
-        wn_sq[k] += double(wn_lanes[k]) * double(wn_lanes[k]);
+        gn_acc[k] += double(gn_lanes[k]) * double(gn_lanes[k]);
+        wn_acc[k] += double(wn_lanes[k]) * double(wn_lanes[k]);
       }
     }
   }
@@ -438,11 +446,12 @@ ONEPASS_INLINE void fadam_norms_chunk(const cpu::FAdamLaunch& L, int64_t c) {
     O gn, wn;
     const O p = T::kMaster ? O(io.master[i]) : to_opmath(io.param[i]);
     fadam_norms<O>(p, to_opmath(io.grad[i]), to_opmath(io.state[0][i]), consts, gn, wn);
-    gn_sq[0] += double(gn) * double(gn);
-    wn_sq[0] += double(wn) * double(wn);
+    const int64_t lane = i < whole ? i % kSumLanes : 0;
+    gn_sq[lane] += double(gn) * double(gn);
+    wn_sq[lane] += double(wn) * double(wn);
   }
-  L.partial_sums[2 * c] = tree_sum<V::kWidth>(gn_sq);
-  L.partial_sums[2 * c + 1] = tree_sum<V::kWidth>(wn_sq);
+  L.partial_sums[2 * c] = tree_sum<kSumLanes>(gn_sq);
+  L.partial_sums[2 * c + 1] = tree_sum<kSumLanes>(wn_sq);
 }
 
 // Pass 3 of chunk c, vectorised (the update's math is elementwise; F^p is a SIMD sqrt for the
