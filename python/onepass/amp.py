@@ -18,8 +18,9 @@ class GradScaler(torch.amp.GradScaler):
     which reads and rewrites every grad. The step then unscales, clips and updates in one pass.
 
     Any other optimizer, and any onepass optimizer that does not clip, goes through torch's
-    check unchanged. One difference: a norm that overflows the grads' dtype (fp16 grads whose
-    norm passes 65504) counts as an inf, so the scale backs off.
+    check unchanged. One difference: on a GPU, where the norm is torch's in the grads' dtype, a
+    norm that overflows it (fp16 grads whose norm passes 65504) counts as an inf, so the scale
+    backs off (the CPU norm is float32).
     """
 
     def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[Any, Any]:
