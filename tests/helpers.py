@@ -9,6 +9,7 @@ the optimizer).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 import onepass
+from onepass._engine import triton_error
 from onepass.algorithms import (
     AdamScalars,
     FAdamScalars,
@@ -502,6 +504,10 @@ class Backend:
 
 #: The CPU capabilities this machine runs, narrowest first (none if onepass._C is not built).
 CAPABILITIES: list[str] = onepass.cpu_capabilities() if onepass.native_available() else []
+#: Whether the Triton backend runs here on CPU tensors: its interpreter is on (conftest.py sets
+#: TRITON_INTERPRET=1 where there is no CUDA device) and triton imports (not a test dependency:
+#: without it the Triton cases skip instead of failing).
+TRITON_INTERPRETED: bool = os.environ.get("TRITON_INTERPRET") == "1" and triton_error() is None
 #: The backends every drop-in test runs on.
 BACKEND_NAMES: list[str] = (["cpu"] if CAPABILITIES else []) + ["reference"]
 #: For tests of the native CPU kernels themselves.

@@ -6,7 +6,6 @@ every backend this machine runs; a non-finite norm skips the step; the grads are
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
@@ -14,9 +13,9 @@ import torch
 
 import onepass
 
-from helpers import BACKEND_NAMES, EVERY_OPTIMIZER
+from helpers import BACKEND_NAMES, EVERY_OPTIMIZER, TRITON_INTERPRETED
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = TRITON_INTERPRETED
 BACKENDS = BACKEND_NAMES + (["triton"] if INTERPRETED else [])
 
 STEPS = 5

@@ -8,7 +8,6 @@ setting) and first runs a step with zero grads at lr 0 on an optimizer without s
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from test_reference_vs_torch import assert_same_as_torch
 
 import onepass
 
-from helpers import bitwise_equal
+from helpers import TRITON_INTERPRETED, bitwise_equal
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner  # noqa: E402
@@ -134,9 +133,7 @@ def test_dcp_round_trip_continues_exactly(
             assert bitwise_equal(torch.as_tensor(ours[key]), torch.as_tensor(value)), (label, key)
 
 
-@pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors runs interpreted"
-)
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="Triton on CPU tensors runs interpreted")
 @pytest.mark.parametrize("name", ["AdamW-amsgrad", "SGD-momentum", "NovoGrad"])
 def test_dcp_round_trip_on_triton(name: str, tmp_path: Path) -> None:
     """The same on the Triton backend, whose step counts live in the backend's own buffer."""

@@ -5,7 +5,6 @@ refused call changes nothing (params, state and steps bitwise, in every group an
 from __future__ import annotations
 
 import copy
-import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,7 @@ from onepass._engine import packed_shapes
 
 from helpers import (
     BACKEND_NAMES,
+    TRITON_INTERPRETED,
     assert_unchanged,
     make_grads,
     needs_native,
@@ -167,21 +167,13 @@ def test_a_param_listed_twice_in_a_group_is_refused() -> None:
     assert_unchanged(optimizer, before)
 
 
-def _triton_runs_here() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 @pytest.mark.parametrize("cls", [onepass.AdamW, onepass.Adam, onepass.SGD, onepass.SGDW])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_backends_refused_here(cls: type[onepass.FusedOptimizer], backend: str) -> None:
     """Where a GPU backend cannot step these CPU params (not built, not implemented, no Triton,
     no interpreter; CUDA kernels built on a machine without a GPU: CPU tensors), it says so when
     the optimizer is built or at the latest at the first step."""
-    if backend == "triton" and _triton_runs_here():
+    if backend == "triton" and TRITON_INTERPRETED:
         pytest.skip("Triton's interpreter runs CPU tensors here")
     if backend == "cuda" and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
@@ -1143,7 +1135,7 @@ FAMILY = [
 
 TRITON_HERE = pytest.param(
     "triton",
-    marks=pytest.mark.skipif(not _triton_runs_here(), reason="Triton runs CPU tensors interpreted"),
+    marks=pytest.mark.skipif(not TRITON_INTERPRETED, reason="Triton runs CPU tensors interpreted"),
 )
 
 

@@ -6,7 +6,6 @@ and stochastic rounding of bf16 state. Every layout on every backend, against th
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 
 import pytest
@@ -19,13 +18,14 @@ from helpers import (
     CAPABILITIES,
     EVERY_OPTIMIZER,
     TOLERANCES,
+    TRITON_INTERPRETED,
     assert_verbose_allclose,
     assert_within_ulps,
     grad_is_none,
     make_params,
 )
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = TRITON_INTERPRETED
 BACKENDS = BACKEND_NAMES + (["triton"] if INTERPRETED else [])
 #: The native backends, the CPU once per SIMD build this CPU runs ("cpu-avx2", ...).
 NATIVE = [f"cpu-{cap}" for cap in CAPABILITIES] + (["triton"] if INTERPRETED else [])

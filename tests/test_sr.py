@@ -5,17 +5,15 @@ draws on every backend, and nothing changes for other dtypes.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import onepass
 from onepass.algorithms.base import store_param
 
-from helpers import BACKEND_NAMES, CAPABILITIES, EVERY_OPTIMIZER
+from helpers import BACKEND_NAMES, CAPABILITIES, EVERY_OPTIMIZER, TRITON_INTERPRETED
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = TRITON_INTERPRETED
 BACKENDS = BACKEND_NAMES + (["triton"] if INTERPRETED else [])
 #: The backends compared with the reference backend.
 NOT_REFERENCE = [name for name in BACKENDS if name != "reference"]
