@@ -449,13 +449,25 @@ class Fuzz:
         self.check_params(self.log[-1])
 
 
+def cpu_build(seed: int) -> str:
+    """The SIMD build a CPU-backend case runs: the builds this CPU runs, in turn by seed (they
+    give the same bits: test_numerics.py::test_capabilities_agree). Case ids name it, so that a
+    failure says which build ran: the same seed picks another build on a CPU with other builds."""
+    builds = onepass.cpu_capabilities() if onepass.native_available() else ["unbuilt"]
+    return builds[seed % len(builds)]
+
+
+def case_backend(backend: str, seed: int) -> str:
+    """A case's backend as its id names it: "cpu-<build>" for the CPU backend."""
+    return f"cpu-{cpu_build(seed)}" if backend == "cpu" else backend
+
+
 def run_fuzz(
     cls: type[Fuzz], kind: str, seed: int, backend: str, dtype: torch.dtype, flatten: bool
 ) -> None:
     """One case: ``N_OPS`` random operations, a last step, the final comparisons."""
-    if backend == "cpu":  # every SIMD build this CPU runs, in turn (the fixture restores it)
-        capabilities = onepass.cpu_capabilities()
-        onepass.set_cpu_capability(capabilities[seed % len(capabilities)])
+    if backend == "cpu":  # the build its id names (the autouse fixture restores the old one)
+        onepass.set_cpu_capability(cpu_build(seed))
     fuzz = cls(kind, seed, backend, dtype, flatten)
     names, weights = list(OPS), list(OPS.values())
     added = 0

@@ -39,7 +39,7 @@ import torch
 
 import onepass
 
-from fuzz import F32, F64, Fuzz, ignore_scheduler_order, run_fuzz
+from fuzz import F32, F64, Fuzz, case_backend, ignore_scheduler_order, run_fuzz
 
 try:
     import lion_pytorch
@@ -260,7 +260,12 @@ def _cases(
     suffix = "-flatten" if flatten else ""
     return [
         pytest.param(
-            kind, seed, backend, dtype, flatten, id=f"{kind}-{backend}-{name}{suffix}-{seed}"
+            kind,
+            seed,
+            backend,
+            dtype,
+            flatten,
+            id=f"{kind}-{case_backend(backend, seed)}-{name}{suffix}-{seed}",
         )
         for seed in seeds
     ]

@@ -25,7 +25,7 @@ import torch
 
 import onepass
 
-from fuzz import F64, Fuzz, ignore_scheduler_order, run_fuzz
+from fuzz import F64, Fuzz, case_backend, ignore_scheduler_order, run_fuzz
 
 #: Same math in float64 on both sides; only operation order differs (~1 ulp a step). Not
 #: loosened: the worst comparison of the seeds below uses 5% of it. An element where Adam's L2
@@ -185,7 +185,7 @@ class TorchOptimFuzz(Fuzz):
 
 CASES = [
     *(
-        pytest.param(kind, seed, "cpu", False, id=f"{kind}-cpu-{seed}")
+        pytest.param(kind, seed, "cpu", False, id=f"{kind}-{case_backend('cpu', seed)}-{seed}")
         for kind in PAIRS
         for seed in CPU_SEEDS
     ),
@@ -195,7 +195,9 @@ CASES = [
         for seed in REFERENCE_SEEDS
     ),
     *(
-        pytest.param(kind, seed, "cpu", True, id=f"{kind}-cpu-flatten-{seed}")
+        pytest.param(
+            kind, seed, "cpu", True, id=f"{kind}-{case_backend('cpu', seed)}-flatten-{seed}"
+        )
         for kind in PAIRS
         for seed in FLATTEN_SEEDS
     ),
