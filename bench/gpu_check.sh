@@ -15,8 +15,8 @@
 # AMP step), bf16 (AdamW in bf16), main (AdamW, SGD, SGDW fp32 on every shape list). Copy the
 # tables into bench/GPU_RESULTS.md with the card and date.
 #
-# For a short re-check: GPU_CHECK_PHASES (default "special host reference lowp muon family clip
-# bf16 main") picks phases, GPU_CHECK_SWEEP ("ILP THREADS CHUNK_LOG2 STREAMING [MIN_BLOCKS];...")
+# For a short re-check: GPU_CHECK_PHASES (default "special builds host reference lowp muon family
+# clip bf16 main") picks phases, GPU_CHECK_SWEEP ("ILP THREADS CHUNK_LOG2 STREAMING [MIN_BLOCKS];...")
 # the sweep's variants, and GPU_CHECK_BUDGET (default 3) the main bench's seconds per group.
 # Carry .whl (the family's peers as wheels) and run it in one call of about 560 s (runs 2-4).
 set -uo pipefail
@@ -72,14 +72,14 @@ if ! timeout "$(limit 300)" python3 -m pip install --no-build-isolation --no-dep
   exit 1
 fi
 # The family bench's peers, carried as wheels (the machine has no network): pip download
-# --no-deps lion-pytorch pytorch-optimizer -d .whl, then carry .whl.
+# --no-deps lion-pytorch==0.2.5 pytorch-optimizer==4.1.0 -d .whl, then carry .whl.
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-deps --no-index .whl/*.whl >> "$out/build.log" 2>&1
 fi
 python3 -c "import onepass; from onepass._engine import cuda_kernels_built; print('cuda kernels:', cuda_kernels_built())" | tee -a "$out/env.txt"
 
 # One pytest process per phase, so that a crashed context (an illegal address) ends only its own.
-phases=" ${GPU_CHECK_PHASES:-special host reference lowp muon family clip bf16 main} "
+phases=" ${GPU_CHECK_PHASES:-special builds host reference lowp muon family clip bf16 main} "
 tests() {  # tests NAME TIME_LIMIT PYTEST_ARGS...
   [[ "$phases" == *" $1 "* ]] || return 0
   local name=$1 seconds
@@ -127,6 +127,9 @@ rm -rf "$out/sweep"
 # What only a GPU shows first: > 2^31 elements, found_inf, CUDA graphs, no host sync,
 # torch.compile on CUDA.
 tests special 150 tests/test_gpu.py tests/test_compile.py -k "not matches_reference and not agree"
+# The CPU kernels' builds give the same bits: scalar, avx2 and, where this host has it, avx512
+# (CI's CPU has no AVX-512). A few seconds.
+tests builds 40 tests/test_numerics.py -k capabilities_agree
 # The host side of a many-small step, with and without the parallel table scan on CUDA launches.
 if [[ "$phases" == *" host "* ]]; then
   elapsed "host: step() host time on many-small, serial vs parallel table scan"

@@ -27,7 +27,8 @@ import copy
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ from helpers import (
     ADAMW_INFO,
     CAPABILITIES,
     DTYPES,
+    EVERY_OPTIMIZER,
     FADAM_INFO,
     LION_INFO,
     LOW_PRECISION,
@@ -160,6 +162,19 @@ class _TaggedParameter(torch.nn.Parameter):
     """A Parameter subclass: its isinstance check may run Python (only the GIL holder may)."""
 
 
+@pytest.fixture
+def two_threads_or_more() -> Iterator[None]:
+    """At least two torch threads for the test (the parallel scan runs on two or more): under
+    OMP_NUM_THREADS=1 the tests of it would check nothing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("two_threads_or_more")
 @pytest.mark.parametrize("unusual", ["none", "copy-on-write", "non-contiguous", "subclass"])
 def test_many_tensors_scanned_in_parallel(unusual: str, backend: Backend) -> None:
     """An eager step over 1,024+ tensors reads their metadata on all of torch's threads
@@ -186,12 +201,12 @@ def test_many_tensors_scanned_in_parallel(unusual: str, backend: Backend) -> Non
     before = onepass._C.parallel_scans()
     check_against_reference(ADAMW_INFO, {"lr": 1e-2}, backend.name, torch.float32, params)
     scans = onepass._C.parallel_scans() - before
-    if torch.get_num_threads() > 1:
-        assert scans == (STEPS if unusual in ("none", "copy-on-write") else 0)
+    assert scans == (STEPS if unusual in ("none", "copy-on-write") else 0)
     for i, source in sources.items():  # the copy-on-write params' sources
         assert torch.equal(source, untouched[i])
 
 
+@pytest.mark.usefixtures("two_threads_or_more")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=dtype_id)
 def test_parallel_scan_reads_views_at_an_offset(dtype: torch.dtype, backend: Backend) -> None:
     """Params that are views at an offset into larger buffers, some copy-on-write, and zero-size
@@ -210,8 +225,7 @@ def test_parallel_scan_reads_views_at_an_offset(dtype: torch.dtype, backend: Bac
     assert all(p.storage_offset() > 0 for p in params)
     before = onepass._C.parallel_scans()
     check_against_reference(ADAMW_INFO, {"lr": 1e-2}, backend.name, dtype, params)
-    if torch.get_num_threads() > 1:
-        assert onepass._C.parallel_scans() - before == STEPS
+    assert onepass._C.parallel_scans() - before == STEPS
 
 
 @pytest.mark.parametrize(
@@ -358,6 +372,52 @@ def test_capabilities_agree(info: OptimizerInfo, config: Config, dtype: torch.dt
         for cap in capabilities[1:]:
             for k, (a, b) in enumerate(zip(results[cap], first, strict=True)):
                 assert bitwise_equal(a, b), f"step {s}: tensor {k}, {cap} vs {capabilities[0]}"
+
+
+#: Storage layouts beyond one dtype throughout, with the param dtypes that take them.
+LAYOUTS: dict[str, tuple[dict[str, Any], tuple[torch.dtype, ...]]] = {
+    "master": ({"master_weights": True}, LOW_PRECISION),
+    "bf16-state": ({"state_dtype": torch.bfloat16}, (torch.float32,)),
+    "master-sr": (
+        {"master_weights": True, "state_dtype": torch.bfloat16, "stochastic_rounding": True},
+        (torch.bfloat16,),
+    ),
+    "bf16-sr": ({"stochastic_rounding": True}, (torch.bfloat16,)),
+    "flatten": ({"flatten": True}, (torch.float32, torch.float64)),
+}
+
+
+@pytest.mark.skipif(len(CAPABILITIES) < 2, reason="this CPU runs one capability")
+@pytest.mark.parametrize(
+    ("layout", "dtype"),
+    [(name, dtype) for name, (_, dtypes) in LAYOUTS.items() for dtype in dtypes]
+    + [("plain", dtype) for dtype in DTYPES],
+    ids=lambda v: v if isinstance(v, str) else dtype_id(v),
+)
+@pytest.mark.parametrize("name", list(EVERY_OPTIMIZER))
+def test_capabilities_agree_on_every_layout(name: str, layout: str, dtype: torch.dtype) -> None:
+    """The same bits from every build for every class (Muon's passes included) and every storage
+    layout: fp32 masters, bf16 state, stochastic rounding, flat buffers."""
+    options = LAYOUTS[layout][0] if layout in LAYOUTS else {}
+    if name == "Muon":
+        sizes: list[tuple[int, ...]] = [(17, 33), (40, 9), (8, 24), (8, 24), (33,), (7,)]
+    else:
+        sizes = [(0,), (1,), (7,), (17,), (33,), (4097,), (2 * (1 << 15) + 21,)]
+    results = []
+    for cap in CAPABILITIES:
+        onepass.set_cpu_capability(cap)
+        torch.manual_seed(0)
+        params = [torch.randn(s, dtype=torch.float64).to(dtype).requires_grad_() for s in sizes]
+        optimizer = EVERY_OPTIMIZER[name](params, backend="cpu", **options)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(dtype)
+            optimizer.step()
+        results.append(_tensors(optimizer, params))
+    for cap, result in zip(CAPABILITIES[1:], results[1:], strict=True):
+        for k, (a, b) in enumerate(zip(result, results[0], strict=True)):
+            assert bitwise_equal(a, b), f"tensor {k}: {cap} vs {CAPABILITIES[0]}"
 
 
 @needs_native
