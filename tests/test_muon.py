@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from typing import Any
 
 import pytest
@@ -22,10 +21,10 @@ import onepass
 import onepass.algorithms.muon as muon_module
 from onepass.algorithms.muon import gram_segments, lr_ratio, newton_schulz, uses_gram
 
-from helpers import all_backends, assert_within_ulps, config_id
+from helpers import TRITON_INTERPRETED, all_backends, assert_within_ulps, config_id
 
 STEPS = 7
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = TRITON_INTERPRETED
 
 #: Matrices: wide, tall, square, 1x1, a same-shape pair (one batched Newton-Schulz), a conv
 #: weight; then the AdamW part: a bias, a zero-size vector, and a frozen param last.
@@ -796,3 +795,33 @@ def test_matrices_without_elements(backend: str, shape: tuple[int, ...]) -> None
     onepass.Muon([p, empty], **kwargs).step()
     onepass.Muon([alone], **kwargs).step()
     torch.testing.assert_close(p, alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16-matmul-cpu", "other-cpu"])
+def test_default_ns_dtype_follows_the_cpu(native_bf16: bool, monkeypatch: Any) -> None:
+    """ns_dtype=None: float64 for float64 params, else bfloat16 on GPUs and on CPUs with native
+    bf16 matmuls, float32 on other CPUs. Both CPU kinds are checked on whichever CPU this is
+    (CI's AVX2 CPU has no native bf16 matmul; an AVX512-BF16 or AMX one has), and a default step
+    equals one with the dtype given."""
+    monkeypatch.setattr(muon_module, "CPU_HAS_BF16_MATMUL", native_bf16)
+    cpu, expected = torch.device("cpu"), torch.bfloat16 if native_bf16 else torch.float32
+    assert muon_module.default_ns_dtype(cpu) == expected
+    assert muon_module.default_ns_dtype(torch.device("cuda")) == torch.bfloat16
+    assert muon_module.resolve_ns_dtype(None, torch.float64, cpu) == torch.float64
+    assert muon_module.resolve_ns_dtype(None, torch.float32, cpu) == expected
+    assert muon_module.resolve_ns_dtype(torch.float16, torch.float32, cpu) == torch.float16
+
+    def run(ns_dtype: torch.dtype | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [torch.randn(24, 40).requires_grad_(), torch.randn(40, 9).requires_grad_()]
+        optimizer = onepass.Muon(params, lr=2e-2, ns_dtype=ns_dtype, backend="cpu")
+        for s in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(s))
+            optimizer.step()
+        return [p.detach() for p in params]
+
+    default = run(None)
+    assert all(torch.equal(a, b) for a, b in zip(default, run(expected), strict=True))
+    other = torch.float32 if native_bf16 else torch.bfloat16
+    assert not all(torch.equal(a, b) for a, b in zip(default, run(other), strict=True))
