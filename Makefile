@@ -8,11 +8,12 @@ install:
 	$(PYTHON) -m pip install -q setuptools wheel pytest ruff mypy matplotlib
 	@# CMake for the C++ unit tests (make test), from PyPI where the machine has none.
 	@command -v cmake >/dev/null && command -v ctest >/dev/null || $(PYTHON) -m pip install -q "cmake>=3.18"
-	@# The peers the bench compares Lion, NovoGrad and FAdam with (pure Python; torch is kept).
-	$(PYTHON) -m pip install -q lion-pytorch pytorch-optimizer
+	@# The peers the bench compares Lion, NovoGrad and FAdam with (pure Python; torch is kept), at
+	@# the versions the tests pin behaviours of and the README's tables name.
+	$(PYTHON) -m pip install -q lion-pytorch==0.2.5 pytorch-optimizer==4.1.0
 	@# Triton for the Triton backend (its tests run on the CPU under TRITON_INTERPRET=1); a torch
-	@# with CUDA pins its own triton, which is kept.
-	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install -q triton
+	@# with CUDA pins its own triton, which is kept (the suite also passes under its 3.6).
+	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install -q triton==3.9.0
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 
 # The main job: onepass vs torch.optim on every shape list (CPU here, GPU where there is one).

@@ -21,7 +21,7 @@ if [ ! -f "$venv/ok" ]; then
   "$python" -m venv "$venv"
   "$venv/bin/pip" install -q "torch==$torch_version" pytest numpy matplotlib setuptools wheel
   # The bench's peers, without their dependencies (torch is the one above).
-  "$venv/bin/pip" install -q --no-deps lion-pytorch pytorch-optimizer
+  "$venv/bin/pip" install -q --no-deps lion-pytorch==0.2.5 pytorch-optimizer==4.1.0
   touch "$venv/ok"
 fi
 # A fresh copy of the tree as it is now (uncommitted changes included); the venv stays.
