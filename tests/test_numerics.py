@@ -350,13 +350,13 @@ def test_capabilities_agree(info: OptimizerInfo, config: Config, dtype: torch.dt
     The builds share one elementwise math (IEEE operations, no FMA contraction, SIMD pow lane by
     lane with the scalar build's function) and sum the per-tensor reductions (NovoGrad, FAdam) in
     the same 16 lanes whatever the vector width. Sizes around every vector width and the sum's
-    lanes, and one of several chunks (the reductions' partial sums). FAdam's norm pass had summed
-    one lane per vector lane (one chain in the scalar build): float64 results ~25 ulps apart.
+    lanes, every tensor one chunk (NovoGrad's and FAdam's passes run tensor by tensor; the layout
+    test below has a tensor of several chunks). FAdam's norm pass had summed one lane per vector
+    lane (one chain in the scalar build): float64 results ~25 ulps apart.
     """
     skip_unless_implemented(info, "cpu")
     capabilities = CAPABILITIES
-    chunk = 1 << 15  # csrc/ops.cpp kChunkElements
-    params = make_params(dtype, sizes=(0, 1, 7, 15, 16, 17, 33, 4097, 2 * chunk + 21))
+    params = make_params(dtype, sizes=(0, 1, 7, 15, 16, 17, 33, 4097))
     optimizer = info.onepass_cls(params, **config, backend="cpu")
     runs = {cap: copy.deepcopy((params, optimizer)) for cap in capabilities}
     for s in range(1, STEPS + 1):
@@ -397,12 +397,14 @@ LAYOUTS: dict[str, tuple[dict[str, Any], tuple[torch.dtype, ...]]] = {
 @pytest.mark.parametrize("name", list(EVERY_OPTIMIZER))
 def test_capabilities_agree_on_every_layout(name: str, layout: str, dtype: torch.dtype) -> None:
     """The same bits from every build for every class (Muon's passes included) and every storage
-    layout: fp32 masters, bf16 state, stochastic rounding, flat buffers."""
+    layout: fp32 masters, bf16 state, stochastic rounding, flat buffers; with a tensor of several
+    chunks (the reductions' per-chunk partial sums, NovoGrad's and FAdam's passes over the whole
+    bucket)."""
     options = LAYOUTS[layout][0] if layout in LAYOUTS else {}
     if name == "Muon":
         sizes: list[tuple[int, ...]] = [(17, 33), (40, 9), (8, 24), (8, 24), (33,), (7,)]
     else:
-        sizes = [(0,), (1,), (7,), (17,), (33,), (4097,), (2 * (1 << 15) + 21,)]
+        sizes = [(0,), (1,), (7,), (17,), (33,), (4097,), (2 * (1 << 15) + 21,)]  # 2^15: a chunk
     results = []
     for cap in CAPABILITIES:
         onepass.set_cpu_capability(cap)

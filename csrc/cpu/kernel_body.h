@@ -422,33 +422,45 @@ ONEPASS_INLINE void fadam_norms_chunk(const cpu::FAdamLaunch& L, int64_t c) {
     using VT = typename V::type;
     const FAdamConsts<VT> vconsts = fadam_consts<VT>(L, chunk.segment);
     alignas(64) O gn_lanes[V::kWidth], wn_lanes[V::kWidth];
-    for (; i < whole; i += V::kWidth) {
-      VT p;
-      if constexpr (T::kMaster) {
-        p = VecFor<float>::load(io.master + i);
-      } else {
-        p = VecFor<P>::load(io.param + i);
-      }
-      VT gn, wn;
-      fadam_norms<VT>(p, VecFor<G>::load(io.grad + i), VecFor<S>::load(io.state[0] + i), vconsts,
-                      gn, wn);
-      VecFor<O>::store(gn_lanes, gn);
-      VecFor<O>::store(wn_lanes, wn);
-      double* const gn_acc = gn_sq + i % kSumLanes;
-      double* const wn_acc = wn_sq + i % kSumLanes;
-      for (int k = 0; k < V::kWidth; ++k) {
-        gn_acc[k] += double(gn_lanes[k]) * double(gn_lanes[k]);
-        wn_acc[k] += double(wn_lanes[k]) * double(wn_lanes[k]);
+    // A group of kSumLanes elements at a time, its vectors' lanes at fixed sum lanes (known at
+    // compile time: the accumulators stay in registers; an index computed at run time had kept
+    // them in memory, 1.6-2.5x slower).
+    for (; i < whole; i += kSumLanes) {
+      for (int v = 0; v < kSumLanes / V::kWidth; ++v) {
+        const int64_t j = i + v * V::kWidth;
+        VT p;
+        if constexpr (T::kMaster) {
+          p = VecFor<float>::load(io.master + j);
+        } else {
+          p = VecFor<P>::load(io.param + j);
+        }
+        VT gn, wn;
+        fadam_norms<VT>(p, VecFor<G>::load(io.grad + j), VecFor<S>::load(io.state[0] + j),
+                        vconsts, gn, wn);
+        VecFor<O>::store(gn_lanes, gn);
+        VecFor<O>::store(wn_lanes, wn);
+        for (int k = 0; k < V::kWidth; ++k) {
+          gn_sq[v * V::kWidth + k] += double(gn_lanes[k]) * double(gn_lanes[k]);
+          wn_sq[v * V::kWidth + k] += double(wn_lanes[k]) * double(wn_lanes[k]);
+        }
       }
     }
   }
-  for (; i < n; ++i) {
+  for (; i < whole; i += kSumLanes) {  // the scalar build: the same groups, an element a lane
+    for (int k = 0; k < kSumLanes; ++k) {
+      O gn, wn;
+      const O p = T::kMaster ? O(io.master[i + k]) : to_opmath(io.param[i + k]);
+      fadam_norms<O>(p, to_opmath(io.grad[i + k]), to_opmath(io.state[0][i + k]), consts, gn, wn);
+      gn_sq[k] += double(gn) * double(gn);
+      wn_sq[k] += double(wn) * double(wn);
+    }
+  }
+  for (; i < n; ++i) {  // the tail past the last whole group: lane 0, as sum_of_squares
     O gn, wn;
     const O p = T::kMaster ? O(io.master[i]) : to_opmath(io.param[i]);
     fadam_norms<O>(p, to_opmath(io.grad[i]), to_opmath(io.state[0][i]), consts, gn, wn);
-    const int64_t lane = i < whole ? i % kSumLanes : 0;
-    gn_sq[lane] += double(gn) * double(gn);
-    wn_sq[lane] += double(wn) * double(wn);
+    gn_sq[0] += double(gn) * double(gn);
+    wn_sq[0] += double(wn) * double(wn);
   }
   L.partial_sums[2 * c] = tree_sum<kSumLanes>(gn_sq);
   L.partial_sums[2 * c + 1] = tree_sum<kSumLanes>(wn_sq);
