@@ -12,8 +12,10 @@ install:
 	@# the versions the tests pin behaviours of and the README's tables name.
 	$(PYTHON) -m pip install -q lion-pytorch==0.2.5 pytorch-optimizer==4.1.0
 	@# Triton for the Triton backend (its tests run on the CPU under TRITON_INTERPRET=1); a torch
-	@# with CUDA pins its own triton, which is kept (the suite also passes under its 3.6).
-	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install -q triton==3.9.0
+	@# with CUDA pins its own triton, which is kept (the suite also passes under its 3.6). triton
+	@# 3.9 needs Python 3.11+: on 3.10 the newest triton there is.
+	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install -q \
+		"triton==3.9.0; python_version >= '3.11'" "triton; python_version < '3.11'"
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 
 # The main job: onepass vs torch.optim on every shape list (CPU here, GPU where there is one).
