@@ -93,6 +93,8 @@ ONEPASS: dict[str, Make] = {
     "AdamW-independent": lambda ps, b: onepass.AdamW(
         ps, lr=1e-2, weight_decay=0.1, decay="independent", backend=b
     ),
+    # params moved into one flat buffer at the first step: DCP's own lazy step builds it
+    "AdamW-flatten": lambda ps, b: onepass.AdamW(ps, lr=1e-2, flatten=True, backend=b),
     "Adam": lambda ps, b: onepass.Adam(ps, lr=1e-2, weight_decay=0.1, backend=b),
     "SGD-momentum": lambda ps, b: onepass.SGD(ps, lr=0.1, momentum=0.9, backend=b),
     "SGDW": lambda ps, b: onepass.SGDW(ps, lr=0.1, momentum=0.9, weight_decay=0.1, backend=b),
