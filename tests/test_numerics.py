@@ -341,6 +341,15 @@ def _tensors(
     return out
 
 
+def _assert_builds_agree(results: dict[str, list[torch.Tensor]], where: str = "") -> None:
+    """Every build's tensors (param and state, _tensors' order) are the first build's, bit for
+    bit."""
+    first_cap, *others = results
+    for cap in others:
+        for k, (a, b) in enumerate(zip(results[cap], results[first_cap], strict=True)):
+            assert bitwise_equal(a, b), f"{where}tensor {k}, {cap} vs {first_cap}"
+
+
 @pytest.mark.skipif(len(CAPABILITIES) < 2, reason="this CPU runs one capability")
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize(("info", "config"), optimizer_cases())
@@ -368,10 +377,7 @@ def test_capabilities_agree(info: OptimizerInfo, config: Config, dtype: torch.dt
             set_grads(run_params, grads)
             run_optimizer.step()
             results[cap] = _tensors(run_optimizer, run_params)
-        first = results[capabilities[0]]
-        for cap in capabilities[1:]:
-            for k, (a, b) in enumerate(zip(results[cap], first, strict=True)):
-                assert bitwise_equal(a, b), f"step {s}: tensor {k}, {cap} vs {capabilities[0]}"
+        _assert_builds_agree(results, f"step {s}: ")
 
 
 #: Storage layouts beyond one dtype throughout, with the param dtypes that take them.
@@ -405,7 +411,7 @@ def test_capabilities_agree_on_every_layout(name: str, layout: str, dtype: torch
         sizes: list[tuple[int, ...]] = [(17, 33), (40, 9), (8, 24), (8, 24), (33,), (7,)]
     else:
         sizes = [(0,), (1,), (7,), (17,), (33,), (4097,), (2 * (1 << 15) + 21,)]  # 2^15: a chunk
-    results = []
+    results: dict[str, list[torch.Tensor]] = {}
     for cap in CAPABILITIES:
         onepass.set_cpu_capability(cap)
         torch.manual_seed(0)
@@ -416,10 +422,8 @@ def test_capabilities_agree_on_every_layout(name: str, layout: str, dtype: torch
             for p in params:
                 p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(dtype)
             optimizer.step()
-        results.append(_tensors(optimizer, params))
-    for cap, result in zip(CAPABILITIES[1:], results[1:], strict=True):
-        for k, (a, b) in enumerate(zip(result, results[0], strict=True)):
-            assert bitwise_equal(a, b), f"tensor {k}: {cap} vs {CAPABILITIES[0]}"
+        results[cap] = _tensors(optimizer, params)
+    _assert_builds_agree(results)
 
 
 @needs_native
