@@ -510,6 +510,8 @@ CAPABILITIES: list[str] = onepass.cpu_capabilities() if onepass.native_available
 TRITON_INTERPRETED: bool = os.environ.get("TRITON_INTERPRET") == "1" and triton_error() is None
 #: The backends every drop-in test runs on.
 BACKEND_NAMES: list[str] = (["cpu"] if CAPABILITIES else []) + ["reference"]
+#: The same, and "triton" where it runs here (TRITON_INTERPRETED).
+BACKEND_NAMES_AND_TRITON: list[str] = BACKEND_NAMES + (["triton"] if TRITON_INTERPRETED else [])
 #: For tests of the native CPU kernels themselves.
 needs_native = pytest.mark.skipif(not CAPABILITIES, reason="onepass._C is not built")
 

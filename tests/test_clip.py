@@ -13,10 +13,7 @@ import torch
 
 import onepass
 
-from helpers import BACKEND_NAMES, EVERY_OPTIMIZER, TRITON_INTERPRETED
-
-INTERPRETED = TRITON_INTERPRETED
-BACKENDS = BACKEND_NAMES + (["triton"] if INTERPRETED else [])
+from helpers import BACKEND_NAMES, BACKEND_NAMES_AND_TRITON, EVERY_OPTIMIZER
 
 STEPS = 5
 MAX_NORM = 2.0
@@ -35,7 +32,7 @@ def _grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
     return [torch.randn(p.shape) * scale for p in params]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_NAMES_AND_TRITON)
 @pytest.mark.parametrize("name", list(EVERY_OPTIMIZER))
 def test_max_grad_norm_equals_clip_then_step(name: str, backend: str) -> None:
     make = EVERY_OPTIMIZER[name]
@@ -59,7 +56,7 @@ def test_max_grad_norm_equals_clip_then_step(name: str, backend: str) -> None:
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6, msg=lambda m, i=i: f"{i}: {m}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_NAMES_AND_TRITON)
 @pytest.mark.parametrize("scaler_cls", [torch.amp.GradScaler, onepass.GradScaler])
 def test_grad_scaler_unscale_clip_and_skip_equal_the_torch_composition(
     backend: str, scaler_cls: type[torch.amp.GradScaler]
@@ -95,7 +92,7 @@ def test_grad_scaler_unscale_clip_and_skip_equal_the_torch_composition(
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_NAMES_AND_TRITON)
 def test_a_non_finite_norm_skips_the_step(backend: str) -> None:
     params = _params()
     opt = onepass.SGD(params, lr=0.1, momentum=0.9, backend=backend, max_grad_norm=1.0)
@@ -113,7 +110,7 @@ def test_a_non_finite_norm_skips_the_step(backend: str) -> None:
             assert torch.equal(v, state[id(p)][k]), k
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_NAMES_AND_TRITON)
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
 def test_clip_grad_norm_defers_the_scaling_to_the_step(backend: str, norm_type: float) -> None:
     """onepass.clip_grad_norm_(opt, ...) returns torch's norm and leaves the grads alone; the next
@@ -323,7 +320,7 @@ def test_flattened_norm_reads_the_flat_buffers_while_every_grad_is_its_view() ->
     torch.testing.assert_close(opt.norm_for_next_step(), torch_norm(), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_NAMES_AND_TRITON)
 def test_a_refused_step_keeps_the_pending_clip(backend: str) -> None:
     """clip_grad_norm_, then a step refused (a sparse grad): nothing changed, the clip is still
     pending, and the step retried with a good grad is clipped."""

@@ -15,6 +15,7 @@ import onepass
 
 from helpers import (
     BACKEND_NAMES,
+    BACKEND_NAMES_AND_TRITON,
     CAPABILITIES,
     EVERY_OPTIMIZER,
     TOLERANCES,
@@ -25,10 +26,8 @@ from helpers import (
     make_params,
 )
 
-INTERPRETED = TRITON_INTERPRETED
-BACKENDS = BACKEND_NAMES + (["triton"] if INTERPRETED else [])
 #: The native backends, the CPU once per SIMD build this CPU runs ("cpu-avx2", ...).
-NATIVE = [f"cpu-{cap}" for cap in CAPABILITIES] + (["triton"] if INTERPRETED else [])
+NATIVE = [f"cpu-{cap}" for cap in CAPABILITIES] + (["triton"] if TRITON_INTERPRETED else [])
 STEPS = 7
 
 #: (param dtype, grad dtype, options): the layouts beyond torch.optim's one-dtype buckets.
@@ -91,7 +90,7 @@ def _state_tensors(opt: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, tor
     return {k: v for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and k != "step"}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_NAMES_AND_TRITON)
 @pytest.mark.parametrize("name", list(EVERY_OPTIMIZER))
 def test_master_weights_follow_the_float64_reference(backend: str, name: str) -> None:
     """bf16 params with fp32 masters, 7 steps (None grads, odd sizes, non-contiguous and frozen
@@ -173,7 +172,7 @@ def _assert_close(
         assert_within_ulps(actual, expected, ulps, name=name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_NAMES_AND_TRITON)
 def test_stochastic_rounding_of_bf16_state_is_unbiased(backend: str) -> None:
     """Adam's first moment of a constant gradient, kept in bf16 with beta1 = 0.999: to nearest it
     stalls near 0.25, where (1 - beta1) * (g - m) falls below half a bf16 ulp; stochastically

@@ -24,7 +24,6 @@ from onepass.algorithms.muon import gram_segments, lr_ratio, newton_schulz, uses
 from helpers import TRITON_INTERPRETED, all_backends, assert_within_ulps, config_id
 
 STEPS = 7
-INTERPRETED = TRITON_INTERPRETED
 
 #: Matrices: wide, tall, square, 1x1, a same-shape pair (one batched Newton-Schulz), a conv
 #: weight; then the AdamW part: a bias, a zero-size vector, and a frozen param last.
@@ -505,7 +504,7 @@ def test_bf16_newton_schulz_matches_the_reference(backend: Any) -> None:
     _check_backend(backend.name, torch.float32, {"ns_dtype": torch.bfloat16})
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize(
     "dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str
 )

@@ -11,12 +11,10 @@ import torch
 import onepass
 from onepass.algorithms.base import store_param
 
-from helpers import BACKEND_NAMES, CAPABILITIES, EVERY_OPTIMIZER, TRITON_INTERPRETED
+from helpers import BACKEND_NAMES_AND_TRITON, CAPABILITIES, EVERY_OPTIMIZER
 
-INTERPRETED = TRITON_INTERPRETED
-BACKENDS = BACKEND_NAMES + (["triton"] if INTERPRETED else [])
 #: The backends compared with the reference backend.
-NOT_REFERENCE = [name for name in BACKENDS if name != "reference"]
+NOT_REFERENCE = [name for name in BACKEND_NAMES_AND_TRITON if name != "reference"]
 
 #: Muon's batched Newton-Schulz rounds differently from the reference's per-matrix one, so its
 #: fp32 results, and then the rounding draws, are not bit-equal: it is left out here.
@@ -58,7 +56,7 @@ def test_every_backend_draws_the_same_rounding(backend: str, name: str) -> None:
         assert torch.equal(a, b), f"param {i}: {int((a != b).sum())} elements differ"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_NAMES_AND_TRITON)
 def test_updates_below_one_ulp_accumulate(backend: str) -> None:
     """SGD steps of a tenth of a bf16 ulp: round to nearest never moves the param; stochastic
     rounding moves it by the expected amount on average."""
@@ -103,7 +101,7 @@ def test_reproducible_and_resumable() -> None:
     assert torch.equal(first, run(0, cut=3))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_NAMES_AND_TRITON)
 def test_other_dtypes_round_to_nearest(backend: str) -> None:
     for dtype in (torch.float32, torch.float16):
         results = []
@@ -161,7 +159,7 @@ def test_state_streams_never_reuse_a_later_steps_noise() -> None:
     assert not torch.equal(draws["slot 0 t"], draws["slot 1 t"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_NAMES_AND_TRITON)
 def test_switched_on_through_the_group_key(backend: str) -> None:
     """group['stochastic_rounding'] = True after construction draws a seed at the next step
     (it used to fail there on the missing seed) and rounds from then on."""
